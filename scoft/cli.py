@@ -1,0 +1,218 @@
+"""The `scoft` command: one subcommand per pipeline stage (the cmd of each dvc.yaml stage), plus
+`run` (the retrain flow), `generate`, `sample` and `lineage`. Every command reads params.yaml first.
+
+This is the one module of scoft/ that may reach into flows/ (to start them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from scoft.config import ConfigError, Params, load_params
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="SCoFT retraining on CCUB: stages, the retrain flow, generation and lineage.")
+lineage_app = typer.Typer(no_args_is_help=True, help="Lineage records of trained LoRAs.")
+app.add_typer(lineage_app, name="lineage")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
+CCUB_DIR, VALIDATION_DIR, NEGATIVES_DIR = Path("data/ccub"), Path("data/validation"), Path("data/negatives")
+LORA_DIR, TRAIN_LOG_DIR, EVAL_DIR, METRICS_FILE = Path("models/lora"), Path("models/train_log"), Path("reports/eval"), Path("reports/metrics.json")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _fail(message: str, code: int = 1):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def _params(path: Path) -> Params:
+    try:
+        return load_params(path)
+    except ConfigError as e:
+        _fail(str(e), code=2)
+
+
+@app.command()
+def sample(out: Annotated[Path, typer.Option(help="Folder to write the built-in sample imagefolder to.")] = Path("data/sample")):
+    """Write the built-in synthetic CCUB sample (SCoFT imagefolder format)."""
+    from scoft.sample import write_sample
+
+    _say(f"sample CCUB written to {write_sample(out)}")
+
+
+@app.command()
+def ingest(
+    source: Annotated[Optional[str], typer.Option(help="SCoFT imagefolder (default: ingest.source).")] = None,
+    out: Path = CCUB_DIR,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Normalise a CCUB source into data/ccub (images + manifest.jsonl + split)."""
+    from scoft.ccub import IngestError
+    from scoft.ccub import ingest as run_ingest
+
+    p = _params(params)
+    try:
+        records = run_ingest(source or p.ingest.source, out, p.ingest.heldout_fraction, p.ingest.max_image_pixels)
+    except IngestError as e:
+        _fail(f"ingest failed, {out} unchanged:\n{e}")
+    held = sum(r.split == "heldout" for r in records)
+    _say(f"ingest: {len(records)} records ({len(records) - held} train, {held} held-out) in {out}")
+
+
+@app.command()
+def validate(ccub: Path = CCUB_DIR, out: Path = VALIDATION_DIR, params: ParamsOpt = Path("params.yaml")):
+    """Great Expectations checks on the manifest; fails naming each bad record."""
+    from scoft.ccub import read_manifest
+    from scoft.checks import failure_message, validate_records, write_report
+
+    p = _params(params)
+    checked = validate_records(read_manifest(ccub), p.validate_)
+    summary = checked["summary"]
+    if not summary["success"]:
+        _fail(failure_message(summary))
+    write_report(out, checked)
+    s = summary["statistics"]
+    _say(f"validate: {s['successful_expectations']}/{s['evaluated_expectations']} checks passed on {s['records']} records")
+
+
+def _settings(p: Params, steps: int, guidance: float) -> dict:
+    return {"steps": steps, "guidance_scale": guidance, "resolution": p.model.resolution}
+
+
+@app.command()
+def negatives(ccub: Path = CCUB_DIR, out: Path = NEGATIVES_DIR, params: ParamsOpt = Path("params.yaml")):
+    """Sample k negatives per training record from the base (not fine-tuned) model."""
+    from scoft.ccub import read_manifest
+    from scoft.models import load_pipeline, model_fingerprint, pick_device
+    from scoft.negatives import plan_negatives, sample_negatives
+
+    p = _params(params)
+    pipe = load_pipeline(p.model).to(pick_device())
+    settings = _settings(p, p.negatives.steps, p.negatives.guidance_scale)
+    plan = plan_negatives(read_manifest(ccub), model_fingerprint(pipe), settings, p.negatives.per_image, p.negatives.seed)
+    counts = sample_negatives(pipe, plan, out, p.negatives.batch_size, settings, progress=_say)
+    _say(f"negatives: {counts['planned']} planned, {counts['sampled']} sampled, {counts['reused']} reused, "
+         f"{counts['removed']} removed, in {out}")
+
+
+@app.command()
+def train(
+    ccub: Path = CCUB_DIR,
+    negatives: Path = NEGATIVES_DIR,
+    output: Path = LORA_DIR,
+    log_dir: Path = TRAIN_LOG_DIR,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """SCoFT fine-tuning of LoRA adapters; writes the LoRA in diffusers' format."""
+    from scoft.train import train as run_train
+
+    p = _params(params)
+    summary = run_train(p, ccub, negatives, output, log_dir, progress=_say)
+    _say(f"train: {summary['steps']} steps in {summary['seconds']}s, LoRA in {output}")
+
+
+@app.command()
+def evaluate(
+    ccub: Path = CCUB_DIR,
+    lora: Path = LORA_DIR,
+    out: Path = EVAL_DIR,
+    metrics: Path = METRICS_FILE,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Base vs fine-tuned on held-out CCUB: per-culture metrics, a report and an image grid."""
+    from scoft.ccub import read_manifest
+    from scoft.evaluate import compare, write_evaluation
+    from scoft.features import FeatureDistance
+    from scoft.models import load_pipeline, pick_device
+
+    p = _params(params)
+    device = pick_device()
+    pipe = load_pipeline(p.model).to(device)
+    distance = FeatureDistance(p.features, p.model.seed).to(device)
+    e = p.evaluate
+    result = compare(pipe, lora, read_manifest(ccub), ccub, distance, _settings(p, e.steps, e.guidance_scale),
+                     e.samples_per_prompt, e.seed, e.bootstrap, progress=_say)
+    write_evaluation(out, metrics, result, ccub, p.features.backbone)
+    o = result["metrics"]["overall"]
+    _say(f"evaluate: distance base {o['base']['mean']:.4f}, SCoFT {o['scoft']['mean']:.4f}; report {out / 'report.md'}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="Text prompt.")],
+    out: Annotated[Path, typer.Option(help="PNG file to write.")],
+    lora: Path = LORA_DIR,
+    seed: int = 0,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """One image from the base model plus the trained LoRA."""
+    from scoft.models import load_pipeline, pick_device
+    from scoft.negatives import generate as sample_images
+
+    p = _params(params)
+    if not (lora / "pytorch_lora_weights.safetensors").is_file():
+        _fail(f"{lora}: no trained LoRA (run `scoft run` or `scoft train` first)")
+    pipe = load_pipeline(p.model).to(pick_device())
+    pipe.load_lora_weights(str(lora))
+    image = sample_images(pipe, [prompt], [seed], _settings(p, p.evaluate.steps, p.evaluate.guidance_scale))[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    _say(f"generate: {out}")
+
+
+@app.command()
+def run(params: ParamsOpt = Path("params.yaml")):
+    """Run the retrain flow (ingest, validate, negatives, train, evaluate, lineage) through Prefect."""
+    _params(params)  # fail on a bad value before Prefect starts
+    from flows.retrain import retrain
+
+    result = retrain()
+    _say("")
+    _say(f"LoRA:              {result['lora']}")
+    _say(f"evaluation report: {result['report']}")
+    _say(f"lineage record:    {result['lineage']}")
+
+
+@lineage_app.command("show")
+def lineage_show(as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False):
+    """Print the latest lineage record."""
+    from scoft.lineage import latest_record
+
+    try:
+        path, record = latest_record()
+    except FileNotFoundError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(record, indent=2, sort_keys=True))
+        return
+    _say(f"{path}\n  created   {record['created_at']}\n  git       {record['git_commit']}\n"
+         f"  ccub      {record['ccub']['dvc_hash']}\n  checks    {record['validation']['statistics']}\n"
+         f"  negatives {record['negatives']['dvc_hash']}\n  lora      {record['lora']['sha256']}\n"
+         f"  flow run  {record['prefect_flow_run_id']}\n  metrics   {json.dumps(record['metrics']['overall'])}")
+
+
+@lineage_app.command("verify")
+def lineage_verify():
+    """Recompute the hashes of the latest lineage record; exit 1 on any mismatch."""
+    from scoft.lineage import latest_record, verify
+
+    path, record = latest_record()
+    problems = verify(record)
+    if problems:
+        _fail(f"{path}: {len(problems)} mismatch(es)\n  " + "\n  ".join(problems))
+    _say(f"{path}: LoRA, CCUB images and DVC hash match the record")
+
+
+def main():  # pragma: no cover - console entry
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    app()

@@ -1,0 +1,141 @@
+"""params.yaml as typed objects: a wrong value fails at start, naming the key and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or holds a bad value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(_Section):
+    base: str = "tiny"
+    revision: str | None = None
+    seed: int = 0
+    resolution: int = Field(32, ge=16, le=2048)
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8 (the VAE downsamples by powers of two)")
+        return v
+
+
+class FeatureParams(_Section):
+    backbone: Literal["dinov2", "clip"] = "dinov2"
+    weights: str = "tiny"
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    lpips_pretrained_backbone: bool = False
+
+
+class IngestParams(_Section):
+    source: str = "data/sample"
+    heldout_fraction: float = Field(0.25, gt=0, lt=1)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+
+
+class ValidateParams(_Section):
+    cultures: list[str] = Field(min_length=1)
+    categories: list[str] = Field(min_length=1)
+    min_images_per_culture: int = Field(8, ge=1)
+    min_side: int = Field(32, ge=1)
+    max_side: int = Field(8192, ge=1)
+    caption_min_chars: int = Field(8, ge=1)
+    caption_max_chars: int = Field(400, ge=1)
+
+
+class NegativeParams(_Section):
+    per_image: int = Field(2, ge=0)
+    steps: int = Field(4, ge=1)
+    guidance_scale: float = Field(4.5, ge=0)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 1024
+
+
+class LossWeights(_Section):
+    ldm: float = Field(0.7, ge=0)
+    memorization: float = Field(0.3, ge=0)
+    perceptual: float = Field(0.01, ge=0)
+    contrastive: float = Field(0.05, ge=0)
+
+
+class TrainParams(_Section):
+    seed: int = 1024
+    max_steps: int = Field(24, ge=1)
+    batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    lr_scheduler: Literal["cosine", "constant", "linear"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: int = Field(4, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    loss_weights: LossWeights = LossWeights()
+    pixel_loss_every: int = Field(4, ge=1)
+    sampler_steps: int = Field(4, ge=1)
+    sampler_guidance: float = Field(4.5, ge=0)
+    contrastive_form: Literal["difference", "hinge"] = "difference"
+    contrastive_margin: float = Field(0.1, ge=0)
+    random_flip: bool = True
+
+
+class EvaluateParams(_Section):
+    steps: int = Field(8, ge=1)
+    guidance_scale: float = Field(4.5, ge=0)
+    seed: int = 7
+    samples_per_prompt: int = Field(1, ge=1)
+    bootstrap: int = Field(1000, ge=10)
+
+
+class OrchestrationParams(_Section):
+    stage_retries: int = Field(1, ge=0)
+    stage_retry_delay_s: float = Field(10, ge=0)
+    stage_timeout_s: float = Field(3600, gt=0)
+
+
+class Params(_Section):
+    model: ModelParams = ModelParams()
+    features: FeatureParams = FeatureParams()
+    ingest: IngestParams = IngestParams()
+    validate_: ValidateParams = Field(alias="validate")
+    negatives: NegativeParams = NegativeParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
+
+
+def _describe(err: ValidationError, path: Path) -> str:
+    lines = [f"{path}: {err.error_count()} bad value(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: not found (run scoft from the project folder)") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, path)) from e

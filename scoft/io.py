@@ -1,0 +1,108 @@
+"""Safe file IO: whole-or-nothing writes, content hashes and guarded image decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from PIL import Image
+
+
+class BadImage(ValueError):
+    """An image that is missing, undecodable, too large or otherwise unusable."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    """Hash of a JSON-able object, independent of key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def pixel_hash(image: Image.Image) -> str:
+    """sha256 of an RGB image's size and pixels: stable across PNG encoders, recomputable from disk."""
+    rgb = image.convert("RGB")
+    h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    h.update(rgb.tobytes())
+    return h.hexdigest()
+
+
+def load_rgb(path: str | Path, max_pixels: int) -> Image.Image:
+    """Decode an image fully and return it as RGB, refusing bombs, truncation and non-images."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadImage(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise BadImage(f"{path}: empty file")
+    try:
+        with Image.open(path) as im:
+            # The header gives the size before any pixel is decoded: refuse bombs here.
+            if im.width * im.height > max_pixels:
+                raise BadImage(f"{path}: {im.width}x{im.height} exceeds the pixel cap {max_pixels}")
+            im.load()
+            return im.convert("RGB")
+    except BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"{path}: cannot decode image ({e})") from e
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces `target` only if the block succeeds.
+
+    On any error the temporary folder is removed and `target` is left exactly as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

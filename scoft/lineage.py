@@ -1,0 +1,106 @@
+"""Lineage: one record per trained LoRA tying it to the data, checks, negatives, parameters and code.
+
+Records live in lineage/<lora sha256 prefix>.json. `verify` recomputes every hash it can from disk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from scoft.ccub import read_manifest
+from scoft.io import pixel_hash, sha256_file, write_json
+
+LINEAGE_DIR = Path("lineage")
+PACKAGES = ["scoft-flows", "torch", "diffusers", "transformers", "accelerate", "peft", "lpips", "prefect", "dvc",
+            "great_expectations", "boto3"]
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unversioned"
+    if out.returncode != 0:
+        return "unversioned"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def dvc_out_hashes(lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+    """{path: md5} of every stage output recorded in dvc.lock (DVC's own content hashes)."""
+    lock = yaml.safe_load(Path(lock_file).read_text(encoding="utf-8")) or {}
+    return {o["path"]: o["md5"] for stage in lock.get("stages", {}).values() for o in stage.get("outs", [])}
+
+
+def build_record(*, ccub_dir, validation_summary: dict, negatives_dir, lora_file, params: dict, metrics: dict,
+                 flow_run_id: str | None, lock_file="dvc.lock") -> dict:
+    outs = dvc_out_hashes(lock_file)
+    return {
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "git_commit": git_commit(),
+        "ccub": {"path": str(ccub_dir), "dvc_hash": outs.get(str(ccub_dir))},
+        "validation": {"success": validation_summary["success"], "statistics": validation_summary["statistics"]},
+        "negatives": {"path": str(negatives_dir), "dvc_hash": outs.get(str(negatives_dir))},
+        "params": params,
+        "packages": package_versions(),
+        "lora": {"path": str(lora_file), "sha256": sha256_file(lora_file)},
+        "metrics": metrics,
+        "prefect_flow_run_id": flow_run_id,
+    }
+
+
+def save_record(record: dict, lineage_dir: str | Path = LINEAGE_DIR) -> Path:
+    """Write the record under the LoRA's hash; an existing record for the same LoRA is kept."""
+    path = Path(lineage_dir) / f"{record['lora']['sha256'][:16]}.json"
+    if not path.exists():
+        write_json(path, record)
+    return path
+
+
+def latest_record(lineage_dir: str | Path = LINEAGE_DIR) -> tuple[Path, dict]:
+    records = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in Path(lineage_dir).glob("*.json")]
+    if not records:
+        raise FileNotFoundError(f"no lineage record in {lineage_dir}/ (run `scoft run` first)")
+    return max(records, key=lambda pr: pr[1]["created_at"])
+
+
+def verify(record: dict) -> list[str]:
+    """Recompute the LoRA hash and every CCUB image hash; return the mismatches (empty when intact)."""
+    problems = []
+    lora = Path(record["lora"]["path"])
+    if not lora.is_file():
+        problems.append(f"{lora}: missing")
+    elif sha256_file(lora) != record["lora"]["sha256"]:
+        problems.append(f"{lora}: sha256 differs from the record")
+    ccub_dir = Path(record["ccub"]["path"])
+    from PIL import Image
+
+    for r in read_manifest(ccub_dir):
+        path = ccub_dir / r.file
+        if not path.is_file():
+            problems.append(f"{path}: missing (record {r.id})")
+            continue
+        with Image.open(path) as im:
+            if pixel_hash(im) != r.sha256:
+                problems.append(f"{path}: pixels differ from the manifest (record {r.id})")
+    current = dvc_out_hashes().get(str(ccub_dir))
+    if current != record["ccub"]["dvc_hash"]:
+        problems.append(f"{ccub_dir}: DVC hash {current} differs from the record's {record['ccub']['dvc_hash']}")
+    return problems

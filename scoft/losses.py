@@ -1,0 +1,122 @@
+"""The four SCoFT losses and the short sampler that gives the pixel-space losses their image.
+
+Notation (shared/SCOFT.md): x a CCUB image, z0 its latents, t the timestep, eps the noise,
+z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps with a_t the cumulative alpha product.
+Every function works per sample, so any batch size and any t in [0, T-1] are handled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# eps_theta(z, t, text_embeddings) -> raw model output (eps or v, by the model's prediction type)
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ldm_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_LDM: MSE between the UNet's prediction for the cultural caption and eps (or v)."""
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def memorization_loss(pred_caption: torch.Tensor, pred_generic: torch.Tensor) -> torch.Tensor:
+    """L_M: keep the caption's prediction near the generic caption's, which gets no gradient."""
+    return F.mse_loss(pred_caption.float(), pred_generic.detach().float())
+
+
+@dataclass
+class ContrastiveTerms:
+    loss: torch.Tensor
+    positive: torch.Tensor  # mean D(x_hat, x), for the logs
+    negative: torch.Tensor  # mean over samples with negatives of mean_k D(x_hat, n_k)
+
+
+def contrastive_loss(
+    d_positive: torch.Tensor,
+    d_negatives: torch.Tensor,
+    negative_mask: torch.Tensor,
+    form: str = "difference",
+    margin: float = 0.0,
+) -> ContrastiveTerms:
+    """L_C from distances: D(x_hat, x) of shape [B] and D(x_hat, n_k) of shape [B, K].
+
+    form "difference" is the reference's D(x_hat, x) - mean_k D(x_hat, n_k), unbounded below;
+    "hinge" is max(0, D(x_hat, x) - mean_k D(x_hat, n_k) + margin). A sample whose mask row is all
+    False has no negatives and contributes its positive term only.
+    """
+    mask = negative_mask.to(d_negatives.dtype)
+    count = mask.sum(dim=1)
+    has_negatives = count > 0
+    neg_mean = (d_negatives * mask).sum(dim=1) / count.clamp(min=1)
+    if form == "difference":
+        per_sample = d_positive - neg_mean  # neg_mean is 0 where there are no negatives
+    elif form == "hinge":
+        per_sample = torch.where(has_negatives, F.relu(d_positive - neg_mean + margin), d_positive)
+    else:
+        raise ValueError(f"unknown contrastive form {form!r} (difference or hinge)")
+    negative = neg_mean[has_negatives].mean() if has_negatives.any() else d_positive.new_zeros(())
+    return ContrastiveTerms(per_sample.mean(), d_positive.detach().mean(), negative.detach())
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def prediction_to_eps(output, z_t, alpha_bar, prediction_type: str) -> torch.Tensor:
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":  # eps = sqrt(a) v + sqrt(1 - a) z_t
+        return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * z_t
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+
+
+def sampler_timesteps(t: torch.Tensor, steps: int) -> torch.Tensor:
+    """[steps, B] timesteps evenly spaced from each sample's t down to 0 (t = 0 gives all zeros)."""
+    fractions = torch.linspace(1, 0, steps, device=t.device) if steps > 1 else torch.ones(1, device=t.device)
+    return (fractions[:, None] * t[None, :].float()).round().long()
+
+
+def estimate_clean_latents(
+    unet: UNetFn,
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    first_prediction: torch.Tensor,
+    text: torch.Tensor,
+    empty_text: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    guidance_scale: float,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """z0_hat from z_t by a short deterministic sampler (DDIM, eta 0) from t down to 0.
+
+    `first_prediction` is the UNet output for (z_t, t, text) that L_LDM already used, with its
+    graph: it is the only call that carries gradient. The unconditional half of the first step and
+    every later call run under no_grad; the result still depends on the first prediction through
+    the sampler's linear updates, so the pixel losses train the model through that one call.
+    Each sample keeps its own timestep list, so mixed t in one batch, t = 0 and t = T-1 all work.
+    """
+    taus = sampler_timesteps(t, steps)
+    alphas_cumprod = alphas_cumprod.to(z_t.device)
+    with torch.no_grad():
+        uncond = unet(z_t.detach(), t, empty_text)
+    output = uncond + guidance_scale * (first_prediction - uncond)
+    z = z_t
+    for i in range(steps):
+        if i > 0:
+            with torch.no_grad():
+                both = unet(torch.cat([z.detach()] * 2), torch.cat([taus[i]] * 2), torch.cat([empty_text, text]))
+                u, c = both.chunk(2)
+                output = u + guidance_scale * (c - u)
+        a = _per_sample(alphas_cumprod[taus[i]], z)
+        eps = prediction_to_eps(output, z, a, prediction_type)
+        z0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
+        if i + 1 < steps:
+            a_next = _per_sample(alphas_cumprod[taus[i + 1]], z)
+            z = a_next.sqrt() * z0 + (1 - a_next).sqrt() * eps
+        else:
+            z = z0
+    return z

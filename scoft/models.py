@@ -1,0 +1,143 @@
+"""The base text-to-image model: the offline tiny profile, a hub id or a local folder, one loader.
+
+`load_pipeline` returns a diffusers StableDiffusionPipeline in every case, so negatives, training,
+evaluation and `scoft generate` share one code path whatever the weights are.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from scoft.config import ModelParams
+
+TINY = "tiny"
+
+# Small configs of the Stable Diffusion v1 architecture: the same module types, a few channels.
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+TINY_VAE = dict(
+    block_out_channels=(16, 32),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    norm_num_groups=16,
+)
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    vocab_size=600,
+    max_position_embeddings=77,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+# Stable Diffusion v1's noise schedule.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   steps_offset=1)
+
+
+@functools.cache
+def _tiny_tokenizer_dir() -> str:
+    """A byte-level CLIP BPE vocabulary with no merges: every byte is a token. No download."""
+    # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest above 255.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(c, len(vocab))
+    folder = Path(tempfile.mkdtemp(prefix="scoft-tiny-tokenizer-"))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return str(folder)
+
+
+def tiny_pipeline(resolution: int, seed: int = 0) -> StableDiffusionPipeline:
+    """Build the tiny profile: the SD v1 architecture at toy size, weights from a fixed seed."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=resolution // 2, **TINY_UNET)
+    vae = AutoencoderKL(sample_size=resolution, **TINY_VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
+    tokenizer = CLIPTokenizer.from_pretrained(_tiny_tokenizer_dir(), model_max_length=77)
+    scheduler = DPMSolverMultistepScheduler(**SD_SCHEDULE)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_pipeline(params: ModelParams, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """The base model named by params: "tiny", a local save_pretrained folder, or a hub id."""
+    if params.base == TINY:
+        pipe = tiny_pipeline(params.resolution, params.seed)
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+    else:
+        # A local folder and a hub id take the same call; the hub id downloads on first use.
+        pipe = StableDiffusionPipeline.from_pretrained(
+            params.base,
+            revision=params.revision,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+        # Sampling uses DPM-Solver, as the reference's inference does.
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def training_scheduler(pipe: StableDiffusionPipeline) -> DDPMScheduler:
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def model_fingerprint(pipe: StableDiffusionPipeline) -> str:
+    """sha256 over the weights of UNet, VAE and text encoder and the scheduler config.
+
+    It names the base model by content, so cached negatives are reused exactly when the model is
+    the same, whichever way it was loaded.
+    """
+    h = hashlib.sha256()
+    for name in ("unet", "vae", "text_encoder"):
+        for key, tensor in getattr(pipe, name).state_dict().items():
+            h.update(f"{name}.{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

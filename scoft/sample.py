@@ -1,0 +1,82 @@
+"""The built-in CCUB sample: deterministic synthetic images in the SCoFT imagefolder format.
+
+It stands in for the community data offline (tests, `make run`): three cultures, three categories,
+captions written like CCUB's and generic captions like BLIP's. The pictures are procedural
+patterns, not photographs; what matters is that the pipeline is exercised end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from scoft.io import atomic_dir
+
+CULTURES = {
+    "KOR": ("Korean", (200, 40, 50), (30, 60, 150)),
+    "NGA": ("Nigerian", (0, 135, 80), (240, 240, 235)),
+    "MEX": ("Mexican", (0, 104, 71), (206, 17, 38)),
+}
+CATEGORIES = {
+    "ARCH": ("a traditional {adj} house with a carved wooden gate and a tiled roof", "a house with a roof"),
+    "FOOD": ("a bowl of traditional {adj} food served with side dishes on a low table", "a bowl of food on a table"),
+    "CLOTH": ("a person wearing traditional {adj} clothing with patterned fabric", "a person wearing a dress"),
+}
+
+
+def _draw(category: str, primary, secondary, rng: np.random.Generator, size: int) -> Image.Image:
+    base = rng.integers(0, 40, size=(size, size, 3)) + np.array(secondary) * 0.6
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    j = lambda: int(rng.integers(-size // 10, size // 10))  # noqa: E731 - small seeded jitter
+    s = size
+    if category == "ARCH":
+        d.polygon([(s * 0.1 + j(), s * 0.45), (s * 0.5, s * 0.1 + j()), (s * 0.9 + j(), s * 0.45)], fill=primary)
+        d.rectangle([s * 0.2, s * 0.45, s * 0.8, s * 0.9], fill=tuple(c // 2 for c in primary))
+        d.rectangle([s * 0.42 + j() / 3, s * 0.6, s * 0.58, s * 0.9], fill=secondary)
+    elif category == "FOOD":
+        r = s * 0.3 + j() / 2
+        d.ellipse([s / 2 - r, s / 2 - r, s / 2 + r, s / 2 + r], fill=(240, 240, 230))
+        d.ellipse([s / 2 - r * 0.7, s / 2 - r * 0.7, s / 2 + r * 0.7, s / 2 + r * 0.7], fill=primary)
+    else:
+        d.ellipse([s * 0.4, s * 0.1 + j() / 3, s * 0.6, s * 0.3], fill=(180, 140, 110))
+        d.polygon([(s * 0.5, s * 0.3), (s * 0.2 + j(), s * 0.95), (s * 0.8 + j(), s * 0.95)], fill=primary)
+        for y in range(int(s * 0.45), int(s * 0.95), max(2, s // 8)):
+            d.line([(s * 0.3, y), (s * 0.7, y)], fill=secondary, width=max(1, s // 24))
+    return img
+
+
+def write_sample(out_dir: str | Path, per_category: int = 4, size: int = 48) -> Path:
+    """Write the sample imagefolder (train/images/*, train/metadata.jsonl); same bytes every time."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        rows = []
+        for code, (adj, primary, secondary) in CULTURES.items():
+            for cat, (caption, generic) in CATEGORIES.items():
+                for i in range(per_category):
+                    rng = np.random.default_rng([hash_str(code), hash_str(cat), i])
+                    name = f"images/{code.lower()}_{cat.lower()}_{i}.png"
+                    path = tmp / "train" / name
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _draw(cat, primary, secondary, rng, size).save(path, format="PNG")
+                    rows.append({
+                        "file_name": name,
+                        "text": caption.format(adj=adj) + f", view {i + 1}",
+                        "blip_text": generic,
+                        "negative_imgpath": [],
+                        "country_code": code,
+                        "category_code": cat,
+                        "url": f"https://example.org/ccub-sample/{code}/{cat}/{i}.png",
+                        "created_at": f"2024-01-{i + 1:02d}T00:00:00Z",
+                    })
+        (tmp / "train" / "metadata.jsonl").write_text(
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+    return out_dir
+
+
+def hash_str(text: str) -> int:
+    """A seed from a string that, unlike hash(), does not change between processes."""
+    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little")
