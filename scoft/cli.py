@@ -22,6 +22,8 @@ lineage_app = typer.Typer(no_args_is_help=True, help="Lineage records of trained
 app.add_typer(lineage_app, name="lineage")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
+# Exit status of a stage that refused its input data: retrying cannot help (tasks/ reads it).
+DATA_REJECTED = 3
 CCUB_DIR, VALIDATION_DIR, NEGATIVES_DIR = Path("data/ccub"), Path("data/validation"), Path("data/negatives")
 LORA_DIR, TRAIN_LOG_DIR, EVAL_DIR, METRICS_FILE = Path("models/lora"), Path("models/train_log"), Path("reports/eval"), Path("reports/metrics.json")
 
@@ -64,7 +66,7 @@ def ingest(
     try:
         records = run_ingest(source or p.ingest.source, out, p.ingest.heldout_fraction, p.ingest.max_image_pixels)
     except IngestError as e:
-        _fail(f"ingest failed, {out} unchanged:\n{e}")
+        _fail(f"ingest failed, {out} unchanged:\n{e}", code=DATA_REJECTED)
     held = sum(r.split == "heldout" for r in records)
     _say(f"ingest: {len(records)} records ({len(records) - held} train, {held} held-out) in {out}")
 
@@ -79,7 +81,7 @@ def validate(ccub: Path = CCUB_DIR, out: Path = VALIDATION_DIR, params: ParamsOp
     checked = validate_records(read_manifest(ccub), p.validate_)
     summary = checked["summary"]
     if not summary["success"]:
-        _fail(failure_message(summary))
+        _fail(failure_message(summary), code=DATA_REJECTED)
     write_report(out, checked)
     s = summary["statistics"]
     _say(f"validate: {s['successful_expectations']}/{s['evaluated_expectations']} checks passed on {s['records']} records")
@@ -192,6 +194,7 @@ def lineage_show(as_json: Annotated[bool, typer.Option("--json", help="Print the
         path, record = latest_record()
     except FileNotFoundError as e:
         _fail(str(e))
+        raise
     if as_json:
         print(json.dumps(record, indent=2, sort_keys=True))
         return

@@ -43,53 +43,60 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def dvc_out_hashes(lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+def dvc_out_hashes(root: str | Path = ".") -> dict[str, str]:
     """{path: md5} of every stage output recorded in dvc.lock (DVC's own content hashes)."""
-    lock = yaml.safe_load(Path(lock_file).read_text(encoding="utf-8")) or {}
+    lock_file = Path(root) / "dvc.lock"
+    if not lock_file.is_file():
+        return {}
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
     return {o["path"]: o["md5"] for stage in lock.get("stages", {}).values() for o in stage.get("outs", [])}
 
 
-def build_record(*, ccub_dir, validation_summary: dict, negatives_dir, lora_file, params: dict, metrics: dict,
-                 flow_run_id: str | None, lock_file="dvc.lock") -> dict:
-    outs = dvc_out_hashes(lock_file)
+def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lora_file, params: dict,
+                 metrics: dict, flow_run_id: str | None) -> dict:
+    """Paths are relative to the workspace `root` (the folder with dvc.yaml)."""
+    root = Path(root)
+    outs = dvc_out_hashes(root)
     return {
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(root),
         "ccub": {"path": str(ccub_dir), "dvc_hash": outs.get(str(ccub_dir))},
         "validation": {"success": validation_summary["success"], "statistics": validation_summary["statistics"]},
         "negatives": {"path": str(negatives_dir), "dvc_hash": outs.get(str(negatives_dir))},
         "params": params,
         "packages": package_versions(),
-        "lora": {"path": str(lora_file), "sha256": sha256_file(lora_file)},
+        "lora": {"path": str(lora_file), "sha256": sha256_file(root / lora_file)},
         "metrics": metrics,
         "prefect_flow_run_id": flow_run_id,
     }
 
 
-def save_record(record: dict, lineage_dir: str | Path = LINEAGE_DIR) -> Path:
+def save_record(record: dict, root: str | Path = ".") -> Path:
     """Write the record under the LoRA's hash; an existing record for the same LoRA is kept."""
-    path = Path(lineage_dir) / f"{record['lora']['sha256'][:16]}.json"
+    path = Path(root) / LINEAGE_DIR / f"{record['lora']['sha256'][:16]}.json"
     if not path.exists():
         write_json(path, record)
     return path
 
 
-def latest_record(lineage_dir: str | Path = LINEAGE_DIR) -> tuple[Path, dict]:
-    records = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in Path(lineage_dir).glob("*.json")]
+def latest_record(root: str | Path = ".") -> tuple[Path, dict]:
+    folder = Path(root) / LINEAGE_DIR
+    records = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in folder.glob("*.json")]
     if not records:
-        raise FileNotFoundError(f"no lineage record in {lineage_dir}/ (run `scoft run` first)")
+        raise FileNotFoundError(f"no lineage record in {folder}/ (run `scoft run` first)")
     return max(records, key=lambda pr: pr[1]["created_at"])
 
 
-def verify(record: dict) -> list[str]:
+def verify(record: dict, root: str | Path = ".") -> list[str]:
     """Recompute the LoRA hash and every CCUB image hash; return the mismatches (empty when intact)."""
+    root = Path(root)
     problems = []
-    lora = Path(record["lora"]["path"])
+    lora = root / record["lora"]["path"]
     if not lora.is_file():
         problems.append(f"{lora}: missing")
     elif sha256_file(lora) != record["lora"]["sha256"]:
         problems.append(f"{lora}: sha256 differs from the record")
-    ccub_dir = Path(record["ccub"]["path"])
+    ccub_dir = root / record["ccub"]["path"]
     from PIL import Image
 
     for r in read_manifest(ccub_dir):
@@ -100,7 +107,7 @@ def verify(record: dict) -> list[str]:
         with Image.open(path) as im:
             if pixel_hash(im) != r.sha256:
                 problems.append(f"{path}: pixels differ from the manifest (record {r.id})")
-    current = dvc_out_hashes().get(str(ccub_dir))
+    current = dvc_out_hashes(root).get(record["ccub"]["path"])
     if current != record["ccub"]["dvc_hash"]:
-        problems.append(f"{ccub_dir}: DVC hash {current} differs from the record's {record['ccub']['dvc_hash']}")
+        problems.append(f"{ccub_dir}: dvc.lock hash {current} differs from the record's {record['ccub']['dvc_hash']}")
     return problems

@@ -1,0 +1,1 @@
+"""Prefect flows composing tasks/: `retrain` (the main one). No science here."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers adding retries, timeouts, logs and artifacts around stages. No science."""

@@ -1,0 +1,72 @@
+"""DVC stages as Prefect tasks: `dvc repro --single-item <stage>` with its output streamed into the run log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from scoft.cli import DATA_REJECTED
+
+SKIPPED = "didn't change, skipping"
+
+
+class StageFailed(RuntimeError):
+    """A stage command failed; a retry may succeed (out of memory, a flaky disk, a preempted GPU)."""
+
+
+class DataRejected(StageFailed):
+    """A stage refused its input data; retrying the same data cannot help."""
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GX_ANALYTICS_ENABLED="false")
+    # Stage commands (`scoft ...`) come from the same environment as this Python.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def dvc(args: list[str], workdir: str, label: str) -> list[str]:
+    """Run a dvc command, logging each line as it comes; raise with the last lines on failure."""
+    logger = get_run_logger()
+    tail: deque[str] = deque(maxlen=30)
+    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workdir, env=_environment(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                logger.info("%s | %s", label, line)
+    if proc.returncode:
+        error = DataRejected if f"exited with {DATA_REJECTED}" in "\n".join(tail) else StageFailed
+        raise error(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    return list(tail)
+
+
+def _retry_unless_data_rejected(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except DataRejected:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="stage", task_run_name="{stage}", retry_condition_fn=_retry_unless_data_rejected)
+def run_stage(stage: str, workdir: str = ".") -> dict:
+    """Reproduce one dvc.yaml stage if its deps or params changed; report whether it ran."""
+    lines = dvc(["repro", "--single-item", stage], workdir, stage)
+    ran = not any(SKIPPED in line for line in lines)
+    get_run_logger().info("stage %s %s", stage, "ran" if ran else "skipped: nothing it depends on changed")
+    return {"stage": stage, "ran": ran}
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=10)
+def push(workdir: str = ".", targets: list[str] | None = None) -> None:
+    """Send what the stages produced to the configured DVC remote."""
+    dvc(["push", *(targets or [])], workdir, "push")
