@@ -1,0 +1,35 @@
+# The two commands a newcomer types: `make run` and `make test` (README.md).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+
+# No telemetry anywhere, and Prefect state (the local ephemeral API's database) inside the project.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test install clean
+
+install: $(VENV)/.installed
+
+# Reinstall when the dependencies change. pip's notes about this machine's local indexes are noise.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+	touch $@
+
+run: install
+	$(BIN)/scoft sample --out data/sample
+	$(BIN)/scoft run
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf data models reports lineage .prefect dvc-remote
