@@ -59,10 +59,10 @@ def ingest(
     params: ParamsOpt = Path("params.yaml"),
 ):
     """Normalise a CCUB source into data/ccub (images + manifest.jsonl + split)."""
+    p = _params(params)
     from scoft.ccub import IngestError
     from scoft.ccub import ingest as run_ingest
 
-    p = _params(params)
     try:
         records = run_ingest(source or p.ingest.source, out, p.ingest.heldout_fraction, p.ingest.max_image_pixels)
     except IngestError as e:
@@ -74,10 +74,10 @@ def ingest(
 @app.command()
 def validate(ccub: Path = CCUB_DIR, out: Path = VALIDATION_DIR, params: ParamsOpt = Path("params.yaml")):
     """Great Expectations checks on the manifest; fails naming each bad record."""
+    p = _params(params)
     from scoft.ccub import read_manifest
     from scoft.checks import failure_message, validate_records, write_report
 
-    p = _params(params)
     checked = validate_records(read_manifest(ccub), p.validate_)
     summary = checked["summary"]
     if not summary["success"]:
@@ -94,11 +94,11 @@ def _settings(p: Params, steps: int, guidance: float) -> dict:
 @app.command()
 def negatives(ccub: Path = CCUB_DIR, out: Path = NEGATIVES_DIR, params: ParamsOpt = Path("params.yaml")):
     """Sample k negatives per training record from the base (not fine-tuned) model."""
+    p = _params(params)
     from scoft.ccub import read_manifest
     from scoft.models import load_pipeline, model_fingerprint, pick_device
     from scoft.negatives import plan_negatives, sample_negatives
 
-    p = _params(params)
     pipe = load_pipeline(p.model).to(pick_device())
     settings = _settings(p, p.negatives.steps, p.negatives.guidance_scale)
     plan = plan_negatives(read_manifest(ccub), model_fingerprint(pipe), settings, p.negatives.per_image, p.negatives.seed)
@@ -116,9 +116,9 @@ def train(
     params: ParamsOpt = Path("params.yaml"),
 ):
     """SCoFT fine-tuning of LoRA adapters; writes the LoRA in diffusers' format."""
+    p = _params(params)
     from scoft.train import train as run_train
 
-    p = _params(params)
     summary = run_train(p, ccub, negatives, output, log_dir, progress=_say)
     _say(f"train: {summary['steps']} steps in {summary['seconds']}s, LoRA in {output}")
 
@@ -132,12 +132,12 @@ def evaluate(
     params: ParamsOpt = Path("params.yaml"),
 ):
     """Base vs fine-tuned on held-out CCUB: per-culture metrics, a report and an image grid."""
+    p = _params(params)
     from scoft.ccub import read_manifest
     from scoft.evaluate import compare, write_evaluation
     from scoft.features import FeatureDistance
     from scoft.models import load_pipeline, pick_device
 
-    p = _params(params)
     device = pick_device()
     pipe = load_pipeline(p.model).to(device)
     distance = FeatureDistance(p.features, p.model.seed).to(device)
@@ -158,10 +158,10 @@ def generate(
     params: ParamsOpt = Path("params.yaml"),
 ):
     """One image from the base model plus the trained LoRA."""
+    p = _params(params)
     from scoft.models import load_pipeline, pick_device
     from scoft.negatives import generate as sample_images
 
-    p = _params(params)
     if not (lora / "pytorch_lora_weights.safetensors").is_file():
         _fail(f"{lora}: no trained LoRA (run `scoft run` or `scoft train` first)")
     pipe = load_pipeline(p.model).to(pick_device())

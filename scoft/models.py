@@ -135,7 +135,8 @@ def model_fingerprint(pipe: StableDiffusionPipeline) -> str:
         for key, tensor in getattr(pipe, name).state_dict().items():
             h.update(f"{name}.{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+    schedule = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}  # no file metadata
+    h.update(json.dumps(schedule, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

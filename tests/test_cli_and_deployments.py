@@ -1,0 +1,66 @@
+"""The command line reads params.yaml and explains bad values; deployments name loadable flows."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.flows import load_flow_from_entrypoint
+
+from scoft.config import ConfigError, load_params
+from tests.conftest import ROOT, scoft
+
+
+def _params_with(tmp_path: Path, section: str, key: str, value) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params[section][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_default_params_load():
+    p = load_params(ROOT / "params.yaml")
+    assert p.model.base == "tiny" and p.train.loss_weights.contrastive == 0.05
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("train", "lr", -1, "train.lr: Input should be greater than 0"),
+    ("train", "contrastive_form", "triplet", "train.contrastive_form"),
+    ("model", "resolution", 33, "model.resolution: Value error, must be a multiple of 8"),
+    ("ingest", "heldout_fraction", 1.5, "ingest.heldout_fraction"),
+    ("train", "lora_rnk", 4, "train.lora_rnk: Extra inputs are not permitted"),
+])
+def test_bad_value_is_named_with_its_key(tmp_path, section, key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        load_params(_params_with(tmp_path, section, key, value))
+    assert expected in str(err.value)
+
+
+def test_every_command_refuses_a_bad_params_file_with_exit_2(tmp_path):
+    bad = _params_with(tmp_path, "train", "lr", "fast")
+    for command in (["ingest"], ["validate"], ["negatives"], ["train"], ["evaluate"], ["run"]):
+        out = scoft(*command, "--params", str(bad), cwd=tmp_path)
+        assert out.returncode == 2, (command, out.stderr)
+        assert "train.lr" in out.stderr
+
+
+def test_ingest_command_names_a_bad_row_and_exits_3(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "metadata.jsonl").write_text('{"file_name": "../secret.png", "text": "a house", '
+                                        '"country_code": "KOR", "category_code": "ARCH"}\n')
+    out = scoft("ingest", "--source", str(src), "--out", str(tmp_path / "ccub"),
+                "--params", str(ROOT / "params.yaml"), cwd=tmp_path)
+    assert out.returncode == 3
+    assert "metadata.jsonl:1" in out.stderr and "../secret.png" in out.stderr
+    assert not (tmp_path / "ccub").exists()
+
+
+def test_every_deployment_entrypoint_loads_a_flow():
+    spec = yaml.safe_load((ROOT / "deployments/prefect.yaml").read_text())
+    deployments = spec["deployments"]
+    assert any(d["entrypoint"].endswith(":retrain") and d["work_pool"]["name"] == "gpu" and d["schedules"]
+               for d in deployments)
+    for d in deployments:
+        flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
+        assert flow.name == d["entrypoint"].rsplit(":", 1)[1]

@@ -1,0 +1,144 @@
+"""End to end: the retrain flow on the sample, under a real (test) Prefect server, real DVC, real GX."""
+
+import json
+import time
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+
+from scoft.io import sha256_file
+from scoft.lineage import dvc_out_hashes, latest_record, verify
+from tests.conftest import make_workspace, scoft
+
+FAST = {"train.max_steps": 4, "negatives.per_image": 1, "evaluate.bootstrap": 100, "orchestration.stage_retry_delay_s": 0}
+LORA = "models/lora/pytorch_lora_weights.safetensors"
+
+
+def _flow_run_logs(flow_run_id, expect: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            text = "\n".join(log.message for log in logs)
+            if expect in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, sample_dir, tmp_path_factory):
+    from flows.retrain import retrain
+
+    ws = make_workspace(tmp_path_factory.mktemp("e2e") / "ws", sample_dir, FAST)
+    state = retrain(workdir=str(ws), return_state=True)
+    return ws, state
+
+
+def test_all_stages_ran_and_outputs_exist(first_run):
+    ws, state = first_run
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["stages_run"] == {s: True for s in ("ingest", "validate", "negatives", "train", "evaluate")}
+    assert (ws / LORA).is_file()
+    report = (ws / "reports/eval/report.md").read_text()
+    assert "| KOR |" in report and "grid.png" in report
+    assert (ws / "reports/eval/grid.png").is_file()
+    metrics = json.loads((ws / "reports/metrics.json").read_text())
+    assert set(metrics["per_culture"]) == {"KOR", "MEX", "NGA"}
+    for m in metrics["per_culture"].values():
+        assert {"base", "scoft", "improvement"} <= set(m) and m["n"] >= 1
+
+
+def test_lineage_ties_the_lora_to_data_checks_negatives_and_the_run(first_run):
+    ws, state = first_run
+    path, record = latest_record(ws)
+    assert record["lora"]["sha256"] == sha256_file(ws / LORA)
+    outs = dvc_out_hashes(ws)
+    assert record["ccub"]["dvc_hash"] == outs["data/ccub"] and record["ccub"]["dvc_hash"].endswith(".dir")
+    assert record["negatives"]["dvc_hash"] == outs["data/negatives"]
+    assert record["validation"]["success"] is True
+    assert record["git_commit"] == "unversioned"
+    assert record["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
+    assert record["params"]["train"]["max_steps"] == 4
+    assert record["packages"]["torch"] and record["metrics"]["per_culture"]
+    shown = scoft("lineage", "show", "--json", cwd=ws)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == record
+
+
+def test_stage_output_and_artifacts_reach_prefect(first_run):
+    ws, state = first_run
+    run_id = state.state_details.flow_run_id
+    logs = _flow_run_logs(run_id, "step 4/4")
+    assert "train | step 1/4 ldm=" in logs and "step 4/4" in logs
+    assert "validate | validate:" in logs
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    by_key = {a.key: a for a in artifacts}
+    assert by_key["ccub-validation"].type == "table"
+    assert by_key["scoft-metrics"].type == "table"
+    assert by_key["scoft-lineage"].type == "markdown"
+    assert "KOR" in str(by_key["scoft-metrics"].data)
+
+
+def test_everything_was_pushed_to_the_dvc_remote(first_run):
+    ws, _ = first_run
+    remote = ws.parent / f"{ws.name}-remote"
+    assert sum(1 for p in remote.rglob("*") if p.is_file()) > 36
+
+
+def test_rerun_with_nothing_changed_recomputes_nothing(first_run):
+    from flows.retrain import retrain
+
+    ws, _ = first_run
+    lora = ws / LORA
+    stamp, digest = lora.stat().st_mtime_ns, sha256_file(lora)
+    records_before = sorted(p.name for p in (ws / "lineage").iterdir())
+    state = retrain(workdir=str(ws), return_state=True)
+    assert state.is_completed()
+    assert state.result()["stages_run"] == {s: False for s in ("ingest", "validate", "negatives", "train", "evaluate")}
+    assert lora.stat().st_mtime_ns == stamp and sha256_file(lora) == digest
+    assert sorted(p.name for p in (ws / "lineage").iterdir()) == records_before
+
+
+def test_lineage_verify_catches_an_altered_lora(first_run):
+    ws, _ = first_run
+    _, record = latest_record(ws)
+    assert verify(record, ws) == []
+    assert scoft("lineage", "verify", cwd=ws).returncode == 0
+    lora = ws / LORA
+    original = lora.read_bytes()
+    try:
+        lora.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        problems = verify(record, ws)
+        assert any("sha256 differs" in p for p in problems)
+        assert scoft("lineage", "verify", cwd=ws).returncode == 1
+    finally:
+        lora.write_bytes(original)
+
+
+def test_bad_data_stops_the_flow_before_any_sampling(prefect_server, sample_dir, tmp_path):
+    from flows.retrain import retrain
+
+    ws = make_workspace(tmp_path / "ws", sample_dir, FAST)
+    meta = ws / "data/sample/train/metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    rows[2]["text"] = ""
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    state = retrain(workdir=str(ws), return_state=True)
+    assert state.is_failed()
+    assert not (ws / "data/negatives").exists() and not (ws / "models").exists()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    validate = [r for r in runs if r.name == "validate"]
+    assert len(validate) == 1 and validate[0].run_count == 1  # data errors are not retried
+    logs = _flow_run_logs(state.state_details.flow_run_id, "on caption: id=")
+    assert "expect_column_value_lengths_to_be_between on caption: id=" in logs  # names the record
