@@ -1,12 +1,24 @@
-"""CCUB records: the manifest schema, the held-out split, and the SCoFT imagefolder source."""
+"""CCUB records and incremental ingestion: sources in, `data/ccub/` (images + manifest) out.
+
+Ingestion is incremental: a row whose image location, created_at and change marker match the
+previous version reuses its stored image without fetching; rows gone from the sources are dropped.
+Bad rows are rejected one by one with a reason; the run fails only when too many are.
+The folder is replaced whole or not at all, and not rewritten when nothing changed.
+"""
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from scoft.io import BadImage, atomic_dir, load_rgb, pixel_hash, read_jsonl, write_jsonl
+from PIL import Image
+
+from scoft.fetch import FetchError, FetchPolicy
+from scoft.io import BadImage, atomic_dir, decode_rgb, dvc_dir_hash, pixel_hash, read_jsonl, write_jsonl
+from scoft.sources import SourceRow, read_sources
 
 MANIFEST = "manifest.jsonl"
 TRAIN, HELDOUT = "train", "heldout"
@@ -19,17 +31,20 @@ class Record:
     category: str
     caption: str
     generic_caption: str
+    generic_caption_source: str  # "source", "fallback" or "model:<id>"
     file: str  # relative to the CCUB folder
     sha256: str  # pixel hash (scoft.io.pixel_hash) of the stored RGB image
     width: int
     height: int
-    source_url: str
+    source_url: str  # provenance: licences vary per image
+    location: str  # where the image was fetched from; the row's identity across versions
+    etag: str | None  # the source's change marker when it has one
     created_at: str
     split: str
 
 
 class IngestError(ValueError):
-    """One or more source rows cannot be ingested; the message names each of them."""
+    """Ingestion refused its sources (too many bad rows, an unreadable source)."""
 
 
 def split_for(sha256: str, heldout_fraction: float) -> str:
@@ -41,97 +56,114 @@ def read_manifest(ccub_dir: str | Path) -> list[Record]:
     return [Record(**row) for row in read_jsonl(Path(ccub_dir) / MANIFEST)]
 
 
-def _find_metadata(source: Path) -> Path:
-    for candidate in (source / "metadata.jsonl", source / "train" / "metadata.jsonl"):
-        if candidate.is_file():
-            return candidate
-    raise IngestError(f"{source}: no metadata.jsonl (looked in the folder and in train/)")
+def _previous(out_dir: Path) -> dict[str, Record]:
+    if not (out_dir / MANIFEST).is_file():
+        return {}
+    try:
+        return {r.location: r for r in read_manifest(out_dir) if (out_dir / r.file).is_file()}
+    except (TypeError, ValueError, KeyError):
+        return {}  # an older or damaged manifest: fetch everything again
 
 
-def _row_problem(row: dict, root: Path) -> tuple[Path | None, str | None]:
-    """Return (image path, None) for a usable row, or (None, reason)."""
-    name = row.get("file_name")
-    if not isinstance(name, str) or not name:
-        return None, "file_name is missing"
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        return None, f"file_name {name!r} points outside the dataset folder"
-    path = (root / name).resolve()
-    # resolve() follows symlinks: a link that leaves the dataset is refused here too.
-    if not path.is_relative_to(root.resolve()):
-        return None, f"file_name {name!r} resolves outside the dataset folder"
-    for key in ("text", "country_code", "category_code"):
-        if not isinstance(row.get(key, ""), str):
-            return None, f"{key} is not a string"
-    if not row.get("country_code") or not row.get("category_code"):
-        return None, "country_code and category_code are required"
-    return path, None
+def _reusable(row: SourceRow, old: Record | None) -> bool:
+    return old is not None and old.created_at == row.created_at and old.etag == row.etag
 
 
-def read_imagefolder(source: str | Path, heldout_fraction: float, max_pixels: int):
-    """Yield (Record, RGB image) for every row of a SCoFT imagefolder, or raise naming bad rows."""
-    source = Path(source)
-    meta = _find_metadata(source)
-    root = meta.parent
-    problems: list[str] = []
-    loaded = []
-    for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{meta}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: not valid JSON ({e.msg})")
-            continue
-        path, reason = _row_problem(row, root)
+def _fetch_image(row: SourceRow, max_pixels: int):
+    try:
+        return decode_rgb(row.fetch(), max_pixels, row.location), None
+    except (FetchError, BadImage) as e:
+        return None, str(e)
+
+
+def ingest(sources: list[str], out_dir: str | Path, *, heldout_fraction: float, max_pixels: int,
+           max_rejected_fraction: float, captioner, policy: FetchPolicy = FetchPolicy(), workers: int = 8,
+           s3_endpoint_url: str | None = None, progress=print) -> dict:
+    """Bring out_dir up to date with the sources; return the summary (version, counts, rejected)."""
+    out_dir = Path(out_dir)
+    try:
+        read = read_sources(sources, policy, s3_endpoint_url)
+    except FetchError as e:
+        raise IngestError(f"cannot read source: {e}") from e
+    rejected = list(read.rejected)
+    previous = _previous(out_dir)
+    to_fetch = [row for row in read.rows if not _reusable(row, previous.get(row.location))]
+    progress(f"ingest: {len(read.rows)} rows, {len(read.rows) - len(to_fetch)} reused, fetching {len(to_fetch)}")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        fetched = dict(zip((r.location for r in to_fetch), pool.map(lambda r: _fetch_image(r, max_pixels), to_fetch)))
+
+    records, images, by_hash = [], {}, {}
+    for row in read.rows:
+        image, reason = fetched.get(row.location, (None, None))
         if reason:
-            problems.append(f"{where} ({row.get('file_name')!r}): {reason}")
+            rejected.append({"row": row.ref, "source_row": row.raw, "reason": reason})
             continue
-        try:
-            image = load_rgb(path, max_pixels)
-        except BadImage as e:
-            problems.append(f"{where} ({row['file_name']!r}): {e}")
+        record = _record(row, image, previous.get(row.location), out_dir, heldout_fraction, captioner)
+        if record.sha256 in by_hash:
+            rejected.append({"row": row.ref, "source_row": row.raw, "reason": f"same image as {by_hash[record.sha256]}"})
             continue
-        loaded.append((row, image))
-    if problems:
-        shown = "\n  ".join(problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise IngestError(f"{len(problems)} bad row(s) in {meta}:\n  {shown}{more}")
-    for row, image in loaded:
-        digest = pixel_hash(image)
-        culture = row["country_code"].strip().upper()
-        record = Record(
-            id=digest[:16],
-            culture=culture,
-            category=row["category_code"].strip().upper(),
-            caption=(row.get("text") or "").strip(),
-            generic_caption=(row.get("blip_text") or "").strip(),
-            file=f"images/{culture}/{digest[:16]}.png",
-            sha256=digest,
-            width=image.width,
-            height=image.height,
-            source_url=row.get("url") or f"file:{row['file_name']}",
-            created_at=row.get("created_at") or "",
-            split=split_for(digest, heldout_fraction),
-        )
-        yield record, image
+        by_hash[record.sha256] = row.ref
+        records.append(record)
+        if image is not None:
+            images[record.file] = image
+
+    total = len(records) + len(rejected)
+    if total and len(rejected) / total > max_rejected_fraction:
+        shown = "\n  ".join(f"{r['row']}: {r['reason']}" for r in rejected[:50])
+        raise IngestError(f"{len(rejected)} of {total} rows rejected, over the limit of "
+                          f"{max_rejected_fraction:.0%}; {out_dir} unchanged:\n  {shown}")
+    records.sort(key=lambda r: (r.culture, r.category, r.id))
+    counts = _counts(records, previous)
+    if counts["added"] or counts["changed"] or counts["removed"] or not (out_dir / MANIFEST).is_file():
+        _write(out_dir, records, images, previous)
+    return {"version": dvc_dir_hash(out_dir), **counts, "records": len(records), "rejected": rejected}
 
 
-def ingest(source: str | Path, out_dir: str | Path, heldout_fraction: float, max_pixels: int) -> list[Record]:
-    """Normalise a source into out_dir (images + manifest), replacing it whole or not at all."""
-    records = []
-    # Decode and check every row before anything is written: a bad source changes nothing.
-    pairs = list(read_imagefolder(source, heldout_fraction, max_pixels))
+def _record(row: SourceRow, image, old: Record | None, out_dir: Path, heldout_fraction: float, captioner) -> Record:
+    reused = image is None  # same image as the previous version; metadata from the source as it is now
+    digest, width, height = (old.sha256, old.width, old.height) if reused else (pixel_hash(image), image.width, image.height)
+    if row.generic_caption:
+        generic, generic_source = row.generic_caption, "source"
+    elif reused and old.generic_caption_source == captioner.source:
+        generic, generic_source = old.generic_caption, old.generic_caption_source
+    else:
+        if reused:
+            with Image.open(out_dir / old.file) as stored:
+                image = stored.convert("RGB")
+        generic, generic_source = captioner(image, row.category), captioner.source
+    return Record(
+        id=digest[:16], culture=row.culture, category=row.category, caption=row.caption,
+        generic_caption=generic, generic_caption_source=generic_source,
+        file=f"images/{row.culture}/{digest[:16]}.png", sha256=digest, width=width, height=height,
+        source_url=row.source_url, location=row.location, etag=row.etag, created_at=row.created_at,
+        split=split_for(digest, heldout_fraction),
+    )
+
+
+def _counts(records: list[Record], previous: dict[str, Record]) -> dict:
+    now = {r.location: r for r in records}
+    added = sum(1 for loc in now if loc not in previous)
+    changed = sum(1 for loc, r in now.items() if loc in previous and previous[loc] != r)
+    removed = sum(1 for loc in previous if loc not in now)
+    return {"added": added, "changed": changed, "removed": removed, "unchanged": len(now) - added - changed}
+
+
+def _write(out_dir: Path, records: list[Record], images: dict, previous: dict[str, Record]) -> None:
+    old_files = {r.sha256: out_dir / r.file for r in previous.values()}
     with atomic_dir(out_dir) as tmp:
-        seen: set[str] = set()
-        for record, image in pairs:
-            if record.sha256 in seen:  # the same picture twice is one record (issue: duplicates)
-                continue
-            seen.add(record.sha256)
+        for record in records:
             dest = tmp / record.file
             dest.parent.mkdir(parents=True, exist_ok=True)
-            image.save(dest, format="PNG")
-            records.append(record)
-        records.sort(key=lambda r: (r.culture, r.category, r.id))
+            if record.file in images:
+                images[record.file].save(dest, format="PNG")
+            else:
+                _link_or_copy(old_files[record.sha256], dest)
         write_jsonl(tmp / MANIFEST, (asdict(r) for r in records))
-    return records
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)  # same filesystem: no copy; files are never modified in place
+    except OSError:
+        shutil.copy2(src, dest)
+

@@ -1,7 +1,8 @@
-"""Great Expectations checks on the CCUB manifest: bad data stops here, before any GPU time.
+"""Great Expectations checks on CCUB: bad data stops here, before any GPU time is spent.
 
-Two batches are validated: the manifest (one row per record) and a per-culture table of counts.
-A failure names each failing record by id and file.
+Three batches are validated: the manifest joined with facts read from the stored images (one row
+per record), and tables of counts per culture and per category. A failure names each failing
+record by id and file (or the culture or category). Data Docs (HTML) are built for auditors.
 """
 
 from __future__ import annotations
@@ -16,49 +17,78 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 import great_expectations as gx  # noqa: E402
 import great_expectations.expectations as gxe  # noqa: E402
 import pandas as pd  # noqa: E402
+from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: E402
 from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from scoft.ccub import HELDOUT, Record  # noqa: E402
 from scoft.config import ValidateParams  # noqa: E402
+from scoft.io import atomic_dir, pixel_hash, write_json  # noqa: E402
 
-REQUIRED = ["id", "culture", "category", "caption", "generic_caption", "file", "sha256", "width", "height"]
+REQUIRED = ["id", "culture", "category", "caption", "generic_caption", "file", "sha256", "width", "height", "source_url"]
 ROW_KEYS = ["id", "file"]
 
 
-class ValidationFailed(ValueError):
-    """The data failed one or more checks; the message names the records."""
-
-    def __init__(self, message: str, summary: dict):
-        super().__init__(message)
-        self.summary = summary
-
-
 def _manifest_suite(p: ValidateParams) -> gx.ExpectationSuite:
-    suite = gx.ExpectationSuite(name="ccub_manifest")
-    for column in REQUIRED:
-        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=column))
-    for column in ["id", "culture", "category", "generic_caption", "file", "sha256"]:
-        suite.add_expectation(gxe.ExpectColumnValueLengthsToBeBetween(column=column, min_value=1))
-    suite.add_expectation(gxe.ExpectColumnValueLengthsToBeBetween(
-        column="caption", min_value=p.caption_min_chars, max_value=p.caption_max_chars))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="sha256"))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="culture", value_set=p.cultures))
-    for column in ("width", "height"):
-        suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=column, min_value=p.min_side, max_value=p.max_side))
-    return suite
+    e = [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in REQUIRED]
+    e += [gxe.ExpectColumnValueLengthsToBeBetween(column=c, min_value=1)
+          for c in ("id", "culture", "category", "generic_caption", "file", "sha256")]
+    e += [
+        gxe.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=p.caption_min_chars, max_value=p.caption_max_chars),
+        gxe.ExpectColumnValuesToBeUnique(column="sha256"),  # the same picture twice
+        gxe.ExpectColumnValuesToBeInSet(column="culture", value_set=p.cultures),
+        gxe.ExpectColumnValuesToBeInSet(column="category", value_set=p.categories),
+        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=p.min_side, max_value=p.max_side),
+        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=p.min_side, max_value=p.max_side),
+        gxe.ExpectColumnValuesToBeBetween(column="aspect", min_value=p.min_aspect, max_value=p.max_aspect),
+        gxe.ExpectColumnValuesToMatchRegex(column="source_url", regex=r"^https?://[^\s/]+"),
+        # facts read back from the stored files, not from the manifest
+        gxe.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True]),
+        gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=["RGB"]),
+        gxe.ExpectColumnValuesToBeInSet(column="pixels_match_sha256", value_set=[True]),
+    ]
+    return gx.ExpectationSuite(name="ccub_manifest", expectations=e)
 
 
-def _counts_suite(p: ValidateParams) -> gx.ExpectationSuite:
-    suite = gx.ExpectationSuite(name="ccub_per_culture")
-    suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=1))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="images", min_value=p.min_images_per_culture))
-    return suite
+def _counts_suite(name: str, p: ValidateParams, minimum: int, heldout: bool) -> gx.ExpectationSuite:
+    e = [gxe.ExpectTableRowCountToBeBetween(min_value=1),
+         gxe.ExpectColumnValuesToBeBetween(column="images", min_value=minimum)]
+    if heldout:
+        e.append(gxe.ExpectColumnValuesToBeBetween(column="heldout", min_value=p.min_heldout_per_culture))
+    return gx.ExpectationSuite(name=name, expectations=e)
 
 
-def _run(context, name: str, frame: pd.DataFrame, suite, keys: list[str]):
+def _image_facts(ccub_dir: Path, record: Record) -> dict:
+    try:
+        with Image.open(ccub_dir / record.file) as im:
+            im.load()
+            return {"decodes": True, "mode": im.mode, "pixels_match_sha256": pixel_hash(im) == record.sha256}
+    except (OSError, SyntaxError, ValueError):
+        return {"decodes": False, "mode": None, "pixels_match_sha256": False}
+
+
+def _tables(records: list[Record], ccub_dir: Path) -> dict[str, pd.DataFrame]:
+    rows = [{**asdict(r), "aspect": r.width / max(r.height, 1), **_image_facts(ccub_dir, r)} for r in records]
+    manifest = pd.DataFrame(rows, columns=[*Record.__dataclass_fields__, "aspect", "decodes", "mode", "pixels_match_sha256"])
+
+    def counts(by: str) -> pd.DataFrame:
+        g = manifest.groupby(by)
+        return pd.DataFrame({by: list(g.groups), "images": g.size().values,
+                             "heldout": g["split"].apply(lambda s: int((s == HELDOUT).sum())).values})
+
+    return {"manifest": manifest, "per_culture": counts("culture"), "per_category": counts("category")}
+
+
+def _validate(context, name: str, frame: pd.DataFrame, suite, keys: list[str], docs: bool):
     asset = context.data_sources.add_pandas(name).add_dataframe_asset(name)
-    batch = asset.add_batch_definition_whole_dataframe(name).get_batch(batch_parameters={"dataframe": frame})
-    return batch.validate(suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": keys})
+    batch_definition = asset.add_batch_definition_whole_dataframe(name)
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name=name, data=batch_definition, suite=context.suites.add(suite)))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name=name, validation_definitions=[definition],
+        actions=[UpdateDataDocsAction(name="data_docs")] if docs else [],
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": keys}))
+    return next(iter(checkpoint.run(batch_parameters={"dataframe": frame}).run_results.values()))
 
 
 def _failures(result, keys: list[str]) -> list[dict]:
@@ -67,42 +97,48 @@ def _failures(result, keys: list[str]) -> list[dict]:
         if r.success:
             continue
         cfg = r.expectation_config
-        column = cfg.kwargs.get("column")
         rows = [{k: row.get(k) for k in keys} for row in (r.result.get("unexpected_index_list") or [])]
-        failures.append({"expectation": cfg.type, "column": column, "rows": rows,
+        failures.append({"expectation": cfg.type, "column": cfg.kwargs.get("column"), "rows": rows,
+                         "observed": r.result.get("observed_value"),
                          "exception": (r.exception_info or {}).get("exception_message")})
     return failures
 
 
-def validate_records(records: list[Record], params: ValidateParams) -> dict:
-    """Run both suites; return a summary (success, statistics, failures) and the raw GX results."""
+def validate_records(records: list[Record], params: ValidateParams, ccub_dir: str | Path,
+                     docs_dir: str | Path | None = None) -> dict:
+    """Run the suites; return a summary (success, statistics, counts, failures) and the raw results.
+
+    With docs_dir, Great Expectations writes its Data Docs site (index.html) there.
+    """
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    manifest = pd.DataFrame([asdict(r) for r in records], columns=list(Record.__dataclass_fields__))
-    counts = manifest.groupby("culture").size()
-    per_culture = pd.DataFrame({
-        "culture": counts.index,
-        "images": counts.values,
-        "heldout": [int(((manifest.culture == c) & (manifest.split == HELDOUT)).sum()) for c in counts.index],
-    })
+    tables = _tables(records, Path(ccub_dir))
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    results = {
-        "manifest": _run(context, "manifest", manifest, _manifest_suite(params), ROW_KEYS),
-        "per_culture": _run(context, "per_culture", per_culture, _counts_suite(params), ["culture"]),
+    if docs_dir is not None:
+        context.add_data_docs_site("ccub", {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
+    docs = docs_dir is not None
+    plan = {
+        "manifest": (_manifest_suite(params), ROW_KEYS),
+        "per_culture": (_counts_suite("ccub_per_culture", params, params.min_images_per_culture, True), ["culture"]),
+        "per_category": (_counts_suite("ccub_per_category", params, params.min_images_per_category, False), ["category"]),
     }
-    failures = _failures(results["manifest"], ROW_KEYS) + _failures(results["per_culture"], ["culture"])
+    results = {name: _validate(context, name, tables[name], suite, keys, docs) for name, (suite, keys) in plan.items()}
+    failures = [f for name, (_, keys) in plan.items() for f in _failures(results[name], keys)]
     evaluated = sum(r.statistics["evaluated_expectations"] for r in results.values())
     successful = sum(r.statistics["successful_expectations"] for r in results.values())
     summary = {
         "success": all(r.success for r in results.values()),
         "statistics": {"records": len(records), "evaluated_expectations": evaluated,
-                       "successful_expectations": successful,
-                       "unsuccessful_expectations": evaluated - successful},
-        "per_culture": per_culture.to_dict(orient="records"),
+                       "successful_expectations": successful, "unsuccessful_expectations": evaluated - successful},
+        "per_culture": tables["per_culture"].to_dict(orient="records"),
+        "per_category": tables["per_category"].to_dict(orient="records"),
         "failures": failures,
     }
-    raw = {name: r.to_json_dict() for name, r in results.items()}
-    return {"summary": summary, "gx_results": raw}
+    return {"summary": summary, "gx_results": {name: r.to_json_dict() for name, r in results.items()}}
 
 
 def failure_message(summary: dict) -> str:
@@ -111,13 +147,16 @@ def failure_message(summary: dict) -> str:
         where = f" on {f['column']}" if f["column"] else ""
         rows = ", ".join(" ".join(f"{k}={v}" for k, v in row.items()) for row in f["rows"][:20])
         more = f" (+{len(f['rows']) - 20} more)" if len(f["rows"]) > 20 else ""
-        lines.append(f"  {f['expectation']}{where}: {rows or f['exception'] or 'failed'}{more}")
+        detail = rows or f["exception"] or (f"observed {f['observed']}" if f["observed"] is not None else "failed")
+        lines.append(f"  {f['expectation']}{where}: {detail}{more}")
     return "\n".join(lines)
 
 
-def write_report(out_dir: str | Path, checked: dict) -> None:
-    from scoft.io import atomic_dir, write_json
-
+def check_into(out_dir: str | Path, records: list[Record], params: ValidateParams, ccub_dir: str | Path) -> dict:
+    """Validate and write out_dir whole (summary.json, gx_results.json, data_docs/) pass or fail:
+    auditors see the report of a failed run too. Returns the summary."""
     with atomic_dir(out_dir) as tmp:
+        checked = validate_records(records, params, ccub_dir, docs_dir=tmp / "data_docs")
         write_json(tmp / "summary.json", checked["summary"])
         write_json(tmp / "gx_results.json", checked["gx_results"])
+    return checked["summary"]

@@ -24,6 +24,7 @@ app.add_typer(lineage_app, name="lineage")
 ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
 # Exit status of a stage that refused its input data: retrying cannot help (tasks/ reads it).
 DATA_REJECTED = 3
+INGEST_SUMMARY = Path("data/ingest/summary.json")
 CCUB_DIR, VALIDATION_DIR, NEGATIVES_DIR = Path("data/ccub"), Path("data/validation"), Path("data/negatives")
 LORA_DIR, TRAIN_LOG_DIR, EVAL_DIR, METRICS_FILE = Path("models/lora"), Path("models/train_log"), Path("reports/eval"), Path("reports/metrics.json")
 
@@ -54,37 +55,53 @@ def sample(out: Annotated[Path, typer.Option(help="Folder to write the built-in 
 
 @app.command()
 def ingest(
-    source: Annotated[Optional[str], typer.Option(help="SCoFT imagefolder (default: ingest.source).")] = None,
+    source: Annotated[Optional[list[str]], typer.Option(
+        help="A SCoFT imagefolder, a CCUB sheet CSV (path or http(s) URL) or s3://bucket/prefix; "
+             "repeat for several (default: ingest.sources).")] = None,
     out: Path = CCUB_DIR,
+    summary: Annotated[Path, typer.Option(help="Where to write the summary JSON.")] = INGEST_SUMMARY,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ):
-    """Normalise a CCUB source into data/ccub (images + manifest.jsonl + split)."""
+    """Bring data/ccub up to date with the sources: fetch new or changed rows, drop removed ones."""
     p = _params(params)
+    from scoft.captions import make_captioner
     from scoft.ccub import IngestError
     from scoft.ccub import ingest as run_ingest
+    from scoft.io import write_json
 
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if as_json else _say
+    i = p.ingest
     try:
-        records = run_ingest(source or p.ingest.source, out, p.ingest.heldout_fraction, p.ingest.max_image_pixels)
+        result = run_ingest(source or i.sources, out, heldout_fraction=i.heldout_fraction,
+                            max_pixels=i.max_image_pixels, max_rejected_fraction=i.max_rejected_fraction,
+                            captioner=make_captioner(i.captioner), policy=i.fetch_policy(), workers=i.workers,
+                            s3_endpoint_url=i.s3_endpoint_url, progress=say)
     except IngestError as e:
-        _fail(f"ingest failed, {out} unchanged:\n{e}", code=DATA_REJECTED)
-    held = sum(r.split == "heldout" for r in records)
-    _say(f"ingest: {len(records)} records ({len(records) - held} train, {held} held-out) in {out}")
+        _fail(f"ingest failed:\n{e}", code=DATA_REJECTED)
+    write_json(summary, result)
+    for r in result["rejected"]:
+        say(f"rejected {r['row']}: {r['reason']}")
+    if as_json:
+        print(json.dumps(result, sort_keys=True), flush=True)
+    else:
+        _say(f"ingest: version {result['version']}: {result['added']} added, {result['changed']} changed, "
+             f"{result['removed']} removed, {result['unchanged']} unchanged, {len(result['rejected'])} rejected")
 
 
 @app.command()
 def validate(ccub: Path = CCUB_DIR, out: Path = VALIDATION_DIR, params: ParamsOpt = Path("params.yaml")):
-    """Great Expectations checks on the manifest; fails naming each bad record."""
+    """Great Expectations checks on CCUB; writes the report and Data Docs, fails naming each bad record."""
     p = _params(params)
     from scoft.ccub import read_manifest
-    from scoft.checks import failure_message, validate_records, write_report
+    from scoft.checks import check_into, failure_message
 
-    checked = validate_records(read_manifest(ccub), p.validate_)
-    summary = checked["summary"]
+    summary = check_into(out, read_manifest(ccub), p.validate_, ccub)
     if not summary["success"]:
-        _fail(failure_message(summary), code=DATA_REJECTED)
-    write_report(out, checked)
+        _fail(f"{failure_message(summary)}\nreport: {out / 'data_docs' / 'index.html'}", code=DATA_REJECTED)
     s = summary["statistics"]
-    _say(f"validate: {s['successful_expectations']}/{s['evaluated_expectations']} checks passed on {s['records']} records")
+    _say(f"validate: {s['successful_expectations']}/{s['evaluated_expectations']} checks passed on "
+         f"{s['records']} records; Data Docs: {out / 'data_docs' / 'index.html'}")
 
 
 def _settings(p: Params, steps: int, guidance: float) -> dict:
@@ -183,6 +200,27 @@ def run(params: ParamsOpt = Path("params.yaml")):
     _say(f"LoRA:              {result['lora']}")
     _say(f"evaluation report: {result['report']}")
     _say(f"lineage record:    {result['lineage']}")
+
+
+@app.command()
+def remote(
+    url: Annotated[Optional[str], typer.Option(help="s3://bucket/prefix (default: remote.url).")] = None,
+    endpoint_url: Annotated[Optional[str], typer.Option(help="For S3-compatible stores (default: remote.endpoint_url).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Point DVC at the configured remote (S3 or S3-compatible); credentials stay in the environment."""
+    p = _params(params)
+    from scoft.config import RemoteParams
+    from scoft.remote import configure_remote
+
+    settings = p.remote
+    if url or endpoint_url:
+        try:
+            settings = RemoteParams(url=url or p.remote.url, endpoint_url=endpoint_url or p.remote.endpoint_url,
+                                    profile=p.remote.profile)
+        except ValueError as e:
+            _fail(str(e), code=2)
+    _say(f"DVC remote: {configure_remote('.', settings)}")
 
 
 @lineage_app.command("show")

@@ -41,17 +41,38 @@ class FeatureParams(_Section):
 
 
 class IngestParams(_Section):
-    source: str = "data/sample"
+    sources: list[str] = Field(["data/sample"], min_length=1)
     heldout_fraction: float = Field(0.25, gt=0, lt=1)
     max_image_pixels: int = Field(40_000_000, gt=0)
+    max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_rejected_fraction: float = Field(0.25, ge=0, le=1)
+    connect_timeout_s: float = Field(5, gt=0)
+    read_timeout_s: float = Field(20, gt=0)
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    max_redirects: int = Field(5, ge=0)
+    workers: int = Field(8, ge=1)
+    captioner: str = "fallback"
+    s3_endpoint_url: str | None = None
+
+    def fetch_policy(self):
+        from scoft.fetch import FetchPolicy
+
+        return FetchPolicy(connect_timeout_s=self.connect_timeout_s, read_timeout_s=self.read_timeout_s,
+                           retries=self.retries, backoff_s=self.backoff_s, max_redirects=self.max_redirects,
+                           max_bytes=self.max_image_bytes)
 
 
 class ValidateParams(_Section):
     cultures: list[str] = Field(min_length=1)
     categories: list[str] = Field(min_length=1)
     min_images_per_culture: int = Field(8, ge=1)
+    min_images_per_category: int = Field(1, ge=1)
+    min_heldout_per_culture: int = Field(1, ge=1)
     min_side: int = Field(32, ge=1)
     max_side: int = Field(8192, ge=1)
+    min_aspect: float = Field(0.25, gt=0)
+    max_aspect: float = Field(4.0, gt=0)
     caption_min_chars: int = Field(8, ge=1)
     caption_max_chars: int = Field(400, ge=1)
 
@@ -100,6 +121,21 @@ class EvaluateParams(_Section):
     bootstrap: int = Field(1000, ge=10)
 
 
+class RemoteParams(_Section):
+    # s3://bucket/prefix on S3 or any S3-compatible store; null keeps the local folder remote of
+    # .dvc/config. Credentials come only from the environment or an AWS profile.
+    url: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _s3_only(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("s3://"):
+            raise ValueError("must be an s3://bucket/prefix URL (or null for the local folder remote)")
+        return v
+
+
 class OrchestrationParams(_Section):
     stage_retries: int = Field(1, ge=0)
     stage_retry_delay_s: float = Field(10, ge=0)
@@ -114,6 +150,7 @@ class Params(_Section):
     negatives: NegativeParams = NegativeParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    remote: RemoteParams = RemoteParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -39,24 +40,46 @@ def pixel_hash(image: Image.Image) -> str:
     return h.hexdigest()
 
 
-def load_rgb(path: str | Path, max_pixels: int) -> Image.Image:
-    """Decode an image fully and return it as RGB, refusing bombs, truncation and non-images."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadImage(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise BadImage(f"{path}: empty file")
+def decode_rgb(data: bytes, max_pixels: int, where: str) -> Image.Image:
+    """Decode image bytes fully and return RGB, refusing empty input, bombs, truncation and non-images."""
+    if not data:
+        raise BadImage(f"{where}: empty file")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             # The header gives the size before any pixel is decoded: refuse bombs here.
             if im.width * im.height > max_pixels:
-                raise BadImage(f"{path}: {im.width}x{im.height} exceeds the pixel cap {max_pixels}")
+                raise BadImage(f"{where}: {im.width}x{im.height} exceeds the pixel cap {max_pixels}")
             im.load()
             return im.convert("RGB")
     except BadImage:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImage(f"{path}: cannot decode image ({e})") from e
+        raise BadImage(f"{where}: cannot decode image ({e})") from e
+
+
+def load_rgb(path: str | Path, max_pixels: int) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise BadImage(f"{path}: no such file")
+    return decode_rgb(path.read_bytes(), max_pixels, str(path))
+
+
+def dvc_dir_hash(folder: str | Path) -> str:
+    """The hash DVC 3 gives a folder (its `.dir` md5): md5 of the sorted JSON list of file md5s.
+
+    Computed here so `scoft ingest` can report the new version without a DVC call; the tests check
+    that it equals what dvc.lock records.
+    """
+    folder = Path(folder)
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h = hashlib.md5()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        entries.append({"md5": h.hexdigest(), "relpath": path.relative_to(folder).as_posix()})
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from scoft.ccub import read_manifest
-from scoft.io import pixel_hash, sha256_file, write_json
+from scoft.io import pixel_hash, sha256_file, sha256_json, write_json
 
 LINEAGE_DIR = Path("lineage")
 PACKAGES = ["scoft-flows", "torch", "diffusers", "transformers", "accelerate", "peft", "lpips", "prefect", "dvc",
@@ -71,9 +71,15 @@ def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lor
     }
 
 
+def record_key(record: dict) -> str:
+    """What makes a record: the LoRA and the data and negatives it came from."""
+    return sha256_json([record["lora"]["sha256"], record["ccub"]["dvc_hash"], record["negatives"]["dvc_hash"]])[:16]
+
+
 def save_record(record: dict, root: str | Path = ".") -> Path:
-    """Write the record under the LoRA's hash; an existing record for the same LoRA is kept."""
-    path = Path(root) / LINEAGE_DIR / f"{record['lora']['sha256'][:16]}.json"
+    """Write the record under its key; an existing record for the same LoRA and data is kept, so
+    a rerun that changed nothing keeps the record of the run that made the LoRA."""
+    path = Path(root) / LINEAGE_DIR / f"{record_key(record)}.json"
     if not path.exists():
         write_json(path, record)
     return path

@@ -20,6 +20,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from scoft.config import ModelParams
@@ -117,6 +118,7 @@ def load_pipeline(params: ModelParams, dtype: torch.dtype = torch.float32) -> St
         # Sampling uses DPM-Solver, as the reference's inference does.
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    diffusers_logging.set_verbosity_error()  # e.g. "no LoRA keys for the text encoder": expected here
     return pipe
 
 

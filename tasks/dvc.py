@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections import deque
-from pathlib import Path
 
 from prefect import get_run_logger, task
 
 from scoft.cli import DATA_REJECTED
+from scoft.remote import dvc_environment
 
 SKIPPED = "didn't change, skipping"
 
@@ -23,18 +22,11 @@ class DataRejected(StageFailed):
     """A stage refused its input data; retrying the same data cannot help."""
 
 
-def _environment() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", GX_ANALYTICS_ENABLED="false")
-    # Stage commands (`scoft ...`) come from the same environment as this Python.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def dvc(args: list[str], workdir: str, label: str) -> list[str]:
     """Run a dvc command, logging each line as it comes; raise with the last lines on failure."""
     logger = get_run_logger()
     tail: deque[str] = deque(maxlen=30)
-    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workdir, env=_environment(), text=True,
+    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workdir, env=dvc_environment({"PYTHONUNBUFFERED": "1", "GX_ANALYTICS_ENABLED": "false"}), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1) as proc:
         for line in proc.stdout:
             line = line.rstrip()

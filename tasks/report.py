@@ -18,15 +18,27 @@ def _read(path: Path) -> dict:
 
 
 @task(name="publish-validation")
-def publish_validation(workdir: str = ".") -> dict:
-    summary = _read(Path(workdir) / "data/validation/summary.json")
+def publish_validation(workdir: str = ".") -> dict | None:
+    """A table of every check (suite, expectation, column, result, failing records) for the UI."""
+    folder = Path(workdir) / "data/validation"
+    if not (folder / "summary.json").is_file():
+        get_run_logger().warning("no validation report in %s to publish", folder)
+        return None
+    summary = _read(folder / "summary.json")
+    failing = {(f["expectation"], f["column"]): f for f in summary["failures"]}
+    rows = []
+    for suite, result in _read(folder / "gx_results.json").items():
+        for r in result["results"]:
+            kind, column = r["expectation_config"]["type"], r["expectation_config"]["kwargs"].get("column")
+            bad = failing.get((kind, column), {}).get("rows", []) if not r["success"] else []
+            rows.append({"suite": suite, "expectation": kind, "column": column or "",
+                         "success": r["success"], "failing": "; ".join(" ".join(f"{k}={v}" for k, v in row.items())
+                                                                       for row in bad[:10])})
     s = summary["statistics"]
     create_table_artifact(
-        key="ccub-validation",
-        table=summary["per_culture"],
-        description=f"CCUB checks: {s['successful_expectations']}/{s['evaluated_expectations']} passed "
-                    f"on {s['records']} records (success: {summary['success']})",
-    )
+        key="ccub-validation", table=rows,
+        description=f"CCUB checks: {s['successful_expectations']}/{s['evaluated_expectations']} passed on "
+                    f"{s['records']} records (success: {summary['success']}). Data Docs: {folder / 'data_docs/index.html'}")
     return summary
 
 
@@ -60,8 +72,9 @@ def record_lineage(workdir: str, validation: dict, metrics: dict) -> Path:
     )
     path = save_record(record, root)
     stored = _read(path)
-    if stored["lora"]["sha256"] == record["lora"]["sha256"] and stored["created_at"] != record["created_at"]:
-        get_run_logger().info("LoRA unchanged since %s: keeping its lineage record %s", stored["created_at"], path)
+    if stored["created_at"] != record["created_at"]:
+        get_run_logger().info("LoRA and data unchanged since %s: keeping their lineage record %s",
+                              stored["created_at"], path)
     create_markdown_artifact(key="scoft-lineage", markdown=f"# Lineage\n\n`{path}`\n\n```json\n"
                              f"{json.dumps(stored, indent=2, sort_keys=True)}\n```\n",
                              description="Data version, checks, negatives, parameters, code and metrics of this LoRA")

@@ -1,59 +1,84 @@
-"""Great Expectations checks: the sample passes; each kind of bad record fails, named."""
+"""Great Expectations checks: the sample passes; each kind of bad record fails, named; Data Docs."""
 
 import dataclasses
+import json
 
 import pytest
+from PIL import Image
 
-from scoft.ccub import ingest
-from scoft.checks import failure_message, validate_records, write_report
+from scoft.captions import FallbackCaptioner
+from scoft.ccub import ingest, read_manifest
+from scoft.checks import check_into, failure_message, validate_records
 
 
 @pytest.fixture(scope="module")
-def records(sample_dir, tmp_path_factory):
-    return ingest(sample_dir, tmp_path_factory.mktemp("ccub") / "ccub", 0.25, 10**7)
+def ccub(sample_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ccub") / "ccub"
+    ingest([str(sample_dir)], out, heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25,
+           captioner=FallbackCaptioner(), progress=lambda m: None)
+    return out
 
 
-def _failed(records, params):
-    summary = validate_records(records, params.validate_)["summary"]
+@pytest.fixture(scope="module")
+def records(ccub):
+    return read_manifest(ccub)
+
+
+def _message(records, params, ccub):
+    summary = validate_records(records, params.validate_, ccub)["summary"]
     assert not summary["success"]
-    return summary, failure_message(summary)
+    return failure_message(summary)
 
 
-def test_sample_passes_every_check(records, params, tmp_path):
-    checked = validate_records(records, params.validate_)
-    s = checked["summary"]
-    assert s["success"], failure_message(s)
-    assert s["statistics"]["records"] == 36 and s["statistics"]["unsuccessful_expectations"] == 0
-    write_report(tmp_path / "validation", checked)
-    assert (tmp_path / "validation" / "summary.json").is_file()
-    assert (tmp_path / "validation" / "gx_results.json").is_file()
+def test_sample_passes_every_check_and_data_docs_are_written(records, params, ccub, tmp_path):
+    summary = check_into(tmp_path / "validation", records, params.validate_, ccub)
+    assert summary["success"], failure_message(summary)
+    assert summary["statistics"]["records"] == 36 and summary["statistics"]["evaluated_expectations"] >= 30
+    assert {r["culture"] for r in summary["per_culture"]} == {"KOR", "MEX", "NGA"}
+    assert all(r["heldout"] >= 1 for r in summary["per_culture"])
+    assert (tmp_path / "validation/data_docs/index.html").is_file()
+    assert json.loads((tmp_path / "validation/gx_results.json").read_text())["manifest"]["success"] is True
 
 
-def test_empty_caption_is_named(records, params):
+@pytest.mark.parametrize("change,expected", [
+    (dict(caption=""), "expect_column_value_lengths_to_be_between on caption"),
+    (dict(caption="x" * 500), "expect_column_value_lengths_to_be_between on caption"),
+    (dict(culture="XXX"), "expect_column_values_to_be_in_set on culture"),
+    (dict(category="SPORTS"), "expect_column_values_to_be_in_set on category"),
+    (dict(width=4), "expect_column_values_to_be_between on width"),
+    (dict(width=4000, height=40), "expect_column_values_to_be_between on aspect"),
+    (dict(source_url="ftp://example.org/a.png"), "expect_column_values_to_match_regex on source_url"),
+    (dict(sha256="0" * 64), "expect_column_values_to_be_in_set on pixels_match_sha256"),
+])
+def test_each_bad_record_is_named(records, params, ccub, change, expected):
     bad = list(records)
-    bad[5] = dataclasses.replace(bad[5], caption="")
-    summary, message = _failed(bad, params)
-    assert f"id={bad[5].id}" in message and bad[5].file in message
-    assert "caption" in message
+    bad[5] = dataclasses.replace(bad[5], **change)
+    message = _message(bad, params, ccub)
+    assert expected in message
+    assert f"id={bad[5].id} file={bad[5].file}" in message
 
 
-def test_duplicate_image_hash_is_named(records, params):
-    bad = list(records) + [dataclasses.replace(records[0], id="copy-of-first", file="images/x.png")]
-    _, message = _failed(bad, params)
-    assert "expect_column_values_to_be_unique" in message and "id=copy-of-first" in message
+def test_duplicate_image_hash_is_named(records, params, ccub):
+    bad = list(records) + [dataclasses.replace(records[0], id="copy-of-first")]
+    assert "expect_column_values_to_be_unique on sha256" in _message(bad, params, ccub)
 
 
-def test_unknown_culture_and_small_images_are_named(records, params):
-    bad = list(records)
-    bad[1] = dataclasses.replace(bad[1], culture="XXX")
-    bad[2] = dataclasses.replace(bad[2], width=4)
-    _, message = _failed(bad, params)
-    assert f"id={bad[1].id}" in message and "culture" in message
-    assert f"id={bad[2].id}" in message and "width" in message
+def test_an_image_altered_on_disk_is_caught(records, params, ccub, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ccub"
+    shutil.copytree(ccub, copy)
+    Image.new("RGB", (48, 48), "blue").save(copy / records[0].file)
+    (copy / records[1].file).write_bytes(b"garbage")
+    message = _message(records, params, copy)
+    assert f"id={records[0].id}" in message and "pixels_match_sha256" in message
+    assert "on decodes" in message and f"id={records[1].id}" in message
 
 
-def test_too_few_images_for_a_culture_is_named(records, params):
-    kor = [r for r in records if r.culture == "KOR"][:3]
-    bad = [r for r in records if r.culture != "KOR"] + kor
-    _, message = _failed(bad, params)
-    assert "culture=KOR" in message and "images" in message
+def test_too_few_images_for_a_culture_and_no_heldout_are_named(records, params, ccub):
+    kor = [r for r in records if r.culture == "KOR"]
+    bad = [r for r in records if r.culture != "KOR"] + kor[:3]
+    message = _message(bad, params, ccub)
+    assert "on images: culture=KOR" in message
+    no_heldout = [r for r in records if not (r.culture == "MEX" and r.split == "heldout")]
+    assert "on heldout: culture=MEX" in _message(no_heldout, params, ccub)

@@ -1,4 +1,4 @@
-"""Ingestion of a SCoFT imagefolder: manifest, split, and refusal of bad rows without damage."""
+"""Ingestion of a SCoFT imagefolder: manifest, split, per-row rejection, and no damage on failure."""
 
 import json
 import os
@@ -8,11 +8,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from scoft.captions import FallbackCaptioner
 from scoft.ccub import HELDOUT, MANIFEST, TRAIN, IngestError, ingest, read_manifest, split_for
 from scoft.io import pixel_hash, sha256_file
 
-FIELDS = {"id", "culture", "category", "caption", "generic_caption", "file", "sha256", "width", "height",
-          "source_url", "created_at", "split"}
+FIELDS = {"id", "culture", "category", "caption", "generic_caption", "generic_caption_source", "file", "sha256",
+          "width", "height", "source_url", "location", "etag", "created_at", "split"}
+
+
+def run(sources, out, **kw):
+    options = dict(heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25,
+                   captioner=FallbackCaptioner(), progress=lambda m: None)
+    options.update(kw)
+    return ingest([str(s) for s in sources], out, **options)
 
 
 def _copy(sample_dir: Path, tmp_path: Path) -> Path:
@@ -24,8 +32,7 @@ def _copy(sample_dir: Path, tmp_path: Path) -> Path:
 def _rewrite_rows(src: Path, edit) -> None:
     meta = src / "train" / "metadata.jsonl"
     rows = [json.loads(line) for line in meta.read_text().splitlines()]
-    rows = edit(rows)
-    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta.write_text("".join(json.dumps(r) + "\n" for r in edit(rows)))
 
 
 def test_sample_has_three_cultures_three_categories_and_scoft_columns(sample_dir):
@@ -38,41 +45,58 @@ def test_sample_has_three_cultures_three_categories_and_scoft_columns(sample_dir
 
 def test_ingest_writes_images_and_one_manifest_with_every_field(sample_dir, tmp_path):
     out = tmp_path / "ccub"
-    records = ingest(sample_dir, out, 0.25, 10**7)
-    assert len(records) == 36
+    summary = run([sample_dir], out)
+    assert summary["added"] == summary["records"] == 36 and summary["rejected"] == []
     rows = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
     assert set(rows[0]) == FIELDS
-    for r in read_manifest(out):
+    records = read_manifest(out)
+    for r in records:
         with Image.open(out / r.file) as im:
             assert im.mode == "RGB" and im.size == (r.width, r.height)
             assert pixel_hash(im) == r.sha256
         assert r.split == split_for(r.sha256, 0.25)
+        assert r.generic_caption_source == "source" and r.source_url.startswith("https://")
     by_culture = {c: {r.split for r in records if r.culture == c} for c in {r.culture for r in records}}
     assert all(splits == {TRAIN, HELDOUT} for splits in by_culture.values())
 
 
-def test_split_depends_only_on_the_record_itself(sample_dir, tmp_path):
-    full = {r.sha256: r.split for r in ingest(sample_dir, tmp_path / "a", 0.25, 10**7)}
+def test_rows_without_a_generic_caption_get_the_labelled_fallback(sample_dir, tmp_path):
     src = _copy(sample_dir, tmp_path)
-    _rewrite_rows(src, lambda rows: rows[::3])  # a third of the rows, in another context
-    part = {r.sha256: r.split for r in ingest(src, tmp_path / "b", 0.25, 10**7)}
+    _rewrite_rows(src, lambda rows: [{k: v for k, v in r.items() if k != "blip_text"} for r in rows])
+    run([src], tmp_path / "ccub")
+    records = read_manifest(tmp_path / "ccub")
+    assert {r.generic_caption_source for r in records} == {"fallback"}
+    assert {r.generic_caption for r in records if r.category == "ARCH"} == {"a photo of a building"}
+
+
+def test_split_depends_only_on_the_record_itself(sample_dir, tmp_path):
+    run([sample_dir], tmp_path / "a")
+    full = {r.sha256: r.split for r in read_manifest(tmp_path / "a")}
+    src = _copy(sample_dir, tmp_path)
+    _rewrite_rows(src, lambda rows: rows[::3])
+    run([src], tmp_path / "b")
+    part = {r.sha256: r.split for r in read_manifest(tmp_path / "b")}
     assert part and all(full[h] == s for h, s in part.items())
 
 
-def test_ingest_is_reproducible(sample_dir, tmp_path):
-    ingest(sample_dir, tmp_path / "a", 0.25, 10**7)
-    ingest(sample_dir, tmp_path / "b", 0.25, 10**7)
-    assert sha256_file(tmp_path / "a" / MANIFEST) == sha256_file(tmp_path / "b" / MANIFEST)
+def test_second_ingest_of_the_same_source_changes_nothing_on_disk(sample_dir, tmp_path):
+    out = tmp_path / "ccub"
+    first = run([sample_dir], out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    second = run([sample_dir], out)
+    assert second["version"] == first["version"]
+    assert (second["added"], second["changed"], second["removed"], second["unchanged"]) == (0, 0, 0, 36)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
 
 
 def _bad_path_outside(src, rows):
     rows[3]["file_name"] = "../../etc/passwd"
-    return rows, rows[3]["file_name"], "outside the dataset folder"
+    return rows[3]["file_name"], "outside the dataset folder"
 
 
 def _bad_absolute(src, rows):
     rows[4]["file_name"] = "/etc/hostname"
-    return rows, "/etc/hostname", "outside the dataset folder"
+    return "/etc/hostname", "outside the dataset folder"
 
 
 def _bad_symlink(src, rows):
@@ -80,12 +104,12 @@ def _bad_symlink(src, rows):
     Image.new("RGB", (40, 40)).save(outside)
     os.symlink(outside, src / "train" / "images" / "link.png")
     rows[5]["file_name"] = "images/link.png"
-    return rows, "images/link.png", "resolves outside the dataset folder"
+    return "images/link.png", "resolves outside the dataset folder"
 
 
 def _bad_missing(src, rows):
     rows[6]["file_name"] = "images/nope.png"
-    return rows, "images/nope.png", "no such file"
+    return "images/nope.png", "no such file"
 
 
 def _bad_truncated(src, rows):
@@ -94,43 +118,64 @@ def _bad_truncated(src, rows):
     data = path.with_suffix(".jpg").read_bytes()
     path.with_suffix(".jpg").write_bytes(data[: len(data) // 2])
     rows[7]["file_name"] = rows[7]["file_name"][:-4] + ".jpg"
-    return rows, rows[7]["file_name"], "cannot decode image"
+    return rows[7]["file_name"], "cannot decode image"
 
 
 def _bad_zero_bytes(src, rows):
     (src / "train" / rows[8]["file_name"]).write_bytes(b"")
-    return rows, rows[8]["file_name"], "empty file"
+    return rows[8]["file_name"], "empty file"
 
 
 def _bad_html(src, rows):
     (src / "train" / rows[9]["file_name"]).write_text("<html><body>Not found</body></html>")
-    return rows, rows[9]["file_name"], "cannot decode image"
+    return rows[9]["file_name"], "cannot decode image"
+
+
+def _bad_caption(src, rows):
+    rows[10]["text"] = "  "
+    return rows[10]["file_name"], "caption is empty"
 
 
 @pytest.mark.parametrize("make_bad", [_bad_path_outside, _bad_absolute, _bad_symlink, _bad_missing,
-                                      _bad_truncated, _bad_zero_bytes, _bad_html])
-def test_bad_row_fails_ingest_naming_it_and_leaves_the_previous_version_intact(sample_dir, tmp_path, make_bad):
-    out = tmp_path / "ccub"
-    ingest(sample_dir, out, 0.25, 10**7)
-    before = {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()}
+                                      _bad_truncated, _bad_zero_bytes, _bad_html, _bad_caption])
+def test_a_bad_row_is_rejected_by_name_and_the_good_rows_are_ingested(sample_dir, tmp_path, make_bad):
     src = _copy(sample_dir, tmp_path)
     named = {}
 
     def edit(rows):
-        rows, named["file"], named["reason"] = make_bad(src, rows)
+        named["file"], named["reason"] = make_bad(src, rows)
         return rows
 
     _rewrite_rows(src, edit)
+    summary = run([src], tmp_path / "ccub")
+    assert summary["records"] == 35 and len(summary["rejected"]) == 1
+    rejected = summary["rejected"][0]
+    assert named["reason"] in rejected["reason"] and "metadata.jsonl:" in rejected["row"]
+    assert rejected["source_row"]["file_name"] == named["file"]
+
+
+def test_too_many_bad_rows_fail_and_leave_the_previous_version_intact(sample_dir, tmp_path):
+    out = tmp_path / "ccub"
+    run([sample_dir], out)
+    before = {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()}
+    src = _copy(sample_dir, tmp_path)
+
+    def break_many(rows):
+        for r in rows[:10]:
+            r["file_name"] = "../escape.png"
+        return rows
+
+    _rewrite_rows(src, break_many)
     with pytest.raises(IngestError) as err:
-        ingest(src, out, 0.25, 10**7)
-    assert named["file"] in str(err.value) and named["reason"] in str(err.value)
-    assert "metadata.jsonl:" in str(err.value)  # the row's line number
-    after = {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()}
-    assert after == before
+        run([src], out)  # 10 of 36 rejected: 28% > 25%
+    assert "10 of 36 rows rejected" in str(err.value)
+    assert "outside the dataset folder" in str(err.value) and "metadata.jsonl:1" in str(err.value)
+    assert {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ccub")] == []
+    assert run([src], out, max_rejected_fraction=0.3)["records"] == 26  # under a looser limit it passes
 
 
 def test_pixel_cap_refuses_a_decompression_bomb(sample_dir, tmp_path):
-    src = _copy(sample_dir, tmp_path)
-    with pytest.raises(IngestError, match="exceeds the pixel cap"):
-        ingest(src, tmp_path / "ccub", 0.25, max_pixels=48 * 48 - 1)
+    summary = run([sample_dir], tmp_path / "ccub", max_pixels=48 * 48 - 1, max_rejected_fraction=1.0)
+    assert summary["records"] == 0 and len(summary["rejected"]) == 36
+    assert all("exceeds the pixel cap" in r["reason"] for r in summary["rejected"])
