@@ -254,6 +254,10 @@ def lineage_verify():
     _say(f"{path}: LoRA, CCUB images and DVC hash match the record")
 
 
-def main():  # pragma: no cover - console entry
+def main():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     app()
+
+
+if __name__ == "__main__":
+    main()

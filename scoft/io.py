@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -45,7 +46,10 @@ def decode_rgb(data: bytes, max_pixels: int, where: str) -> Image.Image:
     if not data:
         raise BadImage(f"{where}: empty file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # our own cap below is the one that decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
             # The header gives the size before any pixel is decoded: refuse bombs here.
             if im.width * im.height > max_pixels:
                 raise BadImage(f"{where}: {im.width}x{im.height} exceeds the pixel cap {max_pixels}")
@@ -53,7 +57,9 @@ def decode_rgb(data: bytes, max_pixels: int, where: str) -> Image.Image:
             return im.convert("RGB")
     except BadImage:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"{where}: exceeds the pixel cap ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"{where}: cannot decode image ({e})") from e
 
 

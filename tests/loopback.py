@@ -1,0 +1,51 @@
+"""A real HTTP server on loopback for ingestion tests: routes map paths to behaviours, hits are counted."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class LoopbackServer:
+    def __init__(self):
+        self.routes: dict[str, tuple] = {}  # path -> (status, content_type, body) or ("slow",) or ("redirect", to)
+        self.hits: Counter = Counter()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                server.hits[self.path] += 1
+                route = server.routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                elif route[0] == "slow":
+                    time.sleep(route[1])  # never answers within the client's read timeout
+                elif route[0] == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", route[1])
+                    self.end_headers()
+                else:
+                    status, kind, body = route
+                    self.send_response(status)
+                    self.send_header("Content-Type", kind)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

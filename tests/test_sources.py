@@ -1,0 +1,174 @@
+"""CCUB sheet sources over real HTTP on loopback: concurrency limits, hostile rows, incremental updates."""
+
+import csv
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from scoft.captions import FallbackCaptioner
+from scoft.ccub import IngestError, ingest, read_manifest
+from scoft.fetch import FetchPolicy
+from tests.loopback import LoopbackServer
+
+FAST = FetchPolicy(connect_timeout_s=1, read_timeout_s=0.5, retries=1, backoff_s=0.01, max_redirects=3, max_bytes=200_000)
+COLUMNS = ["country_code", "category_code", "url", "caption", "created_at"]
+
+
+def png(seed: int, size=(40, 40), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, (seed * 37 % 256, seed * 91 % 256, seed * 53 % 256) if mode == "RGB" else 1).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def sheet(rows: list[dict], columns=COLUMNS) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def row(server, i: int, culture="KOR", **kw) -> dict:
+    r = {"country_code": culture, "category_code": "ARCH", "url": f"{server.url}/img/{i}.png",
+         "caption": f"a traditional house number {i} with a tiled roof", "created_at": "2024-01-01T00:00:00Z"}
+    r.update(kw)
+    return r
+
+
+def run(sources, out, **kw):
+    options = dict(heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25, captioner=FallbackCaptioner(),
+                   policy=FAST, workers=4, progress=lambda m: None)
+    options.update(kw)
+    return ingest(sources, out, **options)
+
+
+@pytest.fixture
+def server():
+    with LoopbackServer() as s:
+        for i in range(40):
+            s.routes[f"/img/{i}.png"] = (200, "image/png", png(i))
+        yield s
+
+
+def test_sheets_by_url_and_by_path_together(server, tmp_path):
+    server.routes["/kor.csv"] = (200, "text/csv", sheet([row(server, i) for i in range(6)]))
+    local = tmp_path / "nga.csv"
+    local.write_bytes(sheet([row(server, i, culture="NGA") for i in range(6, 12)]))
+    summary = run([f"{server.url}/kor.csv", str(local)], tmp_path / "ccub")
+    assert summary["added"] == 12 and summary["rejected"] == []
+    records = read_manifest(tmp_path / "ccub")
+    assert {r.culture for r in records} == {"KOR", "NGA"}
+    assert all(r.source_url.startswith(server.url) and r.generic_caption_source == "fallback" for r in records)
+
+
+def test_incremental_update_fetches_only_new_and_changed_rows(server, tmp_path):
+    rows = [row(server, i) for i in range(10)]
+    server.routes["/s.csv"] = (200, "text/csv", sheet(rows))
+    out = tmp_path / "ccub"
+    first = run([f"{server.url}/s.csv"], out)
+    assert first["added"] == 10 and sum(server.hits[f"/img/{i}.png"] for i in range(10)) == 10
+    splits = {r.location: r.split for r in read_manifest(out)}
+
+    server.hits.clear()
+    rows = rows[1:] + [row(server, 10), row(server, 11)]  # row 0 removed, 10 and 11 added
+    rows[0] = dict(rows[0], created_at="2025-06-01T00:00:00Z")  # row 1 re-uploaded
+    rows[1] = dict(rows[1], caption="a traditional house number 2, caption corrected by the community")
+    server.routes["/s.csv"] = (200, "text/csv", sheet(rows))
+    second = run([f"{server.url}/s.csv"], out)
+    assert (second["added"], second["changed"], second["removed"], second["unchanged"]) == (2, 2, 1, 7)
+    assert {p for p, n in server.hits.items() if p.startswith("/img/")} == {"/img/1.png", "/img/10.png", "/img/11.png"}
+    assert second["version"] != first["version"]
+    after = {r.location: r.split for r in read_manifest(out)}
+    assert all(after[loc] == split for loc, split in splits.items() if loc in after)  # nobody moved
+
+    server.hits.clear()
+    third = run([f"{server.url}/s.csv"], out)
+    assert third["version"] == second["version"] and third["unchanged"] == 11
+    assert not any(p.startswith("/img/") for p in server.hits)
+
+
+def test_hostile_rows_are_rejected_with_a_reason_naming_the_row(server, tmp_path):
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(jpeg, "JPEG")
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, "PNG")  # 144 megapixels in a few kilobytes
+    server.routes.update({
+        "/truncated.jpg": (200, "image/jpeg", jpeg.getvalue()[:300]),
+        "/empty.png": (200, "image/png", b""),
+        "/page.png": (200, "text/html", b"<html><body>Sign in to view this image</body></html>"),
+        "/bomb.png": (200, "image/png", bomb.getvalue()),
+        "/slow.png": ("slow", 3),
+        "/loop.png": ("redirect", "/loop.png"),
+    })
+    good = [row(server, i) for i in range(30)]
+    bad = [
+        row(server, 0, url=f"{server.url}/truncated.jpg"),
+        row(server, 0, url=f"{server.url}/empty.png"),
+        row(server, 0, url=f"{server.url}/page.png"),
+        row(server, 0, url=f"{server.url}/bomb.png"),
+        row(server, 0, url=f"{server.url}/slow.png"),
+        row(server, 0, url=f"{server.url}/missing.png"),
+        row(server, 0, url=f"{server.url}/loop.png"),
+        row(server, 0, url="file:///etc/passwd"),
+        row(server, 0, url="ftp://example.org/a.png"),
+        row(server, 0, culture="ZZZ", url=f"{server.url}/img/31.png"),
+        row(server, 0, culture="KR", url=f"{server.url}/img/32.png"),
+        dict(good[3]),  # the same row twice
+    ]
+    expected = ["cannot decode image", "empty file", "served text/html, not an image", "exceeds the pixel cap",
+                "timed out", "HTTP 404", "too many redirects", "scheme 'file' is not allowed",
+                "scheme 'ftp' is not allowed", "'ZZZ' is not ISO 3166-1 alpha-3", "'KR' is not ISO 3166-1 alpha-3",
+                "duplicate of"]
+    path = tmp_path / "sheet.csv"
+    path.write_bytes(sheet(good + bad))
+    summary = run([str(path)], tmp_path / "ccub", max_rejected_fraction=0.5)
+    assert summary["records"] == 30
+    reasons = {r["row"]: r["reason"] for r in summary["rejected"]}
+    assert len(reasons) == len(bad)
+    for offset, text in enumerate(expected):
+        ref = f"{path}:{len(good) + 2 + offset}"  # header is line 1
+        assert text in reasons[ref], (ref, reasons[ref])
+    assert server.hits["/slow.png"] == 2  # one retry after the timeout
+    by_row = {r["row"]: r["source_row"] for r in summary["rejected"]}
+    assert by_row[f"{path}:{len(good) + 2}"]["url"].endswith("/truncated.jpg")
+
+
+def test_non_utf8_rows_and_missing_columns(server, tmp_path):
+    body = sheet([row(server, i) for i in range(8)])
+    lines = body.split(b"\n")
+    lines[3] = lines[3].replace(b"house", "maison \xe0 Séoul".encode("latin-1"))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"\n".join(lines))
+    summary = run([str(latin)], tmp_path / "a")
+    assert summary["records"] == 7
+    assert summary["rejected"][0]["row"] == f"{latin}:4" and "not valid UTF-8" in summary["rejected"][0]["reason"]
+
+    no_caption = tmp_path / "no_caption.csv"
+    no_caption.write_bytes(sheet([row(server, i) for i in range(4)], columns=["country_code", "category_code", "url"]))
+    with pytest.raises(IngestError, match="missing column\\(s\\): caption"):
+        run([str(no_caption)], tmp_path / "b")
+
+
+def test_an_unreachable_sheet_fails_clearly(tmp_path):
+    with pytest.raises(IngestError, match="cannot read source"):
+        run(["http://127.0.0.1:9/nothing.csv"], tmp_path / "ccub")
+
+
+def test_summary_json_from_the_command_line(server, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    server.routes["/s.csv"] = (200, "text/csv", sheet([row(server, i) for i in range(5)] + [row(server, 0, url="ftp://x/y.png")]))
+    out = subprocess.run([sys.executable, "-m", "scoft.cli", "ingest", "--source", f"{server.url}/s.csv", "--json",
+                          "--out", str(tmp_path / "ccub"), "--summary", str(tmp_path / "summary.json"),
+                          "--params", str(ROOT / "params.yaml")], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert set(summary) >= {"version", "added", "changed", "removed", "unchanged", "rejected"}
+    assert summary["added"] == 5 and summary["version"].endswith(".dir")
+    assert summary["rejected"][0]["source_row"]["url"] == "ftp://x/y.png" and "ftp" in summary["rejected"][0]["reason"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
