@@ -59,8 +59,12 @@ def test_ingest_command_names_a_bad_row_and_exits_3(tmp_path):
 def test_every_deployment_entrypoint_loads_a_flow():
     spec = yaml.safe_load((ROOT / "deployments/prefect.yaml").read_text())
     deployments = spec["deployments"]
-    assert any(d["entrypoint"].endswith(":retrain") and d["work_pool"]["name"] == "gpu" and d["schedules"]
+    assert any(d["entrypoint"].endswith(":retrain") and d["work_pool"]["name"] == "gpu" and d.get("schedules")
                for d in deployments)
+    assert any(d["entrypoint"].endswith(":ingest") and d["work_pool"]["name"] == "cpu" and d.get("schedules")
+               for d in deployments)
+    triggered = [d for d in deployments if d.get("triggers")]
+    assert triggered and triggered[0]["triggers"][0]["expect"] == ["ccub.updated"]
     for d in deployments:
         flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
         assert flow.name == d["entrypoint"].rsplit(":", 1)[1]

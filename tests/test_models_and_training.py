@@ -5,6 +5,7 @@ import json
 import pytest
 from diffusers import StableDiffusionPipeline
 
+from scoft.captions import FallbackCaptioner
 from scoft.ccub import ingest, read_manifest
 from scoft.config import ModelParams
 from scoft.models import load_pipeline, model_fingerprint, tiny_pipeline
@@ -38,7 +39,9 @@ def trained(sample_dir, tmp_path_factory):
     train_params = base.train.model_copy(update={"max_steps": 3, "pixel_loss_every": 1, "batch_size": 3})
     params = base.model_copy(update={"train": train_params})
     work = tmp_path_factory.mktemp("train")
-    records = ingest(sample_dir, work / "ccub", 0.25, 10**7)
+    ingest([str(sample_dir)], work / "ccub", heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25,
+           captioner=FallbackCaptioner(), progress=lambda m: None)
+    records = read_manifest(work / "ccub")
     pipe = load_pipeline(params.model)
     plan = plan_negatives(records, model_fingerprint(pipe), SETTINGS, per_image=2, base_seed=1)
     counts = sample_negatives(pipe, plan, work / "negatives", batch_size=16, settings=SETTINGS, progress=lambda m: None)

@@ -96,6 +96,7 @@ def test_everything_was_pushed_to_the_dvc_remote(first_run):
 
 
 def test_rerun_with_nothing_changed_recomputes_nothing(first_run):
+    """Nothing downstream of ingest runs, the LoRA file is untouched, no new lineage record."""
     from flows.retrain import retrain
 
     ws, _ = first_run
@@ -104,7 +105,8 @@ def test_rerun_with_nothing_changed_recomputes_nothing(first_run):
     records_before = sorted(p.name for p in (ws / "lineage").iterdir())
     state = retrain(workdir=str(ws), return_state=True)
     assert state.is_completed()
-    assert state.result()["stages_run"] == {s: False for s in ("ingest", "validate", "negatives", "train", "evaluate")}
+    # ingest always polls its sources; it found nothing new, so nothing downstream ran
+    assert state.result()["stages_run"] == {"ingest": True, **{s: False for s in ("validate", "negatives", "train", "evaluate")}}
     assert lora.stat().st_mtime_ns == stamp and sha256_file(lora) == digest
     assert sorted(p.name for p in (ws / "lineage").iterdir()) == records_before
 
@@ -131,7 +133,7 @@ def test_bad_data_stops_the_flow_before_any_sampling(prefect_server, sample_dir,
     ws = make_workspace(tmp_path / "ws", sample_dir, FAST)
     meta = ws / "data/sample/train/metadata.jsonl"
     rows = [json.loads(line) for line in meta.read_text().splitlines()]
-    rows[2]["text"] = ""
+    rows[2]["country_code"] = "JPN"  # a real country, but not one of the configured cultures
     meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
     state = retrain(workdir=str(ws), return_state=True)
     assert state.is_failed()
@@ -140,5 +142,11 @@ def test_bad_data_stops_the_flow_before_any_sampling(prefect_server, sample_dir,
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     validate = [r for r in runs if r.name == "validate"]
     assert len(validate) == 1 and validate[0].run_count == 1  # data errors are not retried
-    logs = _flow_run_logs(state.state_details.flow_run_id, "on caption: id=")
-    assert "expect_column_value_lengths_to_be_between on caption: id=" in logs  # names the record
+    logs = _flow_run_logs(state.state_details.flow_run_id, "on culture: id=")
+    assert "expect_column_values_to_be_in_set on culture: id=" in logs  # names the record
+    assert "file=images/JPN/" in logs
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    table = [a for a in artifacts if a.key == "ccub-validation"]
+    assert table and "JPN" in str(table[0].data)  # the operator sees the failing record in the UI
