@@ -128,16 +128,40 @@ def negatives(ccub: Path = CCUB_DIR, out: Path = NEGATIVES_DIR, params: ParamsOp
 def train(
     ccub: Path = CCUB_DIR,
     negatives: Path = NEGATIVES_DIR,
-    output: Path = LORA_DIR,
+    output: Annotated[Path, typer.Option(help="LoRA folder; checkpoints go in its checkpoints/ and a rerun resumes from them.")] = LORA_DIR,
     log_dir: Path = TRAIN_LOG_DIR,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override train.max_steps.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(min=0, help="Override train.checkpoint_every.")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ):
     """SCoFT fine-tuning of LoRA adapters; writes the LoRA in diffusers' format."""
     p = _params(params)
+    if p.train.num_processes > 1 and "SCOFT_LAUNCHED" not in os.environ:
+        _relaunch_with_accelerate(p.train.num_processes, p.train.mixed_precision)
     from scoft.train import train as run_train
 
-    summary = run_train(p, ccub, negatives, output, log_dir, progress=_say)
-    _say(f"train: {summary['steps']} steps in {summary['seconds']}s, LoRA in {output}")
+    summary = run_train(p, ccub, negatives, output, log_dir, progress=_say, max_steps=max_steps,
+                        checkpoint_every=checkpoint_every)
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
+        _say(f"train: {summary['steps']} steps in {summary['seconds']}s on {summary['processes']} process(es), "
+             f"LoRA in {output}")
+
+
+def _relaunch_with_accelerate(processes: int, mixed_precision: str):
+    """Run this same command as `accelerate launch` with several processes (GPUs, or gloo on CPU)."""
+    import subprocess
+
+    import torch
+
+    # --multi_gpu starts one process per rank through torch.distributed; without CUDA they talk gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+               "--main_process_port", "0", "-m", "scoft.cli", *sys.argv[1:]]
+    _say(f"train: {processes} processes through accelerate launch ({'GPUs' if torch.cuda.is_available() else 'CPU, gloo'})")
+    env = dict(os.environ, SCOFT_LAUNCHED="1")
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # accelerate then joins the ranks with gloo (MULTI_CPU)
+    raise typer.Exit(subprocess.call(command, env=env))
 
 
 @app.command()
@@ -152,17 +176,17 @@ def evaluate(
     p = _params(params)
     from scoft.ccub import read_manifest
     from scoft.evaluate import compare, write_evaluation
-    from scoft.features import FeatureDistance
+    from scoft.features import build_distance
     from scoft.models import load_pipeline, pick_device
 
     device = pick_device()
     pipe = load_pipeline(p.model).to(device)
-    distance = FeatureDistance(p.features, p.model.seed).to(device)
+    distance = build_distance(p.features.evaluation, p.features, p.model.seed).to(device)
     e = p.evaluate
-    result = compare(pipe, lora, read_manifest(ccub), ccub, distance, _settings(p, e.steps, e.guidance_scale),
+    result = compare(pipe, {"scoft": lora}, read_manifest(ccub), ccub, distance, _settings(p, e.steps, e.guidance_scale),
                      e.samples_per_prompt, e.seed, e.bootstrap, progress=_say)
-    write_evaluation(out, metrics, result, ccub, p.features.backbone)
-    o = result["metrics"]["overall"]
+    write_evaluation(out, metrics, result, ccub, p.features.evaluation)
+    o = result["metrics"]["overall"]["models"]
     _say(f"evaluate: distance base {o['base']['mean']:.4f}, SCoFT {o['scoft']['mean']:.4f}; report {out / 'report.md'}")
 
 

@@ -33,11 +33,19 @@ class ModelParams(_Section):
         return v
 
 
+Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dreamsim"]
+
+
 class FeatureParams(_Section):
-    backbone: Literal["dinov2", "clip"] = "dinov2"
-    weights: str = "tiny"
-    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    perceptual: Backbone = "lpips-alex"  # L_P
+    contrastive: Backbone = "dinov2"  # D of L_C
+    evaluation: Backbone = "dinov2"  # the evaluation metric's distance
+    # per transformers backbone: "tiny" (seeded, offline), a hub id or a local folder
+    weights: dict[Literal["dinov2", "clip"], str] = {"dinov2": "tiny", "clip": "tiny"}
     lpips_pretrained_backbone: bool = False
+
+    def weights_for(self, kind: str) -> str:
+        return self.weights.get(kind, "tiny")
 
 
 class IngestParams(_Section):
@@ -92,9 +100,18 @@ class LossWeights(_Section):
     contrastive: float = Field(0.05, ge=0)
 
 
+LOSS_SETS = ("ldm", "ldm+mem", "ldm+mem+perceptual", "ldm+mem+perceptual+contrastive")
+
+
 class TrainParams(_Section):
     seed: int = 1024
+    # The paper's ablations: LDM fine-tune, +M, +MP, +MPC (the full method).
+    losses: Literal["ldm", "ldm+mem", "ldm+mem+perceptual", "ldm+mem+perceptual+contrastive"] = \
+        "ldm+mem+perceptual+contrastive"
     max_steps: int = Field(24, ge=1)
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints; 0: none
+    num_processes: int = Field(1, ge=1)  # >1: the stage runs through `accelerate launch`
+    gradient_checkpointing: bool = False
     batch_size: int = Field(2, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -111,6 +128,12 @@ class TrainParams(_Section):
     contrastive_form: Literal["difference", "hinge"] = "difference"
     contrastive_margin: float = Field(0.1, ge=0)
     random_flip: bool = True
+
+    def uses(self, loss: str) -> bool:
+        """Whether a loss term (ldm, mem, perceptual, contrastive) is on, by the loss set and its weight."""
+        weight = {"ldm": self.loss_weights.ldm, "mem": self.loss_weights.memorization,
+                  "perceptual": self.loss_weights.perceptual, "contrastive": self.loss_weights.contrastive}[loss]
+        return loss in self.losses.split("+") and weight > 0
 
 
 class EvaluateParams(_Section):

@@ -1,10 +1,12 @@
-"""Feature networks for the pixel-space losses and the evaluation metric.
+"""Feature distances for the pixel-space losses and the evaluation, chosen by name.
 
-- `Perceptual`: L_P, the lpips package (learned linear weights shipped with it; the backbone is
-  torchvision's pretrained one for real runs, a seeded random one offline).
-- `FeatureDistance`: the distance D of the self-contrastive loss and of the evaluation, a cosine
-  distance between embeddings of a transformers vision model (DINOv2 or CLIP), DreamSim-style.
-Both are built once per run and frozen; gradient flows through them to the images only.
+- `lpips-vgg`, `lpips-alex`, `lpips-squeeze`: the lpips package (its learned linear weights ship with
+  it; the backbone is torchvision's pretrained one for real runs, a seeded random one offline).
+- `dinov2`, `clip`: cosine distance between embeddings of a transformers vision model.
+- `dreamsim`: DreamSim-style, cosine distance between the concatenated DINOv2 and CLIP embeddings.
+Transformers backbones load from `features.weights[name]`: "tiny" (a seeded small model, offline), a
+hub id or a local folder. Each network is built once per run and frozen; gradient flows through it to
+the images only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2
 
 from scoft.config import FeatureParams
 
+LPIPS_NETS = {"lpips-vgg": "vgg", "lpips-alex": "alex", "lpips-squeeze": "squeeze"}
+EMBEDDING_MODELS = {"dinov2": Dinov2Model, "clip": CLIPVisionModel}
+BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dreamsim"]
 _NORMALISATION = {
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "clip": ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)),
@@ -27,58 +32,87 @@ _TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
                     image_size=32, patch_size=8)
 
 
-def _vision_model(backbone: str, weights: str, seed: int) -> nn.Module:
-    if weights == "tiny":
-        torch.manual_seed(seed)
-        if backbone == "dinov2":
-            return Dinov2Model(Dinov2Config(**_TINY_VISION))
-        return CLIPVisionModel(CLIPVisionConfig(**_TINY_VISION))
-    cls = Dinov2Model if backbone == "dinov2" else CLIPVisionModel
-    return cls.from_pretrained(weights)  # a hub id or a local folder
-
-
 def _freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     return module.eval()
 
 
-class FeatureDistance(nn.Module):
+def vision_model(kind: str, weights: str, seed: int) -> nn.Module:
+    if weights == "tiny":
+        torch.manual_seed(seed)
+        config = Dinov2Config(**_TINY_VISION) if kind == "dinov2" else CLIPVisionConfig(**_TINY_VISION)
+        return EMBEDDING_MODELS[kind](config)
+    return EMBEDDING_MODELS[kind].from_pretrained(weights)  # a hub id or a local folder
+
+
+class _Pairwise(nn.Module):
+    def pairwise(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """D(x_b, targets_{b,k}) of shape [B, K]; targets [B, K, 3, H, W] carry no gradient."""
+        return torch.stack([self(x, targets[:, k]) for k in range(targets.shape[1])], dim=1) \
+            if targets.shape[1] else x.new_zeros(x.shape[0], 0)
+
+
+class EmbeddingDistance(_Pairwise):
     """D(a, b) = 1 - cos(f(a), f(b)) per sample, for images in [-1, 1]."""
 
-    def __init__(self, params: FeatureParams, seed: int = 0):
+    def __init__(self, kind: str, weights: str, seed: int = 0):
         super().__init__()
-        self.model = _freeze(_vision_model(params.backbone, params.weights, seed))
+        self.model = _freeze(vision_model(kind, weights, seed))
         self.size = self.model.config.image_size
-        mean, std = _NORMALISATION[params.backbone]
+        mean, std = _NORMALISATION[kind]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() + 1) / 2
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+        if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         x = ((x - self.mean) / self.std).to(next(self.model.parameters()).dtype)
         return F.normalize(self.model(pixel_values=x).pooler_output.float(), dim=-1)
 
-    @staticmethod
-    def between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Cosine distance between embeddings (last dim), broadcasting."""
-        return 1 - (a * b).sum(-1)
-
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.between(self.embed(a), self.embed(b))
+        return 1 - (self.embed(a) * self.embed(b)).sum(-1)
+
+    def pairwise(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        e = self.embed(x)
+        if not targets.shape[1]:
+            return e.new_zeros(e.shape[0], 0)
+        with torch.no_grad():
+            t = self.embed(targets.flatten(0, 1)).view(*targets.shape[:2], -1)
+        return 1 - (e[:, None] * t).sum(-1)
 
 
-class Perceptual(nn.Module):
-    """LPIPS distance per sample, for images in [-1, 1]."""
+class DreamSimStyle(EmbeddingDistance):
+    """DreamSim's recipe with the backbones at hand: concatenated, normalised DINOv2 and CLIP embeddings."""
 
     def __init__(self, params: FeatureParams, seed: int = 0):
+        _Pairwise.__init__(self)
+        self.parts = nn.ModuleList([EmbeddingDistance(k, params.weights_for(k), seed) for k in ("dinov2", "clip")])
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(torch.cat([p.embed(images) for p in self.parts], dim=-1), dim=-1)
+
+
+class LpipsDistance(_Pairwise):
+    """LPIPS per sample, for images in [-1, 1]."""
+
+    def __init__(self, net: str, pretrained_backbone: bool, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
         with warnings.catch_warnings():  # lpips calls torchvision with its deprecated `pretrained=`
             warnings.simplefilter("ignore", UserWarning)
-            net = lpips.LPIPS(net=params.lpips_net, pnet_rand=not params.lpips_pretrained_backbone, verbose=False)
-        self.lpips = _freeze(net)
+            model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False)
+        self.lpips = _freeze(model)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.lpips(a.float(), b.float()).flatten()
+
+
+def build_distance(name: str, params: FeatureParams, seed: int = 0) -> nn.Module:
+    if name in LPIPS_NETS:
+        return LpipsDistance(LPIPS_NETS[name], params.lpips_pretrained_backbone, seed)
+    if name in EMBEDDING_MODELS:
+        return EmbeddingDistance(name, params.weights_for(name), seed)
+    if name == "dreamsim":
+        return DreamSimStyle(params, seed)
+    raise ValueError(f"unknown feature backbone {name!r} (one of {', '.join(BACKBONES)})")

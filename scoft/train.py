@@ -1,31 +1,41 @@
-"""SCoFT fine-tuning of LoRA adapters on the UNet: L_LDM + L_M + L_P + L_C (shared/SCOFT.md)."""
+"""SCoFT fine-tuning of LoRA adapters on the UNet: L_LDM + L_M + L_P + L_C (shared/SCOFT.md).
+
+Resumable and reproducible: the batch and every random draw of micro-step m are functions of
+(seed, m, process rank), and a checkpoint holds the adapter, optimizer, LR schedule, scaler and step;
+so a run killed after a checkpoint and started again ends with the same LoRA as an uninterrupted run.
+Mixed precision, gradient accumulation and several processes come from accelerate.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from torch.utils.data import DataLoader
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from scoft.ccub import MANIFEST
 from scoft.config import Params
 from scoft.data import CCUBTrainSet
-from scoft.features import FeatureDistance, Perceptual
-from scoft.io import atomic_dir, write_json
+from scoft.features import build_distance
+from scoft.io import sha256_file, sha256_json, write_json
 from scoft.losses import contrastive_loss, estimate_clean_latents, ldm_loss, memorization_loss
 from scoft.models import load_pipeline, training_scheduler
+from scoft.negatives import INDEX
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # every UNet attention projection
 LORA_FILE = "pytorch_lora_weights.safetensors"
+CHECKPOINTS = "checkpoints"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -36,8 +46,8 @@ class Frozen:
     text_encoder: torch.nn.Module
     tokenizer: object
     noise_scheduler: object
-    perceptual: Perceptual | None
-    distance: FeatureDistance | None
+    perceptual: torch.nn.Module | None
+    distance: torch.nn.Module | None
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], device) -> torch.Tensor:
@@ -52,129 +62,211 @@ def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def scoft_losses(unet, frozen: Frozen, batch: dict, params: Params, pixel_step: bool, device) -> dict[str, torch.Tensor]:
-    """All SCoFT loss terms for one batch; 'total' is their weighted sum."""
+def scoft_losses(unet, frozen: Frozen, batch: dict, params: Params, pixel_step: bool, device,
+                 generator: torch.Generator, timesteps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """All SCoFT loss terms of the configured loss set for one batch; 'total' is their weighted sum.
+
+    Every random draw (flip, latents, t, noise) comes from `generator`, so a micro-step is reproducible.
+    """
     tp, w = params.train, params.train.loss_weights
+    vae, sched = frozen.vae, frozen.noise_scheduler
     image = batch["image"].to(device)
-    if tp.random_flip:
-        flip = torch.rand(image.shape[0], device=device) < 0.5
-        image = torch.where(flip[:, None, None, None], image.flip(-1), image)
     bsz = image.shape[0]
-    vae = frozen.vae
-    sched = frozen.noise_scheduler
+    if tp.random_flip:
+        flip = (torch.rand(bsz, generator=generator) < 0.5).to(device)
+        image = torch.where(flip[:, None, None, None], image.flip(-1), image)
     with torch.no_grad():
-        z0 = vae.encode(image.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
-    noise = torch.randn_like(z0)
-    t = torch.randint(0, sched.config.num_train_timesteps, (bsz,), device=device)
+        z0 = vae.encode(image.to(vae.dtype)).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
+    noise = torch.randn(z0.shape, generator=generator).to(device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (bsz,), generator=generator).to(device)
+    if timesteps is not None:
+        t = timesteps.to(device)
     z_t = sched.add_noise(z0, noise, t)
     text = frozen.encode_text(batch["caption"], device)
-    unet_fn = lambda z, tt, emb: unet(z, tt, encoder_hidden_states=emb).sample  # noqa: E731
+    unet_fn = lambda z, tt, emb: unet(z, tt, encoder_hidden_states=emb).sample.float()  # noqa: E731
 
     prediction = unet_fn(z_t, t, text)
     target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
     out = {"ldm": ldm_loss(prediction, target)}
     total = w.ldm * out["ldm"]
-    if w.memorization > 0:
+    if tp.uses("mem"):
         with torch.no_grad():
             generic = unet_fn(z_t, t, frozen.encode_text(batch["generic_caption"], device))
         out["memorization"] = memorization_loss(prediction, generic)
         total = total + w.memorization * out["memorization"]
-    if pixel_step and (w.perceptual > 0 or w.contrastive > 0):
+    if pixel_step and (tp.uses("perceptual") or tp.uses("contrastive")):
         empty = frozen.encode_text([""], device).expand(bsz, -1, -1)
         z0_hat = estimate_clean_latents(unet_fn, z_t, t, prediction, text, empty, sched.alphas_cumprod,
                                         tp.sampler_steps, tp.sampler_guidance, sched.config.prediction_type)
-        x_hat = vae.decode(z0_hat / vae.config.scaling_factor).sample.float()
-        if w.perceptual > 0:
+        x_hat = vae.decode((z0_hat / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+        if tp.uses("perceptual"):
             out["perceptual"] = frozen.perceptual(x_hat, image).mean()
             total = total + w.perceptual * out["perceptual"]
-        if w.contrastive > 0:
-            out.update(_contrastive(frozen.distance, x_hat, image, batch, tp, device))
+        if tp.uses("contrastive"):
+            negatives, mask = batch["negatives"].to(device), batch["negative_mask"].to(device)
+            d = frozen.distance
+            terms = contrastive_loss(d(x_hat, image), d.pairwise(x_hat, negatives), mask,
+                                     tp.contrastive_form, tp.contrastive_margin)
+            out.update(contrastive=terms.loss, contrastive_positive=terms.positive, contrastive_negative=terms.negative)
             total = total + w.contrastive * out["contrastive"]
     out["total"] = total
     return out
 
 
-def _contrastive(distance: FeatureDistance, x_hat, image, batch, tp, device) -> dict[str, torch.Tensor]:
-    negatives, mask = batch["negatives"].to(device), batch["negative_mask"].to(device)
-    e_hat = distance.embed(x_hat)
-    with torch.no_grad():
-        e_pos = distance.embed(image)
-        if negatives.shape[1]:
-            e_neg = distance.embed(negatives.flatten(0, 1)).view(*negatives.shape[:2], -1)
-        else:
-            e_neg = e_hat.new_zeros(e_hat.shape[0], 0, e_hat.shape[1])
-    terms = contrastive_loss(distance.between(e_hat, e_pos), distance.between(e_hat[:, None], e_neg), mask,
-                             tp.contrastive_form, tp.contrastive_margin)
-    return {"contrastive": terms.loss, "contrastive_positive": terms.positive, "contrastive_negative": terms.negative}
+def batch_indices(micro: int, n: int, batch_size: int, rank: int, world: int, seed: int) -> list[int]:
+    """The dataset indices of micro-step `micro` on process `rank`: a seeded permutation per epoch,
+    cut into global batches of batch_size x world (wrapping around a small dataset)."""
+    per_epoch = max(1, n // (batch_size * world))
+    epoch, position = divmod(micro, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    start = position * batch_size * world + rank * batch_size
+    return [order[(start + j) % n] for j in range(batch_size)]
 
 
-def save_lora(unet, output_dir: str | Path, summary: dict) -> Path:
+def collate(items: list[dict]) -> dict:
+    return {k: (torch.stack([i[k] for i in items]) if isinstance(items[0][k], torch.Tensor) else [i[k] for i in items])
+            for k in items[0]}
+
+
+def run_fingerprint(params: Params, ccub_dir, negatives_dir, max_steps: int, world: int) -> str:
+    """What a checkpoint must match to be resumed: settings, data and the number of processes."""
+    negatives_index = Path(negatives_dir) / INDEX
+    return sha256_json({
+        "model": params.model.model_dump(), "features": params.features.model_dump(),
+        "train": params.train.model_dump(exclude={"checkpoint_every", "max_steps"}), "max_steps": max_steps,
+        "per_image": params.negatives.per_image, "world": world,
+        "manifest": sha256_file(Path(ccub_dir) / MANIFEST),
+        "negatives": sha256_file(negatives_index) if negatives_index.is_file() else None,
+    })
+
+
+def _save_checkpoint(folder: Path, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{state['step']:09d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint as the latest
+    for old in sorted(folder.glob("step-*.pt"))[:-2]:
+        old.unlink()
+
+
+def _latest_checkpoint(folder: Path, fingerprint: str, progress) -> dict | None:
+    for path in sorted(folder.glob("step-*.pt"), reverse=True):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") == fingerprint:
+            return state
+        progress(f"train: ignoring {path.name}: made with other settings or data")
+        return None
+    return None
+
+
+def save_lora(unet, output_dir: Path, summary: dict) -> Path:
     """The adapter in diffusers' format: StableDiffusionPipeline.load_lora_weights(output_dir) loads it."""
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    with atomic_dir(output_dir) as tmp:
-        StableDiffusionPipeline.save_lora_weights(save_directory=str(tmp), unet_lora_layers=state, safe_serialization=True)
-        write_json(tmp / "training.json", summary)
-    return Path(output_dir) / LORA_FILE
+    staging = output_dir / ".lora-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(save_directory=str(staging), unet_lora_layers=state, safe_serialization=True)
+    write_json(staging / "training.json", summary)
+    for f in staging.iterdir():
+        os.replace(f, output_dir / f.name)
+    staging.rmdir()
+    return output_dir / LORA_FILE
 
 
-def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress=print) -> dict:
+def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress=print,
+          max_steps: int | None = None, checkpoint_every: int | None = None) -> dict:
     tp = params.train
+    max_steps = max_steps or tp.max_steps
+    every = tp.checkpoint_every if checkpoint_every is None else checkpoint_every
+    output_dir, log_dir = Path(output_dir), Path(log_dir)
     accelerator = Accelerator(mixed_precision=tp.mixed_precision, gradient_accumulation_steps=tp.gradient_accumulation_steps)
-    set_seed(tp.seed)
-    device = accelerator.device
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    say = progress if accelerator.is_main_process else (lambda m: None)
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
+
     pipe = load_pipeline(params.model)
-    weights = tp.loss_weights
     frozen = Frozen(
-        vae=pipe.vae.requires_grad_(False).to(device),
-        text_encoder=pipe.text_encoder.requires_grad_(False).to(device),
+        vae=pipe.vae.requires_grad_(False).to(device, dtype=weight_dtype),
+        text_encoder=pipe.text_encoder.requires_grad_(False).to(device, dtype=weight_dtype),
         tokenizer=pipe.tokenizer,
         noise_scheduler=training_scheduler(pipe),
         # Built once per run (the reference re-created its perceptual network every step).
-        perceptual=Perceptual(params.features, tp.seed).to(device) if weights.perceptual > 0 else None,
-        distance=FeatureDistance(params.features, params.model.seed).to(device) if weights.contrastive > 0 else None,
+        perceptual=build_distance(params.features.perceptual, params.features, tp.seed).to(device) if tp.uses("perceptual") else None,
+        distance=build_distance(params.features.contrastive, params.features, params.model.seed).to(device) if tp.uses("contrastive") else None,
     )
     unet = pipe.unet
     trainable = add_lora(unet, tp.lora_rank, tp.lora_alpha)
+    if tp.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay)
-    lr_scheduler = get_scheduler(tp.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=tp.max_steps)
+    lr_scheduler = get_scheduler(tp.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=max_steps)
     dataset = CCUBTrainSet(ccub_dir, negatives_dir, params.model.resolution, params.negatives.per_image)
-    loader = DataLoader(dataset, batch_size=tp.batch_size, shuffle=True, generator=torch.Generator().manual_seed(tp.seed))
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
     unet.train()
+
+    fingerprint = run_fingerprint(params, ccub_dir, negatives_dir, max_steps, world)
+    checkpoints = output_dir / CHECKPOINTS
+    step = micro = 0
+    resumed = _latest_checkpoint(checkpoints, fingerprint, say)
+    if resumed:
+        set_peft_model_state_dict(accelerator.unwrap_model(unet), resumed["lora"])
+        optimizer.optimizer.load_state_dict(resumed["optimizer"])
+        lr_scheduler.load_state_dict(resumed["lr_scheduler"])
+        if accelerator.scaler is not None and resumed.get("scaler"):
+            accelerator.scaler.load_state_dict(resumed["scaler"])
+        step, micro = resumed["step"], resumed["micro"]
+        say(f"train: resumed from step {step}/{max_steps} ({checkpoints})")
 
     from dvclive import Live
 
-    started, step, micro, last = time.monotonic(), 0, 0, {}
-    with Live(dir=str(log_dir), save_dvc_exp=False, dvcyaml=None) as live:
-        while step < tp.max_steps:
-            for batch in loader:
-                pixel_step = micro % tp.pixel_loss_every == 0
-                with accelerator.accumulate(unet):
-                    losses = scoft_losses(unet, frozen, batch, params, pixel_step, device)
-                    accelerator.backward(losses["total"])
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, tp.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                last = {k: float(v.detach()) for k, v in losses.items()}
-                for name, value in last.items():
-                    live.log_metric(f"train/{name}", value)
-                live.log_metric("train/lr", lr_scheduler.get_last_lr()[0])
-                live.next_step()
-                elapsed = time.monotonic() - started
-                eta = elapsed / step * (tp.max_steps - step)
-                terms = " ".join(f"{k}={v:.4f}" for k, v in last.items())
-                progress(f"step {step}/{tp.max_steps} {terms} eta={eta:.0f}s")
-                if step >= tp.max_steps:
-                    break
-    summary = {"steps": step, "micro_steps": micro, "final_losses": last,
-               "seconds": round(time.monotonic() - started, 2), "train_records": len(dataset)}
-    if not math.isfinite(last.get("total", float("nan"))):
+    live = Live(dir=str(log_dir), resume=resumed is not None, save_dvc_exp=False, dvcyaml=None) \
+        if accelerator.is_main_process else None
+    if live is not None:
+        live.step = step
+    started, start_step, last = time.monotonic(), step, {}
+    while step < max_steps:
+        indices = batch_indices(micro, len(dataset), tp.batch_size, rank, world, tp.seed)
+        batch = collate([dataset[i] for i in indices])
+        generator = torch.Generator().manual_seed(tp.seed * 1_000_003 + micro * 101 + rank)
+        with accelerator.accumulate(unet), accelerator.autocast():
+            losses = scoft_losses(unet, frozen, batch, params, micro % tp.pixel_loss_every == 0, device, generator)
+            accelerator.backward(losses["total"])
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(trainable, tp.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        last = {k: float(accelerator.reduce(v.detach(), "mean")) for k, v in losses.items()}  # mean over processes
+        if live is not None:
+            for name, value in last.items():
+                live.log_metric(f"train/{name}", value)
+            live.log_metric("train/lr", lr_scheduler.get_last_lr()[0])
+            live.next_step()
+        eta = (time.monotonic() - started) / (step - start_step) * (max_steps - step)
+        say(f"step {step}/{max_steps} " + " ".join(f"{k}={v:.4f}" for k, v in last.items()) + f" eta={eta:.0f}s")
+        if every and step % every == 0 and step < max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                _save_checkpoint(checkpoints, {
+                    "fingerprint": fingerprint, "step": step, "micro": micro,
+                    "lora": get_peft_model_state_dict(accelerator.unwrap_model(unet)),
+                    "optimizer": optimizer.optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None})
+                say(f"train: checkpoint at step {step} in {checkpoints}")
+    if live is not None:
+        live.end()
+    if not math.isfinite(last.get("total", 0.0)):
         raise FloatingPointError(f"training diverged: final losses {last}")
-    save_lora(accelerator.unwrap_model(unet), output_dir, summary)
+    summary = {"steps": step, "micro_steps": micro, "final_losses": last, "resumed_from": resumed["step"] if resumed else None,
+               "seconds": round(time.monotonic() - started, 2), "train_records": len(dataset), "processes": world}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_lora(accelerator.unwrap_model(unet), output_dir, summary)
+        shutil.rmtree(checkpoints, ignore_errors=True)  # done: only the LoRA is versioned
+    accelerator.end_training()
     return summary

@@ -46,9 +46,9 @@ def publish_validation(workdir: str = ".") -> dict | None:
 def publish_metrics(workdir: str = ".") -> dict:
     metrics = _read(Path(workdir) / "reports/metrics.json")
     rows = [
-        {"culture": culture, "n": m["n"], "base": round(m["base"]["mean"], 5), "scoft": round(m["scoft"]["mean"], 5),
-         "improvement": round(m["improvement"]["mean"], 5),
-         "improvement_ci95": f"[{m['improvement']['ci95_low']:.5f}, {m['improvement']['ci95_high']:.5f}]"}
+        {"culture": culture, "n": m["n"], "base": round(m["models"]["base"]["mean"], 5),
+         "scoft": round(m["models"]["scoft"]["mean"], 5), "improvement": round(m["improvement"]["scoft"]["mean"], 5),
+         "improvement_ci95": f"[{m['improvement']['scoft']['ci95_low']:.5f}, {m['improvement']['scoft']['ci95_high']:.5f}]"}
         for culture, m in [*metrics["per_culture"].items(), ("all", metrics["overall"])]
     ]
     create_table_artifact(key="scoft-metrics", table=rows,

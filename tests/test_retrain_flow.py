@@ -54,7 +54,7 @@ def test_all_stages_ran_and_outputs_exist(first_run):
     metrics = json.loads((ws / "reports/metrics.json").read_text())
     assert set(metrics["per_culture"]) == {"KOR", "MEX", "NGA"}
     for m in metrics["per_culture"].values():
-        assert {"base", "scoft", "improvement"} <= set(m) and m["n"] >= 1
+        assert set(m["models"]) == {"base", "scoft"} and set(m["improvement"]) == {"scoft"} and m["n"] >= 1
 
 
 def test_lineage_ties_the_lora_to_data_checks_negatives_and_the_run(first_run):
