@@ -191,6 +191,24 @@ def evaluate(
 
 
 @app.command()
+def ablate(
+    ccub: Path = CCUB_DIR,
+    negatives: Path = NEGATIVES_DIR,
+    out: Annotated[Path, typer.Option(help="One LoRA per loss set, and report/ with the side-by-side metrics.")] = Path("models/ablations"),
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override train.max_steps.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Train LDM, +M, +MP and +MPC on the same data and seed and evaluate them side by side."""
+    p = _params(params)
+    from scoft.ablate import ablate as run_ablate
+
+    metrics = run_ablate(p, ccub, negatives, out, progress=_say, max_steps=max_steps)
+    o = metrics["overall"]["models"]
+    _say("ablate: mean distance to held-out CCUB (lower is closer): " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in o.items()))
+    _say(f"ablate: report {out / 'report' / 'report.md'}")
+
+
+@app.command()
 def generate(
     prompt: Annotated[str, typer.Option(help="Text prompt.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")],

@@ -90,3 +90,34 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def prepared(sample_dir, tmp_path_factory):
+    """The sample ingested, with 2 negatives per training record: (ccub dir, negatives dir)."""
+    from scoft.captions import FallbackCaptioner
+    from scoft.ccub import ingest, read_manifest
+    from scoft.config import ModelParams
+    from scoft.models import load_pipeline, model_fingerprint
+    from scoft.negatives import plan_negatives, sample_negatives
+
+    work = tmp_path_factory.mktemp("prepared")
+    ingest([str(sample_dir)], work / "ccub", heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25,
+           captioner=FallbackCaptioner(), progress=lambda m: None)
+    pipe = load_pipeline(ModelParams(base="tiny", resolution=32))
+    settings = {"steps": 2, "guidance_scale": 4.5, "resolution": 32}
+    plan = plan_negatives(read_manifest(work / "ccub"), model_fingerprint(pipe), settings, per_image=2, base_seed=1)
+    sample_negatives(pipe, plan, work / "negatives", batch_size=16, settings=settings, progress=lambda m: None)
+    return work / "ccub", work / "negatives"
+
+
+def write_params(path: Path, overrides: dict) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        *parents, key = dotted.split(".")
+        node = params
+        for p in parents:
+            node = node[p]
+        node[key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

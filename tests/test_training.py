@@ -1,0 +1,143 @@
+"""SCoFT training: loss sets, backbones, any batch size and timestep, resume after SIGKILL, accelerate."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from scoft.config import LOSS_SETS, FeatureParams, load_params
+from scoft.features import BACKBONES, build_distance
+from scoft.io import sha256_file
+from scoft.train import LORA_FILE, Frozen, add_lora, collate, scoft_losses, train
+from tests.conftest import BIN, ROOT, write_params
+
+
+def _params(**train_overrides):
+    base = load_params(ROOT / "params.yaml")
+    return base.model_copy(update={"train": base.train.model_copy(update=train_overrides)})
+
+
+@pytest.fixture(scope="module")
+def model_parts():
+    from scoft.models import load_pipeline, training_scheduler
+
+    params = _params()
+    pipe = load_pipeline(params.model)
+    frozen = Frozen(pipe.vae.requires_grad_(False), pipe.text_encoder.requires_grad_(False), pipe.tokenizer,
+                    training_scheduler(pipe), build_distance("lpips-alex", params.features),
+                    build_distance("dinov2", params.features))
+    add_lora(pipe.unet, 4, 4)
+    return pipe.unet, frozen
+
+
+@pytest.mark.parametrize("losses", LOSS_SETS)
+@pytest.mark.parametrize("batch_size,t", [(1, 0), (3, 999), (3, None)])
+def test_every_loss_set_any_batch_size_and_timestep(model_parts, prepared, losses, batch_size, t):
+    from scoft.data import CCUBTrainSet
+
+    unet, frozen = model_parts
+    unet.zero_grad(set_to_none=True)
+    params = _params(losses=losses)
+    dataset = CCUBTrainSet(prepared[0], prepared[1], 32, 2)
+    batch = collate([dataset[i] for i in range(batch_size)])
+    timesteps = None if t is None else torch.full((batch_size,), t)
+    out = scoft_losses(unet, frozen, batch, params, True, "cpu", torch.Generator().manual_seed(0), timesteps)
+    expected = {"ldm", "total"} | {"memorization" for _ in [1] if "mem" in losses} \
+        | {"perceptual" for _ in [1] if "perceptual" in losses} \
+        | ({"contrastive", "contrastive_positive", "contrastive_negative"} if "contrastive" in losses else set())
+    assert set(out) == expected
+    assert all(torch.isfinite(v) for v in out.values())
+    out["total"].backward()
+    grads = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+    assert grads and all("lora" in n for n in grads)  # only the adapters learn
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_every_backbone_gives_a_differentiable_per_sample_distance(name):
+    d = build_distance(name, FeatureParams())
+    a = torch.rand(2, 3, 32, 32, requires_grad=True) * 2 - 1
+    b = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = d(a, b)
+    assert out.shape == (2,) and torch.isfinite(out).all()
+    out.sum().backward()
+    pairs = d.pairwise(a.detach(), torch.stack([b, b.flip(0)], dim=1))
+    assert pairs.shape == (2, 2)
+    assert not any(p.requires_grad for p in d.parameters())
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "clip"])
+def test_transformers_backbones_load_from_a_local_folder(kind, tmp_path):
+    from scoft.features import vision_model
+
+    vision_model(kind, "tiny", seed=3).save_pretrained(tmp_path / kind)
+    params = FeatureParams(weights={kind: str(tmp_path / kind)})
+    tiny = build_distance(kind, FeatureParams(), seed=3)
+    loaded = build_distance(kind, params)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(tiny.embed(x), loaded.embed(x), atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_lora(prepared, tmp_path):
+    from safetensors.torch import load_file
+
+    for flag in (False, True):
+        train(_params(gradient_checkpointing=flag, max_steps=2, pixel_loss_every=1), *prepared,
+              tmp_path / str(flag), tmp_path / f"log{flag}", progress=lambda m: None)
+    a, b = load_file(tmp_path / "False" / LORA_FILE), load_file(tmp_path / "True" / LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def _train_command(params_file, ccub, negatives, out, *extra):
+    return [str(BIN / "scoft"), "train", "--params", str(params_file), "--ccub", str(ccub), "--negatives",
+            str(negatives), "--output", str(out), "--log-dir", str(out.parent / f"{out.name}-log"), *extra]
+
+
+def test_sigkill_after_a_checkpoint_then_rerun_gives_a_bit_identical_lora(prepared, tmp_path):
+    params_file = write_params(tmp_path / "params.yaml", {"train.pixel_loss_every": 2})
+    args = ("--max-steps", "8", "--checkpoint-every", "2")
+    straight = subprocess.run(_train_command(params_file, *prepared, tmp_path / "straight", *args),
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_command(params_file, *prepared, out, *args), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step-000000004.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 4"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / LORA_FILE).exists()
+    resumed = subprocess.run(_train_command(params_file, *prepared, out, *args), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 4/8" in resumed.stdout or "resumed from step 6/8" in resumed.stdout
+    assert sha256_file(out / LORA_FILE) == sha256_file(tmp_path / "straight" / LORA_FILE)
+    assert not (out / "checkpoints").exists()  # a finished run keeps only the LoRA
+    assert json.loads((out / "training.json").read_text())["resumed_from"] in (4, 6)
+
+
+def test_a_checkpoint_from_other_settings_is_not_resumed(prepared, tmp_path):
+    out = tmp_path / "lora"
+    train(_params(max_steps=4), *prepared, out, tmp_path / "log", progress=lambda m: None, checkpoint_every=2)
+    (out / "checkpoints").mkdir()
+    state = {"fingerprint": "made-with-other-settings", "step": 2}
+    torch.save(state, out / "checkpoints" / "step-000000002.pt")
+    lines = []
+    summary = train(_params(max_steps=4, lr=2e-4), *prepared, out, tmp_path / "log", progress=lines.append)
+    assert summary["resumed_from"] is None and any("ignoring step-000000002.pt" in m for m in lines)
+
+
+def test_two_cpu_processes_through_accelerate_launch(prepared, tmp_path):
+    params_file = write_params(tmp_path / "params.yaml", {"train.num_processes": 2, "train.batch_size": 1})
+    out = tmp_path / "lora"
+    done = subprocess.run(_train_command(params_file, *prepared, out, "--max-steps", "2"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2 processes through accelerate launch" in done.stdout
+    assert json.loads((out / "training.json").read_text())["processes"] == 2
+    assert (out / LORA_FILE).is_file()
