@@ -112,14 +112,32 @@ def _settings(p: Params, steps: int, guidance: float) -> dict:
 def negatives(ccub: Path = CCUB_DIR, out: Path = NEGATIVES_DIR, params: ParamsOpt = Path("params.yaml")):
     """Sample k negatives per training record from the base (not fine-tuned) model."""
     p = _params(params)
+    from PIL import Image
+
     from scoft.ccub import read_manifest
     from scoft.models import load_pipeline, model_fingerprint, pick_device
-    from scoft.negatives import plan_negatives, sample_negatives
+    from scoft.negatives import DepthEstimator, depth_guided_pipeline, plan_negatives, sample_negatives
 
+    n = p.negatives
     pipe = load_pipeline(p.model).to(pick_device())
-    settings = _settings(p, p.negatives.steps, p.negatives.guidance_scale)
-    plan = plan_negatives(read_manifest(ccub), model_fingerprint(pipe), settings, p.negatives.per_image, p.negatives.seed)
-    counts = sample_negatives(pipe, plan, out, p.negatives.batch_size, settings, progress=_say)
+    settings = _settings(p, n.steps, n.guidance_scale)
+    control = None
+    records = read_manifest(ccub)
+    if n.depth_guided:
+        settings.update(depth_guided=True, controlnet=n.controlnet, depth_estimator=n.depth_estimator,
+                        control_scale=n.control_scale)
+        fingerprint = model_fingerprint(pipe)  # of the base model, before the ControlNet joins it
+        pipe = depth_guided_pipeline(pipe, n.controlnet, p.model.seed)
+        estimate = DepthEstimator(n.depth_estimator, p.model.resolution)
+        files = {r.id: ccub / r.file for r in records}
+
+        def control(row):
+            with Image.open(files[row["record_id"]]) as im:
+                return estimate(im.convert("RGB"))
+    else:
+        fingerprint = model_fingerprint(pipe)
+    plan = plan_negatives(records, fingerprint, settings, n.per_image, n.seed)
+    counts = sample_negatives(pipe, plan, out, n.batch_size, settings, progress=_say, control=control)
     _say(f"negatives: {counts['planned']} planned, {counts['sampled']} sampled, {counts['reused']} reused, "
          f"{counts['removed']} removed, in {out}")
 

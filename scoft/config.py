@@ -91,6 +91,10 @@ class NegativeParams(_Section):
     guidance_scale: float = Field(4.5, ge=0)
     batch_size: int = Field(8, ge=1)
     seed: int = 1024
+    depth_guided: bool = False
+    controlnet: str = "tiny"
+    depth_estimator: str = "simple"
+    control_scale: float = Field(1.0, ge=0)
 
 
 class LossWeights(_Section):

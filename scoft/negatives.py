@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageFilter, ImageOps
 
 from scoft.ccub import TRAIN, Record
 from scoft.io import read_jsonl, sha256_json, write_jsonl
@@ -42,10 +43,13 @@ def plan_negatives(records: list[Record], fingerprint: str, settings: dict, per_
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], settings: dict):
-    """Batched sampling with one generator per image, so an image does not depend on its batch."""
+def generate(pipe, prompts: list[str], seeds: list[int], settings: dict, control_images=None):
+    """Batched sampling with one generator per image, so an image does not depend on its batch.
+    With `control_images` the pipe is a ControlNet pipeline conditioned on them (depth maps)."""
     device = pipe.device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    extra = {} if control_images is None else {"image": control_images,
+                                                "controlnet_conditioning_scale": settings.get("control_scale", 1.0)}
     return pipe(
         prompt=prompts,
         generator=generators,
@@ -54,18 +58,69 @@ def generate(pipe, prompts: list[str], seeds: list[int], settings: dict):
         height=settings["resolution"],
         width=settings["resolution"],
         output_type="pil",
+        **extra,
     ).images
 
 
+def simple_depth(image: Image.Image, resolution: int) -> Image.Image:
+    """An offline stand-in for a depth estimator: smoothed inverted luminance (bright = near).
+    It keeps the layout of the CCUB image, which is what the control needs in tests."""
+    gray = ImageOps.invert(ImageOps.grayscale(image.resize((resolution, resolution))))
+    return ImageOps.autocontrast(gray.filter(ImageFilter.GaussianBlur(radius=max(1, resolution // 32)))).convert("RGB")
+
+
+class DepthEstimator:
+    """`simple` (offline) or a depth-estimation model id or folder through transformers (e.g. Intel/dpt-hybrid-midas)."""
+
+    def __init__(self, name: str, resolution: int):
+        self.name, self.resolution = name, resolution
+        if name != "simple":
+            from transformers import pipeline
+
+            self.model = pipeline("depth-estimation", model=name)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if self.name == "simple":
+            return simple_depth(image, self.resolution)
+        return self.model(image)["depth"].convert("RGB").resize((self.resolution, self.resolution))
+
+
+def depth_guided_pipeline(pipe, controlnet: str, seed: int = 0):
+    """The base model with a depth ControlNet, as the paper makes its negatives: "tiny" builds one from the
+    tiny UNet (seeded, offline), otherwise a hub id (e.g. lllyasviel/sd-controlnet-depth) or a folder."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    if controlnet == "tiny":
+        torch.manual_seed(seed)
+        # the tiny VAE downsamples by 2, so the control embedding downsamples once
+        net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
+        # A fresh ControlNet's zero convolutions make it a no-op; a trained one's are not zero. Give the
+        # tiny one small seeded weights there, so the control acts offline as it does in real runs.
+        for conv in [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]:
+            torch.nn.init.normal_(conv.weight, std=0.05)
+    else:
+        net = ControlNetModel.from_pretrained(controlnet, torch_dtype=pipe.unet.dtype)
+    guided = StableDiffusionControlNetPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        controlnet=net.to(pipe.device), scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    guided.set_progress_bar_config(disable=True)
+    return guided
+
+
 def sample_negatives(pipe, plan: list[dict], out_dir: str | Path, batch_size: int, settings: dict,
-                     progress=print) -> dict:
-    """Make the planned images that are missing in out_dir, drop the unplanned ones, write the index."""
+                     progress=print, control=None) -> dict:
+    """Make the planned images that are missing in out_dir, drop the unplanned ones, write the index.
+
+    `control`, for depth-guided negatives, maps a plan row to its control image (the depth map of
+    the row's CCUB image)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     missing = [row for row in plan if not (out_dir / row["file"]).is_file()]
     for start in range(0, len(missing), batch_size):
         batch = missing[start : start + batch_size]
-        images = generate(pipe, [r["caption"] for r in batch], [r["seed"] for r in batch], settings)
+        controls = None if control is None else [control(r) for r in batch]
+        images = generate(pipe, [r["caption"] for r in batch], [r["seed"] for r in batch], settings, controls)
         for row, image in zip(batch, images):
             tmp = out_dir / f".{row['file']}.tmp"
             image.save(tmp, format="PNG")
