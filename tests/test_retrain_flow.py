@@ -87,6 +87,18 @@ def test_stage_output_and_artifacts_reach_prefect(first_run):
     assert by_key["scoft-metrics"].type == "table"
     assert by_key["scoft-lineage"].type == "markdown"
     assert "KOR" in str(by_key["scoft-metrics"].data)
+    assert by_key["train-progress"].type == "progress" and float(by_key["train-progress"].data) == 100.0
+
+
+def test_training_curves_are_dvc_plots(first_run):
+    import subprocess
+    import sys
+
+    ws, _ = first_run
+    out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=ws, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    plots = json.loads(out.stdout)
+    assert any("train/ldm" in name for name in plots) and any("train/contrastive" in name for name in plots)
 
 
 def test_everything_was_pushed_to_the_dvc_remote(first_run):

@@ -141,3 +141,17 @@ def test_two_cpu_processes_through_accelerate_launch(prepared, tmp_path):
     assert "2 processes through accelerate launch" in done.stdout
     assert json.loads((out / "training.json").read_text())["processes"] == 2
     assert (out / LORA_FILE).is_file()
+
+
+def test_ablate_trains_the_four_loss_sets_and_reports_them_side_by_side(prepared, tmp_path):
+    from scoft.ablate import NAMES, ablate
+
+    metrics = ablate(_params(), *prepared, tmp_path, progress=lambda m: None, max_steps=2)
+    assert list(metrics["overall"]["models"]) == ["base", *NAMES.values()]
+    for losses in LOSS_SETS:
+        summary = json.loads((tmp_path / losses / "training.json").read_text())
+        assert summary["steps"] == 2 and set(summary["final_losses"]) >= {"ldm", "total"}
+        assert ("memorization" in summary["final_losses"]) == ("mem" in losses)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| base | LDM | +M | +MP | +MPC | improvement LDM |" in report
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == metrics
