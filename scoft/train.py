@@ -160,6 +160,11 @@ def _latest_checkpoint(folder: Path, fingerprint: str, progress) -> dict | None:
     return None
 
 
+def _frozen_on(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    module = module.requires_grad_(False).to(device)
+    return module if dtype == torch.float32 else module.to(dtype=dtype)
+
+
 def save_lora(unet, output_dir: Path, summary: dict) -> Path:
     """The adapter in diffusers' format: StableDiffusionPipeline.load_lora_weights(output_dir) loads it."""
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
@@ -174,7 +179,8 @@ def save_lora(unet, output_dir: Path, summary: dict) -> Path:
 
 
 def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress=print,
-          max_steps: int | None = None, checkpoint_every: int | None = None) -> dict:
+          max_steps: int | None = None, checkpoint_every: int | None = None, pipe=None) -> dict:
+    """Train and save the LoRA. `pipe` (optional) is an already loaded base pipeline; it is modified."""
     tp = params.train
     max_steps = max_steps or tp.max_steps
     every = tp.checkpoint_every if checkpoint_every is None else checkpoint_every
@@ -184,10 +190,10 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
     say = progress if accelerator.is_main_process else (lambda m: None)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
 
-    pipe = load_pipeline(params.model)
+    pipe = pipe if pipe is not None else load_pipeline(params.model)
     frozen = Frozen(
-        vae=pipe.vae.requires_grad_(False).to(device, dtype=weight_dtype),
-        text_encoder=pipe.text_encoder.requires_grad_(False).to(device, dtype=weight_dtype),
+        vae=_frozen_on(pipe.vae, device, weight_dtype),
+        text_encoder=_frozen_on(pipe.text_encoder, device, weight_dtype),
         tokenizer=pipe.tokenizer,
         noise_scheduler=training_scheduler(pipe),
         # Built once per run (the reference re-created its perceptual network every step).

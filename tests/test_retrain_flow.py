@@ -97,8 +97,9 @@ def test_training_curves_are_dvc_plots(first_run):
     ws, _ = first_run
     out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=ws, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    plots = json.loads(out.stdout)
-    assert any("train/ldm" in name for name in plots) and any("train/contrastive" in name for name in plots)
+    plots = json.loads(out.stdout)["data"]
+    assert "models/train_log/plots/metrics/train/ldm.tsv" in plots
+    assert "models/train_log/plots/metrics/train/contrastive.tsv" in plots
 
 
 def test_everything_was_pushed_to_the_dvc_remote(first_run):
