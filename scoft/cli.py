@@ -236,11 +236,11 @@ def generate(
 ):
     """One image from the base model plus the trained LoRA."""
     p = _params(params)
+    if not (lora / "pytorch_lora_weights.safetensors").is_file():
+        _fail(f"{lora}: no trained LoRA (run `scoft run` or `scoft train` first)")
     from scoft.models import load_pipeline, pick_device
     from scoft.negatives import generate as sample_images
 
-    if not (lora / "pytorch_lora_weights.safetensors").is_file():
-        _fail(f"{lora}: no trained LoRA (run `scoft run` or `scoft train` first)")
     pipe = load_pipeline(p.model).to(pick_device())
     pipe.load_lora_weights(str(lora))
     image = sample_images(pipe, [prompt], [seed], _settings(p, p.evaluate.steps, p.evaluate.guidance_scale))[0]

@@ -163,3 +163,59 @@ def test_bad_data_stops_the_flow_before_any_sampling(prefect_server, sample_dir,
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     table = [a for a in artifacts if a.key == "ccub-validation"]
     assert table and "JPN" in str(table[0].data)  # the operator sees the failing record in the UI
+
+
+def test_generate_draws_with_the_trained_lora(first_run):
+    from PIL import Image
+
+    ws, _ = first_run
+    out = scoft("generate", "--prompt", "a traditional Korean house", "--out", "gen/house.png", "--seed", "3", cwd=ws)
+    assert out.returncode == 0, out.stderr
+    with Image.open(ws / "gen/house.png") as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+    missing = scoft("generate", "--prompt", "x", "--out", "y.png", "--lora", "nowhere", cwd=ws)
+    assert missing.returncode == 1 and "no trained LoRA" in missing.stderr
+
+
+def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(first_run):
+    """Last in this module: it retrains the shared workspace with more steps (only train and evaluate rerun)."""
+    import threading
+
+    import psutil
+    import yaml
+
+    from flows.retrain import retrain
+
+    ws, _ = first_run
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"].update(max_steps=16, checkpoint_every=2)
+    params["orchestration"].update(stage_retries=1, stage_retry_delay_s=0)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(state=retrain(workdir=str(ws), return_state=True)))
+    runner.start()
+    checkpoint = ws / "models/lora/checkpoints/step-000000004.pt"
+    deadline = time.monotonic() + 400
+    while not checkpoint.exists():
+        assert runner.is_alive() and time.monotonic() < deadline, "the train stage never checkpointed"
+        time.sleep(0.05)
+    killed = 0
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["cwd"] == str(ws) and "scoft" in cmd and " train " in f"{cmd} " and "dvc" not in cmd:
+            proc.kill()
+            killed += 1
+    assert killed == 1
+    runner.join(600)
+    state = outcome["state"]
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert [r.run_count for r in runs if r.name == "train"] == [2]  # failed once, retried once
+    logs = _flow_run_logs(state.state_details.flow_run_id, "resumed from step")
+    assert "train: resumed from step" in logs
+    summary = json.loads((ws / "models/lora/training.json").read_text())
+    assert summary["steps"] == 16 and summary["resumed_from"] >= 4
+
+
+

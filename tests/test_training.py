@@ -155,3 +155,11 @@ def test_ablate_trains_the_four_loss_sets_and_reports_them_side_by_side(prepared
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| base | LDM | +M | +MP | +MPC | improvement LDM |" in report
     assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == metrics
+
+
+def test_gradient_accumulation_counts_optimizer_steps(prepared, tmp_path):
+    lines = []
+    summary = train(_params(gradient_accumulation_steps=2, max_steps=2, batch_size=1), *prepared, tmp_path / "lora",
+                    tmp_path / "log", progress=lines.append)
+    assert (summary["steps"], summary["micro_steps"]) == (2, 4)
+    assert [m.split()[1] for m in lines if m.startswith("step ")] == ["1/2", "2/2"]
