@@ -64,6 +64,8 @@ def test_lineage_ties_the_lora_to_data_checks_negatives_and_the_run(first_run):
     outs = dvc_out_hashes(ws)
     assert record["ccub"]["dvc_hash"] == outs["data/ccub"] and record["ccub"]["dvc_hash"].endswith(".dir")
     assert record["negatives"]["dvc_hash"] == outs["data/negatives"]
+    # the version `scoft ingest` reports is DVC's own hash of data/ccub
+    assert json.loads((ws / "data/ingest/summary.json").read_text())["version"] == outs["data/ccub"]
     assert record["validation"]["success"] is True
     assert record["git_commit"] == "unversioned"
     assert record["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
