@@ -88,9 +88,8 @@ def _columns_missing(columns: set[str]) -> list[str]:
 class _Builder:
     """Turns raw rows of one source into SourceRows, rejecting bad ones with a reason."""
 
-    def __init__(self, label: str, locate: Callable[[str], tuple[str, Callable[[], bytes], str | None]],
-                 policy: FetchPolicy):
-        self.label, self.locate, self.policy = label, locate, policy
+    def __init__(self, locate: Callable[[str], tuple[str, Callable[[], bytes], str | None]], policy: FetchPolicy):
+        self.locate, self.policy = locate, policy
         self.out = SourceRows()
 
     def add(self, ref: str, raw: dict) -> None:
@@ -174,7 +173,7 @@ def read_folder(path: Path, policy: FetchPolicy) -> SourceRows:
         if tables:
             out = SourceRows()
             for table in tables:
-                builder = _Builder(str(path), _local_locator(root, str(root), policy), policy)
+                builder = _Builder(_local_locator(root, str(root), policy), policy)
                 out.extend(_parse_table(_decode(table.read_bytes()), str(table), builder))
             return out
     raise FetchError(f"{path}: no metadata.jsonl or CSV file (looked in the folder and in train/)")
@@ -184,13 +183,13 @@ def read_csv(spec: str, policy: FetchPolicy) -> SourceRows:
     """A CCUB sheet export, by local path or http(s) URL; images come by url (or next to a local file)."""
     if urlparse(spec).scheme in ("http", "https"):
         text = _decode(fetch_http(spec, policy, expect_image=False))
-        builder = _Builder(spec, _no_files, policy)
+        builder = _Builder(_no_files, policy)
     else:
         path = Path(spec)
         if not path.is_file():
             raise FetchError(f"{spec}: no such file")
         text = _decode(path.read_bytes())
-        builder = _Builder(spec, _local_locator(path.parent, str(path.parent), policy), policy)
+        builder = _Builder(_local_locator(path.parent, str(path.parent), policy), policy)
     return _parse_table(text, spec, builder)
 
 
@@ -218,7 +217,7 @@ def read_s3(uri: str, policy: FetchPolicy, client) -> SourceRows:
     out = SourceRows()
     for key in tables:
         text = _decode(fetch_s3(client, bucket, key, policy))
-        out.extend(_parse_table(text, f"s3://{bucket}/{key}", _Builder(uri, locate, policy)))
+        out.extend(_parse_table(text, f"s3://{bucket}/{key}", _Builder(locate, policy)))
     return out
 
 

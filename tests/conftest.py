@@ -49,14 +49,7 @@ def make_workspace(path: Path, sample_dir: Path, overrides: dict | None = None) 
     """A DVC workspace like the project root: dvc.yaml, params.yaml, a local remote, the sample."""
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for dotted, value in (overrides or {}).items():
-        *parents, key = dotted.split(".")
-        node = params
-        for p in parents:
-            node = node[p]
-        node[key] = value
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(path / "params.yaml", overrides or {})
     shutil.copytree(sample_dir, path / "data" / "sample")
     dvc = [sys.executable, "-m", "dvc"]
     for args in (["init", "--no-scm", "-q"], ["config", "core.analytics", "false"],
@@ -112,6 +105,7 @@ def prepared(sample_dir, tmp_path_factory):
 
 
 def write_params(path: Path, overrides: dict) -> Path:
+    """The project's params.yaml with dotted keys overridden ({"train.max_steps": 4})."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for dotted, value in overrides.items():
         *parents, key = dotted.split(".")
