@@ -201,13 +201,15 @@ def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(firs
     while not checkpoint.exists():
         assert runner.is_alive() and time.monotonic() < deadline, "the train stage never checkpointed"
         time.sleep(0.05)
+    # The stage's command may run under a `sh -c` wrapper (DVC runs it through the shell, and whether
+    # the shell execs it depends on the shell): kill the whole command, wrapper included.
     killed = 0
     for proc in psutil.process_iter(["cmdline", "cwd"]):
         cmd = " ".join(proc.info["cmdline"] or [])
         if proc.info["cwd"] == str(ws) and "scoft" in cmd and " train " in f"{cmd} " and "dvc" not in cmd:
             proc.kill()
             killed += 1
-    assert killed == 1
+    assert killed >= 1
     runner.join(600)
     state = outcome["state"]
     assert state.is_completed(), state.message
