@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.retrain import stage_task
 from tasks.ccub import announce_new_version, use_configured_remote
-from tasks.dvc import push
+from tasks.dvc import push, stage_runner
 from tasks.report import publish_validation
 
 
 @flow(name="ingest", log_prints=True)
 def ingest(workdir: str = ".") -> dict | None:
     """Fetch new or changed CCUB rows, run the checks, push the version, emit `ccub.updated` if it is new."""
-    stage = stage_task(workdir)
+    stage = stage_runner(workdir)
     use_configured_remote(workdir)
-    stage("ingest", workdir)
+    stage("ingest")
     try:
-        stage("validate", workdir)
+        stage("validate")
     finally:
         publish_validation(workdir)
     push(workdir, ["ingest", "validate"])

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from collections import deque
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from scoft.cli import DATA_REJECTED
+from scoft.config import load_params
 from scoft.remote import dvc_environment
 
 SKIPPED = "didn't change, skipping"
@@ -22,6 +27,24 @@ class StageFailed(RuntimeError):
 
 class DataRejected(StageFailed):
     """A stage refused its input data; retrying the same data cannot help."""
+
+
+class StageTimedOut(StageFailed):
+    """A stage ran past its time limit and was stopped; a retry resumes it (train checkpoints)."""
+
+
+INTERRUPT_GRACE_S = 10  # after SIGINT, time for DVC to release its locks before SIGKILL
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop dvc and the stage command under it: SIGINT to the whole group, SIGKILL if it lingers."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(INTERRUPT_GRACE_S)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
 
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")
@@ -46,20 +69,38 @@ class _Progress:
         self.shown = percent
 
 
-def dvc(args: list[str], workdir: str, label: str) -> list[str]:
-    """Run a dvc command, logging each line as it comes; raise with the last lines on failure."""
+def dvc(args: list[str], workdir: str, label: str, timeout_s: float | None = None) -> list[str]:
+    """Run a dvc command, logging each line as it comes; raise with the last lines on failure.
+
+    The time limit is enforced here, not by Prefect: a Prefect timeout cannot interrupt a task
+    thread blocked on a pipe, and would leave a hung GPU stage running."""
     logger = get_run_logger()
     progress = _Progress(label)
     tail: deque[str] = deque(maxlen=30)
     env = dvc_environment({"PYTHONUNBUFFERED": "1", "GX_ANALYTICS_ENABLED": "false"})
-    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workdir, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1) as proc:
+    # Its own process group, so that stopping it reaches the stage command under DVC's shell too.
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workdir, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, start_new_session=True)
+    timed_out = threading.Event()
+    watchdog = threading.Timer(timeout_s or 0, lambda: (timed_out.set(), _stop(proc)))
+    try:
+        if timeout_s:
+            watchdog.start()
         for line in proc.stdout:
             line = line.rstrip()
             if line:
                 tail.append(line)
                 logger.info("%s | %s", label, line)
                 progress.see(line)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:  # the flow is going down (cancelled, crashed): take the stage with it
+            _stop(proc)
+        proc.stdout.close()
+    if timed_out.is_set():
+        raise StageTimedOut(f"`dvc {' '.join(args)}` ran past its {timeout_s:g} s limit and was stopped:\n"
+                            + "\n".join(tail))
     if proc.returncode:
         error = DataRejected if f"exited with {DATA_REJECTED}" in "\n".join(tail) else StageFailed
         raise error(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
@@ -77,12 +118,19 @@ def _retry_unless_data_rejected(task, task_run, state) -> bool:
 
 
 @task(name="stage", task_run_name="{stage}", retry_condition_fn=_retry_unless_data_rejected)
-def run_stage(stage: str, workdir: str = ".") -> dict:
+def run_stage(stage: str, workdir: str = ".", timeout_s: float | None = None) -> dict:
     """Reproduce one dvc.yaml stage if its deps or params changed; report whether it ran."""
-    lines = dvc(["repro", "--single-item", stage], workdir, stage)
+    lines = dvc(["repro", "--single-item", stage], workdir, stage, timeout_s)
     ran = not any(SKIPPED in line for line in lines)
     get_run_logger().info("stage %s %s", stage, "ran" if ran else "skipped: nothing it depends on changed")
     return {"stage": stage, "ran": ran}
+
+
+def stage_runner(workdir: str):
+    """`run(stage)` with the retries and time limit of params.yaml's orchestration section."""
+    o = load_params(Path(workdir) / "params.yaml").orchestration
+    stage_task = run_stage.with_options(retries=o.stage_retries, retry_delay_seconds=o.stage_retry_delay_s)
+    return lambda stage: stage_task(stage, workdir, o.stage_timeout_s)
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=10)
