@@ -5,18 +5,18 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.ccub import announce_new_version, use_configured_remote
-from tasks.dvc import push, stage_runner
+from tasks.dvc import push, stage_task
 from tasks.report import publish_validation
 
 
 @flow(name="ingest", log_prints=True)
 def ingest(workdir: str = ".") -> dict | None:
     """Fetch new or changed CCUB rows, run the checks, push the version, emit `ccub.updated` if it is new."""
-    stage = stage_runner(workdir)
+    stage = stage_task(workdir)
     use_configured_remote(workdir)
-    stage("ingest")
+    stage("ingest", workdir)
     try:
-        stage("validate")
+        stage("validate", workdir)
     finally:
         publish_validation(workdir)
     push(workdir, ["ingest", "validate"])

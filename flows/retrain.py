@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.ccub import announce_new_version, use_configured_remote
-from tasks.dvc import push, stage_runner
+from tasks.dvc import push, stage_task
 from tasks.report import publish_metrics, publish_validation, record_lineage
 
 STAGES = ["ingest", "validate", "negatives", "train", "evaluate"]  # dvc.yaml order
@@ -17,17 +17,17 @@ STAGES = ["ingest", "validate", "negatives", "train", "evaluate"]  # dvc.yaml or
 def retrain(workdir: str = ".") -> dict:
     """Run the dvc.yaml stages in order (each skipped when nothing it uses changed), publish the
     checks and the metrics, record lineage, and push everything to the DVC remote."""
-    stage = stage_runner(workdir)
+    stage = stage_task(workdir)
     use_configured_remote(workdir)
-    ran = {"ingest": stage("ingest")["ran"]}
+    ran = {"ingest": stage("ingest", workdir)["ran"]}
     push(workdir, ["ingest"])
     announce_new_version(workdir, emitter="retrain")
     try:
-        ran["validate"] = stage("validate")["ran"]
+        ran["validate"] = stage("validate", workdir)["ran"]
     finally:
         validation = publish_validation(workdir)  # the operator sees the failing checks too
     for name in STAGES[2:]:
-        ran[name] = stage(name)["ran"]
+        ran[name] = stage(name, workdir)["ran"]
     metrics = publish_metrics(workdir)
     lineage = record_lineage(workdir, validation, metrics)
     push(workdir)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections import deque
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from scoft.cli import DATA_REJECTED
 from scoft.config import load_params
@@ -69,10 +74,32 @@ class _Progress:
         self.shown = percent
 
 
-def dvc(args: list[str], workdir: str, label: str, timeout_s: float | None = None) -> list[str]:
-    """Run a dvc command, logging each line as it comes; raise with the last lines on failure.
+def workspace_lock(workdir: str) -> str:
+    """The Prefect global concurrency limit (one slot) that lets one DVC command at a time into a
+    workspace. Without it a second command either fails on DVC's locks or runs alongside the first,
+    both rewriting dvc.lock; with it, the second waits (visible in the UI's concurrency page)."""
+    place = f"{socket.gethostname()}:{Path(workdir).resolve()}"
+    name = "dvc-workspace-" + hashlib.sha256(place.encode()).hexdigest()[:12]
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:  # an operator may later raise or disable it in the UI: create it, never overwrite it
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass
+    return name
 
-    The time limit is enforced here, not by Prefect: a Prefect timeout cannot interrupt a task
+
+def dvc(args: list[str], workdir: str, label: str, timeout_s: float | None = None) -> list[str]:
+    """Run a dvc command, one at a time per workspace, logging each line as it comes; raise with the
+    last lines on failure."""
+    with concurrency(workspace_lock(workdir), occupy=1, strict=True):
+        return _run_dvc(args, workdir, label, timeout_s)
+
+
+def _run_dvc(args: list[str], workdir: str, label: str, timeout_s: float | None) -> list[str]:
+    """The time limit is enforced here, not by Prefect: a Prefect timeout cannot interrupt a task
     thread blocked on a pipe, and would leave a hung GPU stage running."""
     logger = get_run_logger()
     progress = _Progress(label)
@@ -118,19 +145,20 @@ def _retry_unless_data_rejected(task, task_run, state) -> bool:
 
 
 @task(name="stage", task_run_name="{stage}", retry_condition_fn=_retry_unless_data_rejected)
-def run_stage(stage: str, workdir: str = ".", timeout_s: float | None = None) -> dict:
-    """Reproduce one dvc.yaml stage if its deps or params changed; report whether it ran."""
+def run_stage(stage: str, workdir: str = ".") -> dict:
+    """Reproduce one dvc.yaml stage if its deps or params changed, within params.yaml's
+    orchestration.stage_timeout_s; report whether it ran."""
+    timeout_s = load_params(Path(workdir) / "params.yaml").orchestration.stage_timeout_s
     lines = dvc(["repro", "--single-item", stage], workdir, stage, timeout_s)
     ran = not any(SKIPPED in line for line in lines)
     get_run_logger().info("stage %s %s", stage, "ran" if ran else "skipped: nothing it depends on changed")
     return {"stage": stage, "ran": ran}
 
 
-def stage_runner(workdir: str):
-    """`run(stage)` with the retries and time limit of params.yaml's orchestration section."""
+def stage_task(workdir: str):
+    """`run_stage` with the retries of params.yaml's orchestration section."""
     o = load_params(Path(workdir) / "params.yaml").orchestration
-    stage_task = run_stage.with_options(retries=o.stage_retries, retry_delay_seconds=o.stage_retry_delay_s)
-    return lambda stage: stage_task(stage, workdir, o.stage_timeout_s)
+    return run_stage.with_options(retries=o.stage_retries, retry_delay_seconds=o.stage_retry_delay_s)
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=10)
