@@ -111,7 +111,7 @@ def load_pipeline(params: ModelParams, dtype: torch.dtype = torch.float32) -> St
         pipe = StableDiffusionPipeline.from_pretrained(
             params.base,
             revision=params.revision,
-            torch_dtype=dtype,
+            dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
         )

@@ -99,7 +99,7 @@ def depth_guided_pipeline(pipe, controlnet: str, seed: int = 0):
         for conv in [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]:
             torch.nn.init.normal_(conv.weight, std=0.05)
     else:
-        net = ControlNetModel.from_pretrained(controlnet, torch_dtype=pipe.unet.dtype)
+        net = ControlNetModel.from_pretrained(controlnet, dtype=pipe.unet.dtype)
     guided = StableDiffusionControlNetPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
         controlnet=net.to(pipe.device), scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
