@@ -1,10 +1,17 @@
-"""The command line reads params.yaml and explains bad values; deployments name loadable flows."""
+"""The command line reads params.yaml and explains bad values; deployments name loadable flows, and\nthe GPU work pool templates render."""
 
+import asyncio
+import json
 from pathlib import Path
 
 import pytest
 import yaml
+from prefect import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.flows import load_flow_from_entrypoint
+from prefect.utilities.templating import apply_values
+from prefect.workers.base import BaseJobConfiguration
+from prefect.workers.process import ProcessJobConfiguration
 
 from scoft.config import ConfigError, load_params
 from tests.conftest import ROOT, scoft
@@ -68,3 +75,39 @@ def test_every_deployment_entrypoint_loads_a_flow():
     for d in deployments:
         flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
         assert flow.name == d["entrypoint"].rsplit(":", 1)[1]
+
+
+def _job_template(kind: str) -> dict:
+    return json.loads((ROOT / f"deployments/gpu-{kind}-job-template.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["process", "kubernetes"])
+def test_gpu_work_pool_templates_are_accepted_by_a_prefect_server(prefect_server, kind):
+    """`prefect work-pool create gpu --type KIND --base-job-template ...` as the README says."""
+    template = _job_template(kind)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=f"gpu-{kind}", type=kind, base_job_template=template))
+        assert client.read_work_pool(f"gpu-{kind}").base_job_template == template
+
+
+def test_the_process_gpu_job_pins_its_gpu_and_keeps_telemetry_off():
+    config = asyncio.run(ProcessJobConfiguration.from_template_and_values(
+        _job_template("process"), {"env": {"CUDA_VISIBLE_DEVICES": "1"}}))
+    assert config.env["CUDA_VISIBLE_DEVICES"] == "1"  # a deployment's job variables choose the GPU
+    assert config.env["GX_ANALYTICS_ENABLED"] == "false" and config.env["DO_NOT_TRACK"] == "1"
+
+
+def test_the_kubernetes_gpu_job_asks_for_the_gpus_the_run_wants_and_mounts_the_workspace():
+    template = _job_template("kubernetes")
+    values = BaseJobConfiguration._get_base_config_defaults(template["variables"]["properties"])
+    job = apply_values(template["job_configuration"], values | {"gpus": 2, "image": "registry.example/scoft:1.2"})
+    pod = job["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/scoft:1.2"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2 == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/workspace", "/dev/shm"}
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["scoft-workspace"]
+    assert job["env"]["SCOFT_WORKSPACE"] == "/workspace"  # where the deployments' pull step runs the flow
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "{{" not in json.dumps(job)  # every placeholder has a value
