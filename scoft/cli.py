@@ -250,12 +250,17 @@ def generate(
 
 
 @app.command()
-def run(params: ParamsOpt = Path("params.yaml")):
+def run(
+    ccub_version: Annotated[Optional[str], typer.Option(
+        help="Train on this CCUB version (a DVC hash, as `scoft ingest --json` and `ccub.updated` give it) "
+             "pulled from the DVC remote, instead of ingesting from the sources.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
     """Run the retrain flow (ingest, validate, negatives, train, evaluate, lineage) through Prefect."""
     _params(params)  # fail on a bad value before Prefect starts
     from flows.retrain import retrain
 
-    result = retrain()
+    result = retrain(ccub_version=ccub_version)
     _say("")
     _say(f"LoRA:              {result['lora']}")
     _say(f"evaluation report: {result['report']}")

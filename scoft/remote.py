@@ -7,14 +7,19 @@ written anywhere: DVC and boto3 read them from the environment or an AWS profile
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from scoft.config import RemoteParams
+from scoft.io import atomic_write_text
 
 S3_REMOTE = "scoft-s3"
 # S3-compatible stores (MinIO, Ceph, moto...) reject the newer default integrity checksums.
+DIR_HASH = re.compile(r"[0-9a-f]{32}\.dir")  # how DVC names a directory version (the `version` of ingest)
 CHECKSUM_ENV = {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
 
 
@@ -48,3 +53,39 @@ def configure_remote(root: str | Path, remote: RemoteParams) -> str:
     if remote.profile:
         _dvc(root, "remote", "modify", "--local", S3_REMOTE, "profile", remote.profile)
     return f"{remote.url}" + (f" at {remote.endpoint_url}" if remote.endpoint_url else "")
+
+
+def pin_locked_output(root: str | Path, stage: str, path: str, dir_hash: str) -> str | None:
+    """Record in dvc.lock that `stage` produced the folder `path` with DVC hash `dir_hash`, so that
+    `dvc pull <stage>` fetches and checks out exactly that version. Returns dvc.lock's previous text
+    (None if there was no dvc.lock) for `restore_lock`."""
+    if not DIR_HASH.fullmatch(dir_hash):
+        raise ValueError(f"{dir_hash!r} is not a DVC folder version (32 hex digits then .dir)")
+    root = Path(root)
+    lock_file = root / "dvc.lock"
+    previous = lock_file.read_text(encoding="utf-8") if lock_file.exists() else None
+    lock = yaml.safe_load(previous or "") or {"schema": "2.0"}
+    stages = lock.setdefault("stages", {})
+    # A fresh workspace has no dvc.lock yet: the entry takes the stage's command from dvc.yaml.
+    entry = stages.setdefault(stage, {"cmd": yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]["cmd"]})
+    others = [o for o in entry.get("outs", []) if o["path"] != path]
+    entry["outs"] = [{"path": path, "hash": "md5", "md5": dir_hash}, *others]
+    atomic_write_text(lock_file, yaml.safe_dump(lock, sort_keys=False))
+    return previous
+
+
+def restore_lock(root: str | Path, previous: str | None) -> None:
+    lock_file = Path(root) / "dvc.lock"
+    if previous is None:
+        lock_file.unlink(missing_ok=True)
+    else:
+        atomic_write_text(lock_file, previous)
+
+
+def in_cache(root: str | Path, dir_hash: str) -> bool:
+    """Whether the workspace's DVC cache holds this folder version (`dvc fetch` only warns when the
+    remote lacks it)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.cache.local.exists(dir_hash)

@@ -9,9 +9,15 @@ from prefect import get_run_logger, task
 from prefect.events import emit_event
 
 from scoft.config import load_params
-from scoft.remote import configure_remote
+from scoft.remote import configure_remote, in_cache, pin_locked_output, restore_lock
+from tasks.dvc import StageFailed, dvc
 
 EVENT = "ccub.updated"
+CCUB_DIR = "data/ccub"
+
+
+class CCUBVersionUnavailable(RuntimeError):
+    """The DVC remote does not hold the CCUB version a run asked for."""
 
 
 @task(name="announce-ccub-version")
@@ -39,3 +45,23 @@ def use_configured_remote(workdir: str = ".") -> str:
     where = configure_remote(workdir, load_params(Path(workdir) / "params.yaml").remote)
     get_run_logger().info("DVC remote: %s", where)
     return where
+
+
+@task(name="pull-ccub-version")
+def pull_ccub_version(workdir: str, version: str) -> str:
+    """Check out exactly the CCUB `version` (a DVC hash, as in `ccub.updated`) from the DVC remote:
+    a GPU worker then trains on the data the ingest flow checked and announced, not on whatever
+    the sources hold by the time it starts. A version the remote lacks leaves the workspace as it was."""
+    previous = pin_locked_output(workdir, "ingest", CCUB_DIR, version)
+    # Fetch, check, then check out: `dvc pull` of a missing version would empty data/ccub.
+    try:
+        dvc(["fetch", "ingest"], workdir, "fetch")
+        if not in_cache(workdir, version):
+            raise StageFailed("the DVC remote has no such version")
+    except StageFailed as e:
+        restore_lock(workdir, previous)
+        raise CCUBVersionUnavailable(f"CCUB version {version} could not be pulled from the DVC remote "
+                                     f"(was it pushed by the ingest flow?): {e}") from e
+    dvc(["checkout", "ingest"], workdir, "checkout")
+    get_run_logger().info("CCUB version %s checked out from the DVC remote into %s", version, CCUB_DIR)
+    return version

@@ -72,6 +72,8 @@ def test_every_deployment_entrypoint_loads_a_flow():
                for d in deployments)
     triggered = [d for d in deployments if d.get("triggers")]
     assert triggered and triggered[0]["triggers"][0]["expect"] == ["ccub.updated"]
+    # the triggered run trains on the announced version, pulled from the DVC remote
+    assert triggered[0]["triggers"][0]["parameters"]["ccub_version"] == "{{ event.payload.version }}"
     for d in deployments:
         flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
         assert flow.name == d["entrypoint"].rsplit(":", 1)[1]

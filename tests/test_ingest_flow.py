@@ -1,8 +1,10 @@
-"""The ingest flow on a Prefect server: a new CCUB version emits `ccub.updated`, no change emits nothing."""
+"""The ingest flow on a Prefect server: a new CCUB version emits `ccub.updated`, no change emits nothing;
+a run pinned to an announced version pulls exactly it."""
 
 import json
 import time
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
 
@@ -21,14 +23,22 @@ def _ccub_events(since, expected: int, timeout: float = 20.0):
             time.sleep(0.5)
 
 
-def test_new_version_emits_one_event_and_an_unchanged_source_none(prefect_server, sample_dir, tmp_path):
+@pytest.fixture(scope="module")
+def ingested(prefect_server, sample_dir, tmp_path_factory):
+    """A workspace after its first ingest flow run: (workspace, the flow's result, when it started)."""
     from prefect.types._datetime import now
 
     from flows.ingest import ingest
 
-    ws = make_workspace(tmp_path / "ws", sample_dir)
+    ws = make_workspace(tmp_path_factory.mktemp("ingest") / "ws", sample_dir)
     since = now("UTC")
-    first = ingest(workdir=str(ws))
+    return ws, ingest(workdir=str(ws)), since
+
+
+def test_new_version_emits_one_event_and_an_unchanged_source_none(ingested):
+    from flows.ingest import ingest
+
+    ws, first, since = ingested
     assert first["added"] == 36 and first["version"].endswith(".dir")
     events = _ccub_events(since, expected=1)
     assert len(events) == 1
@@ -42,3 +52,39 @@ def test_new_version_emits_one_event_and_an_unchanged_source_none(prefect_server
     assert second is None
     time.sleep(3)
     assert len(_ccub_events(since, expected=2, timeout=3)) == 1
+
+
+def test_a_run_pinned_to_a_ccub_version_pulls_exactly_that_version_from_the_remote(ingested, sample_dir, tmp_path):
+    """What the `retrain-on-update` deployment does on a GPU worker with the announced version."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    from prefect import flow
+
+    from scoft.io import dvc_dir_hash
+    from tasks.ccub import CCUBVersionUnavailable, pull_ccub_version
+
+    ingest_ws, first, _ = ingested
+    announced = first["version"]
+    gpu_ws = make_workspace(tmp_path / "gpu-ws", sample_dir)  # a fresh worker checkout: no dvc.lock, no data
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "local", "url", str(ingest_ws.parent / "ws-remote")],
+                   cwd=gpu_ws, check=True)
+    shutil.rmtree(gpu_ws / "data/sample")  # nothing to ingest from: the data can only come from the remote
+
+    @flow
+    def pull(version: str):
+        return pull_ccub_version(str(gpu_ws), version)
+
+    assert pull(announced) == announced
+    assert dvc_dir_hash(gpu_ws / "data/ccub") == announced
+    lock = yaml.safe_load((gpu_ws / "dvc.lock").read_text())
+    assert lock["stages"]["ingest"]["outs"][0]["md5"] == announced  # what lineage records
+
+    lock_before = (gpu_ws / "dvc.lock").read_text()
+    missing = "0" * 32 + ".dir"
+    with pytest.raises(CCUBVersionUnavailable, match=missing):
+        pull(missing)
+    assert dvc_dir_hash(gpu_ws / "data/ccub") == announced  # the workspace is as it was
+    assert (gpu_ws / "dvc.lock").read_text() == lock_before
