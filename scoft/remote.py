@@ -6,13 +6,14 @@ written anywhere: DVC and boto3 read them from the environment or an AWS profile
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from ruamel.yaml import YAML
 
 from scoft.config import RemoteParams
 from scoft.io import atomic_write_text
@@ -57,20 +58,28 @@ def configure_remote(root: str | Path, remote: RemoteParams) -> str:
 
 def pin_locked_output(root: str | Path, stage: str, path: str, dir_hash: str) -> str | None:
     """Record in dvc.lock that `stage` produced the folder `path` with DVC hash `dir_hash`, so that
-    `dvc pull <stage>` fetches and checks out exactly that version. Returns dvc.lock's previous text
-    (None if there was no dvc.lock) for `restore_lock`."""
+    `dvc fetch/checkout <stage>` bring exactly that version. Returns dvc.lock's previous text (None
+    if there was no dvc.lock) for `restore_lock`."""
     if not DIR_HASH.fullmatch(dir_hash):
         raise ValueError(f"{dir_hash!r} is not a DVC folder version (32 hex digits then .dir)")
+    # Round-trip YAML 1.2, as DVC reads it: PyYAML would turn a recorded `mixed_precision: no` into
+    # false, and DVC would then see changed params and rerun stages.
+    rt = YAML()
     root = Path(root)
     lock_file = root / "dvc.lock"
     previous = lock_file.read_text(encoding="utf-8") if lock_file.exists() else None
-    lock = yaml.safe_load(previous or "") or {"schema": "2.0"}
+    lock = (rt.load(previous) if previous else None) or {"schema": "2.0"}
     stages = lock.setdefault("stages", {})
-    # A fresh workspace has no dvc.lock yet: the entry takes the stage's command from dvc.yaml.
-    entry = stages.setdefault(stage, {"cmd": yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]["cmd"]})
+    if stage not in stages:  # a fresh workspace: the entry takes the stage's command from dvc.yaml
+        stages[stage] = {"cmd": rt.load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]["cmd"]}
+    entry = stages[stage]
+    if any(o["path"] == path and o.get("md5") == dir_hash for o in entry.get("outs", [])):
+        return previous  # already that version: keep DVC's record as it wrote it
     others = [o for o in entry.get("outs", []) if o["path"] != path]
     entry["outs"] = [{"path": path, "hash": "md5", "md5": dir_hash}, *others]
-    atomic_write_text(lock_file, yaml.safe_dump(lock, sort_keys=False))
+    text = io.StringIO()
+    rt.dump(lock, text)
+    atomic_write_text(lock_file, text.getvalue())
     return previous
 
 

@@ -88,3 +88,42 @@ def test_a_run_pinned_to_a_ccub_version_pulls_exactly_that_version_from_the_remo
         pull(missing)
     assert dvc_dir_hash(gpu_ws / "data/ccub") == announced  # the workspace is as it was
     assert (gpu_ws / "dvc.lock").read_text() == lock_before
+
+
+def test_pinning_a_version_changes_only_that_output_in_dvc_lock(tmp_path):
+    """dvc.lock is YAML 1.2 as DVC reads it: a recorded `mixed_precision: no` must stay the string
+    "no" (PyYAML would write false, and DVC would rerun the train stage for changed params)."""
+    from scoft.remote import pin_locked_output, restore_lock
+
+    lock = """schema: '2.0'
+stages:
+  ingest:
+    cmd: scoft ingest --out data/ccub --summary data/ingest/summary.json
+    outs:
+    - path: data/ccub
+      hash: md5
+      md5: 11111111111111111111111111111111.dir
+      size: 10
+      nfiles: 2
+  train:
+    cmd: scoft train --ccub data/ccub --negatives data/negatives --output models/lora
+      --log-dir models/train_log
+    params:
+      params.yaml:
+        train:
+          mixed_precision: no
+          revision:
+"""
+    (tmp_path / "dvc.lock").write_text(lock)
+    previous = pin_locked_output(tmp_path, "ingest", "data/ccub", "2" * 32 + ".dir")
+    assert previous == lock
+    after = (tmp_path / "dvc.lock").read_text()
+    assert "md5: 22222222222222222222222222222222.dir" in after
+    from ruamel.yaml import YAML
+
+    before_train, after_train = (YAML(typ="safe").load(text)["stages"]["train"] for text in (lock, after))
+    assert after_train == before_train and after_train["params"]["params.yaml"]["train"]["mixed_precision"] == "no"
+    with pytest.raises(ValueError, match="not a DVC folder version"):
+        pin_locked_output(tmp_path, "ingest", "data/ccub", "../../etc")
+    restore_lock(tmp_path, previous)
+    assert (tmp_path / "dvc.lock").read_text() == lock

@@ -126,6 +126,20 @@ def test_rerun_with_nothing_changed_recomputes_nothing(first_run):
     assert sorted(p.name for p in (ws / "lineage").iterdir()) == records_before
 
 
+def test_a_run_pinned_to_the_current_ccub_version_skips_ingest_and_recomputes_nothing(first_run):
+    """What `retrain-on-update` does with the version of the event that triggered it."""
+    from flows.retrain import retrain
+
+    ws, _ = first_run
+    version = json.loads((ws / "data/ingest/summary.json").read_text())["version"]
+    lora_digest = sha256_file(ws / LORA)
+    state = retrain(workdir=str(ws), ccub_version=version, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["stages_run"] == {s: False for s in ("ingest", "validate", "negatives", "train", "evaluate")}
+    assert sha256_file(ws / LORA) == lora_digest
+    assert json.loads(scoft("lineage", "show", "--json", cwd=ws).stdout)["ccub"]["dvc_hash"] == version
+
+
 def test_lineage_verify_catches_an_altered_lora(first_run):
     ws, _ = first_run
     _, record = latest_record(ws)
