@@ -53,15 +53,17 @@ def pull_ccub_version(workdir: str, version: str) -> str:
     a GPU worker then trains on the data the ingest flow checked and announced, not on whatever
     the sources hold by the time it starts. A version the remote lacks leaves the workspace as it was."""
     previous = pin_locked_output(workdir, "ingest", CCUB_DIR, version)
-    # Fetch, check, then check out: `dvc pull` of a missing version would empty data/ccub.
+    # Fetch, check, then check out: `dvc pull` of a missing version would empty data/ccub, and
+    # `dvc fetch` only warns about it.
     try:
         dvc(["fetch", "ingest"], workdir, "fetch")
-        if not in_cache(workdir, version):
-            raise StageFailed("the DVC remote has no such version")
+        problem = None if in_cache(workdir, version) else "the DVC remote has no such version"
     except StageFailed as e:
+        problem = str(e)
+    if problem:
         restore_lock(workdir, previous)
         raise CCUBVersionUnavailable(f"CCUB version {version} could not be pulled from the DVC remote "
-                                     f"(was it pushed by the ingest flow?): {e}") from e
+                                     f"(was it pushed by the ingest flow?): {problem}")
     dvc(["checkout", "ingest"], workdir, "checkout")
     get_run_logger().info("CCUB version %s checked out from the DVC remote into %s", version, CCUB_DIR)
     return version
