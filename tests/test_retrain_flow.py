@@ -126,20 +126,6 @@ def test_rerun_with_nothing_changed_recomputes_nothing(first_run):
     assert sorted(p.name for p in (ws / "lineage").iterdir()) == records_before
 
 
-def test_a_run_pinned_to_the_current_ccub_version_skips_ingest_and_recomputes_nothing(first_run):
-    """What `retrain-on-update` does with the version of the event that triggered it."""
-    from flows.retrain import retrain
-
-    ws, _ = first_run
-    version = json.loads((ws / "data/ingest/summary.json").read_text())["version"]
-    lora_digest = sha256_file(ws / LORA)
-    state = retrain(workdir=str(ws), ccub_version=version, return_state=True)
-    assert state.is_completed(), state.message
-    assert state.result()["stages_run"] == {s: False for s in ("ingest", "validate", "negatives", "train", "evaluate")}
-    assert sha256_file(ws / LORA) == lora_digest
-    assert json.loads(scoft("lineage", "show", "--json", cwd=ws).stdout)["ccub"]["dvc_hash"] == version
-
-
 def test_lineage_verify_catches_an_altered_lora(first_run):
     ws, _ = first_run
     _, record = latest_record(ws)
@@ -194,7 +180,8 @@ def test_generate_draws_with_the_trained_lora(first_run):
 
 
 def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(first_run):
-    """Last in this module: it retrains the shared workspace with more steps (only train and evaluate rerun)."""
+    """Last in this module: it retrains the shared workspace with more steps (only train and evaluate
+    rerun), pinned to the current CCUB version as `retrain-on-update` runs are."""
     import threading
 
     import psutil
@@ -207,8 +194,10 @@ def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(firs
     params["train"].update(max_steps=16, checkpoint_every=2)
     params["orchestration"].update(stage_retries=1, stage_retry_delay_s=0)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    version = json.loads((ws / "data/ingest/summary.json").read_text())["version"]
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(state=retrain(workdir=str(ws), return_state=True)))
+    runner = threading.Thread(target=lambda: outcome.update(
+        state=retrain(workdir=str(ws), ccub_version=version, return_state=True)))
     runner.start()
     checkpoint = ws / "models/lora/checkpoints/step-000000004.pt"
     deadline = time.monotonic() + 400
@@ -234,6 +223,10 @@ def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(firs
     assert "train: resumed from step" in logs
     summary = json.loads((ws / "models/lora/training.json").read_text())
     assert summary["steps"] == 16 and summary["resumed_from"] >= 4
+    # pinned: the data came from the DVC remote's record of that version, not from a new ingest
+    assert state.result()["stages_run"] == {"ingest": False, "validate": False, "negatives": False,
+                                            "train": True, "evaluate": True}
+    assert json.loads(scoft("lineage", "show", "--json", cwd=ws).stdout)["ccub"]["dvc_hash"] == version
 
 
 
