@@ -123,10 +123,10 @@ def negatives(ccub: Path = CCUB_DIR, out: Path = NEGATIVES_DIR, params: ParamsOp
     settings = _settings(p, n.steps, n.guidance_scale)
     control = None
     records = read_manifest(ccub)
+    fingerprint = model_fingerprint(pipe)  # of the base model, before any ControlNet joins it
     if n.depth_guided:
         settings.update(depth_guided=True, controlnet=n.controlnet, depth_estimator=n.depth_estimator,
                         control_scale=n.control_scale)
-        fingerprint = model_fingerprint(pipe)  # of the base model, before the ControlNet joins it
         pipe = depth_guided_pipeline(pipe, n.controlnet, p.model.seed)
         estimate = DepthEstimator(n.depth_estimator, p.model.resolution)
         files = {r.id: ccub / r.file for r in records}
@@ -134,8 +134,6 @@ def negatives(ccub: Path = CCUB_DIR, out: Path = NEGATIVES_DIR, params: ParamsOp
         def control(row):
             with Image.open(files[row["record_id"]]) as im:
                 return estimate(im.convert("RGB"))
-    else:
-        fingerprint = model_fingerprint(pipe)
     plan = plan_negatives(records, fingerprint, settings, n.per_image, n.seed)
     counts = sample_negatives(pipe, plan, out, n.batch_size, settings, progress=_say, control=control)
     _say(f"negatives: {counts['planned']} planned, {counts['sampled']} sampled, {counts['reused']} reused, "

@@ -110,8 +110,7 @@ LOSS_SETS = ("ldm", "ldm+mem", "ldm+mem+perceptual", "ldm+mem+perceptual+contras
 class TrainParams(_Section):
     seed: int = 1024
     # The paper's ablations: LDM fine-tune, +M, +MP, +MPC (the full method).
-    losses: Literal["ldm", "ldm+mem", "ldm+mem+perceptual", "ldm+mem+perceptual+contrastive"] = \
-        "ldm+mem+perceptual+contrastive"
+    losses: Literal[LOSS_SETS] = LOSS_SETS[-1]
     max_steps: int = Field(24, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints; 0: none
     num_processes: int = Field(1, ge=1)  # >1: the stage runs through `accelerate launch`

@@ -151,13 +151,14 @@ def _save_checkpoint(folder: Path, state: dict) -> None:
 
 
 def _latest_checkpoint(folder: Path, fingerprint: str, progress) -> dict | None:
-    for path in sorted(folder.glob("step-*.pt"), reverse=True):
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") == fingerprint:
-            return state
-        progress(f"train: ignoring {path.name}: made with other settings or data")
+    paths = sorted(folder.glob("step-*.pt"))
+    if not paths:
         return None
-    return None
+    state = torch.load(paths[-1], map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        progress(f"train: ignoring {paths[-1].name}: made with other settings or data")
+        return None
+    return state
 
 
 def _frozen_on(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:

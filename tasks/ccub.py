@@ -8,12 +8,12 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.events import emit_event
 
+from scoft.cli import CCUB_DIR
 from scoft.config import load_params
 from scoft.remote import configure_remote, in_cache, pin_locked_output, restore_lock
 from tasks.dvc import StageFailed, dvc
 
 EVENT = "ccub.updated"
-CCUB_DIR = "data/ccub"
 
 
 class CCUBVersionUnavailable(RuntimeError):
@@ -52,7 +52,7 @@ def pull_ccub_version(workdir: str, version: str) -> str:
     """Check out exactly the CCUB `version` (a DVC hash, as in `ccub.updated`) from the DVC remote:
     a GPU worker then trains on the data the ingest flow checked and announced, not on whatever
     the sources hold by the time it starts. A version the remote lacks leaves the workspace as it was."""
-    previous = pin_locked_output(workdir, "ingest", CCUB_DIR, version)
+    previous = pin_locked_output(workdir, "ingest", str(CCUB_DIR), version)
     # Fetch, check, then check out: `dvc pull` of a missing version would empty data/ccub, and
     # `dvc fetch` only warns about it.
     try:
