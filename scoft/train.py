@@ -8,6 +8,7 @@ Mixed precision, gradient accumulation and several processes come from accelerat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -140,6 +141,11 @@ def run_fingerprint(params: Params, ccub_dir, negatives_dir, max_steps: int, wor
     })
 
 
+def checkpoint_folder(output_dir: Path, fingerprint: str) -> Path:
+    """Checkpoints are kept per fingerprint: a run resumes and cleans up only its own."""
+    return Path(output_dir) / CHECKPOINTS / fingerprint[:16]
+
+
 def _save_checkpoint(folder: Path, state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{state['step']:09d}.pt"
@@ -150,15 +156,32 @@ def _save_checkpoint(folder: Path, state: dict) -> None:
         old.unlink()
 
 
-def _latest_checkpoint(folder: Path, fingerprint: str, progress) -> dict | None:
-    paths = sorted(folder.glob("step-*.pt"))
-    if not paths:
-        return None
-    state = torch.load(paths[-1], map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        progress(f"train: ignoring {paths[-1].name}: made with other settings or data")
-        return None
+def _read_checkpoint(path: Path) -> dict:
+    """Load without unpickling code: weights_only admits tensors, numbers, strings and containers only,
+    so a planted file that would run code on load is refused instead."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"fingerprint", "step", "micro", "lora", "optimizer"} <= set(state):
+        raise ValueError("not a scoft training checkpoint")
     return state
+
+
+def _latest_checkpoint(folder: Path, fingerprint: str, progress) -> dict | None:
+    """The newest valid checkpoint of this run's settings; damaged or foreign files are named and skipped."""
+    for stray in sorted(p for p in folder.parent.glob("*") if p.is_file()):
+        progress(f"train: ignoring {stray}: not in a checkpoint folder of any settings")
+    for path in sorted(folder.glob("step-*.pt"), reverse=True):
+        try:
+            state = _read_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is refused the same way
+            progress(f"train: refusing {path}: not a valid checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            continue
+        if state["fingerprint"] != fingerprint:
+            progress(f"train: refusing {path}: made with other settings or data")
+            continue
+        return state
+    if any(folder.glob("step-*.pt")):
+        progress("train: no valid checkpoint of these settings: starting fresh")
+    return None
 
 
 def _frozen_on(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
@@ -212,7 +235,7 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
     unet.train()
 
     fingerprint = run_fingerprint(params, ccub_dir, negatives_dir, max_steps, world)
-    checkpoints = output_dir / CHECKPOINTS
+    checkpoints = checkpoint_folder(output_dir, fingerprint)
     step = micro = 0
     resumed = _latest_checkpoint(checkpoints, fingerprint, say)
     if resumed:
@@ -222,7 +245,7 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
         if accelerator.scaler is not None and resumed.get("scaler"):
             accelerator.scaler.load_state_dict(resumed["scaler"])
         step, micro = resumed["step"], resumed["micro"]
-        say(f"train: resumed from step {step}/{max_steps} ({checkpoints})")
+        say(f"train: resumed from step {step}/{max_steps} ({checkpoints / f'step-{step:09d}.pt'})")
 
     from dvclive import Live
 
@@ -275,5 +298,7 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
         output_dir.mkdir(parents=True, exist_ok=True)
         save_lora(accelerator.unwrap_model(unet), output_dir, summary)
         shutil.rmtree(checkpoints, ignore_errors=True)  # done: only the LoRA is versioned
+        with contextlib.suppress(OSError):
+            checkpoints.parent.rmdir()  # kept while other settings' checkpoints remain
     accelerator.end_training()
     return summary

@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_a_bit_identical_lora(prepar
     proc = subprocess.Popen(_train_command(params_file, *prepared, out, *args), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not (out / "checkpoints" / "step-000000004.pt").exists():
+    while not list(out.glob("checkpoints/*/step-000000004.pt")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 4"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -123,15 +124,67 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_a_bit_identical_lora(prepar
     assert json.loads((out / "training.json").read_text())["resumed_from"] in (4, 6)
 
 
-def test_a_checkpoint_from_other_settings_is_not_resumed(prepared, tmp_path):
-    out = tmp_path / "lora"
-    train(_params(max_steps=4), *prepared, out, tmp_path / "log", progress=lambda m: None, checkpoint_every=2)
-    (out / "checkpoints").mkdir()
-    state = {"fingerprint": "made-with-other-settings", "step": 2}
-    torch.save(state, out / "checkpoints" / "step-000000002.pt")
+class _RunsCode:
+    """Unpickling this calls os.system: what a planted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_checkpoint_runs_no_code_and_is_refused_by_name(prepared, tmp_path):
+    from scoft.train import checkpoint_folder, run_fingerprint
+
+    params = _params(max_steps=2)
+    out, marker = tmp_path / "lora", tmp_path / "code-ran"
+    folder = checkpoint_folder(out, run_fingerprint(params, *prepared, 2, 1))
+    folder.mkdir(parents=True)
+    torch.save({"fingerprint": "x", "payload": _RunsCode(marker)}, folder / "step-000000009.pt")
+    torch.save(_RunsCode(marker), out / "checkpoints" / "step-000000001.pt")  # the old layout's place
     lines = []
-    summary = train(_params(max_steps=4, lr=2e-4), *prepared, out, tmp_path / "log", progress=lines.append)
-    assert summary["resumed_from"] is None and any("ignoring step-000000002.pt" in m for m in lines)
+    summary = train(params, *prepared, out, tmp_path / "log", progress=lines.append)
+    assert not marker.exists(), "a planted checkpoint ran code"
+    assert summary["resumed_from"] is None
+    assert any("refusing" in m and "step-000000009.pt" in m and "not a valid checkpoint" in m for m in lines), lines
+    assert any("ignoring" in m and "step-000000001.pt" in m for m in lines), lines
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_valid_one(prepared, tmp_path):
+    import shutil
+
+    params = _params(max_steps=8)
+    straight = tmp_path / "straight"
+    snapshot = tmp_path / "left-by-a-crash"
+
+    def snapshot_at_step_6(line):  # what a crash right after the step-6 checkpoint leaves on disk
+        if line.startswith("train: checkpoint at step 6 in "):
+            shutil.copytree(line.rsplit(" in ", 1)[1], snapshot / Path(line).name)
+
+    train(params, *prepared, straight, tmp_path / "log0", progress=snapshot_at_step_6, checkpoint_every=2)
+    (snapshot,) = snapshot.iterdir()  # named after the settings' fingerprint
+    assert sorted(p.name for p in snapshot.iterdir()) == ["step-000000004.pt", "step-000000006.pt"]
+    out = tmp_path / "lora"
+    folder = out / "checkpoints" / snapshot.name
+    shutil.copytree(snapshot, folder)
+    latest = folder / "step-000000006.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # truncated by a full disk
+    foreign = folder / "step-000000007.pt"  # a checkpoint of other settings in the way
+    torch.save({**torch.load(folder / "step-000000004.pt", weights_only=True), "fingerprint": "other"}, foreign)
+    other_settings = out / "checkpoints" / "0123456789abcdef"
+    shutil.copytree(snapshot, other_settings)
+
+    lines = []
+    summary = train(params, *prepared, out, tmp_path / "log1", progress=lines.append, checkpoint_every=2)
+    assert summary["resumed_from"] == 4, lines[:5]
+    assert any("refusing" in m and "step-000000006.pt" in m and "not a valid checkpoint" in m for m in lines), lines
+    assert any("refusing" in m and "step-000000007.pt" in m and "other settings" in m for m in lines), lines
+    assert sha256_file(out / LORA_FILE) == sha256_file(straight / LORA_FILE)
+    assert not folder.exists() and sorted(p.name for p in other_settings.iterdir()) == [
+        "step-000000004.pt", "step-000000006.pt"]  # its own cleaned up, the other settings' kept
 
 
 def test_two_cpu_processes_through_accelerate_launch(prepared, tmp_path):
