@@ -17,6 +17,7 @@ from scoft.ccub import HELDOUT, Record
 from scoft.data import image_transform, load_image_tensor
 from scoft.io import atomic_dir, write_json
 from scoft.negatives import generate
+from scoft.render import markdown_text
 
 BASE = "base"
 
@@ -107,7 +108,7 @@ def metrics_markdown(metrics: dict, backbone: str) -> list[str]:
              "|---" * (2 + len(names) + len(tuned)) + "|"]
     for culture, m in [*metrics["per_culture"].items(), ("all", metrics["overall"])]:
         cells = [_cell(m["models"][n]) for n in names] + [_cell(m["improvement"][n]) for n in tuned]
-        lines.append(f"| {culture} | {m['n']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown_text(culture)} | {m['n']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -118,7 +119,7 @@ def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: st
     rows = [[ref, *(result["images"][n][i] for n in names)] for i, ref in enumerate(refs)]
     lines = ["# SCoFT evaluation", "", *metrics_markdown(result["metrics"], backbone), "",
              f"Columns of the grid: held-out reference, {', '.join(names)}. Rows, in order:", ""]
-    lines += [f"{i + 1}. {p}" for i, p in enumerate(result["prompts"])]
+    lines += [f"{i + 1}. {markdown_text(p)}" for i, p in enumerate(result["prompts"])]
     lines += ["", f"![reference | {' | '.join(names)}](grid.png)", ""]
     with atomic_dir(out_dir) as tmp:
         image_grid(rows, size).save(tmp / "grid.png")

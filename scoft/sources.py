@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,19 @@ def _has_bad_text(raw: dict) -> bool:
     return any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in raw.values())
 
 
+# C0/C1 controls (NUL among them) other than tab and line breaks, and the bidirectional embeddings,
+# overrides and isolates that reorder how the rest of a line is displayed ("Trojan Source").
+# Rows holding one are rejected, not stripped: the sheet's author should see and fix the text.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _control_character(raw: dict) -> str | None:
+    for key, value in raw.items():
+        if isinstance(value, str) and (m := _CONTROL.search(value)):
+            return f"{key} holds control character U+{ord(m[0]):04X} at position {m.start()}"
+    return None
+
+
 def _columns_missing(columns: set[str]) -> list[str]:
     missing = [ALIASES[n][0] for n in REQUIRED if not columns & set(ALIASES[n])]
     if not columns & {"url", "file_name"}:
@@ -95,6 +109,8 @@ class _Builder:
     def add(self, ref: str, raw: dict) -> None:
         if _has_bad_text(raw):
             return self.out.reject(ref, _printable(raw), "not valid UTF-8 text")
+        if reason := _control_character(raw):
+            return self.out.reject(ref, raw, reason)
         culture, category, caption = _pick(raw, "culture").upper(), _pick(raw, "category").upper(), _pick(raw, "caption")
         url, name = _pick(raw, "url"), _pick(raw, "file_name")
         if not is_alpha3(culture):

@@ -75,7 +75,8 @@ def record_lineage(workdir: str, validation: dict, metrics: dict) -> Path:
     if stored["created_at"] != record["created_at"]:
         get_run_logger().info("LoRA and data unchanged since %s: keeping their lineage record %s",
                               stored["created_at"], path)
-    create_markdown_artifact(key="scoft-lineage", markdown=f"# Lineage\n\n`{path}`\n\n```json\n"
-                             f"{json.dumps(stored, indent=2, sort_keys=True)}\n```\n",
+    # Backticks (from CCUB categories in the check summary) as JSON escapes: none can close the fence.
+    as_json = json.dumps(stored, indent=2, sort_keys=True).replace("`", "\\u0060")
+    create_markdown_artifact(key="scoft-lineage", markdown=f"# Lineage\n\n`{path}`\n\n```json\n{as_json}\n```\n",
                              description="Data version, checks, negatives, parameters, code and metrics of this LoRA")
     return path

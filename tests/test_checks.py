@@ -41,8 +41,8 @@ def test_sample_passes_every_check_and_data_docs_are_written(records, params, cc
 
 
 @pytest.mark.parametrize("change,expected", [
-    (dict(caption=""), "expect_column_value_lengths_to_be_between on caption"),
-    (dict(caption="x" * 500), "expect_column_value_lengths_to_be_between on caption"),
+    (dict(caption=""), "expect_column_values_to_be_between on caption_chars"),
+    (dict(caption="x" * 500), "expect_column_values_to_be_between on caption_chars"),
     (dict(culture="XXX"), "expect_column_values_to_be_in_set on culture"),
     (dict(category="SPORTS"), "expect_column_values_to_be_in_set on category"),
     (dict(width=4), "expect_column_values_to_be_between on width"),
@@ -82,3 +82,15 @@ def test_too_few_images_for_a_culture_and_no_heldout_are_named(records, params, 
     assert "on images: culture=KOR" in message
     no_heldout = [r for r in records if not (r.culture == "MEX" and r.split == "heldout")]
     assert "on heldout: culture=MEX" in _message(no_heldout, params, ccub)
+
+
+def test_ccub_text_reaches_the_data_docs_escaped(records, params, ccub, tmp_path):
+    hostile = list(records)
+    hostile[3] = dataclasses.replace(hostile[3], caption="<script>alert('caption')</script>" + "x" * 500)
+    hostile[4] = dataclasses.replace(hostile[4], category='<img src=x onerror="alert(1)">')
+    summary = check_into(tmp_path / "validation", hostile, params.validate_, ccub)
+    assert not summary["success"]
+    pages = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "validation/data_docs").rglob("*.html"))
+    assert "&lt;img src=x onerror" in pages  # the bad category is shown to the auditor...
+    assert "<script>alert(" not in pages and "<img src=x" not in pages  # ...as text, not as markup
+    assert any(r["category"] == hostile[4].category for r in summary["per_category"])  # JSON keeps it as typed

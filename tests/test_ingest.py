@@ -136,8 +136,19 @@ def _bad_caption(src, rows):
     return rows[10]["file_name"], "caption is empty"
 
 
+def _bad_nul(src, rows):
+    rows[11]["text"] = "a house\x00with a NUL"
+    return rows[11]["file_name"], "text holds control character U+0000 at position 7"
+
+
+def _bad_bidi(src, rows):
+    rows[12]["text"] = "a gate \u202eesuoh"  # right-to-left override: displays reversed
+    return rows[12]["file_name"], "text holds control character U+202E at position 7"
+
+
 @pytest.mark.parametrize("make_bad", [_bad_path_outside, _bad_absolute, _bad_symlink, _bad_missing,
-                                      _bad_truncated, _bad_zero_bytes, _bad_html, _bad_caption])
+                                      _bad_truncated, _bad_zero_bytes, _bad_html, _bad_caption, _bad_nul,
+                                      _bad_bidi])
 def test_a_bad_row_is_rejected_by_name_and_the_good_rows_are_ingested(sample_dir, tmp_path, make_bad):
     src = _copy(sample_dir, tmp_path)
     named = {}

@@ -1,0 +1,53 @@
+"""Text that came from CCUB renders as text: no markup, links, remote images or headings."""
+
+import numpy as np
+import pytest
+from markdown_it import MarkdownIt
+from PIL import Image
+
+from scoft.ccub import Record
+from scoft.render import markdown_text
+
+HOSTILE = [
+    "# Heading from a caption",
+    "![tracker](http://attacker.example/pixel.png)",
+    "[click](javascript:alert(1))",
+    "<script>alert('x')</script>",
+    '<img src=x onerror="alert(1)">',
+    "| broken | table |\n\n- list",
+    "`code` **bold** _em_ ~~strike~~ \\",
+]
+
+
+def _html(markdown: str) -> str:
+    return MarkdownIt("commonmark").enable("table").render(markdown)
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_markdown_text_renders_as_the_literal_text(text):
+    html = _html(f"1. {markdown_text(text)}")
+    assert html.count("<li>") == 1 and "<h1" not in html and "<img" not in html and "<a " not in html
+    assert "<script" not in html and "<strong" not in html and "<code" not in html and "<table" not in html
+
+
+def test_the_evaluation_report_shows_hostile_captions_as_text(tmp_path):
+    from scoft.evaluate import write_evaluation
+
+    ccub = tmp_path / "ccub"
+    (ccub / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(ccub / "images/a.png")
+    held = [Record(id=f"r{i}", culture="KOR", category="ARCH", caption=c, generic_caption="a house",
+                   generic_caption_source="source", file="images/a.png", sha256="0" * 64, width=32, height=32,
+                   source_url="https://example.org/a.png", location="x", etag=None, created_at="", split="heldout")
+            for i, c in enumerate(HOSTILE)]
+    stats = {"mean": 0.5, "ci95_low": 0.4, "ci95_high": 0.6}
+    summary = {"n": len(held), "models": {"base": stats}, "improvement": {}}
+    result = {"metrics": {"metric": "feature_distance", "overall": summary, "per_culture": {"KOR": summary}},
+              "images": {"base": [Image.fromarray(np.zeros((32, 32, 3), np.uint8))] * len(held)},
+              "held": held, "prompts": [r.caption for r in held]}
+    write_evaluation(tmp_path / "eval", tmp_path / "metrics.json", result, ccub, "clip")
+    html = _html((tmp_path / "eval/report.md").read_text())
+    assert html.count("<h1>") == 1  # the report's own title only
+    assert html.count("<img") == 1 and 'src="grid.png"' in html  # the grid only, nothing remote
+    assert "<script" not in html and "onerror=" not in html.replace("onerror=&quot;", "")
+    assert "attacker.example" in html  # the caption is still there, as text
