@@ -13,7 +13,8 @@ import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 
 class BadImage(ValueError):
@@ -54,13 +55,26 @@ def decode_rgb(data: bytes, max_pixels: int, where: str) -> Image.Image:
             if im.width * im.height > max_pixels:
                 raise BadImage(f"{where}: {im.width}x{im.height} exceeds the pixel cap {max_pixels}")
             im.load()
-            return im.convert("RGB")
+            return as_displayed_rgb(im)
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
         raise BadImage(f"{where}: exceeds the pixel cap ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"{where}: cannot decode image ({e})") from e
+
+
+def as_displayed_rgb(im: Image.Image) -> Image.Image:
+    """RGB as a viewer shows the image: EXIF orientation applied, high bit depth scaled to 8 bits
+    (Pillow's convert("RGB") clips 16-bit values, so a 16-bit PNG would come out all white)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        values = np.asarray(im, dtype=np.float64)
+        # 16-bit files decode to I;16, or to I (32-bit) from some formats; F is taken as 0..255.
+        full_scale = 65535.0 if im.mode != "F" and (im.mode.startswith("I;16") or values.max() > 255) else 255.0
+        gray = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return im.convert("RGB")
 
 
 def load_rgb(path: str | Path, max_pixels: int) -> Image.Image:

@@ -190,3 +190,60 @@ def test_pixel_cap_refuses_a_decompression_bomb(sample_dir, tmp_path):
     summary = run([sample_dir], tmp_path / "ccub", max_pixels=48 * 48 - 1, max_rejected_fraction=1.0)
     assert summary["records"] == 0 and len(summary["rejected"]) == 36
     assert all("exceeds the pixel cap" in r["reason"] for r in summary["rejected"])
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _halves(left, right, size=(40, 20), mode="RGB") -> Image.Image:
+    im = Image.new(mode, size, left)
+    im.paste(Image.new(mode, (size[0] // 2, size[1]), right), (size[0] // 2, 0))
+    return im
+
+
+def _close(pixel, expected, tolerance=24):
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected))
+
+
+def test_a_16_bit_png_is_scaled_not_clipped_to_white():
+    import numpy as np
+
+    from scoft.io import decode_rgb
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
+    stored = np.asarray(decode_rgb(_encoded(Image.fromarray(ramp), "PNG"), 10**6, "ramp.png"))
+    assert stored.shape == (16, 64, 3)
+    assert stored[0, 0].tolist() == [0, 0, 0] and stored[0, -1].tolist() == [255, 255, 255]
+    assert abs(int(stored[0, 32, 0]) - round(ramp[0, 32] / 257)) <= 1  # mid-grey stays mid-grey
+
+
+def test_a_jpeg_is_stored_in_its_exif_orientation():
+    from scoft.io import decode_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    data = _encoded(_halves((255, 0, 0), (0, 0, 255)), "JPEG", exif=exif.tobytes(), quality=95)
+    stored = decode_rgb(data, 10**6, "camera.jpg")
+    assert stored.size == (20, 40)  # portrait, as a viewer shows it
+    assert _close(stored.getpixel((10, 2)), (255, 0, 0)) and _close(stored.getpixel((10, 37)), (0, 0, 255))
+
+
+@pytest.mark.parametrize("name,make", [
+    ("cmyk.jpg", lambda: _encoded(_halves((0, 255, 255, 0), (255, 255, 0, 0), mode="CMYK"), "JPEG", quality=95)),
+    ("palette-alpha.png", lambda: _encoded(_halves((255, 0, 0), (0, 0, 255)).convert("P"), "PNG", transparency=0)),
+    ("animated.gif", lambda: _encoded(_halves((255, 0, 0), (0, 0, 255)), "GIF", save_all=True,
+                                      append_images=[Image.new("RGB", (40, 20), "green")])),
+    ("image.webp", lambda: _encoded(_halves((255, 0, 0), (0, 0, 255)), "WEBP", lossless=True)),
+])
+def test_other_formats_are_stored_as_they_look(name, make):
+    from scoft.io import decode_rgb
+
+    stored = decode_rgb(make(), 10**6, name)
+    assert stored.mode == "RGB" and stored.size == (40, 20)
+    assert _close(stored.getpixel((2, 10)), (255, 0, 0)), stored.getpixel((2, 10))  # the first frame, red | blue
+    assert _close(stored.getpixel((37, 10)), (0, 0, 255)), stored.getpixel((37, 10))
