@@ -34,8 +34,11 @@ class BlipCaptioner:
     def __init__(self, model_id: str, max_new_tokens: int = 30):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        self.processor = BlipProcessor.from_pretrained(model_id)
-        self.model = BlipForConditionalGeneration.from_pretrained(model_id).eval()
+        from scoft.hub import loading
+
+        with loading("ingest.captioner", model_id):
+            self.processor = BlipProcessor.from_pretrained(model_id)
+            self.model = BlipForConditionalGeneration.from_pretrained(model_id).eval()
         self.max_new_tokens = max_new_tokens
         self.source = f"model:{model_id}"
         self._lock = threading.Lock()  # one generate() at a time when called from fetch threads

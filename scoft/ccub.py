@@ -17,7 +17,8 @@ from pathlib import Path
 from PIL import Image
 
 from scoft.fetch import FetchError, FetchPolicy
-from scoft.io import BadImage, atomic_dir, decode_rgb, dvc_dir_hash, pixel_hash, read_jsonl, write_jsonl
+from scoft.io import (BadImage, atomic_dir, decode_rgb, dvc_dir_hash, pixel_hash, read_jsonl, recover_swap,
+                      write_jsonl)
 from scoft.sources import SourceRow, read_sources
 
 MANIFEST = "manifest.jsonl"
@@ -86,6 +87,8 @@ def ingest(sources: list[str], out_dir: str | Path, *, heldout_fraction: float, 
     except FetchError as e:
         raise IngestError(f"cannot read source: {e}") from e
     rejected = list(read.rejected)
+    for line in recover_swap(out_dir):  # a killed ingest's previous version is the cache of this one
+        progress(f"ingest: {line}")
     previous = _previous(out_dir)
     to_fetch = [row for row in read.rows if not _reusable(row, previous.get(row.location))]
     progress(f"ingest: {len(read.rows)} rows, {len(read.rows) - len(to_fetch)} reused, fetching {len(to_fetch)}")

@@ -22,7 +22,9 @@ lineage_app = typer.Typer(no_args_is_help=True, help="Lineage records of trained
 app.add_typer(lineage_app, name="lineage")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
-# Exit status of a stage that refused its input data: retrying cannot help (tasks/ reads it).
+# Exit statuses that retrying cannot change (tasks/ reads them): a bad configuration (params or a
+# model location that holds no model), and input data the stage refused.
+CONFIG_ERROR = 2
 DATA_REJECTED = 3
 INGEST_SUMMARY = Path("data/ingest/summary.json")
 CCUB_DIR, VALIDATION_DIR, NEGATIVES_DIR = Path("data/ccub"), Path("data/validation"), Path("data/negatives")
@@ -40,9 +42,13 @@ def _fail(message: str, code: int = 1):
 
 def _params(path: Path) -> Params:
     try:
-        return load_params(path)
+        params = load_params(path)
     except ConfigError as e:
-        _fail(str(e), code=2)
+        _fail(str(e), code=CONFIG_ERROR)
+    from scoft.hub import limit_hub_stalls
+
+    limit_hub_stalls(params.model.hub_stall_timeout_s)
+    return params
 
 
 @app.command()
@@ -282,7 +288,9 @@ def remote(
             settings = RemoteParams(url=url or p.remote.url, endpoint_url=endpoint_url or p.remote.endpoint_url,
                                     profile=p.remote.profile)
         except ValueError as e:
-            _fail(str(e), code=2)
+            from scoft.config import redact_credentials
+
+            _fail(redact_credentials(str(e)), code=CONFIG_ERROR)
     _say(f"DVC remote: {configure_remote('.', settings)}")
 
 
@@ -317,9 +325,36 @@ def lineage_verify():
     _say(f"{path}: LoRA, CCUB images and DVC hash match the record")
 
 
+def _one_line_failure(error: BaseException) -> tuple[str, int] | None:
+    """Failures an operator should read in one line rather than a traceback, with their exit status."""
+    import errno
+
+    from scoft.hub import HubUnreachable, ModelUnavailable
+
+    if isinstance(error, ModelUnavailable):
+        return str(error), CONFIG_ERROR
+    if isinstance(error, HubUnreachable):
+        return str(error), 1
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        import shutil
+
+        where = Path(error.filename or ".").resolve()
+        probe = next((p for p in (where, *where.parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(probe).free
+        return f"no space left on device writing {where} ({free / 2**20:.1f} MiB free on {probe})", 1
+    return None
+
+
 def main():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    app()
+    try:
+        app()
+    except Exception as e:  # noqa: BLE001 - everything else keeps its traceback
+        known = _one_line_failure(e)
+        if known is None:
+            raise
+        print(f"error: {known[0]}", file=sys.stderr, flush=True)
+        sys.exit(known[1])
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -19,11 +20,56 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# A hub repository id as the hub accepts it: an optional owner, a name; no "--" or "..".
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+
+
+def _location(*builtins: str):
+    """A weights location: one of the built-in names, an existing folder, or a well-formed hub id.
+    Checked when params load, so a typo fails at start with its key, not an hour into a stage."""
+
+    def check(value: str) -> str:
+        if value in builtins or Path(value).expanduser().is_dir():
+            return value
+        if _HUB_ID.fullmatch(value) and "--" not in value and ".." not in value and not value.endswith("."):
+            return value
+        raise ValueError(f"{value!r} is neither {' nor '.join(repr(b) for b in builtins)}, an existing folder, "
+                         "nor a hub id (owner/name)")
+
+    return AfterValidator(check)
+
+
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with the user:password part of any URL in it replaced by ***."""
+    return _URL_CREDENTIALS.sub("***@", text)
+
+
+def _no_credentials(value: str | None) -> str | None:
+    if value and _URL_CREDENTIALS.search(value):
+        raise ValueError("holds credentials (user:password@ in the URL); give them through the environment "
+                         "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or an AWS profile, never in a URL")
+    return value
+
+
+CredentialFreeURL = Annotated[str, AfterValidator(_no_credentials)]
+
+# Seeds feed torch.Generator.manual_seed after being combined with step numbers (seed * 1_000_003 + ...):
+# 32 bits keep every derived seed inside the 64 bits torch accepts.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# CCUB's category codes (shared/SCOFT.md); a new one is added here, reviewed like any code change.
+CATEGORIES = ("ARCH", "CLOTH", "CITIES", "FOOD", "DANCE", "PEOPLE", "RELIG", "ART", "FESTIVAL", "NATURE", "DAILY")
+
+
 class ModelParams(_Section):
-    base: str = "tiny"
+    base: Annotated[str, _location("tiny")] = "tiny"
     revision: str | None = None
-    seed: int = 0
+    seed: Seed = 0
     resolution: int = Field(32, ge=16, le=2048)
+    # Longest wait for any hub request to make progress (connect, or the next bytes of a download).
+    hub_stall_timeout_s: float = Field(30, gt=0)
 
     @field_validator("resolution")
     @classmethod
@@ -41,7 +87,7 @@ class FeatureParams(_Section):
     contrastive: Backbone = "dinov2"  # D of L_C
     evaluation: Backbone = "dinov2"  # the evaluation metric's distance
     # per transformers backbone: "tiny" (seeded, offline), a hub id or a local folder
-    weights: dict[Literal["dinov2", "clip"], str] = {"dinov2": "tiny", "clip": "tiny"}
+    weights: dict[Literal["dinov2", "clip"], Annotated[str, _location("tiny")]] = {"dinov2": "tiny", "clip": "tiny"}
     lpips_pretrained_backbone: bool = False
 
     def weights_for(self, kind: str) -> str:
@@ -49,7 +95,7 @@ class FeatureParams(_Section):
 
 
 class IngestParams(_Section):
-    sources: list[str] = Field(["data/sample"], min_length=1)
+    sources: list[CredentialFreeURL] = Field(["data/sample"], min_length=1)
     heldout_fraction: float = Field(0.25, gt=0, lt=1)
     max_image_pixels: int = Field(40_000_000, gt=0)
     max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
@@ -60,8 +106,8 @@ class IngestParams(_Section):
     backoff_s: float = Field(0.5, ge=0)
     max_redirects: int = Field(5, ge=0)
     workers: int = Field(8, ge=1)
-    captioner: str = "fallback"
-    s3_endpoint_url: str | None = None
+    captioner: Annotated[str, _location("fallback")] = "fallback"
+    s3_endpoint_url: CredentialFreeURL | None = None
 
     def fetch_policy(self):
         from scoft.fetch import FetchPolicy
@@ -71,9 +117,23 @@ class IngestParams(_Section):
                            max_bytes=self.max_image_bytes)
 
 
+def _alpha3(code: str) -> str:
+    from scoft.sources import is_alpha3
+
+    if not is_alpha3(code):
+        raise ValueError(f"{code!r} is not an ISO 3166-1 alpha-3 country code")
+    return code
+
+
+def _category(code: str) -> str:
+    if code not in CATEGORIES:
+        raise ValueError(f"{code!r} is not a known CCUB category ({', '.join(CATEGORIES)})")
+    return code
+
+
 class ValidateParams(_Section):
-    cultures: list[str] = Field(min_length=1)
-    categories: list[str] = Field(min_length=1)
+    cultures: list[Annotated[str, AfterValidator(_alpha3)]] = Field(min_length=1)
+    categories: list[Annotated[str, AfterValidator(_category)]] = Field(min_length=1)
     min_images_per_culture: int = Field(8, ge=1)
     min_images_per_category: int = Field(1, ge=1)
     min_heldout_per_culture: int = Field(1, ge=1)
@@ -84,16 +144,24 @@ class ValidateParams(_Section):
     caption_min_chars: int = Field(8, ge=1)
     caption_max_chars: int = Field(400, ge=1)
 
+    @model_validator(mode="after")
+    def _ranges(self):
+        for low, high in (("min_side", "max_side"), ("min_aspect", "max_aspect"),
+                          ("caption_min_chars", "caption_max_chars")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} ({getattr(self, low)}) is above {high} ({getattr(self, high)})")
+        return self
+
 
 class NegativeParams(_Section):
     per_image: int = Field(2, ge=0)
     steps: int = Field(4, ge=1)
     guidance_scale: float = Field(4.5, ge=0)
     batch_size: int = Field(8, ge=1)
-    seed: int = 1024
+    seed: Seed = 1024
     depth_guided: bool = False
-    controlnet: str = "tiny"
-    depth_estimator: str = "simple"
+    controlnet: Annotated[str, _location("tiny")] = "tiny"
+    depth_estimator: Annotated[str, _location("simple")] = "simple"
     control_scale: float = Field(1.0, ge=0)
 
 
@@ -108,7 +176,7 @@ LOSS_SETS = ("ldm", "ldm+mem", "ldm+mem+perceptual", "ldm+mem+perceptual+contras
 
 
 class TrainParams(_Section):
-    seed: int = 1024
+    seed: Seed = 1024
     # The paper's ablations: LDM fine-tune, +M, +MP, +MPC (the full method).
     losses: Literal[LOSS_SETS] = LOSS_SETS[-1]
     max_steps: int = Field(24, ge=1)
@@ -142,7 +210,7 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     steps: int = Field(8, ge=1)
     guidance_scale: float = Field(4.5, ge=0)
-    seed: int = 7
+    seed: Seed = 7
     samples_per_prompt: int = Field(1, ge=1)
     bootstrap: int = Field(1000, ge=10)
 
@@ -150,8 +218,8 @@ class EvaluateParams(_Section):
 class RemoteParams(_Section):
     # s3://bucket/prefix on S3 or any S3-compatible store; null keeps the local folder remote of
     # .dvc/config. Credentials come only from the environment or an AWS profile.
-    url: str | None = None
-    endpoint_url: str | None = None
+    url: CredentialFreeURL | None = None
+    endpoint_url: CredentialFreeURL | None = None
     profile: str | None = None
 
     @field_validator("url")
@@ -184,7 +252,7 @@ def _describe(err: ValidationError, path: Path) -> str:
     lines = [f"{path}: {err.error_count()} bad value(s)"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+        lines.append(redact_credentials(f"  {key}: {e['msg']} (got {e.get('input')!r})"))
     return "\n".join(lines)
 
 
@@ -194,6 +262,8 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: not found (run scoft from the project folder)") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):

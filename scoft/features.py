@@ -20,6 +20,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
 
 from scoft.config import FeatureParams
+from scoft.hub import loading
 
 LPIPS_NETS = {"lpips-vgg": "vgg", "lpips-alex": "alex", "lpips-squeeze": "squeeze"}
 EMBEDDING_MODELS = {"dinov2": Dinov2Model, "clip": CLIPVisionModel}
@@ -42,7 +43,8 @@ def vision_model(kind: str, weights: str, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         config = Dinov2Config(**_TINY_VISION) if kind == "dinov2" else CLIPVisionConfig(**_TINY_VISION)
         return EMBEDDING_MODELS[kind](config)
-    return EMBEDDING_MODELS[kind].from_pretrained(weights)  # a hub id or a local folder
+    with loading(f"features.weights.{kind}", weights):
+        return EMBEDDING_MODELS[kind].from_pretrained(weights)  # a hub id or a local folder
 
 
 class _Pairwise(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -102,20 +103,71 @@ def dvc_dir_hash(folder: str | Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
+def process_umask() -> int:
+    """The umask, read without changing it (os.umask can only set it, racing other threads)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path_or_fd, mode: int) -> None:
+    """mkstemp and mkdtemp create owner-only files; give them what open() and mkdir() would."""
+    (os.fchmod if isinstance(path_or_fd, int) else os.chmod)(path_or_fd, mode & ~process_umask())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_swap(target: str | Path) -> list[str]:
+    """Finish what a process killed inside `atomic_dir` left: if it died between its two renames,
+    `target` is missing and its previous version waits as `.NAME.old-PID`: put it back. Remove the
+    temporary folders of dead processes. Returns what was done, for the log."""
+    target = Path(target)
+    done = []
+    if not target.parent.is_dir():
+        return done
+    for stray in sorted(target.parent.glob(f".{target.name}.*-*")):
+        kind, _, rest = stray.name[len(target.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("old", "tmp") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue  # not ours, or its process is still swapping
+        if kind == "old" and not target.exists():
+            os.replace(stray, target)
+            done.append(f"restored {target} from {stray.name}, left by a process killed mid-swap")
+        else:
+            shutil.rmtree(stray, ignore_errors=True)
+            done.append(f"removed {stray.name}, left by a process killed mid-swap")
+    return done
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces `target` only if the block succeeds.
 
-    On any error the temporary folder is removed and `target` is left exactly as it was.
+    On any error the temporary folder is removed and `target` is left exactly as it was. A kill at
+    any point leaves either version recoverable: `recover_swap` (run here first) finishes the job.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
+    recover_swap(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    _as_created(tmp, 0o777)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:
+            raise OSError(e.errno, e.strerror, str(target)) from e  # name what a full disk stopped
         raise
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     if target.exists():
@@ -129,12 +181,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        _as_created(fd, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:
+            raise OSError(e.errno, e.strerror, str(path)) from e  # name the file a full disk stopped
         raise
 
 

@@ -24,6 +24,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from scoft.config import ModelParams
+from scoft.hub import loading
 
 TINY = "tiny"
 
@@ -108,13 +109,14 @@ def load_pipeline(params: ModelParams, dtype: torch.dtype = torch.float32) -> St
             pipe = pipe.to(dtype=dtype)
     else:
         # A local folder and a hub id take the same call; the hub id downloads on first use.
-        pipe = StableDiffusionPipeline.from_pretrained(
-            params.base,
-            revision=params.revision,
-            dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        with loading("model.base", params.base):
+            pipe = StableDiffusionPipeline.from_pretrained(
+                params.base,
+                revision=params.revision,
+                dtype=dtype,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
         # Sampling uses DPM-Solver, as the reference's inference does.
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

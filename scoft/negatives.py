@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from scoft.ccub import TRAIN, Record
+from scoft.hub import loading
 from scoft.io import read_jsonl, sha256_json, write_jsonl
 from scoft.sample import hash_str
 
@@ -77,7 +78,8 @@ class DepthEstimator:
         if name != "simple":
             from transformers import pipeline
 
-            self.model = pipeline("depth-estimation", model=name)
+            with loading("negatives.depth_estimator", name):
+                self.model = pipeline("depth-estimation", model=name)
 
     def __call__(self, image: Image.Image) -> Image.Image:
         if self.name == "simple":
@@ -99,7 +101,8 @@ def depth_guided_pipeline(pipe, controlnet: str, seed: int = 0):
         for conv in [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]:
             torch.nn.init.normal_(conv.weight, std=0.05)
     else:
-        net = ControlNetModel.from_pretrained(controlnet, dtype=pipe.unet.dtype)
+        with loading("negatives.controlnet", controlnet):
+            net = ControlNetModel.from_pretrained(controlnet, dtype=pipe.unet.dtype)
     guided = StableDiffusionControlNetPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
         controlnet=net.to(pipe.device), scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,

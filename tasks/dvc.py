@@ -19,7 +19,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from scoft.cli import DATA_REJECTED
+from scoft.cli import CONFIG_ERROR, DATA_REJECTED
 from scoft.config import load_params
 from scoft.remote import dvc_environment
 
@@ -30,8 +30,16 @@ class StageFailed(RuntimeError):
     """A stage command failed; a retry may succeed (out of memory, a flaky disk, a preempted GPU)."""
 
 
-class DataRejected(StageFailed):
+class NotRetryable(StageFailed):
+    """A failure that the same stage with the same inputs would repeat."""
+
+
+class DataRejected(NotRetryable):
     """A stage refused its input data; retrying the same data cannot help."""
+
+
+class BadConfiguration(NotRetryable):
+    """A stage refused its configuration (a bad value, a model location that holds no model)."""
 
 
 class StageTimedOut(StageFailed):
@@ -129,22 +137,24 @@ def _run_dvc(args: list[str], workdir: str, label: str, timeout_s: float | None)
         raise StageTimedOut(f"`dvc {' '.join(args)}` ran past its {timeout_s:g} s limit and was stopped:\n"
                             + "\n".join(tail))
     if proc.returncode:
-        error = DataRejected if f"exited with {DATA_REJECTED}" in "\n".join(tail) else StageFailed
+        said = "\n".join(tail)  # DVC reports the stage command's status as "... exited with N"
+        error = {f"exited with {DATA_REJECTED}": DataRejected, f"exited with {CONFIG_ERROR}": BadConfiguration}
+        error = next((kind for marker, kind in error.items() if marker in said), StageFailed)
         raise error(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
     return list(tail)
 
 
-def _retry_unless_data_rejected(task, task_run, state) -> bool:
+def _retry_unless_not_retryable(task, task_run, state) -> bool:
     try:
         state.result()
-    except DataRejected:
+    except NotRetryable:
         return False
     except Exception:
         return True
     return False
 
 
-@task(name="stage", task_run_name="{stage}", retry_condition_fn=_retry_unless_data_rejected)
+@task(name="stage", task_run_name="{stage}", retry_condition_fn=_retry_unless_not_retryable)
 def run_stage(stage: str, workdir: str = ".") -> dict:
     """Reproduce one dvc.yaml stage if its deps or params changed, within params.yaml's
     orchestration.stage_timeout_s; report whether it ran."""

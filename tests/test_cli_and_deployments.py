@@ -36,11 +36,51 @@ def test_default_params_load():
     ("model", "resolution", 33, "model.resolution: Value error, must be a multiple of 8"),
     ("ingest", "heldout_fraction", 1.5, "ingest.heldout_fraction"),
     ("train", "lora_rnk", 4, "train.lora_rnk: Extra inputs are not permitted"),
+    ("model", "base", "/no/such/model-folder", "model.base: Value error, '/no/such/model-folder' is neither 'tiny'"),
+    ("model", "base", "not a hub id!", "model.base: Value error"),
+    ("negatives", "controlnet", "lllyasviel//depth", "negatives.controlnet: Value error"),
+    ("negatives", "depth_estimator", "./missing-dpt", "negatives.depth_estimator: Value error"),
+    ("features", "weights", {"dinov2": "../nope/", "clip": "tiny"}, "features.weights.dinov2: Value error"),
+    ("ingest", "captioner", "Salesforce/blip--base", "ingest.captioner: Value error"),
+    ("validate", "cultures", ["KOR", "XYZ"], "validate.cultures.1: Value error, 'XYZ' is not an ISO 3166-1 alpha-3"),
+    ("validate", "categories", ["ARCH", "SPORTS"], "validate.categories.1: Value error, 'SPORTS' is not a known"),
+    ("validate", "min_side", 9000, "min_side (9000) is above max_side (8192)"),
+    ("validate", "min_aspect", 5.0, "min_aspect (5.0) is above max_aspect (4.0)"),
+    ("validate", "caption_min_chars", 500, "caption_min_chars (500) is above caption_max_chars (400)"),
+    ("train", "seed", 2**64, "train.seed: Input should be less than 4294967296"),
+    ("negatives", "seed", -1, "negatives.seed: Input should be greater than or equal to 0"),
 ])
 def test_bad_value_is_named_with_its_key(tmp_path, section, key, value, expected):
     with pytest.raises(ConfigError) as err:
         load_params(_params_with(tmp_path, section, key, value))
     assert expected in str(err.value)
+
+
+def test_good_locations_are_accepted(tmp_path):
+    folder = tmp_path / "my-base"
+    folder.mkdir()
+    for value in (str(folder), "stable-diffusion-v1-5/stable-diffusion-v1-5", "gpt2"):
+        assert load_params(_params_with(tmp_path, "model", "base", value)).model.base == value
+
+
+def test_a_params_file_that_is_not_utf8_exits_2(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_bytes((ROOT / "params.yaml").read_bytes().replace(b"base: tiny", b"base: t\xffny"))
+    out = scoft("validate", "--params", str(bad), cwd=tmp_path)
+    assert out.returncode == 2 and "not UTF-8 text" in out.stderr, out.stderr
+
+
+def test_credentials_in_a_url_are_refused_and_never_printed(tmp_path):
+    params = _params_with(tmp_path, "remote", "url", "s3://bucket/prefix")
+    out = scoft("remote", "--endpoint-url", "http://AKIDKEY:s3cr3t-value@127.0.0.1:9000", "--params", str(params),
+                cwd=tmp_path)
+    assert out.returncode == 2 and "holds credentials" in out.stderr
+    assert "s3cr3t-value" not in out.stdout + out.stderr and "AKIDKEY" not in out.stdout + out.stderr
+    for section, key, value in (("remote", "endpoint_url", "https://k:s3cr3t-value@minio.local"),
+                                ("ingest", "sources", ["https://u:s3cr3t-value@sheets.example/ccub.csv"])):
+        with pytest.raises(ConfigError) as err:
+            load_params(_params_with(tmp_path, section, key, value))
+        assert "holds credentials" in str(err.value) and "s3cr3t-value" not in str(err.value)
 
 
 def test_every_command_refuses_a_bad_params_file_with_exit_2(tmp_path):

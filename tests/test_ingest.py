@@ -247,3 +247,52 @@ def test_other_formats_are_stored_as_they_look(name, make):
     assert stored.mode == "RGB" and stored.size == (40, 20)
     assert _close(stored.getpixel((2, 10)), (255, 0, 0)), stored.getpixel((2, 10))  # the first frame, red | blue
     assert _close(stored.getpixel((37, 10)), (0, 0, 255)), stored.getpixel((37, 10))
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_ingest_killed_between_its_two_renames_is_recovered_without_refetching(sample_dir, tmp_path):
+    out = tmp_path / "ccub"
+    run([sample_dir], out)
+    before = {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()}
+    pid = _dead_pid()
+    # What the kill leaves: the previous version moved aside, the new one half written beside it.
+    os.replace(out, tmp_path / f".ccub.old-{pid}")
+    (tmp_path / f".ccub.tmp-{pid}-x1y2").mkdir()
+    (tmp_path / f".ccub.tmp-{pid}-x1y2" / MANIFEST).write_text("{")
+    lines = []
+    summary = run([sample_dir], out, progress=lines.append)
+    assert any(f"restored {out}" in m for m in lines) and any("fetching 0" in m for m in lines), lines
+    assert (summary["added"], summary["changed"], summary["unchanged"]) == (0, 0, 36)
+    assert {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ccub")] == []
+
+
+def test_a_live_swap_of_another_process_is_left_alone(tmp_path):
+    from scoft.io import recover_swap
+
+    live = tmp_path / f".ccub.tmp-{os.getpid()}-abc"
+    live.mkdir()
+    assert recover_swap(tmp_path / "ccub") == [] and live.is_dir()
+
+
+def test_files_and_folders_follow_the_umask(sample_dir, tmp_path):
+    from scoft.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "ccub"
+        run([sample_dir], out)
+        write_json(tmp_path / "summary.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (out / MANIFEST).stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+    assert out.stat().st_mode & 0o777 == 0o755
