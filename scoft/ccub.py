@@ -77,10 +77,26 @@ def _fetch_image(row: SourceRow, max_pixels: int):
         return None, str(e)
 
 
+def out_of_bounds(record: Record, bounds) -> str | None:
+    """Why one record breaks validate's per-record bounds (a ValidateParams), or None: ingest rejects
+    such a row alone, so the validate stage, which checks the set, is not stopped by one row."""
+    b, aspect, chars = bounds, record.width / record.height, len(record.caption)
+    if not (b.min_side <= min(record.width, record.height) and max(record.width, record.height) <= b.max_side):
+        return f"image {record.width}x{record.height} outside validate.min_side..max_side ({b.min_side}..{b.max_side})"
+    if not b.min_aspect <= aspect <= b.max_aspect:
+        return f"aspect {aspect:.3g} outside validate.min_aspect..max_aspect ({b.min_aspect:g}..{b.max_aspect:g})"
+    if not b.caption_min_chars <= chars <= b.caption_max_chars:
+        return (f"caption of {chars} characters outside validate.caption_min_chars..caption_max_chars "
+                f"({b.caption_min_chars}..{b.caption_max_chars})")
+    return None
+
+
 def ingest(sources: list[str], out_dir: str | Path, *, heldout_fraction: float, max_pixels: int,
            max_rejected_fraction: float, captioner, policy: FetchPolicy = FetchPolicy(), workers: int = 8,
-           s3_endpoint_url: str | None = None, progress=print) -> dict:
-    """Bring out_dir up to date with the sources; return the summary (version, counts, rejected)."""
+           s3_endpoint_url: str | None = None, bounds=None, progress=print) -> dict:
+    """Bring out_dir up to date with the sources; return the summary (version, counts, rejected).
+
+    `bounds` (validate's ValidateParams), when given, rejects each record outside its per-record bounds."""
     out_dir = Path(out_dir)
     try:
         read = read_sources(sources, policy, s3_endpoint_url)
@@ -102,6 +118,9 @@ def ingest(sources: list[str], out_dir: str | Path, *, heldout_fraction: float, 
             rejected.append({"row": row.ref, "source_row": row.raw, "reason": reason})
             continue
         record = _record(row, image, previous.get(row.location), out_dir, heldout_fraction, captioner)
+        if bounds is not None and (reason := out_of_bounds(record, bounds)):
+            rejected.append({"row": row.ref, "source_row": row.raw, "reason": reason})
+            continue
         if record.sha256 in by_hash:
             rejected.append({"row": row.ref, "source_row": row.raw, "reason": f"same image as {by_hash[record.sha256]}"})
             continue

@@ -296,3 +296,25 @@ def test_files_and_folders_follow_the_umask(sample_dir, tmp_path):
     assert (out / MANIFEST).stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_rows_outside_the_validation_bounds_are_rejected_one_by_one(sample_dir, tmp_path, params):
+    from scoft.checks import validate_records
+
+    src = _copy(sample_dir, tmp_path)
+
+    def shrink(rows):
+        Image.new("RGB", (1, 1), "red").save(src / "train" / rows[0]["file_name"])
+        Image.new("RGB", (10000, 10), "blue").save(src / "train" / rows[1]["file_name"])
+        rows[2]["text"] = "a house " * 131072  # a 1 MB caption
+        return rows
+
+    _rewrite_rows(src, shrink)
+    summary = run([src], tmp_path / "ccub", bounds=params.validate_)
+    reasons = sorted(r["reason"] for r in summary["rejected"])
+    assert summary["records"] == 33 and len(reasons) == 3
+    assert reasons[0].startswith("caption of 1048575 characters outside validate.caption_min_chars")
+    assert reasons[1] == "image 1x1 outside validate.min_side..max_side (32..8192)"
+    assert reasons[2] == "image 10000x10 outside validate.min_side..max_side (32..8192)"
+    checked = validate_records(read_manifest(tmp_path / "ccub"), params.validate_, tmp_path / "ccub")["summary"]
+    assert checked["success"]  # what is left passes the set's checks
