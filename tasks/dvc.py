@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -79,6 +80,8 @@ class _Progress:
                                                         description=f"{self.label}: optimizer steps done")
         elif percent - self.shown >= 1 or percent == 100:
             update_progress_artifact(self.artifact_id, progress=percent)
+        else:
+            return  # compared with what the UI shows, so that many small steps add up to an update
         self.shown = percent
 
 
@@ -102,8 +105,29 @@ def workspace_lock(workdir: str) -> str:
 def dvc(args: list[str], workdir: str, label: str, timeout_s: float | None = None) -> list[str]:
     """Run a dvc command, one at a time per workspace, logging each line as it comes; raise with the
     last lines on failure."""
-    with concurrency(workspace_lock(workdir), occupy=1, strict=True):
+    with _workspace_slot(workdir, label):
         return _run_dvc(args, workdir, label, timeout_s)
+
+
+SLOT_NOTICE_S = 2  # a wait longer than this is logged, so a silent run page has its reason
+
+
+@contextlib.contextmanager
+def _workspace_slot(workdir: str, label: str):
+    """Hold the workspace's DVC slot; when another DVC command holds it, say so in the run's log."""
+    slot, acquired = workspace_lock(workdir), False
+    try:
+        with concurrency(slot, occupy=1, strict=True, timeout_seconds=SLOT_NOTICE_S):
+            acquired = True
+            yield
+            return
+    except TimeoutError:
+        if acquired:
+            raise  # from the body, not from the wait
+    get_run_logger().info("%s: waiting for the workspace's DVC slot %s (another DVC command is running in %s; "
+                          "one at a time, see Concurrency in the UI)", label, slot, Path(workdir).resolve())
+    with concurrency(slot, occupy=1, strict=True):
+        yield
 
 
 def _run_dvc(args: list[str], workdir: str, label: str, timeout_s: float | None) -> list[str]:

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 import yaml
-from prefect import flow
+from prefect import flow, get_client
 
 from tasks.dvc import StageTimedOut, stage_task
 from tests.conftest import write_params
@@ -64,3 +64,57 @@ def test_two_stage_runs_in_one_workspace_run_one_after_the_other(prefect_server,
     assert two_at_once(str(project)) == [{"stage": "slow", "ran": True}] * 2
     spans = sorted(tuple(map(float, line.split())) for line in (project / "spans").read_text().splitlines())
     assert len(spans) == 2 and spans[0][1] <= spans[1][0]  # the second started after the first ended
+
+
+def test_progress_keeps_moving_when_each_step_is_under_one_percent(prefect_server):
+    from prefect.artifacts import Artifact
+
+    from tasks.dvc import _Progress
+
+    @flow
+    def long_training():
+        progress = _Progress("progress-probe")
+        for step in range(1, 122):
+            progress.see(f"step {step}/400 ldm=0.1 total=0.1 eta=9s")
+
+    long_training()
+    shown = Artifact.get("progress-probe-progress").data
+    assert 30.2 - 1 < shown <= 30.2  # within 1% of step 121/400; it was frozen at 0.2 (step 1)
+
+
+def test_a_run_waiting_for_the_dvc_slot_says_so(prefect_server, project):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    @flow
+    def two_at_once(workdir: str):
+        stage = stage_task(workdir)
+        return [run.result() for run in [stage.submit("slow", workdir), stage.submit("slow", workdir)]]
+
+    state = two_at_once(str(project), return_state=True)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    waiting = [log.message for log in logs if "waiting for the workspace's DVC slot" in log.message]
+    assert len(waiting) == 1 and str(project) in waiting[0]
+
+
+def test_the_deployments_pull_step_names_a_missing_scoft_workspace(tmp_path, monkeypatch):
+    import asyncio
+    import os
+
+    from prefect.deployments.steps.core import run_steps
+
+    from tests.conftest import ROOT
+
+    pull = yaml.safe_load((ROOT / "deployments/prefect.yaml").read_text())["pull"]
+    monkeypatch.delenv("SCOFT_WORKSPACE", raising=False)
+    # Prefect wraps a failed step; the run's log shows the traceback with this cause
+    with pytest.raises(Exception) as err:
+        asyncio.run(run_steps(pull))
+    assert "SCOFT_WORKSPACE is not set on this worker" in str(err.value.__cause__)
+    monkeypatch.setenv("SCOFT_WORKSPACE", str(tmp_path))
+    with pytest.raises(Exception) as err:
+        asyncio.run(run_steps(pull))
+    assert "no dvc.yaml there" in str(err.value.__cause__)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(ROOT)
+    assert asyncio.run(run_steps(pull))["directory"] == str(tmp_path) and os.getcwd() == str(tmp_path)
