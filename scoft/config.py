@@ -196,6 +196,10 @@ class TrainParams(_Section):
     pixel_loss_every: int = Field(4, ge=1)
     sampler_steps: int = Field(4, ge=1)
     sampler_guidance: float = Field(4.5, ge=0)
+    # ddim: deterministic, evenly spaced; ddpm: the reference's stochastic sampler. The gradient that
+    # reaches the first prediction differs between them (bench/sampler_gradient.py), so the pixel
+    # loss weights tuned for one do not carry over to the other unchanged.
+    sampler: Literal["ddim", "ddpm"] = "ddim"
     contrastive_form: Literal["difference", "hinge"] = "difference"
     contrastive_margin: float = Field(0.1, ge=0)
     random_flip: bool = True

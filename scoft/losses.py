@@ -73,10 +73,31 @@ def prediction_to_eps(output, z_t, alpha_bar, prediction_type: str) -> torch.Ten
     raise ValueError(f"unsupported prediction type {prediction_type!r}")
 
 
-def sampler_timesteps(t: torch.Tensor, steps: int) -> torch.Tensor:
-    """[steps, B] timesteps evenly spaced from each sample's t down to 0 (t = 0 gives all zeros)."""
-    fractions = torch.linspace(1, 0, steps, device=t.device) if steps > 1 else torch.ones(1, device=t.device)
-    return (fractions[:, None] * t[None, :].float()).round().long()
+def sampler_timesteps(t: torch.Tensor, steps: int, schedule: str = "ddim") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the timesteps of the short sampler from its t down to 0, without repeats.
+
+    "ddim": up to `steps` values evenly spaced from t to 0, rounded; rounding a small t would repeat
+    values (t = 5 over 20 steps: 5, 5, 4, 4, ...), and a step from a timestep to itself changes
+    nothing, so repeats are dropped. "ddpm" (the reference's): t - i * floor(t / (steps - 1)) for
+    i = 0..steps-1, then 0, repeats dropped likewise.
+    Returns timesteps [S, B] and a mask [S, B] of the steps each sample takes (its first n_b rows);
+    padded rows repeat the sample's 0.
+    """
+    rows = []
+    for value in t.tolist():
+        if schedule == "ddim":
+            fractions = torch.linspace(1, 0, steps) if steps > 1 else torch.ones(1)
+            taus = (fractions * value).round().long().tolist()
+        elif schedule == "ddpm":
+            stride = value // (steps - 1) if steps > 1 else value
+            taus = [value - i * stride for i in range(steps)] + [0]
+        else:
+            raise ValueError(f"unknown sampler {schedule!r} (ddim or ddpm)")
+        rows.append(sorted(set(taus), reverse=True))
+    longest = max(len(r) for r in rows)
+    timesteps = torch.tensor([r + [0] * (longest - len(r)) for r in rows], device=t.device).T
+    mask = torch.tensor([[i < len(r) for i in range(longest)] for r in rows], device=t.device).T
+    return timesteps, mask
 
 
 def estimate_clean_latents(
@@ -90,22 +111,26 @@ def estimate_clean_latents(
     steps: int,
     guidance_scale: float,
     prediction_type: str = "epsilon",
+    sampler: str = "ddim",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """z0_hat from z_t by a short deterministic sampler (DDIM, eta 0) from t down to 0.
+    """z0_hat from z_t by a short sampler from t down to 0, with classifier-free guidance.
 
+    sampler "ddim": deterministic (eta 0). "ddpm": the reference's stochastic ancestral steps, each
+    from timestep s to the next r drawing z_r from q(z_r | z_s, z0_hat) with noise from `generator`.
     `first_prediction` is the UNet output for (z_t, t, text) that L_LDM already used, with its
     graph: it is the only call that carries gradient. The unconditional half of the first step and
     every later call run under no_grad; the result still depends on the first prediction through
     the sampler's linear updates, so the pixel losses train the model through that one call.
     Each sample keeps its own timestep list, so mixed t in one batch, t = 0 and t = T-1 all work.
     """
-    taus = sampler_timesteps(t, steps)
+    taus, active = sampler_timesteps(t, steps, sampler)
     alphas_cumprod = alphas_cumprod.to(z_t.device)
     with torch.no_grad():
         uncond = unet(z_t.detach(), t, empty_text)
     output = uncond + guidance_scale * (first_prediction - uncond)
     z = z_t
-    for i in range(steps):
+    for i in range(len(taus)):
         if i > 0:
             with torch.no_grad():
                 both = unet(torch.cat([z.detach()] * 2), torch.cat([taus[i]] * 2), torch.cat([empty_text, text]))
@@ -114,9 +139,24 @@ def estimate_clean_latents(
         a = _per_sample(alphas_cumprod[taus[i]], z)
         eps = prediction_to_eps(output, z, a, prediction_type)
         z0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
-        if i + 1 < steps:
+        if i + 1 < len(taus):
             a_next = _per_sample(alphas_cumprod[taus[i + 1]], z)
-            z = a_next.sqrt() * z0 + (1 - a_next).sqrt() * eps
+            if sampler == "ddpm":
+                step = _ancestral_step(z, z0, a, a_next, generator)
+            else:
+                step = a_next.sqrt() * z0 + (1 - a_next).sqrt() * eps
+            ended = torch.where(_per_sample(active[i + 1], z).bool(), step, z0)  # z0 where this was the last step
         else:
-            z = z0
+            ended = z0
+        z = torch.where(_per_sample(active[i], z).bool(), ended, z)  # samples done earlier keep their estimate
     return z
+
+
+def _ancestral_step(z, z0, a, a_next, generator):
+    """A draw from the DDPM posterior q(z_r | z_s, z0) between cumulative alphas a (at s) and a_next (at r)."""
+    alpha = a / a_next
+    beta = 1 - alpha
+    mean = a_next.sqrt() * beta / (1 - a) * z0 + alpha.sqrt() * (1 - a_next) / (1 - a) * z
+    variance = ((1 - a_next) / (1 - a) * beta).clamp(min=0)
+    noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+    return mean + variance.sqrt() * noise

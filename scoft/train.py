@@ -98,7 +98,8 @@ def scoft_losses(unet, frozen: Frozen, batch: dict, params: Params, pixel_step: 
     if pixel_step and (tp.uses("perceptual") or tp.uses("contrastive")):
         empty = frozen.encode_text([""], device).expand(bsz, -1, -1)
         z0_hat = estimate_clean_latents(unet_fn, z_t, t, prediction, text, empty, sched.alphas_cumprod,
-                                        tp.sampler_steps, tp.sampler_guidance, sched.config.prediction_type)
+                                        tp.sampler_steps, tp.sampler_guidance, sched.config.prediction_type,
+                                        tp.sampler, generator)
         x_hat = vae.decode((z0_hat / vae.config.scaling_factor).to(vae.dtype)).sample.float()
         if tp.uses("perceptual"):
             out["perceptual"] = frozen.perceptual(x_hat, image).mean()
@@ -254,6 +255,7 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
     if live is not None:
         live.step = step
     started, start_step, last = time.monotonic(), step, {}
+    computed: dict[str, list[float]] = {}  # every term of the optimizer step's micro-steps, as computed
     while step < max_steps:
         indices = batch_indices(micro, len(dataset), tp.batch_size, rank, world, tp.seed)
         batch = collate([dataset[i] for i in indices])
@@ -267,10 +269,16 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
                 lr_scheduler.step()
                 optimizer.zero_grad()
         micro += 1
+        for name, value in losses.items():
+            computed.setdefault(name, []).append(float(accelerator.reduce(value.detach(), "mean")))  # over processes
         if not accelerator.sync_gradients:
             continue
         step += 1
-        last = {k: float(accelerator.reduce(v.detach(), "mean")) for k, v in losses.items()}  # mean over processes
+        # Pixel losses come every pixel_loss_every micro-steps, which with gradient accumulation need
+        # not be the last micro-step of an optimizer step: log each term's mean over the micro-steps
+        # that computed it, and the total over all of them (the objective this step optimised).
+        last = {name: sum(values) / len(values) for name, values in computed.items()}
+        computed = {}
         if live is not None:
             for name, value in last.items():
                 live.log_metric(f"train/{name}", value)

@@ -58,11 +58,23 @@ def test_contrastive_difference_is_unbounded_but_hinge_is_not():
 
 
 def test_sampler_timesteps_handle_zero_and_last_timestep_per_sample():
-    taus = sampler_timesteps(torch.tensor([0, 999, 10]), steps=4)
-    assert taus.shape == (4, 3)
-    assert taus[:, 0].tolist() == [0, 0, 0, 0]
-    assert taus[:, 1].tolist() == [999, 666, 333, 0]
-    assert taus[0, 2].item() == 10 and taus[-1, 2].item() == 0
+    taus, active = sampler_timesteps(torch.tensor([0, 999, 10]), steps=4)
+    assert taus.shape == (4, 3) and active.shape == (4, 3)
+    assert taus[:, 0].tolist() == [0, 0, 0, 0] and active[:, 0].tolist() == [True, False, False, False]
+    assert taus[:, 1].tolist() == [999, 666, 333, 0] and active[:, 1].all()
+    assert taus[:, 2].tolist() == [10, 7, 3, 0]
+
+
+def test_sampler_timesteps_drop_repeats_for_small_t():
+    taus, active = sampler_timesteps(torch.tensor([5, 999]), steps=20)
+    assert taus[active[:, 0], 0].tolist() == [5, 4, 3, 2, 1, 0]  # was 5, 5, 4, 4, ...: steps that do nothing
+    assert len(set(taus[:, 1].tolist())) == 20
+
+
+def test_reference_ddpm_timesteps():
+    taus, active = sampler_timesteps(torch.tensor([999, 500]), steps=20, schedule="ddpm")
+    assert taus[:, 0].tolist()[:3] == [999, 947, 895] and taus[active[:, 0], 0].tolist()[-2:] == [11, 0]
+    assert taus[active[:, 1], 1].tolist()[-3:] == [32, 6, 0]  # 500 - 19 * 26 = 6, then 0
 
 
 def _alphas(T=1000):
@@ -98,8 +110,8 @@ class RecordingUNet(torch.nn.Module):
         return out
 
 
-@pytest.mark.parametrize("t", [[0, 999], [999, 999], [0, 0], [37, 512]])
-def test_gradient_reaches_the_weights_only_through_the_first_call(t):
+@pytest.mark.parametrize("t,steps", [([0, 999], 3), ([999, 999], 3), ([0, 0], 1), ([37, 512], 3)])
+def test_gradient_reaches_the_weights_only_through_the_first_call(t, steps):
     alphas = _alphas()
     unet = RecordingUNet()
     z_t = torch.randn(2, 4, 3, 3)
@@ -107,8 +119,9 @@ def test_gradient_reaches_the_weights_only_through_the_first_call(t):
     text, empty = torch.ones(2, 1, 1), torch.zeros(2, 1, 1)
     first = unet(z_t, t, text)  # the L_LDM prediction, with its graph
     z0 = estimate_clean_latents(unet, z_t, t, first, text, empty, alphas, steps=3, guidance_scale=4.5)
-    # first call (graph) + unconditional half of step 1 + one batched call per later step, no graph
-    assert unet.calls == [True, False, False, False]
+    # first call (graph) + unconditional half of step 1 + one batched call per later step, no graph;
+    # t = 0 everywhere is one step only
+    assert unet.calls == [True, False] + [False] * (steps - 1)
     z0.sum().backward()
     assert unet.weight.grad is not None and math.isfinite(unet.weight.grad.item())
     # The same quantity with the first prediction detached carries no gradient at all:
@@ -150,3 +163,67 @@ def test_v_prediction_converts_to_eps():
     z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
     v = a.sqrt() * eps - (1 - a).sqrt() * z0
     assert torch.allclose(prediction_to_eps(v, z_t, a, "v_prediction"), eps, atol=1e-6)
+
+
+def _linear_unet(z, tt, emb):
+    """0.5 z for the empty prompt, 0.5 z + 1 for the caption: cond and uncond told apart."""
+    return 0.5 * z + emb.view(-1, *([1] * (z.dim() - 1)))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_three_step_guided_sampler_value_by_hand(prediction_type):
+    alphas = _alphas().double()
+    z_t = torch.tensor([[[[0.8]]]], dtype=torch.float64)
+    t, g = torch.tensor([600]), 3.0
+    text, empty = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    first = torch.tensor([[[[0.2]]]], dtype=torch.float64)  # the caption's prediction at (z_t, 600)
+    got = estimate_clean_latents(_linear_unet, z_t, t, first, text, empty, alphas, 3, g, prediction_type)
+
+    def to_eps(out, z, a):
+        return out if prediction_type == "epsilon" else math.sqrt(a) * out + math.sqrt(1 - a) * z
+
+    a600, a300, a0 = (alphas[k].item() for k in (600, 300, 0))
+    z = 0.8
+    out = 0.5 * z + g * (0.2 - 0.5 * z)  # guidance: uncond + g (cond - uncond)
+    eps = to_eps(out, z, a600)
+    x0 = (z - math.sqrt(1 - a600) * eps) / math.sqrt(a600)
+    z = math.sqrt(a300) * x0 + math.sqrt(1 - a300) * eps  # to t = 300, same eps (DDIM, eta 0)
+    eps = to_eps(0.5 * z + g * 1.0, z, a300)  # later steps: cond 0.5 z + 1, uncond 0.5 z
+    x0 = (z - math.sqrt(1 - a300) * eps) / math.sqrt(a300)
+    z = math.sqrt(a0) * x0 + math.sqrt(1 - a0) * eps
+    eps = to_eps(0.5 * z + g * 1.0, z, a0)
+    x0 = (z - math.sqrt(1 - a0) * eps) / math.sqrt(a0)
+    assert got.item() == pytest.approx(x0, rel=1e-9)
+
+
+def test_small_t_still_gives_the_pixel_losses_a_gradient():
+    alphas = _alphas()
+    z_t = torch.randn(1, 2, 2, 2)
+    first = torch.randn_like(z_t, requires_grad=True)
+    text, empty = torch.ones(1), torch.zeros(1)
+    z0 = estimate_clean_latents(_linear_unet, z_t, torch.tensor([5]), first, text, empty, alphas, 20, 4.5)
+    z0.sum().backward()
+    assert first.grad.abs().sum() > 0.1  # with repeated timesteps the first step cancelled out: exactly 0
+
+
+def test_ddpm_sampler_is_reproducible_with_a_generator_and_stochastic_without_one():
+    alphas = _alphas()
+    z_t, first = torch.randn(2, 2, 2, 2), torch.randn(2, 2, 2, 2)
+    text, empty = torch.ones(2), torch.zeros(2)
+    run = lambda seed: estimate_clean_latents(_linear_unet, z_t, torch.tensor([999, 40]), first, text, empty,  # noqa: E731
+                                              alphas, 20, 4.5, sampler="ddpm",
+                                              generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1), run(1)) and not torch.allclose(run(1), run(2))
+    ddim = estimate_clean_latents(_linear_unet, z_t, torch.tensor([999, 40]), first, text, empty, alphas, 20, 4.5)
+    assert not torch.allclose(run(1), ddim)
+
+
+def test_mixed_timesteps_in_a_batch_match_each_sample_alone():
+    alphas = _alphas()
+    z_t, first = torch.randn(2, 2, 2, 2), torch.randn(2, 2, 2, 2)
+    text, empty = torch.ones(2), torch.zeros(2)
+    both = estimate_clean_latents(_linear_unet, z_t, torch.tensor([5, 900]), first, text, empty, alphas, 20, 4.5)
+    for i, t in enumerate([5, 900]):
+        alone = estimate_clean_latents(_linear_unet, z_t[i:i + 1], torch.tensor([t]), first[i:i + 1], text[:1],
+                                       empty[:1], alphas, 20, 4.5)
+        assert torch.allclose(both[i:i + 1], alone, atol=1e-5)

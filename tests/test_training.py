@@ -51,6 +51,9 @@ def test_every_loss_set_any_batch_size_and_timestep(model_parts, prepared, losse
         | ({"contrastive", "contrastive_positive", "contrastive_negative"} if "contrastive" in losses else set())
     assert set(out) == expected
     assert all(torch.isfinite(v) for v in out.values())
+    w = params.train.loss_weights
+    weights = {"ldm": w.ldm, "memorization": w.memorization, "perceptual": w.perceptual, "contrastive": w.contrastive}
+    assert out["total"].item() == pytest.approx(sum(weights[k] * out[k].item() for k in weights if k in out), rel=1e-6)
     out["total"].backward()
     grads = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
     assert grads and all("lora" in n for n in grads)  # only the adapters learn
@@ -218,3 +221,14 @@ def test_gradient_accumulation_counts_optimizer_steps(prepared, tmp_path):
                     tmp_path / "log", progress=lines.append)
     assert (summary["steps"], summary["micro_steps"]) == (2, 4)
     assert [m.split()[1] for m in lines if m.startswith("step ")] == ["1/2", "2/2"]
+
+
+def test_pixel_losses_are_logged_whenever_computed_under_gradient_accumulation(prepared, tmp_path):
+    lines = []
+    train(_params(gradient_accumulation_steps=4, pixel_loss_every=10, max_steps=3, batch_size=1), *prepared,
+          tmp_path / "lora", tmp_path / "log", progress=lines.append)
+    steps = [m for m in lines if m.startswith("step ")]
+    # micro-steps 0 and 10 compute the pixel losses: they fall in optimizer steps 1 and 3 (micro 0-3, 8-11)
+    assert ["perceptual=" in m and "contrastive=" in m for m in steps] == [True, False, True]
+    logged = (tmp_path / "log/plots/metrics/train/perceptual.tsv").read_text().split()
+    assert logged[0] == "step" and logged[2::2] == ["0", "2"]  # dvclive's steps count from 0
