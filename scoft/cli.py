@@ -201,6 +201,9 @@ def evaluate(
     from scoft.features import build_distance
     from scoft.models import load_pipeline, pick_device
 
+    if p.features.evaluation == p.features.contrastive and p.train.uses("contrastive"):
+        _say(f"warning: features.evaluation is the L_C backbone ({p.features.contrastive}): the full method is "
+             "judged by the network it trained against")
     device = pick_device()
     pipe = load_pipeline(p.model).to(device)
     distance = build_distance(p.features.evaluation, p.features, p.model.seed).to(device)

@@ -79,7 +79,7 @@ class ModelParams(_Section):
         return v
 
 
-Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dreamsim"]
+Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dinov2+clip"]
 
 
 class FeatureParams(_Section):

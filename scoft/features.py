@@ -3,7 +3,8 @@
 - `lpips-vgg`, `lpips-alex`, `lpips-squeeze`: the lpips package (its learned linear weights ship with
   it; the backbone is torchvision's pretrained one for real runs, a seeded random one offline).
 - `dinov2`, `clip`: cosine distance between embeddings of a transformers vision model.
-- `dreamsim`: DreamSim-style, cosine distance between the concatenated DINOv2 and CLIP embeddings.
+- `dinov2+clip`: cosine distance between the concatenated DINOv2 and CLIP embeddings (the ensemble
+  DreamSim starts from, without DreamSim's fine-tuned weights: not DreamSim).
 Transformers backbones load from `features.weights[name]`: "tiny" (a seeded small model, offline), a
 hub id or a local folder. Each network is built once per run and frozen; gradient flows through it to
 the images only.
@@ -24,7 +25,7 @@ from scoft.hub import loading
 
 LPIPS_NETS = {"lpips-vgg": "vgg", "lpips-alex": "alex", "lpips-squeeze": "squeeze"}
 EMBEDDING_MODELS = {"dinov2": Dinov2Model, "clip": CLIPVisionModel}
-BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dreamsim"]
+BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dinov2+clip"]
 _NORMALISATION = {
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "clip": ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)),
@@ -84,8 +85,8 @@ class EmbeddingDistance(_Pairwise):
         return 1 - (e[:, None] * t).sum(-1)
 
 
-class DreamSimStyle(EmbeddingDistance):
-    """DreamSim's recipe with the backbones at hand: concatenated, normalised DINOv2 and CLIP embeddings."""
+class DinoClipEnsemble(EmbeddingDistance):
+    """Concatenated, normalised DINOv2 and CLIP embeddings: the untrained ensemble under DreamSim."""
 
     def __init__(self, params: FeatureParams, seed: int = 0):
         _Pairwise.__init__(self)
@@ -115,6 +116,6 @@ def build_distance(name: str, params: FeatureParams, seed: int = 0) -> nn.Module
         return LpipsDistance(LPIPS_NETS[name], params.lpips_pretrained_backbone, seed)
     if name in EMBEDDING_MODELS:
         return EmbeddingDistance(name, params.weights_for(name), seed)
-    if name == "dreamsim":
-        return DreamSimStyle(params, seed)
+    if name == "dinov2+clip":
+        return DinoClipEnsemble(params, seed)
     raise ValueError(f"unknown feature backbone {name!r} (one of {', '.join(BACKBONES)})")

@@ -28,6 +28,7 @@ def _params_with(tmp_path: Path, section: str, key: str, value) -> Path:
 def test_default_params_load():
     p = load_params(ROOT / "params.yaml")
     assert p.model.base == "tiny" and p.train.loss_weights.contrastive == 0.05
+    assert p.features.evaluation != p.features.contrastive  # +MPC is not judged by the network it trains on
 
 
 @pytest.mark.parametrize("section,key,value,expected", [
