@@ -238,18 +238,20 @@ def generate(
     prompt: Annotated[str, typer.Option(help="Text prompt.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")],
     lora: Path = LORA_DIR,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
+    base: Annotated[bool, typer.Option("--base", help="The base model alone, without the LoRA.")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ):
-    """One image from the base model plus the trained LoRA."""
+    """One image from the base model plus the trained LoRA (or, with --base, the base model alone)."""
     p = _params(params)
-    if not (lora / "pytorch_lora_weights.safetensors").is_file():
-        _fail(f"{lora}: no trained LoRA (run `scoft run` or `scoft train` first)")
+    if not base and not (lora / "pytorch_lora_weights.safetensors").is_file():
+        _fail(f"{lora}: no trained LoRA (run `scoft run` or `scoft train` first, or pass --base)")
     from scoft.models import load_pipeline, pick_device
     from scoft.negatives import generate as sample_images
 
     pipe = load_pipeline(p.model).to(pick_device())
-    pipe.load_lora_weights(str(lora))
+    if not base:
+        pipe.load_lora_weights(str(lora))
     image = sample_images(pipe, [prompt], [seed], _settings(p, p.evaluate.steps, p.evaluate.guidance_scale))[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)

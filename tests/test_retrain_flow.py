@@ -177,6 +177,11 @@ def test_generate_draws_with_the_trained_lora(first_run):
         assert im.size == (32, 32) and im.mode == "RGB"
     missing = scoft("generate", "--prompt", "x", "--out", "y.png", "--lora", "nowhere", cwd=ws)
     assert missing.returncode == 1 and "no trained LoRA" in missing.stderr
+    base = scoft("generate", "--prompt", "a traditional Korean house", "--out", "gen/base.png", "--seed", "3", "--base",
+                 "--lora", "nowhere", cwd=ws)
+    assert base.returncode == 0, base.stderr
+    with Image.open(ws / "gen/base.png") as b, Image.open(ws / "gen/house.png") as tuned:
+        assert b.size == (32, 32) and b.tobytes() != tuned.tobytes()  # without the LoRA, another picture
 
 
 def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(first_run):
