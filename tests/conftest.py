@@ -49,6 +49,9 @@ def make_workspace(path: Path, sample_dir: Path, overrides: dict | None = None) 
     """A DVC workspace like the project root: dvc.yaml, params.yaml, a local remote, the sample."""
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    # the stages list the scoft modules they run as deps (a code change reruns them): a workspace
+    # is a checkout, so it holds them
+    shutil.copytree(ROOT / "scoft", path / "scoft", ignore=shutil.ignore_patterns("__pycache__"))
     write_params(path / "params.yaml", overrides or {})
     shutil.copytree(sample_dir, path / "data" / "sample")
     dvc = [sys.executable, "-m", "dvc"]

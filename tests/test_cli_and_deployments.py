@@ -154,3 +154,20 @@ def test_the_kubernetes_gpu_job_asks_for_the_gpus_the_run_wants_and_mounts_the_w
     assert job["env"]["SCOFT_WORKSPACE"] == "/workspace"  # where the deployments' pull step runs the flow
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert "{{" not in json.dumps(job)  # every placeholder has a value
+
+
+def test_the_reference_profile_and_the_readmes_real_run_keys_validate(tmp_path):
+    import re
+
+    reference = load_params(ROOT / "profiles/reference.yaml")
+    assert (reference.model.resolution, reference.train.lora_rank, reference.train.gradient_accumulation_steps,
+            reference.train.pixel_loss_every, reference.train.sampler_steps, reference.negatives.per_image) == \
+        (512, 64, 4, 10, 20, 5)
+    assert reference.negatives.depth_guided and reference.train.mixed_precision == "bf16"
+    readme = (ROOT / "README.md").read_text()
+    weights = re.search(r"`features\.weights: (\{[^`]*\})`", readme)[1]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["features"]["weights"] = yaml.safe_load(weights)
+    params["model"]["base"] = re.search(r"`model\.base` to a Hugging Face id \(e\.g\. `([^`]+)`", readme)[1]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert load_params(tmp_path / "params.yaml").features.weights["dinov2"] == "facebook/dinov2-small"

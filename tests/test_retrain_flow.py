@@ -57,6 +57,22 @@ def test_all_stages_ran_and_outputs_exist(first_run):
         assert set(m["models"]) == {"base", "scoft"} and set(m["improvement"]) == {"scoft"} and m["n"] >= 1
 
 
+def test_a_change_to_the_training_code_reruns_train_and_evaluate_only(first_run):
+    import subprocess
+    import sys
+
+    ws, _ = first_run
+    losses = ws / "scoft/losses.py"
+    original = losses.read_text()
+    losses.write_text(original + "\n# changed\n")
+    try:
+        status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=ws, capture_output=True,
+                                text=True, check=True)
+    finally:
+        losses.write_text(original)
+    assert set(json.loads(status.stdout)) == {"train"}  # evaluate follows once train's output changes
+
+
 def test_lineage_ties_the_lora_to_data_checks_negatives_and_the_run(first_run):
     ws, state = first_run
     path, record = latest_record(ws)
