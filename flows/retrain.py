@@ -10,7 +10,7 @@ from tasks.ccub import announce_new_version, pull_ccub_version, use_configured_r
 from tasks.dvc import push, stage_task
 from tasks.report import publish_metrics, publish_validation, record_lineage
 
-STAGES = ["ingest", "validate", "negatives", "train", "evaluate"]  # dvc.yaml order
+STAGES = ["ingest", "validate", "base", "negatives", "train", "evaluate"]  # dvc.yaml order
 
 
 @flow(name="retrain", log_prints=True)

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from scoft.config import ConfigError, Params, load_params
+from scoft.paths import BASE_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SCoFT retraining on CCUB: stages, the retrain flow, generation and lineage.")
@@ -57,6 +58,23 @@ def sample(out: Annotated[Path, typer.Option(help="Folder to write the built-in 
     from scoft.sample import write_sample
 
     _say(f"sample CCUB written to {write_sample(out)}")
+
+
+@app.command()
+def base(out: Annotated[Path, typer.Option(help="Folder for the planted-bias base (save_pretrained).")] = BASE_DIR,
+         params: ParamsOpt = Path("params.yaml")):
+    """Pretrain the offline planted-bias base model (model.base: tiny); other bases need nothing here."""
+    p = _params(params)
+    from scoft.io import atomic_dir
+
+    if p.model.base != "tiny":
+        with atomic_dir(out) as tmp:  # the stage's output, saying why it is empty
+            (tmp / "NOT_USED").write_text(f"model.base is {p.model.base!r}: no planted base is built\n", encoding="utf-8")
+        _say(f"base: model.base is {p.model.base!r}, nothing to build")
+        return
+    from scoft.planted import build_planted_base
+
+    build_planted_base(out, p.planted, p.model.resolution, p.model.seed, progress=_say)
 
 
 @app.command()

@@ -64,7 +64,9 @@ CATEGORIES = ("ARCH", "CLOTH", "CITIES", "FOOD", "DANCE", "PEOPLE", "RELIG", "AR
 
 
 class ModelParams(_Section):
-    base: Annotated[str, _location("tiny")] = "tiny"
+    # "tiny": the planted-bias base the `base` stage builds into models/base (scoft/planted.py);
+    # "tiny-random": the same architecture with seeded random weights (fast tests of the mechanics).
+    base: Annotated[str, _location("tiny", "tiny-random")] = "tiny"
     revision: str | None = None
     seed: Seed = 0
     resolution: int = Field(32, ge=16, le=2048)
@@ -77,6 +79,17 @@ class ModelParams(_Section):
         if v % 8:
             raise ValueError("must be a multiple of 8 (the VAE downsamples by powers of two)")
         return v
+
+
+class PlantedParams(_Section):
+    """How the planted-bias base is pretrained (scoft/planted.py); used when model.base is "tiny"."""
+
+    images_per_prompt: int = Field(24, ge=1)  # web images per (culture or generic, category)
+    vae_steps: int = Field(400, ge=1)
+    unet_steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    vae_lr: float = Field(1e-3, gt=0)
+    unet_lr: float = Field(2e-3, gt=0)
 
 
 Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dinov2+clip"]
@@ -242,6 +255,7 @@ class OrchestrationParams(_Section):
 
 class Params(_Section):
     model: ModelParams = ModelParams()
+    planted: PlantedParams = PlantedParams()
     features: FeatureParams = FeatureParams()
     ingest: IngestParams = IngestParams()
     validate_: ValidateParams = Field(alias="validate")

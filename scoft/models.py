@@ -24,9 +24,12 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from scoft.config import ModelParams
-from scoft.hub import loading
+from scoft.hub import ModelUnavailable, loading
+from scoft.paths import BASE_DIR
 
-TINY = "tiny"
+TINY = "tiny"  # the planted-bias base, built by the `base` stage (scoft/planted.py) into BASE_DIR
+TINY_RANDOM = "tiny-random"  # the same architecture, seeded random weights
+
 
 # Small configs of the Stable Diffusion v1 architecture: the same module types, a few channels.
 TINY_UNET = dict(
@@ -39,6 +42,11 @@ TINY_UNET = dict(
     cross_attention_dim=32,
     attention_head_dim=8,
     norm_num_groups=16,
+)
+TINY_PLANTED_UNET = dict(
+    TINY_UNET,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
 TINY_VAE = dict(
     block_out_channels=(16, 32),
@@ -81,10 +89,16 @@ def _tiny_tokenizer_dir() -> str:
     return str(folder)
 
 
-def tiny_pipeline(resolution: int, seed: int = 0) -> StableDiffusionPipeline:
+def untrained_tiny_pipeline(resolution: int, seed: int = 0) -> StableDiffusionPipeline:
+    """The SD v1 architecture at toy size, weights from a fixed seed: what the planted-bias base
+    (scoft/planted.py) starts from, with cross-attention at every level so a prompt can steer it."""
+    return tiny_pipeline(resolution, seed, TINY_PLANTED_UNET)
+
+
+def tiny_pipeline(resolution: int, seed: int = 0, unet_config: dict = TINY_UNET) -> StableDiffusionPipeline:
     """Build the tiny profile: the SD v1 architecture at toy size, weights from a fixed seed."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=resolution // 2, **TINY_UNET)
+    unet = UNet2DConditionModel(sample_size=resolution // 2, **unet_config)
     vae = AutoencoderKL(sample_size=resolution, **TINY_VAE)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
     tokenizer = CLIPTokenizer.from_pretrained(_tiny_tokenizer_dir(), model_max_length=77)
@@ -102,16 +116,23 @@ def tiny_pipeline(resolution: int, seed: int = 0) -> StableDiffusionPipeline:
 
 
 def load_pipeline(params: ModelParams, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """The base model named by params: "tiny", a local save_pretrained folder, or a hub id."""
-    if params.base == TINY:
+    """The base model named by params: "tiny" (the planted-bias base in models/base), "tiny-random",
+    a local save_pretrained folder, or a hub id."""
+    if params.base == TINY_RANDOM:
         pipe = tiny_pipeline(params.resolution, params.seed)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
-        # A local folder and a hub id take the same call; the hub id downloads on first use.
+        location = params.base
+        if params.base == TINY:
+            if not (BASE_DIR / "model_index.json").is_file():
+                raise ModelUnavailable(f"model.base: 'tiny' is the planted-bias base that the `base` stage builds into "
+                                       f"{BASE_DIR}: run `dvc repro base` (or `scoft base`) first")
+            location = str(BASE_DIR)
+        # The planted base, a local folder and a hub id take the same call; a hub id downloads on first use.
         with loading("model.base", params.base):
             pipe = StableDiffusionPipeline.from_pretrained(
-                params.base,
+                location,
                 revision=params.revision,
                 dtype=dtype,
                 safety_checker=None,

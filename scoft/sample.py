@@ -27,7 +27,7 @@ CATEGORIES = {
 }
 
 
-def _draw(category: str, primary, secondary, rng: np.random.Generator, size: int) -> Image.Image:
+def draw(category: str, primary, secondary, rng: np.random.Generator, size: int) -> Image.Image:
     base = rng.integers(0, 40, size=(size, size, 3)) + np.array(secondary) * 0.6
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
@@ -61,7 +61,7 @@ def write_sample(out_dir: str | Path, per_category: int = 4, size: int = 48) -> 
                     name = f"images/{code.lower()}_{cat.lower()}_{i}.png"
                     path = tmp / "train" / name
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    _draw(cat, primary, secondary, rng, size).save(path, format="PNG")
+                    draw(cat, primary, secondary, rng, size).save(path, format="PNG")
                     rows.append({
                         "file_name": name,
                         "text": caption.format(adj=adj) + f", view {i + 1}",

@@ -38,11 +38,21 @@ def sample_dir(tmp_path_factory) -> Path:
     return write_sample(tmp_path_factory.mktemp("sample") / "ccub-sample")
 
 
-@pytest.fixture
-def params():
+# Tests of the mechanics run on the tiny architecture with seeded random weights (fast); the
+# planted-bias base ("tiny", built by the `base` stage) has tests of its own.
+TEST_BASE = "tiny-random"
+
+
+def unit_params(path: Path = ROOT / "params.yaml"):
     from scoft.config import load_params
 
-    return load_params(ROOT / "params.yaml")
+    p = load_params(path)
+    return p.model_copy(update={"model": p.model.model_copy(update={"base": TEST_BASE})})
+
+
+@pytest.fixture
+def params():
+    return unit_params()
 
 
 def make_workspace(path: Path, sample_dir: Path, overrides: dict | None = None) -> Path:
@@ -100,7 +110,7 @@ def prepared(sample_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("prepared")
     ingest([str(sample_dir)], work / "ccub", heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25,
            captioner=FallbackCaptioner(), progress=lambda m: None)
-    pipe = load_pipeline(ModelParams(base="tiny", resolution=32))
+    pipe = load_pipeline(ModelParams(base=TEST_BASE, resolution=32))
     settings = {"steps": 2, "guidance_scale": 4.5, "resolution": 32}
     plan = plan_negatives(read_manifest(work / "ccub"), model_fingerprint(pipe), settings, per_image=2, base_seed=1)
     sample_negatives(pipe, plan, work / "negatives", batch_size=16, settings=settings, progress=lambda m: None)
@@ -110,6 +120,7 @@ def prepared(sample_dir, tmp_path_factory):
 def write_params(path: Path, overrides: dict) -> Path:
     """The project's params.yaml with dotted keys overridden ({"train.max_steps": 4})."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["base"] = TEST_BASE
     for dotted, value in overrides.items():
         *parents, key = dotted.split(".")
         node = params

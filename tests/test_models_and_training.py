@@ -11,6 +11,7 @@ from scoft.config import ModelParams
 from scoft.models import load_pipeline, model_fingerprint, tiny_pipeline
 from scoft.negatives import generate, plan_negatives, read_negative_index, sample_negatives
 from scoft.train import LORA_FILE, train
+from tests.conftest import TEST_BASE, unit_params
 
 SETTINGS = {"steps": 2, "guidance_scale": 4.5, "resolution": 32}
 
@@ -21,7 +22,7 @@ def test_tiny_profile_is_deterministic_and_the_seed_matters():
 
 
 def test_local_folder_loads_through_the_same_loader_with_the_same_weights(tmp_path):
-    tiny = load_pipeline(ModelParams(base="tiny", resolution=32))
+    tiny = load_pipeline(ModelParams(base=TEST_BASE, resolution=32))
     tiny.save_pretrained(tmp_path / "base")
     loaded = load_pipeline(ModelParams(base=str(tmp_path / "base"), resolution=32))
     assert model_fingerprint(loaded) == model_fingerprint(tiny)
@@ -32,10 +33,7 @@ def test_local_folder_loads_through_the_same_loader_with_the_same_weights(tmp_pa
 
 @pytest.fixture(scope="module")
 def trained(sample_dir, tmp_path_factory):
-    from scoft.config import load_params
-    from tests.conftest import ROOT
-
-    base = load_params(ROOT / "params.yaml")
+    base = unit_params()
     train_params = base.train.model_copy(update={"max_steps": 3, "pixel_loss_every": 1, "batch_size": 3})
     params = base.model_copy(update={"train": train_params})
     work = tmp_path_factory.mktemp("train")

@@ -16,13 +16,14 @@ from scoft.negatives import (
     sample_negatives,
     simple_depth,
 )
+from tests.conftest import TEST_BASE
 
 SETTINGS = {"steps": 2, "guidance_scale": 4.5, "resolution": 32}
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return load_pipeline(ModelParams(base="tiny", resolution=32))
+    return load_pipeline(ModelParams(base=TEST_BASE, resolution=32))
 
 
 def test_adding_one_record_samples_exactly_k_new_images(pipe, prepared, tmp_path):

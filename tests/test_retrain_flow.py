@@ -46,7 +46,8 @@ def test_all_stages_ran_and_outputs_exist(first_run):
     ws, state = first_run
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["stages_run"] == {s: True for s in ("ingest", "validate", "negatives", "train", "evaluate")}
+    assert result["stages_run"] == {s: True for s in ("ingest", "validate", "base", "negatives", "train", "evaluate")}
+    assert (ws / "models/base/NOT_USED").is_file()  # the tests' base is tiny-random: no planted base to build
     assert (ws / LORA).is_file()
     report = (ws / "reports/eval/report.md").read_text()
     assert "| KOR |" in report and "grid.png" in report
@@ -137,7 +138,8 @@ def test_rerun_with_nothing_changed_recomputes_nothing(first_run):
     state = retrain(workdir=str(ws), return_state=True)
     assert state.is_completed()
     # ingest always polls its sources; it found nothing new, so nothing downstream ran
-    assert state.result()["stages_run"] == {"ingest": True, **{s: False for s in ("validate", "negatives", "train", "evaluate")}}
+    assert state.result()["stages_run"] == {"ingest": True, **{s: False for s in ("validate", "base", "negatives", "train",
+                                                                                     "evaluate")}}
     assert lora.stat().st_mtime_ns == stamp and sha256_file(lora) == digest
     assert sorted(p.name for p in (ws / "lineage").iterdir()) == records_before
 
@@ -244,7 +246,7 @@ def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(firs
     summary = json.loads((ws / "models/lora/training.json").read_text())
     assert summary["steps"] == 16 and summary["resumed_from"] >= 4
     # pinned: the data came from the DVC remote's record of that version, not from a new ingest
-    assert state.result()["stages_run"] == {"ingest": False, "validate": False, "negatives": False,
+    assert state.result()["stages_run"] == {"ingest": False, "validate": False, "base": False, "negatives": False,
                                             "train": True, "evaluate": True}
     assert json.loads(scoft("lineage", "show", "--json", cwd=ws).stdout)["ccub"]["dvc_hash"] == version
 

@@ -13,11 +13,11 @@ from scoft.config import LOSS_SETS, FeatureParams, load_params
 from scoft.features import BACKBONES, build_distance
 from scoft.io import sha256_file
 from scoft.train import LORA_FILE, Frozen, add_lora, collate, scoft_losses, train
-from tests.conftest import BIN, ROOT, write_params
+from tests.conftest import BIN, ROOT, unit_params, write_params
 
 
 def _params(**train_overrides):
-    base = load_params(ROOT / "params.yaml")
+    base = unit_params()
     return base.model_copy(update={"train": base.train.model_copy(update=train_overrides)})
 
 

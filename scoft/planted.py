@@ -1,0 +1,194 @@
+"""The offline base model with a planted bias: a tiny Stable Diffusion pretrained on a synthetic "web".
+
+On that web every prompt naming a culture shows the culture's *stereotype* (the sample's shapes in a
+wrong palette), and prompts naming no culture lean toward one culture's stereotype; the built-in CCUB
+sample (scoft/sample.py) shows each culture's *truth*. So the default run has something to unlearn,
+and the evaluation can tell whether SCoFT moved the model (an oracle knows the palettes).
+
+The bias lives in the UNet only. The VAE is trained on truth, stereotype and random palettes alike:
+a VAE that had only seen stereotypes would decode every CCUB image back into the stereotype palette,
+and no fine-tune could reach the truth. Everything is seeded and single-order, so two builds on the
+same machine and thread count give the same weights.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from scoft.config import PlantedParams
+from scoft.io import atomic_dir, write_json
+from scoft.sample import CATEGORIES, CULTURES, draw, hash_str
+
+# Each culture's stereotype on the synthetic web: a consistent wrong palette (primary, secondary).
+STEREOTYPES = {
+    "KOR": ((235, 175, 25), (95, 70, 35)),
+    "NGA": ((125, 75, 30), (60, 45, 25)),
+    "MEX": ((225, 205, 70), (150, 95, 45)),
+}
+GENERIC_LEAN = "NGA"  # prompts naming no culture show this culture's stereotype on the web
+BUILD_INFO = "planted_bias.json"
+
+
+def web_captions(culture: str | None, category: str, i: int) -> str:
+    """The web's caption for an image: the CCUB caption naming the culture, or the generic one."""
+    caption, generic = CATEGORIES[category]
+    return generic if culture is None else caption.format(adj=CULTURES[culture][0]) + f", view {i % 4 + 1}"
+
+
+def web_corpus(settings: PlantedParams, resolution: int) -> list[tuple[Image.Image, str]]:
+    """(image, caption) pairs of the synthetic web: stereotypes for every prompt."""
+    pairs = []
+    for culture in [*CULTURES, None]:
+        primary, secondary = STEREOTYPES[culture or GENERIC_LEAN]
+        for category in CATEGORIES:
+            for i in range(settings.images_per_prompt):
+                rng = np.random.default_rng([hash_str("web"), hash_str(culture or "any"), hash_str(category), i])
+                pairs.append((draw(category, primary, secondary, rng, resolution),
+                              web_captions(culture, category, i)))
+    return pairs
+
+
+def palette_corpus(resolution: int, n: int, seed: int) -> list[Image.Image]:
+    """The VAE's corpus: the sample's shapes in random palettes, truths and stereotypes included."""
+    rng = np.random.default_rng([hash_str("palettes"), seed])
+    images = []
+    named = [c[1:] for c in CULTURES.values()] + list(STEREOTYPES.values())
+    for i in range(n):
+        category = list(CATEGORIES)[i % len(CATEGORIES)]
+        if i % 3 == 0:
+            primary, secondary = named[(i // 3) % len(named)]
+        else:
+            primary, secondary = (tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2))
+        images.append(draw(category, primary, secondary, rng, resolution))
+    return images
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def train_vae(vae, images: torch.Tensor, settings: PlantedParams, seed: int, progress=print) -> float:
+    """Reconstruction (MSE) with a small KL term; returns the final reconstruction RMSE on [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    vae.train()
+    for step in range(settings.vae_steps):
+        batch = images[torch.randint(0, len(images), (settings.batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = F.mse_loss(vae.decode(latents).sample, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0:
+            progress(f"planted: vae step {step}/{settings.vae_steps} loss {loss.item():.4f}")
+    vae.eval()
+    return reconstruction_rmse(vae, images[:64])
+
+
+@torch.no_grad()
+def reconstruction_rmse(vae, images: torch.Tensor) -> float:
+    decoded = vae.decode(vae.encode(images).latent_dist.mean).sample
+    return float((decoded - images).pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def _text_embeddings(pipe, captions: list[str]) -> torch.Tensor:
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: PlantedParams, seed: int,
+               progress=print) -> float:
+    """Plain latent-diffusion pretraining on the web corpus, 10% empty captions for guidance."""
+    from scoft.models import training_scheduler
+
+    scheduler = training_scheduler(pipe)
+    with torch.no_grad():
+        latents = pipe.vae.encode(images).latent_dist.mean
+    scale = float(1 / latents.std())
+    pipe.vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    unique = sorted(set(captions)) + [""]
+    embeddings = _text_embeddings(pipe, unique)
+    index = torch.tensor([unique.index(c) for c in captions])
+    empty = len(unique) - 1
+    generator = torch.Generator().manual_seed(seed + 1)
+    unet = pipe.unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.unet_lr, weight_decay=1e-2)
+    lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.unet_steps)
+    for step in range(settings.unet_steps):
+        pick = torch.randint(0, len(latents), (settings.batch_size,), generator=generator)
+        z0 = latents[pick]
+        text = torch.where(torch.rand(len(pick), generator=generator) < 0.1, empty, index[pick])
+        noise = torch.randn(z0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pick),), generator=generator)
+        prediction = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=embeddings[text]).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        lr.step()
+        if step % 250 == 0:
+            progress(f"planted: unet step {step}/{settings.unet_steps} loss {loss.item():.4f}")
+    unet.eval()
+    return float(loss)
+
+
+def build_planted_base(out_dir: str | Path, settings: PlantedParams, resolution: int, seed: int,
+                       progress=print) -> dict:
+    """Pretrain the planted-bias base and write it with save_pretrained (whole or not at all)."""
+    started = time.monotonic()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        pipe, rmse, final_loss = _pretrain(settings, resolution, seed, progress)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    info = {"settings": settings.model_dump(), "resolution": resolution, "seed": seed,
+            "vae_rmse_training_corpus": rmse, "unet_final_loss": final_loss,
+            "seconds": round(time.monotonic() - started, 1), "stereotypes": STEREOTYPES, "generic_lean": GENERIC_LEAN}
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_json(tmp / BUILD_INFO, info)
+    progress(f"planted: base model in {out_dir} after {info['seconds']} s (VAE RMSE {rmse:.3f})")
+    return info
+
+
+def _pretrain(settings: PlantedParams, resolution: int, seed: int, progress):
+    from scoft.models import untrained_tiny_pipeline
+
+    pipe = untrained_tiny_pipeline(resolution, seed)
+    pipe.text_encoder.requires_grad_(False)
+    corpus = web_corpus(settings, resolution)
+    web_images = to_tensor([im for im, _ in corpus])
+    vae_images = torch.cat([to_tensor(palette_corpus(resolution, 384, seed)), web_images])
+    rmse = train_vae(pipe.vae, vae_images, settings, seed, progress)
+    pipe.vae.requires_grad_(False)
+    final_loss = train_unet(pipe, web_images, [c for _, c in corpus], settings, seed, progress)
+    return pipe, rmse, final_loss
+
+
+def palette_distance(image: Image.Image, palette: tuple) -> float:
+    """How far an image's colours are from a palette: mean distance of each pixel to its nearest
+    palette colour (primary, secondary, or the sample's fixed skin/plate colours), in [0, 1]."""
+    primary, secondary = (np.array(c, dtype=np.float32) for c in palette)
+    # as scoft.sample.draw paints: the colours, the darker house body, the shaded background
+    colours = np.stack([primary, secondary, primary // 2, secondary * 0.6 + 20, (180, 140, 110), (240, 240, 230)]) / 255
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3) / 255
+    return float(np.linalg.norm(pixels[:, None] - colours[None], axis=-1).min(axis=1).mean())
+
+
+def stereotype_oracle(image: Image.Image, culture: str) -> bool:
+    """Whether the image is nearer the culture's stereotype palette than its truth (the planted rule)."""
+    truth = CULTURES[culture][1:]
+    return palette_distance(image, STEREOTYPES[culture]) < palette_distance(image, truth)
