@@ -22,27 +22,76 @@ from scoft.render import markdown_text
 BASE = "base"
 
 
-def bootstrap_ci(values: np.ndarray, n: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of the mean."""
+NO_INTERVAL = "fewer than 2 prompts: no interval"
+
+
+def bootstrap_ci(values: np.ndarray, n: int, seed: int) -> tuple[float, float] | None:
+    """95% percentile interval of the mean, resampling the given units (prompts); None below 2 units,
+    where an interval would be a zero-width lie."""
     if len(values) < 2:
-        return float(values.mean()), float(values.mean())
+        return None
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(lo), float(hi)
 
 
+def paired_permutation_p(differences: np.ndarray, rounds: int = 10_000, seed: int = 0) -> float | None:
+    """Two-sided p-value of mean(differences) = 0 by flipping each prompt's sign: exact up to 12
+    prompts, Monte Carlo above. None below 2 prompts."""
+    d = np.asarray(differences, dtype=np.float64)
+    if len(d) < 2:
+        return None
+    observed = abs(d.mean())
+    if len(d) <= 12:
+        signs = np.array(np.meshgrid(*[[1.0, -1.0]] * len(d))).reshape(len(d), -1).T
+        return float(np.mean(np.abs((signs * d).mean(axis=1)) >= observed - 1e-12))
+    signs = np.random.default_rng(seed).choice([1.0, -1.0], size=(rounds, len(d)))
+    return float((np.sum(np.abs((signs * d).mean(axis=1)) >= observed - 1e-12) + 1) / (rounds + 1))
+
+
+def holm(p_values: dict[str, float | None]) -> dict[str, float | None]:
+    """Holm-Bonferroni adjusted p-values over a family (the cultures), step-down, monotone."""
+    tested = sorted((p, k) for k, p in p_values.items() if p is not None)
+    adjusted, running = {k: None for k in p_values}, 0.0
+    for i, (p, k) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - i) * p))
+        adjusted[k] = running
+    return adjusted
+
+
 def _stats(values: np.ndarray, n: int, seed: int) -> dict:
-    lo, hi = bootstrap_ci(values, n, seed)
-    return {"mean": float(values.mean()), "ci95_low": lo, "ci95_high": hi}
+    interval = bootstrap_ci(values, n, seed)
+    if interval is None:
+        return {"mean": float(values.mean()), "ci95_low": None, "ci95_high": None, "insufficient": NO_INTERVAL}
+    return {"mean": float(values.mean()), "ci95_low": interval[0], "ci95_high": interval[1]}
 
 
 def _summary(dist: dict[str, np.ndarray], idx: np.ndarray, bootstrap: int, seed: int) -> dict:
+    """Per model, over the prompts in idx (each prompt's distance averaged over its seeds first)."""
     return {
         "n": int(idx.sum()),
         "models": {name: _stats(d[idx], bootstrap, seed) for name, d in dist.items()},
-        "improvement": {name: _stats(dist[BASE][idx] - d[idx], bootstrap, seed) for name, d in dist.items() if name != BASE},
+        "improvement": {name: {**_stats(dist[BASE][idx] - d[idx], bootstrap, seed),
+                               "p_permutation": paired_permutation_p(dist[BASE][idx] - d[idx], seed=seed)}
+                        for name, d in dist.items() if name != BASE},
     }
+
+
+def culture_metrics(dist: dict[str, np.ndarray], prompt_cultures: np.ndarray, all_cultures: list[str],
+                    bootstrap: int, seed: int) -> dict:
+    """Per culture: the summary, each LoRA's paired test against the base with Holm's correction
+    across cultures; a culture without held-out prompts is named, not dropped."""
+    per_culture = {}
+    for culture in all_cultures:
+        idx = prompt_cultures == culture
+        per_culture[culture] = (_summary(dist, idx, bootstrap, seed) if idx.any()
+                                else {"n": 0, "insufficient": "no held-out record for this culture"})
+    for name in (n for n in dist if n != BASE):
+        tested = {c: m["improvement"][name]["p_permutation"] for c, m in per_culture.items() if m["n"]}
+        for culture, p in holm(tested).items():
+            per_culture[culture]["improvement"][name]["p_holm"] = p
+    return per_culture
 
 
 @torch.no_grad()
@@ -76,12 +125,16 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
         images[name] = sample()
         pipe.unload_lora_weights()
         progress(f"evaluate: {len(prompts)} images from {name}")
-    dist = {name: _distances(distance, imgs, refs, settings["resolution"]) for name, imgs in images.items()}
-    cultures = np.array([r.culture for r in held for _ in range(samples_per_prompt)])
+    # per prompt (a held-out record): its distance averaged over the sampling seeds; intervals and
+    # tests resample prompts, not the images of one prompt
+    dist = {name: _distances(distance, imgs, refs, settings["resolution"]).reshape(len(held), samples_per_prompt)
+            .mean(axis=1) for name, imgs in images.items()}
+    cultures = np.array([r.culture for r in held])
     metrics = {
         "metric": "feature_distance",
-        "overall": _summary(dist, np.ones(len(prompts), dtype=bool), bootstrap, seed),
-        "per_culture": {c: _summary(dist, cultures == c, bootstrap, seed) for c in sorted(set(cultures))},
+        "unit": f"prompt (mean over {samples_per_prompt} seed(s))",
+        "overall": _summary(dist, np.ones(len(held), dtype=bool), bootstrap, seed),
+        "per_culture": culture_metrics(dist, cultures, sorted({r.culture for r in records}), bootstrap, seed),
     }
     return {"metrics": metrics, "images": images, "held": held, "prompts": prompts}
 
@@ -95,7 +148,10 @@ def image_grid(rows: list[list[Image.Image]], size: int) -> Image.Image:
 
 
 def _cell(s: dict) -> str:
-    return f"{s['mean']:.4f} [{s['ci95_low']:.4f}, {s['ci95_high']:.4f}]"
+    if s.get("insufficient"):
+        return f"{s['mean']:.4f} ({s['insufficient']})"
+    p = f", p {s['p_holm']:.3g} (Holm)" if s.get("p_holm") is not None else ""
+    return f"{s['mean']:.4f} [{s['ci95_low']:.4f}, {s['ci95_high']:.4f}]{p}"
 
 
 def metrics_markdown(metrics: dict, backbone: str) -> list[str]:
@@ -103,10 +159,14 @@ def metrics_markdown(metrics: dict, backbone: str) -> list[str]:
     tuned = [n for n in names if n != BASE]
     lines = [f"Feature distance ({backbone}) between generated images and held-out CCUB images for the same "
              "caption (lower is closer); improvement = base - model (higher is better). Same prompts and seeds "
-             "for every model; 95% bootstrap intervals.", "",
+             "for every model; 95% bootstrap intervals over prompts; p: paired sign-flip permutation test "
+             "against the base, Holm-corrected across cultures.", "",
              "| culture | n | " + " | ".join(names) + " | " + " | ".join(f"improvement {n}" for n in tuned) + " |",
              "|---" * (2 + len(names) + len(tuned)) + "|"]
     for culture, m in [*metrics["per_culture"].items(), ("all", metrics["overall"])]:
+        if "models" not in m:
+            lines.append(f"| {markdown_text(culture)} | 0 | {m['insufficient']} |" + " |" * (len(names) + len(tuned) - 1))
+            continue
         cells = [_cell(m["models"][n]) for n in names] + [_cell(m["improvement"][n]) for n in tuned]
         lines.append(f"| {markdown_text(culture)} | {m['n']} | " + " | ".join(cells) + " |")
     return lines

@@ -42,15 +42,21 @@ def publish_validation(workdir: str = ".") -> dict | None:
     return summary
 
 
+def _metrics_row(culture: str, m: dict) -> dict:
+    if "models" not in m:
+        return {"culture": culture, "n": 0, "base": None, "scoft": None, "improvement": None,
+                "improvement_ci95": m["insufficient"], "p_holm": None}
+    gain = m["improvement"]["scoft"]
+    interval = gain.get("insufficient") or f"[{gain['ci95_low']:.5f}, {gain['ci95_high']:.5f}]"
+    return {"culture": culture, "n": m["n"], "base": round(m["models"]["base"]["mean"], 5),
+            "scoft": round(m["models"]["scoft"]["mean"], 5), "improvement": round(gain["mean"], 5),
+            "improvement_ci95": interval, "p_holm": gain.get("p_holm")}
+
+
 @task(name="publish-metrics")
 def publish_metrics(workdir: str = ".") -> dict:
     metrics = _read(Path(workdir) / "reports/metrics.json")
-    rows = [
-        {"culture": culture, "n": m["n"], "base": round(m["models"]["base"]["mean"], 5),
-         "scoft": round(m["models"]["scoft"]["mean"], 5), "improvement": round(m["improvement"]["scoft"]["mean"], 5),
-         "improvement_ci95": f"[{m['improvement']['scoft']['ci95_low']:.5f}, {m['improvement']['scoft']['ci95_high']:.5f}]"}
-        for culture, m in [*metrics["per_culture"].items(), ("all", metrics["overall"])]
-    ]
+    rows = [_metrics_row(culture, m) for culture, m in [*metrics["per_culture"].items(), ("all", metrics["overall"])]]
     create_table_artifact(key="scoft-metrics", table=rows,
                           description=f"{metrics['metric']} to held-out CCUB images (lower is better)")
     return metrics

@@ -1,0 +1,46 @@
+"""The evaluation's statistics: intervals over prompts, paired permutation tests, Holm's correction,
+and cultures with too little held-out data named rather than shown with a zero-width interval."""
+
+import numpy as np
+import pytest
+
+from scoft.evaluate import NO_INTERVAL, bootstrap_ci, culture_metrics, holm, metrics_markdown, paired_permutation_p
+
+
+def test_no_interval_below_two_prompts():
+    assert bootstrap_ci(np.array([0.4]), 100, 0) is None
+    lo, hi = bootstrap_ci(np.array([0.1, 0.3, 0.5, 0.7]), 2000, 0)
+    assert 0.1 <= lo < 0.4 < hi <= 0.7
+
+
+def test_exact_paired_permutation_p_by_hand():
+    # 8 sign patterns of (1, 2, 3): |mean| >= 2 only for all + and all -: p = 2 / 8
+    assert paired_permutation_p(np.array([1.0, 2.0, 3.0])) == pytest.approx(0.25)
+    assert paired_permutation_p(np.array([1.0, -1.0])) == pytest.approx(1.0)
+    assert paired_permutation_p(np.array([0.5])) is None
+    many = np.full(20, 0.3)  # Monte Carlo above 12 prompts: only the two extreme patterns reach it
+    assert paired_permutation_p(many, rounds=2000) < 0.01
+
+
+def test_holm_by_hand():
+    adjusted = holm({"KOR": 0.01, "MEX": 0.04, "NGA": 0.03, "CHN": None})
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04, made monotone: 0.03, 0.06, 0.06
+    assert adjusted == {"KOR": pytest.approx(0.03), "NGA": pytest.approx(0.06), "MEX": pytest.approx(0.06), "CHN": None}
+
+
+def test_per_culture_reports_missing_and_thin_cultures_and_tests_the_rest():
+    dist = {"base": np.array([0.9, 0.8, 0.85, 0.7]), "scoft": np.array([0.5, 0.4, 0.45, 0.6])}
+    cultures = np.array(["KOR", "KOR", "KOR", "MEX"])
+    metrics = culture_metrics(dist, cultures, ["CHN", "KOR", "MEX"], 500, 0)
+    assert metrics["CHN"] == {"n": 0, "insufficient": "no held-out record for this culture"}
+    mex = metrics["MEX"]["improvement"]["scoft"]
+    assert mex["insufficient"] == NO_INTERVAL and mex["ci95_low"] is None and mex["p_permutation"] is None
+    kor = metrics["KOR"]["improvement"]["scoft"]
+    assert kor["mean"] == pytest.approx(0.4) and kor["p_permutation"] == pytest.approx(0.25)  # 3 prompts, all +
+    assert kor["p_holm"] == pytest.approx(0.25)  # the only tested culture: Holm leaves it
+    overall = {"n": 4, "models": {"base": {"mean": 0.8, "ci95_low": 0.7, "ci95_high": 0.9},
+                                  "scoft": {"mean": 0.5, "ci95_low": 0.4, "ci95_high": 0.6}},
+               "improvement": {"scoft": {"mean": 0.3, "ci95_low": 0.1, "ci95_high": 0.5}}}
+    table = "\n".join(metrics_markdown({"per_culture": metrics, "overall": overall}, "clip"))
+    assert "| CHN | 0 | no held-out record for this culture |" in table
+    assert "fewer than 2 prompts: no interval" in table and "p 0.25 (Holm)" in table
