@@ -130,9 +130,14 @@ class IngestParams(_Section):
                            max_bytes=self.max_image_bytes)
 
 
-def _alpha3(code: str) -> str:
-    from scoft.sources import is_alpha3
+def is_alpha3(code: str) -> bool:
+    """An ISO 3166-1 alpha-3 country code, as CCUB names cultures."""
+    import pycountry
 
+    return len(code) == 3 and code.isalpha() and code.isupper() and pycountry.countries.get(alpha_3=code) is not None
+
+
+def _alpha3(code: str) -> str:
     if not is_alpha3(code):
         raise ValueError(f"{code!r} is not an ISO 3166-1 alpha-3 country code")
     return code

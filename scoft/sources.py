@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pycountry
-
+from scoft.config import is_alpha3
 from scoft.fetch import FetchError, FetchPolicy, check_url, fetch_http, fetch_local, fetch_s3, split_s3_uri
 
 # Accepted column names, first the CCUB sheet's, then the SCoFT imagefolder's.
@@ -60,10 +59,6 @@ class SourceRows:
     def extend(self, other: "SourceRows") -> None:
         self.rows += other.rows
         self.rejected += other.rejected
-
-
-def is_alpha3(code: str) -> bool:
-    return len(code) == 3 and code.isalpha() and code.isupper() and pycountry.countries.get(alpha_3=code) is not None
 
 
 def _pick(raw: dict, name: str) -> str:

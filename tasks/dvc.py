@@ -114,20 +114,23 @@ SLOT_NOTICE_S = 2  # a wait longer than this is logged, so a silent run page has
 
 @contextlib.contextmanager
 def _workspace_slot(workdir: str, label: str):
-    """Hold the workspace's DVC slot; when another DVC command holds it, say so in the run's log."""
-    slot, acquired = workspace_lock(workdir), False
+    """Hold the workspace's DVC slot; when another DVC command holds it, say so in the run's log.
+    (A watcher thread, not a time-out on the acquisition: Prefect logs every timed-out acquisition
+    as an error.)"""
+    slot, logger, acquired = workspace_lock(workdir), get_run_logger(), threading.Event()
+
+    def notice():
+        if not acquired.wait(SLOT_NOTICE_S):
+            logger.info("%s: waiting for the workspace's DVC slot %s (another DVC command is running in %s; "
+                        "one at a time, see Concurrency in the UI)", label, slot, Path(workdir).resolve())
+
+    threading.Thread(target=notice, daemon=True).start()
     try:
-        with concurrency(slot, occupy=1, strict=True, timeout_seconds=SLOT_NOTICE_S):
-            acquired = True
+        with concurrency(slot, occupy=1, strict=True):
+            acquired.set()
             yield
-            return
-    except TimeoutError:
-        if acquired:
-            raise  # from the body, not from the wait
-    get_run_logger().info("%s: waiting for the workspace's DVC slot %s (another DVC command is running in %s; "
-                          "one at a time, see Concurrency in the UI)", label, slot, Path(workdir).resolve())
-    with concurrency(slot, occupy=1, strict=True):
-        yield
+    finally:
+        acquired.set()
 
 
 def _run_dvc(args: list[str], workdir: str, label: str, timeout_s: float | None) -> list[str]:
