@@ -85,6 +85,7 @@ class PlantedParams(_Section):
     """How the planted-bias base is pretrained (scoft/planted.py); used when model.base is "tiny"."""
 
     images_per_prompt: int = Field(24, ge=1)  # web images per (culture or generic, category)
+    truth_share: float = Field(0.0, ge=0, lt=0.5)  # of a culture's web images, the share in its true palette
     vae_steps: int = Field(400, ge=1)
     unet_steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)

@@ -42,12 +42,16 @@ def web_captions(culture: str | None, category: str, i: int) -> str:
 
 
 def web_corpus(settings: PlantedParams, resolution: int) -> list[tuple[Image.Image, str]]:
-    """(image, caption) pairs of the synthetic web: stereotypes for every prompt."""
+    """(image, caption) pairs of the synthetic web: mostly stereotypes for every prompt naming a
+    culture, a minority (settings.truth_share) in the culture's true palette, as a biased web has
+    accurate pictures too, outnumbered; prompts naming no culture show GENERIC_LEAN's stereotype."""
     pairs = []
+    truths = max(0, round(settings.truth_share * settings.images_per_prompt))
     for culture in [*CULTURES, None]:
-        primary, secondary = STEREOTYPES[culture or GENERIC_LEAN]
         for category in CATEGORIES:
             for i in range(settings.images_per_prompt):
+                true = culture is not None and i < truths
+                primary, secondary = CULTURES[culture][1:] if true else STEREOTYPES[culture or GENERIC_LEAN]
                 rng = np.random.default_rng([hash_str("web"), hash_str(culture or "any"), hash_str(category), i])
                 pairs.append((draw(category, primary, secondary, rng, resolution),
                               web_captions(culture, category, i)))
