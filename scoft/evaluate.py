@@ -100,6 +100,34 @@ def _distances(distance, images: list[Image.Image], refs: torch.Tensor, resoluti
     return torch.cat([distance(gen[i:i + 16], refs[i:i + 16]) for i in range(0, len(gen), 16)]).cpu().numpy()
 
 
+@torch.no_grad()
+def distance_matrix(distance, images: list[Image.Image], refs: torch.Tensor, resolution: int) -> np.ndarray:
+    """D(generated_i, reference_j) for every pair: [len(images), len(refs)]."""
+    gen = torch.stack([image_transform(resolution)(im) for im in images]).to(refs.device)
+    rows = [distance.pairwise(gen[i:i + 16], refs[None].expand(len(gen[i:i + 16]), *refs.shape))
+            for i in range(0, len(gen), 16)]
+    return torch.cat(rows).cpu().numpy()
+
+
+def nearest_culture(distances: np.ndarray, ref_cultures: np.ndarray) -> np.ndarray:
+    """Nearest-centroid retrieval in distance terms: per generated image, the culture whose held-out
+    references are nearest on average."""
+    cultures = np.unique(ref_cultures)
+    mean_to = np.stack([distances[:, ref_cultures == c].mean(axis=1) for c in cultures], axis=1)
+    return cultures[mean_to.argmin(axis=1)]
+
+
+def retrieval_metrics(hits: dict[str, np.ndarray], prompt_cultures: np.ndarray, bootstrap: int, seed: int) -> dict:
+    """Share of images generated for culture X retrieved as X (per prompt over its seeds), per model,
+    per culture and overall, with intervals over prompts."""
+    def block(idx):
+        return {name: _stats(h[idx], bootstrap, seed) for name, h in hits.items()}
+
+    return {"chance": 1 / len(np.unique(prompt_cultures)),
+            "overall": block(np.ones(len(prompt_cultures), dtype=bool)),
+            "per_culture": {c: block(prompt_cultures == c) for c in np.unique(prompt_cultures).tolist()}}
+
+
 def heldout_records(records: list[Record]) -> list[Record]:
     return [r for r in records if r.split == HELDOUT]
 
@@ -130,7 +158,12 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
     dist = {name: _distances(distance, imgs, refs, settings["resolution"]).reshape(len(held), samples_per_prompt)
             .mean(axis=1) for name, imgs in images.items()}
     cultures = np.array([r.culture for r in held])
+    unique_refs = refs[::samples_per_prompt]  # one reference image per held-out record
+    hits = {name: (nearest_culture(distance_matrix(distance, imgs, unique_refs, settings["resolution"]), cultures)
+                   == np.repeat(cultures, samples_per_prompt)).reshape(len(held), samples_per_prompt).mean(axis=1)
+            for name, imgs in images.items()}
     metrics = {
+        "retrieval_accuracy": retrieval_metrics(hits, cultures, bootstrap, seed),
         "metric": "feature_distance",
         "unit": f"prompt (mean over {samples_per_prompt} seed(s))",
         "overall": _summary(dist, np.ones(len(held), dtype=bool), bootstrap, seed),
@@ -172,12 +205,23 @@ def metrics_markdown(metrics: dict, backbone: str) -> list[str]:
     return lines
 
 
+def retrieval_markdown(retrieval: dict) -> list[str]:
+    names = list(retrieval["overall"])
+    lines = [f"Culture retrieval accuracy: the share of images generated for a culture whose nearest culture (mean "
+             f"distance to its held-out references) is that culture; chance {retrieval['chance']:.2f}; higher is "
+             "better.", "", "| culture | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    for culture, row in [*retrieval["per_culture"].items(), ("all", retrieval["overall"])]:
+        lines.append(f"| {markdown_text(culture)} | " + " | ".join(_cell(row[n]) for n in names) + " |")
+    return lines
+
+
 def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: str, size: int = 64) -> None:
     per_prompt = len(result["prompts"]) // len(result["held"])
     refs = [Image.open(Path(ccub_dir) / r.file) for r in result["held"] for _ in range(per_prompt)]
     names = list(result["images"])
     rows = [[ref, *(result["images"][n][i] for n in names)] for i, ref in enumerate(refs)]
     lines = ["# SCoFT evaluation", "", *metrics_markdown(result["metrics"], backbone), "",
+             *retrieval_markdown(result["metrics"]["retrieval_accuracy"]), "",
              f"Columns of the grid: held-out reference, {', '.join(names)}. Rows, in order:", ""]
     lines += [f"{i + 1}. {markdown_text(p)}" for i, p in enumerate(result["prompts"])]
     lines += ["", f"![reference | {' | '.join(names)}](grid.png)", ""]

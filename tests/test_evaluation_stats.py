@@ -44,3 +44,19 @@ def test_per_culture_reports_missing_and_thin_cultures_and_tests_the_rest():
     table = "\n".join(metrics_markdown({"per_culture": metrics, "overall": overall}, "clip"))
     assert "| CHN | 0 | no held-out record for this culture |" in table
     assert "fewer than 2 prompts: no interval" in table and "p 0.25 (Holm)" in table
+
+
+def test_nearest_culture_by_mean_distance_to_held_out_references():
+    from scoft.evaluate import nearest_culture, retrieval_markdown, retrieval_metrics
+
+    refs = np.array(["KOR", "KOR", "MEX"])
+    distances = np.array([[0.1, 0.3, 0.25],   # KOR mean 0.2 < MEX 0.25
+                          [0.1, 0.5, 0.25],   # KOR mean 0.3 > MEX 0.25
+                          [0.9, 0.9, 0.1]])
+    assert nearest_culture(distances, refs).tolist() == ["KOR", "MEX", "MEX"]
+    hits = {"base": np.array([1.0, 0.0, 0.5]), "scoft": np.array([1.0, 1.0, 1.0])}
+    retrieval = retrieval_metrics(hits, np.array(["KOR", "KOR", "MEX"]), 500, 0)
+    assert retrieval["chance"] == 0.5
+    assert retrieval["per_culture"]["KOR"]["base"]["mean"] == 0.5
+    assert retrieval["per_culture"]["MEX"]["scoft"]["insufficient"] == NO_INTERVAL
+    assert "| all | 0.5000 [" in "\n".join(retrieval_markdown(retrieval))

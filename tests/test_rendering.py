@@ -42,7 +42,9 @@ def test_the_evaluation_report_shows_hostile_captions_as_text(tmp_path):
             for i, c in enumerate(HOSTILE)]
     stats = {"mean": 0.5, "ci95_low": 0.4, "ci95_high": 0.6}
     summary = {"n": len(held), "models": {"base": stats}, "improvement": {}}
-    result = {"metrics": {"metric": "feature_distance", "overall": summary, "per_culture": {"KOR": summary}},
+    retrieval = {"chance": 1.0, "overall": {"base": stats}, "per_culture": {"KOR": {"base": stats}}}
+    result = {"metrics": {"metric": "feature_distance", "overall": summary, "per_culture": {"KOR": summary},
+                          "retrieval_accuracy": retrieval},
               "images": {"base": [Image.fromarray(np.zeros((32, 32, 3), np.uint8))] * len(held)},
               "held": held, "prompts": [r.caption for r in held]}
     write_evaluation(tmp_path / "eval", tmp_path / "metrics.json", result, ccub, "clip")

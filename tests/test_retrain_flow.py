@@ -56,6 +56,10 @@ def test_all_stages_ran_and_outputs_exist(first_run):
     assert set(metrics["per_culture"]) == {"KOR", "MEX", "NGA"}
     for m in metrics["per_culture"].values():
         assert set(m["models"]) == {"base", "scoft"} and set(m["improvement"]) == {"scoft"} and m["n"] >= 1
+    retrieval = metrics["retrieval_accuracy"]
+    assert retrieval["chance"] == pytest.approx(1 / 3) and set(retrieval["per_culture"]) == {"KOR", "MEX", "NGA"}
+    assert all(0 <= v["mean"] <= 1 for row in retrieval["per_culture"].values() for v in row.values())
+    assert "Culture retrieval accuracy" in report
 
 
 def test_a_change_to_the_training_code_reruns_train_and_evaluate_only(first_run):
