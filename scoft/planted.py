@@ -145,7 +145,7 @@ def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: Plante
         if step % 250 == 0:
             progress(f"planted: unet step {step}/{settings.unet_steps} loss {loss.item():.4f}")
     unet.eval()
-    return float(loss)
+    return loss.item()
 
 
 def build_planted_base(out_dir: str | Path, settings: PlantedParams, resolution: int, seed: int,
