@@ -128,6 +128,19 @@ def retrieval_metrics(hits: dict[str, np.ndarray], prompt_cultures: np.ndarray, 
             "per_culture": {c: block(prompt_cultures == c) for c in np.unique(prompt_cultures).tolist()}}
 
 
+def generic_distribution(retrieved: dict[str, np.ndarray], cultures: list[str], prompts: list[str]) -> dict:
+    """Per model, the share of generic-prompt images retrieved as each culture and its entropy in bits
+    (log2 of the number of cultures when even; 0 when every image lands on one culture)."""
+    out = {"prompts": prompts, "max_entropy_bits": float(np.log2(len(cultures))), "models": {}}
+    for name, labels in retrieved.items():
+        shares = np.array([(labels == c).mean() for c in cultures])
+        nonzero = shares[shares > 0]
+        out["models"][name] = {"shares": dict(zip(cultures, shares.round(4).tolist())),
+                               "entropy_bits": max(0.0, float(-(nonzero * np.log2(nonzero)).sum())),  # no -0.0
+                               "images": int(len(labels))}
+    return out
+
+
 def heldout_records(records: list[Record]) -> list[Record]:
     return [r for r in records if r.split == HELDOUT]
 
@@ -144,15 +157,21 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
     refs = torch.stack([load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"])
                         for r in held for _ in range(samples_per_prompt)]).to(device)
 
-    def sample() -> list[Image.Image]:
-        return [im for i in range(0, len(prompts), 8) for im in generate(pipe, prompts[i:i + 8], seeds[i:i + 8], settings)]
+    # prompts that name no culture (the generic captions): which culture does each model draw?
+    generic = sorted({r.generic_caption for r in held})
+    generic_prompts = [g for g in generic for _ in range(samples_per_prompt)]
+    generic_seeds = [seed + j for _ in generic for j in range(samples_per_prompt)]
 
-    images = {BASE: sample()}
+    def sample(texts: list[str], text_seeds: list[int]) -> list[Image.Image]:
+        return [im for i in range(0, len(texts), 8) for im in generate(pipe, texts[i:i + 8], text_seeds[i:i + 8], settings)]
+
+    images, generic_images = {BASE: sample(prompts, seeds)}, {BASE: sample(generic_prompts, generic_seeds)}
     for name, lora in loras.items():
         pipe.load_lora_weights(str(lora))
-        images[name] = sample()
+        images[name] = sample(prompts, seeds)
+        generic_images[name] = sample(generic_prompts, generic_seeds)
         pipe.unload_lora_weights()
-        progress(f"evaluate: {len(prompts)} images from {name}")
+        progress(f"evaluate: {len(prompts)} + {len(generic_prompts)} generic images from {name}")
     # per prompt (a held-out record): its distance averaged over the sampling seeds; intervals and
     # tests resample prompts, not the images of one prompt
     dist = {name: _distances(distance, imgs, refs, settings["resolution"]).reshape(len(held), samples_per_prompt)
@@ -162,8 +181,11 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
     hits = {name: (nearest_culture(distance_matrix(distance, imgs, unique_refs, settings["resolution"]), cultures)
                    == np.repeat(cultures, samples_per_prompt)).reshape(len(held), samples_per_prompt).mean(axis=1)
             for name, imgs in images.items()}
+    retrieved = {name: nearest_culture(distance_matrix(distance, imgs, unique_refs, settings["resolution"]), cultures)
+                 for name, imgs in generic_images.items()}
     metrics = {
         "retrieval_accuracy": retrieval_metrics(hits, cultures, bootstrap, seed),
+        "generic_prompts": generic_distribution(retrieved, np.unique(cultures).tolist(), generic),
         "metric": "feature_distance",
         "unit": f"prompt (mean over {samples_per_prompt} seed(s))",
         "overall": _summary(dist, np.ones(len(held), dtype=bool), bootstrap, seed),
@@ -215,6 +237,19 @@ def retrieval_markdown(retrieval: dict) -> list[str]:
     return lines
 
 
+def generic_markdown(generic: dict) -> list[str]:
+    cultures = list(next(iter(generic["models"].values()))["shares"])
+    lines = [f"Prompts naming no culture ({len(generic['prompts'])}: "
+             + "; ".join(markdown_text(p) for p in generic["prompts"])
+             + f"): the share of images retrieved as each culture and the entropy (bits, even spread "
+             f"{generic['max_entropy_bits']:.2f}). Too few prompts for intervals: a description, not a test.", "",
+             "| model | " + " | ".join(markdown_text(c) for c in cultures) + " | entropy |", "|---" * (2 + len(cultures)) + "|"]
+    for name, m in generic["models"].items():
+        lines.append(f"| {markdown_text(name)} | " + " | ".join(f"{m['shares'][c]:.2f}" for c in cultures)
+                     + f" | {m['entropy_bits']:.2f} |")
+    return lines
+
+
 def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: str, size: int = 64) -> None:
     per_prompt = len(result["prompts"]) // len(result["held"])
     refs = [Image.open(Path(ccub_dir) / r.file) for r in result["held"] for _ in range(per_prompt)]
@@ -222,6 +257,7 @@ def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: st
     rows = [[ref, *(result["images"][n][i] for n in names)] for i, ref in enumerate(refs)]
     lines = ["# SCoFT evaluation", "", *metrics_markdown(result["metrics"], backbone), "",
              *retrieval_markdown(result["metrics"]["retrieval_accuracy"]), "",
+             *generic_markdown(result["metrics"]["generic_prompts"]), "",
              f"Columns of the grid: held-out reference, {', '.join(names)}. Rows, in order:", ""]
     lines += [f"{i + 1}. {markdown_text(p)}" for i, p in enumerate(result["prompts"])]
     lines += ["", f"![reference | {' | '.join(names)}](grid.png)", ""]

@@ -60,3 +60,15 @@ def test_nearest_culture_by_mean_distance_to_held_out_references():
     assert retrieval["per_culture"]["KOR"]["base"]["mean"] == 0.5
     assert retrieval["per_culture"]["MEX"]["scoft"]["insufficient"] == NO_INTERVAL
     assert "| all | 0.5000 [" in "\n".join(retrieval_markdown(retrieval))
+
+
+def test_generic_prompt_distribution_and_entropy_by_hand():
+    from scoft.evaluate import generic_distribution, generic_markdown
+
+    retrieved = {"base": np.array(["NGA", "NGA", "NGA", "NGA"]), "scoft": np.array(["KOR", "MEX", "NGA", "NGA"])}
+    generic = generic_distribution(retrieved, ["KOR", "MEX", "NGA"], ["a house with a roof"])
+    assert generic["models"]["base"] == {"shares": {"KOR": 0.0, "MEX": 0.0, "NGA": 1.0}, "entropy_bits": 0.0, "images": 4}
+    assert generic["models"]["scoft"]["entropy_bits"] == pytest.approx(1.5)  # 1/4, 1/4, 1/2
+    assert generic["max_entropy_bits"] == pytest.approx(np.log2(3))
+    table = "\n".join(generic_markdown(generic))
+    assert "| base | 0.00 | 0.00 | 1.00 | 0.00 |" in table and "| scoft | 0.25 | 0.25 | 0.50 | 1.50 |" in table

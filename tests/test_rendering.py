@@ -44,7 +44,10 @@ def test_the_evaluation_report_shows_hostile_captions_as_text(tmp_path):
     summary = {"n": len(held), "models": {"base": stats}, "improvement": {}}
     retrieval = {"chance": 1.0, "overall": {"base": stats}, "per_culture": {"KOR": {"base": stats}}}
     result = {"metrics": {"metric": "feature_distance", "overall": summary, "per_culture": {"KOR": summary},
-                          "retrieval_accuracy": retrieval},
+                          "retrieval_accuracy": retrieval,
+                          "generic_prompts": {"prompts": ["# a house"], "max_entropy_bits": 0.0,
+                                              "models": {"base": {"shares": {"KOR": 1.0}, "entropy_bits": 0.0,
+                                                                  "images": 1}}}},
               "images": {"base": [Image.fromarray(np.zeros((32, 32, 3), np.uint8))] * len(held)},
               "held": held, "prompts": [r.caption for r in held]}
     write_evaluation(tmp_path / "eval", tmp_path / "metrics.json", result, ccub, "clip")

@@ -59,7 +59,10 @@ def test_all_stages_ran_and_outputs_exist(first_run):
     retrieval = metrics["retrieval_accuracy"]
     assert retrieval["chance"] == pytest.approx(1 / 3) and set(retrieval["per_culture"]) == {"KOR", "MEX", "NGA"}
     assert all(0 <= v["mean"] <= 1 for row in retrieval["per_culture"].values() for v in row.values())
-    assert "Culture retrieval accuracy" in report
+    assert "Culture retrieval accuracy" in report and "Prompts naming no culture" in report
+    generic = metrics["generic_prompts"]
+    assert set(generic["models"]) == {"base", "scoft"} and "a house with a roof" in generic["prompts"]
+    assert all(sum(m["shares"].values()) == pytest.approx(1.0) for m in generic["models"].values())
 
 
 def test_a_change_to_the_training_code_reruns_train_and_evaluate_only(first_run):
