@@ -95,12 +95,6 @@ def culture_metrics(dist: dict[str, np.ndarray], prompt_cultures: np.ndarray, al
 
 
 @torch.no_grad()
-def _distances(distance, images: list[Image.Image], refs: torch.Tensor, resolution: int) -> np.ndarray:
-    gen = torch.stack([image_transform(resolution)(im) for im in images]).to(refs.device)
-    return torch.cat([distance(gen[i:i + 16], refs[i:i + 16]) for i in range(0, len(gen), 16)]).cpu().numpy()
-
-
-@torch.no_grad()
 def distance_matrix(distance, images: list[Image.Image], refs: torch.Tensor, resolution: int) -> np.ndarray:
     """D(generated_i, reference_j) for every pair: [len(images), len(refs)]."""
     gen = torch.stack([image_transform(resolution)(im) for im in images]).to(refs.device)
@@ -154,8 +148,7 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
     prompts = [r.caption for r in held for _ in range(samples_per_prompt)]
     seeds = [seed + j for _ in held for j in range(samples_per_prompt)]
     device = next(distance.parameters()).device
-    refs = torch.stack([load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"])
-                        for r in held for _ in range(samples_per_prompt)]).to(device)
+    refs = torch.stack([load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in held]).to(device)
 
     # prompts that name no culture (the generic captions): which culture does each model draw?
     generic = sorted({r.generic_caption for r in held})
@@ -172,16 +165,19 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
         generic_images[name] = sample(generic_prompts, generic_seeds)
         pipe.unload_lora_weights()
         progress(f"evaluate: {len(prompts)} + {len(generic_prompts)} generic images from {name}")
-    # per prompt (a held-out record): its distance averaged over the sampling seeds; intervals and
-    # tests resample prompts, not the images of one prompt
-    dist = {name: _distances(distance, imgs, refs, settings["resolution"]).reshape(len(held), samples_per_prompt)
-            .mean(axis=1) for name, imgs in images.items()}
+    # One distance matrix per model (every image against every held-out reference) gives both the
+    # distance to the image's own reference and the culture retrieval.
     cultures = np.array([r.culture for r in held])
-    unique_refs = refs[::samples_per_prompt]  # one reference image per held-out record
-    hits = {name: (nearest_culture(distance_matrix(distance, imgs, unique_refs, settings["resolution"]), cultures)
-                   == np.repeat(cultures, samples_per_prompt)).reshape(len(held), samples_per_prompt).mean(axis=1)
-            for name, imgs in images.items()}
-    retrieved = {name: nearest_culture(distance_matrix(distance, imgs, unique_refs, settings["resolution"]), cultures)
+    own = np.repeat(np.arange(len(held)), samples_per_prompt)  # each image's held-out record
+    matrices = {name: distance_matrix(distance, imgs, refs, settings["resolution"]) for name, imgs in images.items()}
+
+    def per_prompt(values: np.ndarray) -> np.ndarray:
+        """Averaged over each prompt's seeds: intervals and tests resample prompts, not images of one prompt."""
+        return values.reshape(len(held), samples_per_prompt).mean(axis=1)
+
+    dist = {name: per_prompt(m[np.arange(len(m)), own]) for name, m in matrices.items()}
+    hits = {name: per_prompt(nearest_culture(m, cultures) == cultures[own]) for name, m in matrices.items()}
+    retrieved = {name: nearest_culture(distance_matrix(distance, imgs, refs, settings["resolution"]), cultures)
                  for name, imgs in generic_images.items()}
     metrics = {
         "retrieval_accuracy": retrieval_metrics(hits, cultures, bootstrap, seed),
