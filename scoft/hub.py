@@ -1,7 +1,7 @@
 """Downloads from the Hugging Face hub (base model, ControlNet, depth estimator, feature and caption
 models) with a stall limit.
 
-huggingface_hub 1.x passes `timeout=None` on some calls (model_info, which diffusers calls first), so
+huggingface_hub (2.4 here) passes `timeout=None` on some calls (model_info, which diffusers calls first), so
 a hub that accepts the connection and never answers would hang a stage until its own time limit (an
 hour). Every request through huggingface_hub gets a bound on each connect, read and write instead;
 a slow download that keeps receiving bytes is never cut.
