@@ -296,3 +296,24 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         return Params.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_describe(e, path)) from e
+
+
+def with_overrides(params: Params, assignments: list[str]) -> Params:
+    """params with `section.key=value` assignments applied (values read as YAML: 3e-4, [a, b], true),
+    validated like params.yaml, for sweeps and ablations that change a few keys."""
+    raw = params.model_dump(by_alias=True)
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        *parents, leaf = key.strip().split(".")
+        if not sep or not parents:
+            raise ConfigError(f"{assignment!r}: expected section.key=value")
+        node = raw
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{assignment!r}: no section {key.rsplit('.', 1)[0]!r}")
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, Path("overrides"))) from e

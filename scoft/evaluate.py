@@ -1,8 +1,14 @@
 """Evaluation: the base model and fine-tuned LoRAs on the same prompts and seeds, against held-out CCUB.
 
-Metric: per culture, the mean feature distance D(generated, held-out reference) over held-out
-records (prompt = the record's caption), for every model, with bootstrap 95% confidence intervals,
-and each LoRA's paired improvement over the base model (positive: closer to the community's images).
+Metrics, per culture and overall, for every model, with 95% bootstrap intervals over prompts:
+- distance: mean feature distance D(generated, held-out reference for the same caption), and each
+  LoRA's paired improvement over the base (positive: closer to the community's images), with a paired
+  permutation test, Holm-corrected across cultures;
+- retrieval accuracy: the share of images for culture X whose nearest culture is X;
+- KID against the held-out images in the evaluation backbone's feature space;
+- diversity: mean pairwise distance between a prompt's seeds (a collapsed model draws one picture);
+- memorisation: the share of images nearer a training image than any held-out image is;
+- for prompts naming no culture, the distribution of retrieved cultures and its entropy.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scoft.ccub import HELDOUT, Record
+from scoft.ccub import HELDOUT, TRAIN, Record
 from scoft.data import image_transform, load_image_tensor
 from scoft.io import atomic_dir, write_json
 from scoft.negatives import generate
@@ -94,13 +100,70 @@ def culture_metrics(dist: dict[str, np.ndarray], prompt_cultures: np.ndarray, al
     return per_culture
 
 
+def as_tensors(images: list[Image.Image], resolution: int, device) -> torch.Tensor:
+    """Generated images as the evaluation reads references: resized, cropped, in [-1, 1]."""
+    return torch.stack([image_transform(resolution)(im) for im in images]).to(device)
+
+
 @torch.no_grad()
+def pairwise_distances(distance, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """D(a_i, b_j) for every pair: [len(a), len(b)]."""
+    rows = [distance.pairwise(a[i:i + 16], b[None].expand(len(a[i:i + 16]), *b.shape)) for i in range(0, len(a), 16)]
+    return torch.cat(rows).cpu().numpy()
+
+
 def distance_matrix(distance, images: list[Image.Image], refs: torch.Tensor, resolution: int) -> np.ndarray:
     """D(generated_i, reference_j) for every pair: [len(images), len(refs)]."""
-    gen = torch.stack([image_transform(resolution)(im) for im in images]).to(refs.device)
-    rows = [distance.pairwise(gen[i:i + 16], refs[None].expand(len(gen[i:i + 16]), *refs.shape))
-            for i in range(0, len(gen), 16)]
-    return torch.cat(rows).cpu().numpy()
+    return pairwise_distances(distance, as_tensors(images, resolution, refs.device), refs)
+
+
+def within_prompt_diversity(gen_vs_gen: np.ndarray, per_prompt: int) -> np.ndarray | None:
+    """Per prompt, the mean distance between its seeds' images (off-diagonal); None below 2 seeds."""
+    if per_prompt < 2:
+        return None
+    prompts = len(gen_vs_gen) // per_prompt
+    blocks = gen_vs_gen.reshape(prompts, per_prompt, prompts, per_prompt)[np.arange(prompts), :, np.arange(prompts)]
+    off_diagonal = ~np.eye(per_prompt, dtype=bool)
+    return np.array([block[off_diagonal].mean() for block in blocks])
+
+
+def memorised(gen_vs_train: np.ndarray, held_vs_train: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per generated image, whether it is nearer a training image than every held-out image is to its
+    own nearest training image (the threshold: what unseen community images look like); and that threshold."""
+    threshold = float(held_vs_train.min(axis=1).min())
+    return gen_vs_train.min(axis=1) < threshold, threshold
+
+
+class _Embedder(torch.nn.Module):
+    """The evaluation backbone's embedding as KID's feature extractor (images in [-1, 1])."""
+
+    def __init__(self, distance):
+        super().__init__()
+        self.distance = distance
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.distance.embed(images).double()
+
+
+@torch.no_grad()
+def kid(distance, real: torch.Tensor, fake: torch.Tensor, seed: int, subsets: int = 100) -> dict:
+    """Kernel Inception Distance (torchmetrics) in the evaluation backbone's feature space, subset size
+    fitted to the smaller sample; lower is closer. Needs an embedding backbone and 2 images a side."""
+    if not hasattr(distance, "embed"):
+        return {"insufficient": "KID needs an embedding backbone (clip, dinov2, dinov2+clip), not LPIPS"}
+    size = min(len(real), len(fake))
+    if size < 2:
+        return {"insufficient": f"KID needs 2 images a side (real {len(real)}, generated {len(fake)})"}
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    metric = KernelInceptionDistance(feature=_Embedder(distance), subsets=subsets, subset_size=size).to(real.device)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):  # its subsets come from the global generator
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return {"mean": float(mean), "std_over_subsets": float(std), "subset_size": size, "real": len(real),
+            "generated": len(fake)}
 
 
 def nearest_culture(distances: np.ndarray, ref_cultures: np.ndarray) -> np.ndarray:
@@ -149,6 +212,7 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
     seeds = [seed + j for _ in held for j in range(samples_per_prompt)]
     device = next(distance.parameters()).device
     refs = torch.stack([load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in held]).to(device)
+    train_refs = [load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in records if r.split == TRAIN]
 
     # prompts that name no culture (the generic captions): which culture does each model draw?
     generic = sorted({r.generic_caption for r in held})
@@ -179,7 +243,11 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
     hits = {name: per_prompt(nearest_culture(m, cultures) == cultures[own]) for name, m in matrices.items()}
     retrieved = {name: nearest_culture(distance_matrix(distance, imgs, refs, settings["resolution"]), cultures)
                  for name, imgs in generic_images.items()}
+    generated = {name: as_tensors(imgs, settings["resolution"], device) for name, imgs in images.items()}
+    extra = quality_metrics(distance, generated, refs, torch.stack(train_refs).to(device) if train_refs else None,
+                            cultures, samples_per_prompt, bootstrap, seed)
     metrics = {
+        **extra,
         "retrieval_accuracy": retrieval_metrics(hits, cultures, bootstrap, seed),
         "generic_prompts": generic_distribution(retrieved, np.unique(cultures).tolist(), generic),
         "metric": "feature_distance",
@@ -188,6 +256,32 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
         "per_culture": culture_metrics(dist, cultures, sorted({r.culture for r in records}), bootstrap, seed),
     }
     return {"metrics": metrics, "images": images, "held": held, "prompts": prompts}
+
+
+def quality_metrics(distance, generated: dict[str, torch.Tensor], refs: torch.Tensor, train_refs: torch.Tensor | None,
+                    cultures: np.ndarray, per_prompt: int, bootstrap: int, seed: int) -> dict:
+    """KID, within-prompt diversity and memorisation per model, overall and per culture."""
+    image_cultures = np.repeat(cultures, per_prompt)
+    names = sorted(set(cultures.tolist()))
+    out = {"kid": {}, "diversity": {}, "memorisation": {}}
+    held_vs_train = pairwise_distances(distance, refs, train_refs) if train_refs is not None else None
+    for name, images in generated.items():
+        out["kid"][name] = {"overall": kid(distance, refs, images, seed),
+                            "per_culture": {c: kid(distance, refs[cultures == c], images[image_cultures == c], seed)
+                                            for c in names}}
+        diversity = within_prompt_diversity(pairwise_distances(distance, images, images), per_prompt)
+        out["diversity"][name] = (
+            {"insufficient": f"{per_prompt} sample(s) per prompt: diversity needs 2 seeds"} if diversity is None else
+            {"overall": _stats(diversity, bootstrap, seed),
+             "per_culture": {c: _stats(diversity[cultures == c], bootstrap, seed) for c in names}})
+        if held_vs_train is None:
+            out["memorisation"][name] = {"insufficient": "no training records to compare with"}
+            continue
+        flags, threshold = memorised(pairwise_distances(distance, images, train_refs), held_vs_train)
+        share = flags.reshape(len(cultures), per_prompt).mean(axis=1)
+        out["memorisation"][name] = {"threshold": threshold, "overall": _stats(share, bootstrap, seed),
+                                     "per_culture": {c: _stats(share[cultures == c], bootstrap, seed) for c in names}}
+    return out
 
 
 def image_grid(rows: list[list[Image.Image]], size: int) -> Image.Image:

@@ -205,11 +205,12 @@ def save_lora(unet, output_dir: Path, summary: dict) -> Path:
 
 def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress=print,
           max_steps: int | None = None, checkpoint_every: int | None = None, pipe=None) -> dict:
-    """Train and save the LoRA. `pipe` (optional) is an already loaded base pipeline; it is modified."""
+    """Train and save the LoRA. `pipe` (optional) is an already loaded base pipeline; it is modified.
+    `log_dir` None: no dvclive metrics log (benchmarks and sweeps that time or repeat the loop)."""
     tp = params.train
     max_steps = max_steps or tp.max_steps
     every = tp.checkpoint_every if checkpoint_every is None else checkpoint_every
-    output_dir, log_dir = Path(output_dir), Path(log_dir)
+    output_dir = Path(output_dir)
     accelerator = Accelerator(mixed_precision=tp.mixed_precision, gradient_accumulation_steps=tp.gradient_accumulation_steps)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     say = progress if accelerator.is_main_process else (lambda m: None)
@@ -248,10 +249,11 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
         step, micro = resumed["step"], resumed["micro"]
         say(f"train: resumed from step {step}/{max_steps} ({checkpoints / f'step-{step:09d}.pt'})")
 
-    from dvclive import Live
+    live = None
+    if accelerator.is_main_process and log_dir is not None:
+        from dvclive import Live
 
-    live = Live(dir=str(log_dir), resume=resumed is not None, save_dvc_exp=False, dvcyaml=None) \
-        if accelerator.is_main_process else None
+        live = Live(dir=str(log_dir), resume=resumed is not None, save_dvc_exp=False, dvcyaml=None)
     if live is not None:
         live.step = step
     started, start_step, last = time.monotonic(), step, {}
