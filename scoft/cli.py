@@ -210,9 +210,10 @@ def evaluate(
     lora: Path = LORA_DIR,
     out: Path = EVAL_DIR,
     metrics: Path = METRICS_FILE,
+    train_log: Annotated[Path, typer.Option(help="The training's dvclive folder, for the report's loss curves.")] = TRAIN_LOG_DIR,
     params: ParamsOpt = Path("params.yaml"),
 ):
-    """Base vs fine-tuned on held-out CCUB: per-culture metrics, a report and an image grid."""
+    """Base vs fine-tuned on held-out CCUB: per-culture metrics, report.md, report.html and image grids."""
     p = _params(params)
     from scoft.ccub import read_manifest
     from scoft.evaluate import compare, write_evaluation
@@ -228,9 +229,9 @@ def evaluate(
     e = p.evaluate
     result = compare(pipe, {"scoft": lora}, read_manifest(ccub), ccub, distance, _settings(p, e.steps, e.guidance_scale),
                      e.samples_per_prompt, e.seed, e.bootstrap, progress=_say)
-    write_evaluation(out, metrics, result, ccub, p.features.evaluation)
+    write_evaluation(out, metrics, result, ccub, p.features.evaluation, train_log=train_log)
     o = result["metrics"]["overall"]["models"]
-    _say(f"evaluate: distance base {o['base']['mean']:.4f}, SCoFT {o['scoft']['mean']:.4f}; report {out / 'report.md'}")
+    _say(f"evaluate: distance base {o['base']['mean']:.4f}, SCoFT {o['scoft']['mean']:.4f}; report {out / 'report.html'}")
 
 
 @app.command()

@@ -13,6 +13,8 @@ Metrics, per culture and overall, for every model, with 95% bootstrap intervals 
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from scoft.ccub import HELDOUT, TRAIN, Record
 from scoft.data import image_transform, load_image_tensor
 from scoft.io import atomic_dir, write_json
 from scoft.negatives import generate
-from scoft.render import markdown_text
+from scoft.render import html_text, markdown_text
 
 BASE = "base"
 
@@ -156,7 +158,9 @@ def kid(distance, real: torch.Tensor, fake: torch.Tensor, seed: int, subsets: in
         return {"insufficient": f"KID needs 2 images a side (real {len(real)}, generated {len(fake)})"}
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    metric = KernelInceptionDistance(feature=_Embedder(distance), subsets=subsets, subset_size=size).to(real.device)
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": a few dozen here
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=_Embedder(distance), subsets=subsets, subset_size=size).to(real.device)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):  # its subsets come from the global generator
@@ -340,18 +344,132 @@ def generic_markdown(generic: dict) -> list[str]:
     return lines
 
 
-def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: str, size: int = 64) -> None:
+def _quality_cell(block: dict) -> str:
+    return block["insufficient"] if "insufficient" in block else _cell(block)
+
+
+def quality_markdown(metrics: dict) -> list[str]:
+    """KID, diversity and memorisation per culture (rows) and model (columns)."""
+    names = list(metrics["kid"])
+    cultures = list(next(iter(metrics["kid"].values()))["per_culture"])
+    header = ["| culture | " + " | ".join(markdown_text(n) for n in names) + " |", "|---" * (1 + len(names)) + "|"]
+
+    def rows(block: dict, cell) -> list[str]:
+        return [f"| {markdown_text(c)} | " + " | ".join(cell(block[n], c) for n in names) + " |"
+                for c in [*cultures, "all"]]
+
+    def kid_cell(m: dict, c: str) -> str:
+        k = m["overall"] if c == "all" else m["per_culture"][c]
+        return k["insufficient"] if "insufficient" in k else f"{k['mean']:.4f} ± {k['std_over_subsets']:.4f} (m={k['subset_size']})"
+
+    def stat_cell(m: dict, c: str) -> str:
+        if "insufficient" in m:
+            return m["insufficient"]
+        return _quality_cell(m["overall"] if c == "all" else m["per_culture"][c])
+
+    memorisation = next(iter(metrics["memorisation"].values()))
+    threshold = f"{memorisation['threshold']:.4f}" if "threshold" in memorisation else "none"
+    return ["KID against the held-out images in the evaluation backbone's features (lower is closer; ± the "
+            "spread over subsets, m the subset size).", "", *header, *rows(metrics["kid"], kid_cell), "",
+            "Within-prompt diversity: mean distance between the images of one prompt's seeds (a collapsed model "
+            "draws one picture for every seed; higher is more varied).", "", *header,
+            *rows(metrics["diversity"], stat_cell), "",
+            f"Memorisation: the share of images nearer a training image than any held-out image is to its nearest "
+            f"training image (threshold {threshold}; lower is better).", "", *header,
+            *rows(metrics["memorisation"], stat_cell)]
+
+
+def culture_grids(result: dict, ccub_dir, size: int) -> dict[str, Image.Image]:
+    """Per culture: one row per held-out prompt and seed, columns reference | base | each LoRA."""
+    per_prompt = len(result["prompts"]) // len(result["held"])
+    names = list(result["images"])
+    grids = {}
+    for culture in sorted({r.culture for r in result["held"]}):
+        rows = []
+        for i, record in enumerate(result["held"]):
+            if record.culture != culture:
+                continue
+            reference = Image.open(Path(ccub_dir) / record.file)
+            rows += [[reference, *(result["images"][n][i * per_prompt + j] for n in names)] for j in range(per_prompt)]
+        grids[culture] = image_grid(rows, size)
+    return grids
+
+
+def read_loss_curves(log_dir) -> dict[str, list[tuple[float, float]]]:
+    """The training terms dvclive logged (plots/metrics/train/<term>.tsv): {term: [(step, value)]}."""
+    curves = {}
+    folder = Path(log_dir) / "plots" / "metrics" / "train" if log_dir else None
+    for tsv in sorted(folder.glob("*.tsv")) if folder and folder.is_dir() else []:
+        rows = [line.split("\t") for line in tsv.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+        curves[tsv.stem] = [(float(step), float(value)) for step, value, *_ in rows]
+    return curves
+
+
+def curve_svg(name: str, points: list[tuple[float, float]], width: int = 260, height: int = 120) -> str:
+    """A small line chart of one loss term, its own y range printed (terms differ by orders of magnitude)."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    lo, hi = min(ys), max(ys)
+    span_x, span_y = (max(xs) - min(xs)) or 1, (hi - lo) or 1
+    path = " ".join(f"{8 + (x - min(xs)) / span_x * (width - 16):.1f},{height - 18 - (y - lo) / span_y * (height - 36):.1f}"
+                    for x, y in points)
+    return (f'<figure><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="{html_text(name)}"><rect width="100%" height="100%" fill="#fafafa"/>'
+            f'<polyline fill="none" stroke="#2a6fdb" stroke-width="1.5" points="{path}"/>'
+            f'<text x="8" y="12" font-size="10">max {hi:.4g}</text>'
+            f'<text x="8" y="{height - 4}" font-size="10">min {lo:.4g}, steps {min(xs):.0f}-{max(xs):.0f}</text>'
+            f'</svg><figcaption>{html_text(name)}</figcaption></figure>')
+
+
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}"
+          "img{image-rendering:pixelated}figure{display:inline-block;margin:4px}")
+
+
+def html_report(sections_markdown: list[str], grids: dict[str, str], columns: list[str], curves: dict, prompts: dict) -> str:
+    """The report as one HTML page: the tables (Markdown rendered with raw HTML off, so CCUB text
+    stays text), a grid per culture, and the loss curves."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render("\n".join(sections_markdown))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>SCoFT evaluation</title><style>{_STYLE}</style>"
+             "</head><body>", body, "<h2>Per culture</h2>",
+             f"<p>Columns: {html_text(' | '.join(['held-out reference', *columns]))}; one row per prompt and seed.</p>"]
+    for culture, file in grids.items():
+        parts += [f"<h3>{html_text(culture)}</h3>", f'<img src="{html_text(file)}" alt="{html_text(culture)} grid">',
+                  "<ol>" + "".join(f"<li>{html_text(p)}</li>" for p in prompts[culture]) + "</ol>"]
+    parts.append("<h2>Training loss</h2>")
+    parts += [curve_svg(name, points) for name, points in curves.items() if points] or [
+        "<p>No training log was given to the evaluation.</p>"]
+    return "\n".join([*parts, "</body></html>"])
+
+
+def grid_file(culture: str) -> str:
+    return "grid-" + re.sub(r"[^A-Za-z0-9_-]", "_", culture) + ".png"  # a file name whatever the manifest holds
+
+
+def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: str, size: int = 64,
+                     train_log=None) -> None:
+    """report.md (the Prefect artifact), report.html (tables, a grid per culture, loss curves), the grids
+    and metrics.json."""
     per_prompt = len(result["prompts"]) // len(result["held"])
     refs = [Image.open(Path(ccub_dir) / r.file) for r in result["held"] for _ in range(per_prompt)]
     names = list(result["images"])
     rows = [[ref, *(result["images"][n][i] for n in names)] for i, ref in enumerate(refs)]
-    lines = ["# SCoFT evaluation", "", *metrics_markdown(result["metrics"], backbone), "",
-             *retrieval_markdown(result["metrics"]["retrieval_accuracy"]), "",
-             *generic_markdown(result["metrics"]["generic_prompts"]), "",
+    tables = [*metrics_markdown(result["metrics"], backbone), "",
+              *retrieval_markdown(result["metrics"]["retrieval_accuracy"]), "",
+              *generic_markdown(result["metrics"]["generic_prompts"]), "", *quality_markdown(result["metrics"])]
+    lines = ["# SCoFT evaluation", "", *tables, "",
              f"Columns of the grid: held-out reference, {', '.join(names)}. Rows, in order:", ""]
     lines += [f"{i + 1}. {markdown_text(p)}" for i, p in enumerate(result["prompts"])]
     lines += ["", f"![reference | {' | '.join(names)}](grid.png)", ""]
+    grids = culture_grids(result, ccub_dir, size)
+    prompts = {c: [r.caption for r in result["held"] if r.culture == c] for c in grids}
     with atomic_dir(out_dir) as tmp:
         image_grid(rows, size).save(tmp / "grid.png")
+        for culture, grid in grids.items():
+            grid.save(tmp / grid_file(culture))
         (tmp / "report.md").write_text("\n".join(lines), encoding="utf-8")
+        page = html_report(["# SCoFT evaluation", "", *tables], {c: grid_file(c) for c in grids}, names,
+                           read_loss_curves(train_log), prompts)
+        (tmp / "report.html").write_text(page, encoding="utf-8")
     write_json(metrics_file, result["metrics"])

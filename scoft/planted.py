@@ -79,22 +79,39 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 def train_vae(vae, images: torch.Tensor, settings: PlantedParams, seed: int, progress=print) -> float:
-    """Reconstruction (MSE) with a small KL term; returns the final reconstruction RMSE on [-1, 1]."""
+    """Reconstruction (MSE) with a small KL term, cosine learning rate; returns the final
+    reconstruction RMSE on [-1, 1]. `images` lie on the device the VAE is on; draws come from a CPU generator."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.vae_steps)
     vae.train()
     for step in range(settings.vae_steps):
-        batch = images[torch.randint(0, len(images), (settings.batch_size,), generator=generator)]
+        batch = images[torch.randint(0, len(images), (settings.vae_batch_size,), generator=generator).to(images.device)]
         posterior = vae.encode(batch).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        loss = F.mse_loss(vae.decode(latents).sample, batch) + 1e-6 * posterior.kl().mean()
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(images.device)
+        loss = F.mse_loss(vae.decode(posterior.mean + posterior.std * noise).sample, batch) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % 100 == 0:
+        schedule.step()
+        if step % 500 == 0:
             progress(f"planted: vae step {step}/{settings.vae_steps} loss {loss.item():.4f}")
     vae.eval()
     return reconstruction_rmse(vae, images[:64])
+
+
+def ccub_reconstruction_rmse(vae, resolution: int) -> float:
+    """The VAE's reconstruction RMSE on the built-in CCUB sample as training reads it: the truth the
+    fine-tune has to reach, which a VAE that cannot draw it would put out of reach."""
+    import tempfile
+
+    from scoft.data import load_image_tensor
+    from scoft.sample import write_sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_sample(Path(tmp) / "sample") / "train" / "images"
+        images = torch.stack([load_image_tensor(f, resolution) for f in sorted(folder.glob("*.png"))])
+    return reconstruction_rmse(vae, images.to(vae.device))
 
 
 @torch.no_grad()
@@ -107,7 +124,7 @@ def reconstruction_rmse(vae, images: torch.Tensor) -> float:
 def _text_embeddings(pipe, captions: list[str]) -> torch.Tensor:
     ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
 def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: PlantedParams, seed: int,
@@ -123,18 +140,18 @@ def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: Plante
     latents = latents * scale
     unique = sorted(set(captions)) + [""]
     embeddings = _text_embeddings(pipe, unique)
-    index = torch.tensor([unique.index(c) for c in captions])
+    index = torch.tensor([unique.index(c) for c in captions]).to(latents.device)
     empty = len(unique) - 1
     generator = torch.Generator().manual_seed(seed + 1)
     unet = pipe.unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.unet_lr, weight_decay=1e-2)
     lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.unet_steps)
     for step in range(settings.unet_steps):
-        pick = torch.randint(0, len(latents), (settings.batch_size,), generator=generator)
+        pick = torch.randint(0, len(latents), (settings.batch_size,), generator=generator).to(latents.device)
         z0 = latents[pick]
-        text = torch.where(torch.rand(len(pick), generator=generator) < 0.1, empty, index[pick])
-        noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pick),), generator=generator)
+        text = torch.where((torch.rand(len(pick), generator=generator) < 0.1).to(latents.device), empty, index[pick])
+        noise = torch.randn(z0.shape, generator=generator).to(latents.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pick),), generator=generator).to(latents.device)
         prediction = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=embeddings[text]).sample
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
@@ -149,33 +166,36 @@ def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: Plante
 
 
 def build_planted_base(out_dir: str | Path, settings: PlantedParams, resolution: int, seed: int,
-                       progress=print) -> dict:
-    """Pretrain the planted-bias base and write it with save_pretrained (whole or not at all)."""
+                       progress=print, device: str = "cpu") -> dict:
+    """Pretrain the planted-bias base and write it with save_pretrained (whole or not at all).
+    On the CPU two builds give the same weights; on a GPU (faster, for experiments) they need not."""
     started = time.monotonic()
     deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
     try:
-        pipe, rmse, final_loss = _pretrain(settings, resolution, seed, progress)
+        pipe, rmse, final_loss = _pretrain(settings, resolution, seed, progress, torch.device(device))
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    info = {"settings": settings.model_dump(), "resolution": resolution, "seed": seed,
-            "vae_rmse_training_corpus": rmse, "unet_final_loss": final_loss,
+    info = {"settings": settings.model_dump(), "resolution": resolution, "seed": seed, "device": device,
+            "vae_rmse_training_corpus": rmse, "vae_rmse_ccub_sample": ccub_reconstruction_rmse(pipe.vae, resolution),
+            "unet_final_loss": final_loss,
             "seconds": round(time.monotonic() - started, 1), "stereotypes": STEREOTYPES, "generic_lean": GENERIC_LEAN}
     with atomic_dir(out_dir) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
         write_json(tmp / BUILD_INFO, info)
-    progress(f"planted: base model in {out_dir} after {info['seconds']} s (VAE RMSE {rmse:.3f})")
+    progress(f"planted: base model in {out_dir} after {info['seconds']} s (VAE RMSE {rmse:.3f}, "
+             f"on the CCUB sample {info['vae_rmse_ccub_sample']:.3f})")
     return info
 
 
-def _pretrain(settings: PlantedParams, resolution: int, seed: int, progress):
+def _pretrain(settings: PlantedParams, resolution: int, seed: int, progress, device: torch.device):
     from scoft.models import untrained_tiny_pipeline
 
-    pipe = untrained_tiny_pipeline(resolution, seed)
+    pipe = untrained_tiny_pipeline(resolution, seed).to(device)
     pipe.text_encoder.requires_grad_(False)
     corpus = web_corpus(settings, resolution)
-    web_images = to_tensor([im for im, _ in corpus])
-    vae_images = torch.cat([to_tensor(palette_corpus(resolution, 384, seed)), web_images])
+    web_images = to_tensor([im for im, _ in corpus]).to(device)
+    vae_images = torch.cat([to_tensor(palette_corpus(resolution, 384, seed)).to(device), web_images])
     rmse = train_vae(pipe.vae, vae_images, settings, seed, progress)
     pipe.vae.requires_grad_(False)
     final_loss = train_unet(pipe, web_images, [c for _, c in corpus], settings, seed, progress)

@@ -72,3 +72,44 @@ def test_generic_prompt_distribution_and_entropy_by_hand():
     assert generic["max_entropy_bits"] == pytest.approx(np.log2(3))
     table = "\n".join(generic_markdown(generic))
     assert "| base | 0.00 | 0.00 | 1.00 | 0.00 |" in table and "| scoft | 0.25 | 0.25 | 0.50 | 1.50 |" in table
+
+
+def test_within_prompt_diversity_by_hand():
+    from scoft.evaluate import within_prompt_diversity
+
+    # 2 prompts x 2 seeds: prompt 0's images are 0.4 apart, prompt 1's 0.1; cross-prompt entries ignored
+    d = np.array([[0.0, 0.4, 9.0, 9.0],
+                  [0.4, 0.0, 9.0, 9.0],
+                  [9.0, 9.0, 0.0, 0.1],
+                  [9.0, 9.0, 0.1, 0.0]])
+    assert within_prompt_diversity(d, 2) == pytest.approx([0.4, 0.1])
+    assert within_prompt_diversity(d, 1) is None  # one seed per prompt: nothing to compare
+
+
+def test_memorisation_threshold_is_the_nearest_held_out_image():
+    from scoft.evaluate import memorised
+
+    held_vs_train = np.array([[0.30, 0.50], [0.25, 0.60]])  # unseen community images come 0.25 near at best
+    gen_vs_train = np.array([[0.10, 0.90], [0.26, 0.40], [0.24, 0.80]])
+    flags, threshold = memorised(gen_vs_train, held_vs_train)
+    assert threshold == pytest.approx(0.25)
+    assert flags.tolist() == [True, False, True]
+
+
+def test_kid_separates_a_copy_from_other_pictures_and_names_what_it_cannot_measure():
+    import torch
+
+    from scoft.config import FeatureParams
+    from scoft.evaluate import kid
+    from scoft.features import build_distance
+
+    clip = build_distance("clip", FeatureParams(), 0)
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(8, 3, 32, 32, generator=g) * 0.2 - 0.9  # dark
+    other = torch.rand(8, 3, 32, 32, generator=g) * 0.2 + 0.7  # bright
+    same = kid(clip, real, real.flip(0), seed=1)
+    different = kid(clip, real, other, seed=1)
+    assert same["subset_size"] == 8 and abs(same["mean"]) < different["mean"]
+    assert kid(clip, real, other, seed=1) == different  # its subsets are seeded
+    assert kid(clip, real[:1], other, seed=1)["insufficient"].startswith("KID needs 2 images")
+    assert "embedding backbone" in kid(build_distance("lpips-alex", FeatureParams(), 0), real, other, 1)["insufficient"]
