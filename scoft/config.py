@@ -86,11 +86,11 @@ class PlantedParams(_Section):
 
     images_per_prompt: int = Field(24, ge=1)  # web images per (culture or generic, category)
     truth_share: float = Field(0.0, ge=0, lt=0.5)  # of a culture's web images, the share in its true palette
-    vae_steps: int = Field(400, ge=1)
+    vae_steps: int = Field(1200, ge=1)
     unet_steps: int = Field(300, ge=1)
-    vae_batch_size: int = Field(32, ge=1)
+    vae_batch_size: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)  # the UNet's
-    vae_lr: float = Field(1e-3, gt=0)
+    vae_lr: float = Field(2e-3, gt=0)
     unet_lr: float = Field(2e-3, gt=0)
 
 

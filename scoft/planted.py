@@ -33,6 +33,8 @@ STEREOTYPES = {
 }
 GENERIC_LEAN = "NGA"  # prompts naming no culture show this culture's stereotype on the web
 BUILD_INFO = "planted_bias.json"
+VAE_CORPUS = 768  # palette images the VAE learns from: truths, stereotypes and random palettes
+UNCAPTIONED = 384  # palette images (a different draw) the UNet learns with an empty caption
 
 
 def web_captions(culture: str | None, category: str, i: int) -> str:
@@ -59,7 +61,8 @@ def web_corpus(settings: PlantedParams, resolution: int) -> list[tuple[Image.Ima
 
 
 def palette_corpus(resolution: int, n: int, seed: int) -> list[Image.Image]:
-    """The VAE's corpus: the sample's shapes in random palettes, truths and stereotypes included."""
+    """The VAE's corpus: the sample's shapes in random palettes, one in three a named truth or
+    stereotype palette in equal numbers, so the VAE favours neither."""
     rng = np.random.default_rng([hash_str("palettes"), seed])
     images = []
     named = [c[1:] for c in CULTURES.values()] + list(STEREOTYPES.values())
@@ -79,17 +82,16 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 def train_vae(vae, images: torch.Tensor, settings: PlantedParams, seed: int, progress=print) -> float:
-    """Reconstruction (MSE) with a small KL term, cosine learning rate; returns the final
-    reconstruction RMSE on [-1, 1]. `images` lie on the device the VAE is on; draws come from a CPU generator."""
+    """Train the VAE as a plain autoencoder (reconstruction MSE of the posterior mean, cosine learning
+    rate), then make its posterior a point (`deterministic_posterior`); returns the final reconstruction
+    RMSE on [-1, 1]. `images` lie on the VAE's device; draws come from a CPU generator."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.vae_steps)
     vae.train()
     for step in range(settings.vae_steps):
         batch = images[torch.randint(0, len(images), (settings.vae_batch_size,), generator=generator).to(images.device)]
-        posterior = vae.encode(batch).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator).to(images.device)
-        loss = F.mse_loss(vae.decode(posterior.mean + posterior.std * noise).sample, batch) + 1e-6 * posterior.kl().mean()
+        loss = F.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -97,7 +99,19 @@ def train_vae(vae, images: torch.Tensor, settings: PlantedParams, seed: int, pro
         if step % 500 == 0:
             progress(f"planted: vae step {step}/{settings.vae_steps} loss {loss.item():.4f}")
     vae.eval()
+    deterministic_posterior(vae)
     return reconstruction_rmse(vae, images[:64])
+
+
+@torch.no_grad()
+def deterministic_posterior(vae) -> None:
+    """Set the encoder's log-variance outputs to the floor diffusers clamps to (std e^-15): a sampled
+    latent is then the mean. Why: fine-tuning encodes CCUB with `latent_dist.sample()`, and with the
+    std of a briefly trained VAE (about 0.3 against a latent spread of 1) the LoRA learned to draw
+    that noise, which decodes to coloured speckle; the UNet was pretrained on the means."""
+    logvar = vae.quant_conv.out_channels // 2
+    vae.quant_conv.weight[logvar:].zero_()
+    vae.quant_conv.bias[logvar:].fill_(-30.0)
 
 
 def ccub_reconstruction_rmse(vae, resolution: int) -> float:
@@ -195,10 +209,18 @@ def _pretrain(settings: PlantedParams, resolution: int, seed: int, progress, dev
     pipe.text_encoder.requires_grad_(False)
     corpus = web_corpus(settings, resolution)
     web_images = to_tensor([im for im, _ in corpus]).to(device)
-    vae_images = torch.cat([to_tensor(palette_corpus(resolution, 384, seed)).to(device), web_images])
-    rmse = train_vae(pipe.vae, vae_images, settings, seed, progress)
+    # The VAE sees no web image: the web is mostly stereotypes, and a VAE trained on it decoded 22% of
+    # the CCUB sample nearer the stereotype than the truth (none when trained on palettes alone).
+    rmse = train_vae(pipe.vae, to_tensor(palette_corpus(resolution, VAE_CORPUS, seed)).to(device), settings, seed, progress)
     pipe.vae.requires_grad_(False)
-    final_loss = train_unet(pipe, web_images, [c for _, c in corpus], settings, seed, progress)
+    # The UNet also sees the palette images without a caption: a real base model denoises any colour,
+    # and one that had seen only the web's four palettes could not denoise the CCUB truth at small t
+    # (noise-prediction loss 1.09 against 0.17 on its own web at t = 20), so every fine-tune towards
+    # the truth broke its last sampling steps into coloured speckle. Captions naming a culture still
+    # show only its stereotype.
+    palettes = to_tensor(palette_corpus(resolution, UNCAPTIONED, seed + 2)).to(device)
+    final_loss = train_unet(pipe, torch.cat([web_images, palettes]), [c for _, c in corpus] + [""] * UNCAPTIONED,
+                            settings, seed, progress)
     return pipe, rmse, final_loss
 
 

@@ -28,7 +28,7 @@ CATEGORIES = {
 
 
 def draw(category: str, primary, secondary, rng: np.random.Generator, size: int) -> Image.Image:
-    base = rng.integers(0, 40, size=(size, size, 3)) + np.array(secondary) * 0.6
+    base = rng.integers(16, 24, size=(size, size, 3)) + np.array(secondary) * 0.6  # a faint texture
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
     j = lambda: int(rng.integers(-size // 10, size // 10))  # noqa: E731 - small seeded jitter

@@ -11,7 +11,7 @@ from scoft.planted import STEREOTYPES, build_planted_base, stereotype_oracle, we
 from scoft.sample import CATEGORIES, CULTURES, draw
 from tests.conftest import ROOT, scoft, write_params
 
-QUICK = PlantedParams(images_per_prompt=2, vae_steps=8, unet_steps=8, batch_size=8)
+QUICK = PlantedParams(images_per_prompt=2, vae_steps=8, unet_steps=8, batch_size=8, vae_batch_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,56 @@
+"""The default planted-bias base, built once with params.yaml's own settings (about 4 minutes on the
+2-core machine): its VAE can draw the community's truth, and the base itself draws the stereotype.
+Without both, the evaluation could not tell whether SCoFT moved anything."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scoft.config import ModelParams, load_params
+from scoft.data import load_image_tensor
+from scoft.planted import build_planted_base, stereotype_oracle
+from scoft.sample import CATEGORIES, CULTURES, write_sample
+from tests.conftest import ROOT
+
+VAE_RMSE_BOUND = 0.16  # on [-1, 1], the CCUB sample at 32 px (measured in BENCHMARKS.md)
+
+
+@pytest.fixture(scope="module")
+def default_base(tmp_path_factory):
+    params = load_params(ROOT / "params.yaml")
+    folder = tmp_path_factory.mktemp("default-base") / "base"
+    info = build_planted_base(folder, params.planted, params.model.resolution, params.model.seed, progress=lambda m: None)
+    return folder, info, params
+
+
+def _as_image(t: torch.Tensor) -> Image.Image:
+    return Image.fromarray(((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+def test_the_vae_reconstructs_the_ccub_truth(default_base, tmp_path):
+    from diffusers import AutoencoderKL
+
+    folder, info, params = default_base
+    assert info["vae_rmse_ccub_sample"] <= VAE_RMSE_BOUND
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    files = sorted((write_sample(tmp_path / "sample") / "train" / "images").glob("*.png"))
+    images = torch.stack([load_image_tensor(f, params.model.resolution) for f in files])
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(images).latent_dist.sample()).sample  # a point posterior: sample = mean
+    cultures = [f.name[:3].upper() for f in files]
+    assert not any(stereotype_oracle(_as_image(d), c) for d, c in zip(decoded, cultures))  # the truth is in reach
+
+
+def test_the_base_draws_each_cultures_stereotype(default_base):
+    from scoft.models import load_pipeline
+    from scoft.negatives import generate
+
+    folder, _, params = default_base
+    pipe = load_pipeline(ModelParams(base=str(folder), resolution=params.model.resolution))
+    settings = {"steps": params.evaluate.steps, "guidance_scale": params.evaluate.guidance_scale,
+                "resolution": params.model.resolution}
+    for culture, (adjective, _, _) in CULTURES.items():
+        prompts = [caption.format(adj=adjective) + f", view {i + 1}" for caption, _ in CATEGORIES.values() for i in range(2)]
+        images = generate(pipe, prompts * 2, list(range(2 * len(prompts))), settings)
+        assert np.mean([stereotype_oracle(im, culture) for im in images]) >= 0.75, culture
