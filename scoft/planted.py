@@ -34,7 +34,7 @@ STEREOTYPES = {
 GENERIC_LEAN = "NGA"  # prompts naming no culture show this culture's stereotype on the web
 BUILD_INFO = "planted_bias.json"
 VAE_CORPUS = 768  # palette images the VAE learns from: truths, stereotypes and random palettes
-UNCAPTIONED = 384  # palette images (a different draw) the UNet learns with an empty caption
+UNCAPTIONED = 192  # palette images (a different draw) the UNet learns with an empty caption
 
 
 def web_captions(culture: str | None, category: str, i: int) -> str:

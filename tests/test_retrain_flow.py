@@ -18,7 +18,8 @@ from scoft.io import sha256_file
 from scoft.lineage import dvc_out_hashes, latest_record, verify
 from tests.conftest import make_workspace, scoft
 
-FAST = {"train.max_steps": 4, "negatives.per_image": 1, "evaluate.bootstrap": 100, "orchestration.stage_retry_delay_s": 0}
+FAST = {"train.max_steps": 4, "negatives.per_image": 1, "evaluate.bootstrap": 100, "evaluate.samples_per_prompt": 2,
+        "orchestration.stage_retry_delay_s": 0}
 LORA = "models/lora/pytorch_lora_weights.safetensors"
 
 
