@@ -39,7 +39,7 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     lineage = record_lineage(workdir, validation, metrics)
     push(workdir)
     root = Path(workdir)
-    return {"stages_run": ran, "lora": root / "models/lora", "report": root / "reports/eval/report.md",
+    return {"stages_run": ran, "lora": root / "models/lora", "report": root / "reports/eval/report.html",
             "lineage": lineage}
 
 

@@ -53,7 +53,10 @@ def test_all_stages_ran_and_outputs_exist(first_run):
     report = (ws / "reports/eval/report.md").read_text()
     assert "| KOR |" in report and "grid.png" in report
     assert (ws / "reports/eval/grid.png").is_file()
+    assert result["report"] == ws / "reports/eval/report.html" and "grid-KOR.png" in result["report"].read_text()
     metrics = json.loads((ws / "reports/metrics.json").read_text())
+    assert set(metrics["kid"]) == set(metrics["diversity"]) == set(metrics["memorisation"]) == {"base", "scoft"}
+    assert "ci95_low" in metrics["diversity"]["scoft"]["overall"]  # 2 seeds per prompt: a diversity with its interval
     assert set(metrics["per_culture"]) == {"KOR", "MEX", "NGA"}
     for m in metrics["per_culture"].values():
         assert set(m["models"]) == {"base", "scoft"} and set(m["improvement"]) == {"scoft"} and m["n"] >= 1
