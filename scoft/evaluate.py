@@ -119,13 +119,14 @@ def distance_matrix(distance, images: list[Image.Image], refs: torch.Tensor, res
     return pairwise_distances(distance, as_tensors(images, resolution, refs.device), refs)
 
 
-def within_prompt_diversity(gen_vs_gen: np.ndarray, per_prompt: int) -> np.ndarray | None:
-    """Per prompt, the mean distance between its seeds' images (off-diagonal); None below 2 seeds."""
+def within_prompt_diversity(distance, images: torch.Tensor, per_prompt: int) -> np.ndarray | None:
+    """Per prompt, the mean distance between its seeds' images (off-diagonal pairs of its own block:
+    the distances across prompts are never computed); None below 2 seeds."""
     if per_prompt < 2:
         return None
-    prompts = len(gen_vs_gen) // per_prompt
-    blocks = gen_vs_gen.reshape(prompts, per_prompt, prompts, per_prompt)[np.arange(prompts), :, np.arange(prompts)]
     off_diagonal = ~np.eye(per_prompt, dtype=bool)
+    blocks = (pairwise_distances(distance, images[i:i + per_prompt], images[i:i + per_prompt])
+              for i in range(0, len(images), per_prompt))
     return np.array([block[off_diagonal].mean() for block in blocks])
 
 
@@ -237,7 +238,8 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
     # distance to the image's own reference and the culture retrieval.
     cultures = np.array([r.culture for r in held])
     own = np.repeat(np.arange(len(held)), samples_per_prompt)  # each image's held-out record
-    matrices = {name: distance_matrix(distance, imgs, refs, settings["resolution"]) for name, imgs in images.items()}
+    generated = {name: as_tensors(imgs, settings["resolution"], device) for name, imgs in images.items()}
+    matrices = {name: pairwise_distances(distance, tensors, refs) for name, tensors in generated.items()}
 
     def per_prompt(values: np.ndarray) -> np.ndarray:
         """Averaged over each prompt's seeds: intervals and tests resample prompts, not images of one prompt."""
@@ -247,7 +249,6 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
     hits = {name: per_prompt(nearest_culture(m, cultures) == cultures[own]) for name, m in matrices.items()}
     retrieved = {name: nearest_culture(distance_matrix(distance, imgs, refs, settings["resolution"]), cultures)
                  for name, imgs in generic_images.items()}
-    generated = {name: as_tensors(imgs, settings["resolution"], device) for name, imgs in images.items()}
     extra = quality_metrics(distance, generated, refs, torch.stack(train_refs).to(device) if train_refs else None,
                             cultures, samples_per_prompt, bootstrap, seed)
     metrics = {
@@ -273,7 +274,7 @@ def quality_metrics(distance, generated: dict[str, torch.Tensor], refs: torch.Te
         out["kid"][name] = {"overall": kid(distance, refs, images, seed),
                             "per_culture": {c: kid(distance, refs[cultures == c], images[image_cultures == c], seed)
                                             for c in names}}
-        diversity = within_prompt_diversity(pairwise_distances(distance, images, images), per_prompt)
+        diversity = within_prompt_diversity(distance, images, per_prompt)
         out["diversity"][name] = (
             {"insufficient": f"{per_prompt} sample(s) per prompt: diversity needs 2 seeds"} if diversity is None else
             {"overall": _stats(diversity, bootstrap, seed),

@@ -145,6 +145,14 @@ def load_pipeline(params: ModelParams, dtype: torch.dtype = torch.float32) -> St
     return pipe
 
 
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
+    """Text embeddings as the pipeline conditions on them: padded to the tokenizer's length, truncated."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
 def training_scheduler(pipe: StableDiffusionPipeline) -> DDPMScheduler:
     return DDPMScheduler.from_config(pipe.scheduler.config)
 

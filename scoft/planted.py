@@ -134,17 +134,10 @@ def reconstruction_rmse(vae, images: torch.Tensor) -> float:
     return float((decoded - images).pow(2).mean().sqrt())
 
 
-@torch.no_grad()
-def _text_embeddings(pipe, captions: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
-
-
 def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: PlantedParams, seed: int,
                progress=print) -> float:
     """Plain latent-diffusion pretraining on the web corpus, 10% empty captions for guidance."""
-    from scoft.models import training_scheduler
+    from scoft.models import encode_prompts, training_scheduler
 
     scheduler = training_scheduler(pipe)
     with torch.no_grad():
@@ -153,7 +146,7 @@ def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: Plante
     pipe.vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     unique = sorted(set(captions)) + [""]
-    embeddings = _text_embeddings(pipe, unique)
+    embeddings = encode_prompts(pipe.tokenizer, pipe.text_encoder, unique)
     index = torch.tensor([unique.index(c) for c in captions]).to(latents.device)
     empty = len(unique) - 1
     generator = torch.Generator().manual_seed(seed + 1)

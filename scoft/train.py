@@ -30,7 +30,7 @@ from scoft.data import CCUBTrainSet
 from scoft.features import build_distance
 from scoft.io import sha256_file, sha256_json, write_json
 from scoft.losses import contrastive_loss, estimate_clean_latents, ldm_loss, memorization_loss
-from scoft.models import load_pipeline, training_scheduler
+from scoft.models import encode_prompts, load_pipeline, training_scheduler
 from scoft.negatives import INDEX
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # every UNet attention projection
@@ -50,11 +50,8 @@ class Frozen:
     perceptual: torch.nn.Module | None
     distance: torch.nn.Module | None
 
-    @torch.no_grad()
     def encode_text(self, texts: list[str], device) -> torch.Tensor:
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-        return self.text_encoder(ids)[0]
+        return encode_prompts(self.tokenizer, self.text_encoder, texts).to(device)
 
 
 def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:

@@ -75,15 +75,20 @@ def test_generic_prompt_distribution_and_entropy_by_hand():
 
 
 def test_within_prompt_diversity_by_hand():
+    import torch
+
     from scoft.evaluate import within_prompt_diversity
 
-    # 2 prompts x 2 seeds: prompt 0's images are 0.4 apart, prompt 1's 0.1; cross-prompt entries ignored
-    d = np.array([[0.0, 0.4, 9.0, 9.0],
-                  [0.4, 0.0, 9.0, 9.0],
-                  [9.0, 9.0, 0.0, 0.1],
-                  [9.0, 9.0, 0.1, 0.0]])
-    assert within_prompt_diversity(d, 2) == pytest.approx([0.4, 0.1])
-    assert within_prompt_diversity(d, 1) is None  # one seed per prompt: nothing to compare
+    class Gap:
+        """D(a, b) = |a - b| for one-number "images": distances chosen by hand."""
+
+        def pairwise(self, x, targets):
+            return (x.flatten(1)[:, None, 0] - targets.flatten(2)[:, :, 0]).abs()
+
+    # 2 prompts x 2 seeds: prompt 0's images are 0.4 apart, prompt 1's 0.1 (9 apart across prompts)
+    images = torch.tensor([0.0, 0.4, 9.0, 9.1], dtype=torch.float64).view(4, 1, 1, 1)
+    assert within_prompt_diversity(Gap(), images, 2) == pytest.approx([0.4, 0.1])
+    assert within_prompt_diversity(Gap(), images, 1) is None  # one seed per prompt: nothing to compare
 
 
 def test_memorisation_threshold_is_the_nearest_held_out_image():
