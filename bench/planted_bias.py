@@ -1,17 +1,22 @@
 """Does SCoFT move the planted-bias base away from its stereotype and toward CCUB?
 
 The loss sets (LDM, +M, +MP, +MPC), several training seeds each, on a planted-bias base (models/base,
-built by `scoft base`) and the built-in CCUB sample. For every held-out caption and 4 sampling seeds,
-the base and each LoRA are scored by the oracle that knows the planted rule: the share of images
-nearer the culture's stereotype palette than its truth palette, and the mean distance to the truth
-palette; for the prompts naming no culture, the share drawn in the generic lean's stereotype.
-Intervals: 95% bootstrap over prompts (the held-out captions), per culture and overall; a LoRA's
-improvement over the base is paired by prompt, its values averaged over the training seeds first.
+built by `scoft base`) and the built-in CCUB sample; one LoRA per culture (the paper's setting) unless
+--joint. Every model draws every held-out caption with the same sampling seeds (scoft.evaluate.compare),
+and is scored twice:
+- by the evaluation's own metrics (features.evaluation): distance to the held-out image of the same
+  caption, culture retrieval accuracy, and for the generic prompts the retrieved cultures' entropy;
+- by the oracle that knows the planted rule: the share of images nearer the culture's stereotype
+  palette than its truth palette, the distance to the truth palette, and for the generic prompts the
+  share drawn in the generic lean's stereotype.
+Per prompt, values are averaged over its sampling seeds, then over the training seeds; intervals are
+95% bootstrap over prompts, and each model's improvement over the base (and +MPC's over LDM) is
+paired by prompt. So the table says whether the generic metrics agree with the oracle.
 
-    .venv/bin/python -m bench.planted_bias --base models/base --seeds 3 --steps 300 \
+    .venv/bin/python -m bench.planted_bias --base models/base --seeds 3 [--steps 300] [--joint] \
         [--set train.lr=3e-4 ...] [--losses ldm,ldm+mem+perceptual+contrastive] [--json out.json]
 
-Prints a markdown table (BENCHMARKS.md keeps the figures).
+Prints markdown tables (BENCHMARKS.md keeps the figures).
 """
 
 from __future__ import annotations
@@ -27,18 +32,21 @@ import numpy as np
 import torch
 
 from scoft.captions import FallbackCaptioner
-from scoft.ccub import HELDOUT, ingest, read_manifest
+from scoft.ccub import ingest, read_manifest
 from scoft.config import LOSS_SETS, load_params, with_overrides
-from scoft.evaluate import bootstrap_ci
+from scoft.evaluate import BASE, bootstrap_ci, compare
+from scoft.features import build_distance
 from scoft.models import load_pipeline, model_fingerprint
-from scoft.negatives import generate, plan_negatives, sample_negatives
+from scoft.negatives import plan_negatives, sample_negatives
 from scoft.planted import GENERIC_LEAN, STEREOTYPES, palette_distance, stereotype_oracle
-from scoft.sample import CATEGORIES, CULTURES, write_sample
+from scoft.sample import CULTURES, write_sample
 from scoft.train import train
 
 NAMES = dict(zip(LOSS_SETS, ["LDM", "+M", "+MP", "+MPC"]))
-SAMPLING_SEEDS = [0, 1, 2, 3]
-GENERIC = [generic for _, generic in CATEGORIES.values()]
+# (key, title, whether lower is better)
+METRICS = [("stereotype_share", "stereotype share (oracle)", True), ("truth_distance", "distance to truth palette (oracle)", True),
+           ("distance", "distance to held-out image (evaluation backbone)", True),
+           ("retrieval", "culture retrieval accuracy (evaluation backbone)", False)]
 
 
 def nearest_palette(image) -> str:
@@ -47,18 +55,13 @@ def nearest_palette(image) -> str:
     return min(palettes, key=lambda name: palette_distance(image, palettes[name]))
 
 
-def score(pipe, held, settings) -> dict:
-    """Per held-out prompt: stereotype share and distance to the truth palette over the sampling seeds;
-    over the generic prompts: the share of images in the generic lean's stereotype."""
-    share, distance = [], []
-    for record in held:
-        images = generate(pipe, [record.caption] * len(SAMPLING_SEEDS), SAMPLING_SEEDS, settings)
-        truth = CULTURES[record.culture][1:]
-        share.append(np.mean([stereotype_oracle(im, record.culture) for im in images]))
-        distance.append(np.mean([palette_distance(im, truth) for im in images]))
-    generic = generate(pipe, [g for g in GENERIC for _ in SAMPLING_SEEDS], SAMPLING_SEEDS * len(GENERIC), settings)
-    lean = np.mean([nearest_palette(im) == f"{GENERIC_LEAN} stereotype" for im in generic])
-    return {"stereotype_share": np.array(share), "truth_distance": np.array(distance), "generic_lean_share": float(lean)}
+def oracle_scores(images: list, held: list, per_prompt: int) -> dict[str, np.ndarray]:
+    """Per held-out prompt, over its sampling seeds: stereotype share and distance to the truth palette."""
+    cultures = [r.culture for r in held for _ in range(per_prompt)]
+    share = [stereotype_oracle(im, c) for im, c in zip(images, cultures)]
+    distance = [palette_distance(im, CULTURES[c][1:]) for im, c in zip(images, cultures)]
+    return {"stereotype_share": np.array(share, float).reshape(len(held), per_prompt).mean(1),
+            "truth_distance": np.array(distance).reshape(len(held), per_prompt).mean(1)}
 
 
 def cell(values: np.ndarray) -> str:
@@ -68,9 +71,9 @@ def cell(values: np.ndarray) -> str:
     return f"{values.mean():.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
-def prepare(params, work: Path):
-    """The CCUB sample ingested, the base's negatives sampled; returns the base pipe and held-out records."""
-    write_sample(work / "sample")
+def prepare(params, work: Path, per_category: int):
+    """The CCUB sample ingested, the base's negatives sampled; returns the base pipe and the records."""
+    write_sample(work / "sample", per_category=per_category)
     ingest([str(work / "sample")], work / "ccub", heldout_fraction=params.ingest.heldout_fraction,
            max_pixels=10**8, max_rejected_fraction=0.0, captioner=FallbackCaptioner(), progress=lambda m: None)
     pipe = load_pipeline(params.model)
@@ -78,36 +81,70 @@ def prepare(params, work: Path):
     settings = {"steps": n.steps, "guidance_scale": n.guidance_scale, "resolution": params.model.resolution}
     plan = plan_negatives(read_manifest(work / "ccub"), model_fingerprint(pipe), settings, n.per_image, n.seed)
     sample_negatives(pipe, plan, work / "negatives", n.batch_size, settings, progress=lambda m: None)
-    return pipe, [r for r in read_manifest(work / "ccub") if r.split == HELDOUT]
+    return pipe, read_manifest(work / "ccub")
 
 
-def run_loss_set(params, losses: str, seeds: int, work: Path, pipe, held, eval_settings) -> tuple[dict, list]:
-    """Train `seeds` LoRAs of one loss set and score each; per-prompt values averaged over the seeds."""
-    scores, seconds = [], []
-    for seed in range(seeds):
-        tp = params.train.model_copy(update={"losses": losses, "seed": params.train.seed + seed, "checkpoint_every": 0})
-        run = work / f"{losses}-{seed}"
-        started = time.monotonic()
-        train(params.model_copy(update={"train": tp}), work / "ccub", work / "negatives", run, None,
-              progress=lambda m: None, pipe=load_pipeline(params.model))
-        seconds.append(time.monotonic() - started)
-        pipe.load_lora_weights(str(run))
-        scores.append(score(pipe, held, eval_settings))
-        pipe.unload_lora_weights()
-    averaged = {k: np.mean([s[k] for s in scores], axis=0) for k in scores[0]}
-    averaged["generic_lean_per_seed"] = [s["generic_lean_share"] for s in scores]
-    return averaged, seconds
+def train_models(params, losses: str, seed: int, work: Path, joint: bool) -> tuple[Path | dict[str, Path], float]:
+    """One loss set at one training seed: a LoRA per culture (or one joint LoRA); the seconds it took."""
+    tp = params.train.model_copy(update={"losses": losses, "seed": params.train.seed + seed, "checkpoint_every": 0})
+    variant = params.model_copy(update={"train": tp})
+    started = time.monotonic()
+    folders = {None: work / f"{losses}-{seed}"} if joint else {c: work / f"{losses}-{seed}-{c}" for c in CULTURES}
+    for culture, folder in folders.items():
+        train(variant, work / "ccub", work / "negatives", folder, None, progress=lambda m: None,
+              pipe=load_pipeline(params.model), culture=culture)
+    return (folders[None] if joint else folders), time.monotonic() - started
 
 
-def table(base: dict, results: dict, cultures: np.ndarray) -> list[str]:
-    lines = ["| model | culture | stereotype share (oracle, lower is better) | distance to truth palette | "
-             "improvement over base (distance, paired) |", "|---|---|---|---|---|"]
-    for name, values in [("base", base), *results.items()]:
+def table(per_model: dict[str, dict[str, np.ndarray]], cultures: np.ndarray) -> list[str]:
+    """One block per metric: per culture, each model's mean and interval, and its paired improvement
+    over the base (sign so that positive is better), and +MPC against LDM where both ran."""
+    lines = []
+    names = list(per_model)
+    for key, title, lower_better in METRICS:
+        sign = 1 if lower_better else -1
+        pairs = [(n, BASE) for n in names if n != BASE] + ([("+MPC", "LDM")] if {"+MPC", "LDM"} <= set(names) else [])
+        lines += [f"**{title}** ({'lower' if lower_better else 'higher'} is better); improvement: paired, positive "
+                  "is better", "", "| culture | " + " | ".join(names) + " | " +
+                  " | ".join(f"{a} vs {b}" for a, b in pairs) + " |", "|---" * (1 + len(names) + len(pairs)) + "|"]
         for culture in [*CULTURES, "all"]:
             idx = np.ones(len(cultures), bool) if culture == "all" else cultures == culture
-            gain = cell(base["truth_distance"][idx] - values["truth_distance"][idx]) if name != "base" else "-"
-            lines.append(f"| {name} | {culture} | {cell(values['stereotype_share'][idx])} | "
-                         f"{cell(values['truth_distance'][idx])} | {gain} |")
+            values = [cell(per_model[n][key][idx]) for n in names]
+            gains = [cell(sign * (per_model[b][key][idx] - per_model[a][key][idx])) for a, b in pairs]
+            lines.append(f"| {culture} | " + " | ".join(values + gains) + " |")
+        lines.append("")
+    return lines
+
+
+def generic_lines(result: dict, models: dict[str, list[str]]) -> list[str]:
+    """Per loss set: the generic prompts' oracle lean share and the evaluation's retrieval entropy,
+    averaged over the training seeds (and, per culture, over the cultures' LoRAs)."""
+    generic = result["metrics"]["generic_prompts"]
+    lines = [f"**Prompts naming no culture** ({len(generic['prompts'])} prompts x seeds): share drawn in the "
+             f"generic lean's ({GENERIC_LEAN}) stereotype (oracle), and the entropy of the cultures the evaluation "
+             f"retrieves (bits, even spread {generic['max_entropy_bits']:.2f})", "",
+             "| model | lean share (oracle) | retrieval entropy | retrieved shares |", "|---|---|---|---|"]
+    for name, runs in models.items():
+        rows = [k for k in result["generic_images"] if k == BASE and name == BASE or k.split("[")[0] in runs]
+        lean = np.mean([np.mean([nearest_palette(im) == f"{GENERIC_LEAN} stereotype" for im in result["generic_images"][k]])
+                        for k in rows])
+        entropy = np.mean([generic["models"][k]["entropy_bits"] for k in rows])
+        shares = {c: np.mean([generic["models"][k]["shares"][c] for k in rows]) for c in generic["models"][BASE]["shares"]}
+        lines.append(f"| {name} | {lean:.2f} | {entropy:.2f} | " + ", ".join(f"{c} {v:.2f}" for c, v in shares.items()) + " |")
+    return lines
+
+
+def quality_lines(metrics: dict, models: dict[str, list[str]]) -> list[str]:
+    """KID, within-prompt diversity and memorisation (overall), averaged over the training seeds."""
+    def mean_of(block: str, runs: list[str], field: str = "mean") -> str:
+        values = [metrics[block][r]["overall"][field] for r in runs if "overall" in metrics[block][r]
+                  and field in metrics[block][r]["overall"]]
+        return f"{np.mean(values):.4f}" if values else "n/a"
+
+    lines = ["**KID, diversity and memorisation** (evaluation backbone, all held-out prompts, mean over training seeds)",
+             "", "| model | KID | within-prompt diversity | memorisation share |", "|---|---|---|---|"]
+    for name, runs in models.items():
+        lines.append(f"| {name} | {mean_of('kid', runs)} | {mean_of('diversity', runs)} | {mean_of('memorisation', runs)} |")
     return lines
 
 
@@ -117,6 +154,8 @@ def main():
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per loss set")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default train.max_steps)")
     parser.add_argument("--losses", default=",".join(LOSS_SETS), help="comma-separated loss sets")
+    parser.add_argument("--joint", action="store_true", help="one LoRA for all cultures instead of one per culture")
+    parser.add_argument("--per-category", type=int, default=6, help="sample images per culture and category")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="params override")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--json", default=None, help="also write the per-prompt results here")
@@ -124,31 +163,37 @@ def main():
     overrides = [f"model.base={args.base}", *args.set] + ([f"train.max_steps={args.steps}"] if args.steps else [])
     params = with_overrides(load_params(args.params), overrides)
     work = Path(tempfile.mkdtemp(prefix="scoft-planted-bench-"))
+    e = params.evaluate
     try:
-        pipe, held = prepare(params, work)
-        e = params.evaluate
-        eval_settings = {"steps": e.steps, "guidance_scale": e.guidance_scale, "resolution": params.model.resolution}
-        base = score(pipe, held, eval_settings)
-        results, seconds = {}, {}
+        pipe, records = prepare(params, work, args.per_category)
+        runs, seconds = {}, {}
         for losses in args.losses.split(","):
-            results[NAMES[losses]], seconds[NAMES[losses]] = run_loss_set(params, losses, args.seeds, work, pipe,
-                                                                         held, eval_settings)
+            for seed in range(args.seeds):
+                runs[f"{NAMES[losses]} s{seed}"], took = train_models(params, losses, seed, work, args.joint)
+                seconds.setdefault(NAMES[losses], []).append(took)
+        distance = build_distance(params.features.evaluation, params.features, params.model.seed)
+        result = compare(pipe, runs, records, work / "ccub", distance,
+                         {"steps": e.steps, "guidance_scale": e.guidance_scale, "resolution": params.model.resolution},
+                         e.samples_per_prompt, e.seed, e.bootstrap, progress=lambda m: None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    held, per_prompt = result["held"], e.samples_per_prompt
+    models = {BASE: [BASE], **{NAMES[l]: [f"{NAMES[l]} s{s}" for s in range(args.seeds)] for l in args.losses.split(",")}}
+    per_run = {name: {**oracle_scores(images, held, per_prompt),
+                      **{k: v[name] for k, v in result["per_prompt"].items()}} for name, images in result["images"].items()}
+    per_model = {name: {k: np.mean([per_run[r][k] for r in rs], axis=0) for k in per_run[BASE]} for name, rs in models.items()}
     cultures = np.array([r.culture for r in held])
-    print(f"base {args.base}; held-out prompts: {len(held)} "
-          f"({', '.join(f'{c} {int((cultures == c).sum())}' for c in CULTURES)}), {len(SAMPLING_SEEDS)} sampling "
-          f"seeds each, {args.seeds} training seed(s) per loss set; overrides: {', '.join(overrides)}")
-    print("\n".join(["", *table(base, results, cultures), ""]))
-    print("generic prompts drawn in the generic lean's stereotype (oracle): base "
-          f"{base['generic_lean_share']:.2f}; " + "; ".join(
-              f"{n} {np.mean(v['generic_lean_per_seed']):.2f}" for n, v in results.items()))
-    print("training seconds per run: " + ", ".join(f"{n} {np.mean(v):.0f}" for n, v in seconds.items()))
+    print(f"base {args.base}; {'one joint LoRA' if args.joint else 'one LoRA per culture'}; held-out prompts: "
+          f"{len(held)} ({', '.join(f'{c} {int((cultures == c).sum())}' for c in CULTURES)}), {per_prompt} sampling "
+          f"seeds each, {args.seeds} training seed(s) per loss set; evaluation backbone {params.features.evaluation}; "
+          f"overrides: {', '.join(overrides)}")
+    print("\n".join(["", *table(per_model, cultures), *generic_lines(result, models), "",
+                     *quality_lines(result["metrics"], models), ""]))
+    print("training seconds per loss set and seed: " + ", ".join(f"{n} {np.mean(v):.0f}" for n, v in seconds.items()))
     if args.json:
-        as_lists = lambda d: {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in d.items()}  # noqa: E731
-        Path(args.json).write_text(json.dumps({"overrides": overrides, "cultures": cultures.tolist(),
-                                               "base": as_lists(base), "seconds": seconds,
-                                               "models": {n: as_lists(v) for n, v in results.items()}}, indent=1))
+        Path(args.json).write_text(json.dumps({
+            "overrides": overrides, "joint": args.joint, "cultures": cultures.tolist(), "seconds": seconds,
+            "models": {n: {k: v.tolist() for k, v in m.items()} for n, m in per_model.items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class PlantedParams(_Section):
     unet_lr: float = Field(2e-3, gt=0)
 
 
-Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dinov2+clip"]
+Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dinov2+clip", "colour-histogram"]
 
 
 class FeatureParams(_Section):

@@ -30,13 +30,17 @@ def load_image_tensor(path: str | Path, resolution: int) -> torch.Tensor:
 
 
 class CCUBTrainSet(Dataset):
-    """Train-split records; each item carries up to k negatives and a mask of which are real."""
+    """Train-split records (of one culture, when given: one LoRA per culture, as the paper); each item
+    carries up to k negatives and a mask of which are real."""
 
-    def __init__(self, ccub_dir: str | Path, negatives_dir: str | Path | None, resolution: int, per_image: int):
+    def __init__(self, ccub_dir: str | Path, negatives_dir: str | Path | None, resolution: int, per_image: int,
+                 culture: str | None = None):
         self.ccub_dir = Path(ccub_dir)
-        self.records: list[Record] = [r for r in read_manifest(ccub_dir) if r.split == TRAIN]
+        self.records: list[Record] = [r for r in read_manifest(ccub_dir)
+                                      if r.split == TRAIN and culture in (None, r.culture)]
         if not self.records:
-            raise ValueError(f"{ccub_dir}: no training records (every record is held out)")
+            which = f"culture {culture}" if culture else "any culture"
+            raise ValueError(f"{ccub_dir}: no training records of {which} (none, or every one held out)")
         self.resolution = resolution
         self.k = per_image
         by_record: dict[str, list[Path]] = {}

@@ -23,6 +23,7 @@ from PIL import Image
 
 from scoft.ccub import HELDOUT, TRAIN, Record
 from scoft.data import image_transform, load_image_tensor
+from scoft.features import device_of
 from scoft.io import atomic_dir, write_json
 from scoft.negatives import generate
 from scoft.render import html_text, markdown_text
@@ -153,7 +154,7 @@ def kid(distance, real: torch.Tensor, fake: torch.Tensor, seed: int, subsets: in
     """Kernel Inception Distance (torchmetrics) in the evaluation backbone's feature space, subset size
     fitted to the smaller sample; lower is closer. Needs an embedding backbone and 2 images a side."""
     if not hasattr(distance, "embed"):
-        return {"insufficient": "KID needs an embedding backbone (clip, dinov2, dinov2+clip), not LPIPS"}
+        return {"insufficient": "KID needs an embedding backbone (clip, dinov2, dinov2+clip, colour-histogram), not LPIPS"}
     size = min(len(real), len(fake))
     if size < 2:
         return {"insufficient": f"KID needs 2 images a side (real {len(real)}, generated {len(fake)})"}
@@ -207,15 +208,20 @@ def heldout_records(records: list[Record]) -> list[Record]:
     return [r for r in records if r.split == HELDOUT]
 
 
-def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, distance, settings: dict,
-            samples_per_prompt: int, seed: int, bootstrap: int, progress=print) -> dict:
-    """Generate for every held-out caption with the base model, then with each LoRA, same seeds."""
+def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record], ccub_dir, distance,
+            settings: dict, samples_per_prompt: int, seed: int, bootstrap: int, progress=print) -> dict:
+    """Generate for every held-out caption with the base model, then with each model, same seeds.
+
+    A model is one LoRA folder (for every culture) or {culture: LoRA folder} (one LoRA per culture, as
+    the paper trains them): a culture's prompts are then drawn with its own LoRA, the base where it has
+    none (named in `notes`), and each culture's LoRA draws the generic prompts as its own row."""
     held = heldout_records(records)
     if not held:
         raise ValueError("no held-out records to evaluate against")
     prompts = [r.caption for r in held for _ in range(samples_per_prompt)]
     seeds = [seed + j for _ in held for j in range(samples_per_prompt)]
-    device = next(distance.parameters()).device
+    prompt_cultures = [r.culture for r in held for _ in range(samples_per_prompt)]
+    device = device_of(distance)
     refs = torch.stack([load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in held]).to(device)
     train_refs = [load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in records if r.split == TRAIN]
 
@@ -227,12 +233,25 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
     def sample(texts: list[str], text_seeds: list[int]) -> list[Image.Image]:
         return [im for i in range(0, len(texts), 8) for im in generate(pipe, texts[i:i + 8], text_seeds[i:i + 8], settings)]
 
-    images, generic_images = {BASE: sample(prompts, seeds)}, {BASE: sample(generic_prompts, generic_seeds)}
+    images, generic_images, notes = {BASE: sample(prompts, seeds)}, {BASE: sample(generic_prompts, generic_seeds)}, []
     for name, lora in loras.items():
-        pipe.load_lora_weights(str(lora))
-        images[name] = sample(prompts, seeds)
-        generic_images[name] = sample(generic_prompts, generic_seeds)
-        pipe.unload_lora_weights()
+        if not isinstance(lora, dict):
+            pipe.load_lora_weights(str(lora))
+            images[name] = sample(prompts, seeds)
+            generic_images[name] = sample(generic_prompts, generic_seeds)
+            pipe.unload_lora_weights()
+        else:
+            images[name] = list(images[BASE])
+            for culture in sorted({r.culture for r in held}):
+                if culture not in lora:
+                    notes.append(f"{name}: no LoRA for {culture}; its prompts are drawn by the base model")
+                    continue
+                at = [i for i, c in enumerate(prompt_cultures) if c == culture]
+                pipe.load_lora_weights(str(lora[culture]))
+                for i, im in zip(at, sample([prompts[i] for i in at], [seeds[i] for i in at])):
+                    images[name][i] = im
+                generic_images[f"{name}[{culture}]"] = sample(generic_prompts, generic_seeds)
+                pipe.unload_lora_weights()
         progress(f"evaluate: {len(prompts)} + {len(generic_prompts)} generic images from {name}")
     # One distance matrix per model (every image against every held-out reference) gives both the
     # distance to the image's own reference and the culture retrieval.
@@ -253,6 +272,7 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
                             cultures, samples_per_prompt, bootstrap, seed)
     metrics = {
         **extra,
+        "notes": notes,
         "retrieval_accuracy": retrieval_metrics(hits, cultures, bootstrap, seed),
         "generic_prompts": generic_distribution(retrieved, np.unique(cultures).tolist(), generic),
         "metric": "feature_distance",
@@ -260,7 +280,8 @@ def compare(pipe, loras: dict[str, Path], records: list[Record], ccub_dir, dista
         "overall": _summary(dist, np.ones(len(held), dtype=bool), bootstrap, seed),
         "per_culture": culture_metrics(dist, cultures, sorted({r.culture for r in records}), bootstrap, seed),
     }
-    return {"metrics": metrics, "images": images, "held": held, "prompts": prompts}
+    return {"metrics": metrics, "images": images, "held": held, "prompts": prompts, "generic_images": generic_images,
+            "per_prompt": {"distance": dist, "retrieval": hits}}
 
 
 def quality_metrics(distance, generated: dict[str, torch.Tensor], refs: torch.Tensor, train_refs: torch.Tensor | None,
@@ -456,7 +477,8 @@ def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: st
     refs = [Image.open(Path(ccub_dir) / r.file) for r in result["held"] for _ in range(per_prompt)]
     names = list(result["images"])
     rows = [[ref, *(result["images"][n][i] for n in names)] for i, ref in enumerate(refs)]
-    tables = [*metrics_markdown(result["metrics"], backbone), "",
+    notes = [f"- {markdown_text(n)}" for n in result["metrics"].get("notes", [])]
+    tables = [*(["Notes:", "", *notes, ""] if notes else []), *metrics_markdown(result["metrics"], backbone), "",
               *retrieval_markdown(result["metrics"]["retrieval_accuracy"]), "",
               *generic_markdown(result["metrics"]["generic_prompts"]), "", *quality_markdown(result["metrics"])]
     lines = ["# SCoFT evaluation", "", *tables, "",

@@ -5,6 +5,9 @@
 - `dinov2`, `clip`: cosine distance between embeddings of a transformers vision model.
 - `dinov2+clip`: cosine distance between the concatenated DINOv2 and CLIP embeddings (the ensemble
   DreamSim starts from, without DreamSim's fine-tuned weights: not DreamSim).
+- `colour-histogram`: 1 - the Bhattacharyya coefficient of soft RGB histograms. It has no weights, so
+  offline, where the transformers backbones can only have seeded random weights, it is the one whose
+  judgement means something known (how alike two images' colours are) and depends on no seed.
 Transformers backbones load from `features.weights[name]`: "tiny" (a seeded small model, offline), a
 hub id or a local folder. Each network is built once per run and frozen; gradient flows through it to
 the images only.
@@ -25,7 +28,8 @@ from scoft.hub import loading
 
 LPIPS_NETS = {"lpips-vgg": "vgg", "lpips-alex": "alex", "lpips-squeeze": "squeeze"}
 EMBEDDING_MODELS = {"dinov2": Dinov2Model, "clip": CLIPVisionModel}
-BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dinov2+clip"]
+COLOUR_HISTOGRAM = "colour-histogram"
+BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dinov2+clip", COLOUR_HISTOGRAM]
 _NORMALISATION = {
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "clip": ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)),
@@ -96,6 +100,28 @@ class DinoClipEnsemble(EmbeddingDistance):
         return F.normalize(torch.cat([p.embed(images) for p in self.parts], dim=-1), dim=-1)
 
 
+class ColourHistogram(EmbeddingDistance):
+    """D(a, b) = 1 - sum_i sqrt(h_a[i] h_b[i]) over soft joint RGB histograms (bins^3 cells, each pixel
+    spread over its neighbouring bins by triangular weights, so the distance is smooth and has a
+    gradient). The embedding is sqrt(h), of unit length: cosine distance on it is that distance."""
+
+    def __init__(self, bins: int = 6, size: int = 32):
+        _Pairwise.__init__(self)
+        self.size = size
+        self.register_buffer("centres", (torch.arange(bins) + 0.5) / bins, persistent=False)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float().clamp(-1, 1) + 1) / 2
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="area")
+        bins = len(self.centres)
+        # [N, pixels, bins] per channel: weight 1 at a bin's centre, 0 one bin width away
+        r, g, b = (F.relu(1 - (x[:, c].flatten(1)[..., None] - self.centres).abs() * bins) for c in range(3))
+        histogram = torch.einsum("npi,npj,npk->nijk", r, g, b).flatten(1)
+        histogram = histogram / histogram.sum(-1, keepdim=True).clamp_min(1e-12)
+        return F.normalize(histogram.clamp_min(0).add(1e-12).sqrt(), dim=-1)
+
+
 class LpipsDistance(_Pairwise):
     """LPIPS per sample, for images in [-1, 1]."""
 
@@ -111,6 +137,11 @@ class LpipsDistance(_Pairwise):
         return self.lpips(a.float(), b.float()).flatten()
 
 
+def device_of(distance: nn.Module) -> torch.device:
+    """Where a distance network lives (the colour histogram has buffers but no parameters)."""
+    return next(iter([*distance.parameters(), *distance.buffers()])).device
+
+
 def build_distance(name: str, params: FeatureParams, seed: int = 0) -> nn.Module:
     if name in LPIPS_NETS:
         return LpipsDistance(LPIPS_NETS[name], params.lpips_pretrained_backbone, seed)
@@ -118,4 +149,6 @@ def build_distance(name: str, params: FeatureParams, seed: int = 0) -> nn.Module
         return EmbeddingDistance(name, params.weights_for(name), seed)
     if name == "dinov2+clip":
         return DinoClipEnsemble(params, seed)
+    if name == COLOUR_HISTOGRAM:
+        return ColourHistogram()
     raise ValueError(f"unknown feature backbone {name!r} (one of {', '.join(BACKBONES)})")

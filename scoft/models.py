@@ -62,20 +62,61 @@ TINY_TEXT = dict(
     intermediate_size=37,
     num_attention_heads=4,
     num_hidden_layers=2,
-    vocab_size=600,
+    vocab_size=1024,  # bytes, byte+</w>, and the word tokens of TINY_WORDS
     max_position_embeddings=77,
     bos_token_id=0,
     eos_token_id=1,
     pad_token_id=1,
 )
+def _caption_words() -> list[str]:
+    """The lower-cased words of the built-in sample's captions and generic captions."""
+    import re
+
+    from scoft.sample import CATEGORIES, CULTURES
+
+    texts = [c.format(adj=adj) for pair in CATEGORIES.values() for c in pair for adj, *_ in CULTURES.values()] + ["view"]
+    return sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower()) if len(w) > 1})
+
+
+TINY_WORDS = _caption_words()
 # Stable Diffusion v1's noise schedule.
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    steps_offset=1)
 
 
+def _word_merges(words: list[str]) -> list[str]:
+    """BPE merges ("k o", ...) learned on `words` until each word is one token: the most frequent
+    adjacent pair first, ties broken by the pair's text. Learned rather than chained by hand, so greedy
+    BPE applies them consistently; written here because the tokenizers trainer breaks ties in hash
+    order, and the planted base must come out the same on every build."""
+    corpus = [[*w[:-1], w[-1] + "</w>"] for w in words]
+    merges = []
+    while any(len(w) > 1 for w in corpus):
+        counts: dict[tuple[str, str], int] = {}
+        for w in corpus:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(" ".join(best))
+        for i, w in enumerate(corpus):
+            merged, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
+                    merged.append(w[j] + w[j + 1])
+                    j += 2
+                else:
+                    merged.append(w[j])
+                    j += 1
+            corpus[i] = merged
+    return merges
+
+
 @functools.cache
 def _tiny_tokenizer_dir() -> str:
-    """A byte-level CLIP BPE vocabulary with no merges: every byte is a token. No download."""
+    """A CLIP BPE vocabulary of bytes plus one token per word of the sample's captions (as a real CLIP
+    vocabulary has whole-word tokens for common words), so "Korean" and "Mexican" are one distinct token
+    each rather than a run of letters that shifts every later position. Other words fall back to
+    byte tokens. No download."""
     # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest above 255.
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = iter(range(256, 512))
@@ -83,9 +124,12 @@ def _tiny_tokenizer_dir() -> str:
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(c, len(vocab))
+    merges = _word_merges(TINY_WORDS)
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
     folder = Path(tempfile.mkdtemp(prefix="scoft-tiny-tokenizer-"))
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
     return str(folder)
 
 

@@ -127,13 +127,14 @@ def collate(items: list[dict]) -> dict:
             for k in items[0]}
 
 
-def run_fingerprint(params: Params, ccub_dir, negatives_dir, max_steps: int, world: int) -> str:
-    """What a checkpoint must match to be resumed: settings, data and the number of processes."""
+def run_fingerprint(params: Params, ccub_dir, negatives_dir, max_steps: int, world: int,
+                    culture: str | None = None) -> str:
+    """What a checkpoint must match to be resumed: settings, data, culture and the number of processes."""
     negatives_index = Path(negatives_dir) / INDEX
     return sha256_json({
         "model": params.model.model_dump(), "features": params.features.model_dump(),
         "train": params.train.model_dump(exclude={"checkpoint_every", "max_steps"}), "max_steps": max_steps,
-        "per_image": params.negatives.per_image, "world": world,
+        "per_image": params.negatives.per_image, "world": world, **({"culture": culture} if culture else {}),
         "manifest": sha256_file(Path(ccub_dir) / MANIFEST),
         "negatives": sha256_file(negatives_index) if negatives_index.is_file() else None,
     })
@@ -201,8 +202,9 @@ def save_lora(unet, output_dir: Path, summary: dict) -> Path:
 
 
 def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress=print,
-          max_steps: int | None = None, checkpoint_every: int | None = None, pipe=None) -> dict:
-    """Train and save the LoRA. `pipe` (optional) is an already loaded base pipeline; it is modified.
+          max_steps: int | None = None, checkpoint_every: int | None = None, pipe=None, culture: str | None = None) -> dict:
+    """Train and save the LoRA, on one culture's records when `culture` is given (else all).
+    `pipe` (optional) is an already loaded base pipeline; it is modified.
     `log_dir` None: no dvclive metrics log (benchmarks and sweeps that time or repeat the loop)."""
     tp = params.train
     max_steps = max_steps or tp.max_steps
@@ -229,11 +231,11 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
         unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay)
     lr_scheduler = get_scheduler(tp.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=max_steps)
-    dataset = CCUBTrainSet(ccub_dir, negatives_dir, params.model.resolution, params.negatives.per_image)
+    dataset = CCUBTrainSet(ccub_dir, negatives_dir, params.model.resolution, params.negatives.per_image, culture)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     unet.train()
 
-    fingerprint = run_fingerprint(params, ccub_dir, negatives_dir, max_steps, world)
+    fingerprint = run_fingerprint(params, ccub_dir, negatives_dir, max_steps, world, culture)
     checkpoints = checkpoint_folder(output_dir, fingerprint)
     step = micro = 0
     resumed = _latest_checkpoint(checkpoints, fingerprint, say)
@@ -299,7 +301,8 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
     if not math.isfinite(last.get("total", 0.0)):
         raise FloatingPointError(f"training diverged: final losses {last}")
     summary = {"steps": step, "micro_steps": micro, "final_losses": last, "resumed_from": resumed["step"] if resumed else None,
-               "seconds": round(time.monotonic() - started, 2), "train_records": len(dataset), "processes": world}
+               "seconds": round(time.monotonic() - started, 2), "train_records": len(dataset), "processes": world,
+               "culture": culture}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
