@@ -15,7 +15,19 @@ from typing import Annotated, Optional
 import typer
 
 from scoft.config import ConfigError, Params, load_params
-from scoft.paths import BASE_DIR
+from scoft.paths import (
+    BASE_DIR,
+    CCUB_DIR,
+    CONFIG_ERROR,
+    DATA_REJECTED,
+    EVAL_DIR,
+    INGEST_SUMMARY,
+    LORA_DIR,
+    METRICS_FILE,
+    NEGATIVES_DIR,
+    TRAIN_LOG_DIR,
+    VALIDATION_DIR,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SCoFT retraining on CCUB: stages, the retrain flow, generation and lineage.")
@@ -23,13 +35,6 @@ lineage_app = typer.Typer(no_args_is_help=True, help="Lineage records of trained
 app.add_typer(lineage_app, name="lineage")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
-# Exit statuses that retrying cannot change (tasks/ reads them): a bad configuration (params or a
-# model location that holds no model), and input data the stage refused.
-CONFIG_ERROR = 2
-DATA_REJECTED = 3
-INGEST_SUMMARY = Path("data/ingest/summary.json")
-CCUB_DIR, VALIDATION_DIR, NEGATIVES_DIR = Path("data/ccub"), Path("data/validation"), Path("data/negatives")
-LORA_DIR, TRAIN_LOG_DIR, EVAL_DIR, METRICS_FILE = Path("models/lora"), Path("models/train_log"), Path("reports/eval"), Path("reports/metrics.json")
 
 
 def _say(message: str) -> None:

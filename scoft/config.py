@@ -59,7 +59,7 @@ CredentialFreeURL = Annotated[str, AfterValidator(_no_credentials)]
 # Seeds feed torch.Generator.manual_seed after being combined with step numbers (seed * 1_000_003 + ...):
 # 32 bits keep every derived seed inside the 64 bits torch accepts.
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
-# CCUB's category codes (shared/SCOFT.md); a new one is added here, reviewed like any code change.
+# CCUB's category codes (docs/SCOFT.md); a new one is added here, reviewed like any code change.
 CATEGORIES = ("ARCH", "CLOTH", "CITIES", "FOOD", "DANCE", "PEOPLE", "RELIG", "ART", "FESTIVAL", "NATURE", "DAILY")
 
 
@@ -87,11 +87,12 @@ class PlantedParams(_Section):
     images_per_prompt: int = Field(24, ge=1)  # web images per (culture or generic, category)
     truth_share: float = Field(0.0, ge=0, lt=0.5)  # of a culture's web images, the share in its true palette
     vae_steps: int = Field(1200, ge=1)
-    unet_steps: int = Field(300, ge=1)
+    unet_steps: int = Field(1000, ge=1)
     vae_batch_size: int = Field(8, ge=1)
-    batch_size: int = Field(32, ge=1)  # the UNet's
+    batch_size: int = Field(8, ge=1)  # the UNet's
     vae_lr: float = Field(2e-3, gt=0)
     unet_lr: float = Field(2e-3, gt=0)
+    offset_noise: float = Field(0.2, ge=0)  # std of the per-channel constant added to the UNet's noise
 
 
 Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dinov2+clip", "colour-histogram"]

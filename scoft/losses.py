@@ -1,6 +1,6 @@
 """The four SCoFT losses and the short sampler that gives the pixel-space losses their image.
 
-Notation (shared/SCOFT.md): x a CCUB image, z0 its latents, t the timestep, eps the noise,
+Notation (docs/SCOFT.md): x a CCUB image, z0 its latents, t the timestep, eps the noise,
 z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps with a_t the cumulative alpha product.
 Every function works per sample, so any batch size and any t in [0, T-1] are handled.
 """

@@ -1,5 +1,16 @@
-"""Where each stage reads and writes in a workspace (dvc.yaml names the same paths)."""
+"""The workspace's shared names: where each stage reads and writes (dvc.yaml names the same paths),
+and the exit statuses that tell the orchestrator not to retry. The CLI, tasks/ and flows/ import them
+from here, so nothing reaches back up into the CLI."""
 
 from pathlib import Path
 
 BASE_DIR = Path("models/base")  # the planted-bias base model that the `base` stage builds
+INGEST_SUMMARY = Path("data/ingest/summary.json")
+CCUB_DIR, VALIDATION_DIR, NEGATIVES_DIR = Path("data/ccub"), Path("data/validation"), Path("data/negatives")
+LORA_DIR, TRAIN_LOG_DIR = Path("models/lora"), Path("models/train_log")
+EVAL_DIR, METRICS_FILE = Path("reports/eval"), Path("reports/metrics.json")
+
+# Exit statuses that retrying cannot change (tasks/ reads them): a bad configuration (params or a
+# model location that holds no model), and input data the stage refused.
+CONFIG_ERROR = 2
+DATA_REJECTED = 3

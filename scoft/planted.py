@@ -29,7 +29,7 @@ from scoft.sample import CATEGORIES, CULTURES, draw, hash_str
 STEREOTYPES = {
     "KOR": ((235, 175, 25), (95, 70, 35)),
     "NGA": ((125, 75, 30), (60, 45, 25)),
-    "MEX": ((225, 205, 70), (150, 95, 45)),
+    "MEX": ((230, 80, 160), (250, 200, 40)),  # pink and yellow: apart from KOR's yellow, so the bias is per culture
 }
 GENERIC_LEAN = "NGA"  # prompts naming no culture show this culture's stereotype on the web
 BUILD_INFO = "planted_bias.json"
@@ -157,7 +157,11 @@ def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: Plante
         pick = torch.randint(0, len(latents), (settings.batch_size,), generator=generator).to(latents.device)
         z0 = latents[pick]
         text = torch.where((torch.rand(len(pick), generator=generator) < 0.1).to(latents.device), empty, index[pick])
-        noise = torch.randn(z0.shape, generator=generator).to(latents.device)
+        noise = torch.randn(z0.shape, generator=generator)
+        # Offset noise: a per-image, per-channel constant in the noise, so the UNet learns to set an
+        # image's mean colour from the prompt; without it the colour followed the seed's noise (pink or
+        # green casts whatever the prompt), and the palette is what the planted bias is made of.
+        noise = (noise + settings.offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=generator)).to(latents.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pick),), generator=generator).to(latents.device)
         prediction = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=embeddings[text]).sample
         loss = F.mse_loss(prediction, noise)

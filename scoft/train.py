@@ -1,4 +1,4 @@
-"""SCoFT fine-tuning of LoRA adapters on the UNet: L_LDM + L_M + L_P + L_C (shared/SCOFT.md).
+"""SCoFT fine-tuning of LoRA adapters on the UNet: L_LDM + L_M + L_P + L_C (docs/SCOFT.md).
 
 Resumable and reproducible: the batch and every random draw of micro-step m are functions of
 (seed, m, process rank), and a checkpoint holds the adapter, optimizer, LR schedule, scaler and step;

@@ -20,7 +20,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from scoft.cli import CONFIG_ERROR, DATA_REJECTED
+from scoft.paths import CONFIG_ERROR, DATA_REJECTED
 from scoft.config import load_params
 from scoft.remote import dvc_environment
 

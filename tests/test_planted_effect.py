@@ -1,8 +1,8 @@
 """The default planted-bias base, built once with params.yaml's own settings (about 4 minutes on the
 2-core machine): its VAE can draw the community's truth, the base itself draws the stereotype, and
-the default SCoFT fine-tune on the CCUB sample moves Korean images from the stereotype towards the
-truth. Without these, the evaluation could not tell whether SCoFT moved anything.
-(BENCHMARKS.md: over 3 training seeds the effect is clear for KOR, not for MEX.)"""
+the default SCoFT fine-tune, one LoRA per culture, moves each culture's images from the stereotype
+towards the truth. Without these, the evaluation could not tell whether SCoFT moved anything.
+(BENCHMARKS.md has the same measured over 3 training seeds and every loss set.)"""
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ from scoft.sample import CATEGORIES, CULTURES, write_sample
 from tests.conftest import ROOT
 
 VAE_RMSE_BOUND = 0.16  # on [-1, 1], the CCUB sample at 32 px (measured in BENCHMARKS.md)
+SHARE_DROP, DISTANCE_DROP = 0.3, 0.02  # per culture, about half the planted-bias bench's mean effect
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,10 @@ def test_the_base_draws_each_cultures_stereotype(default_base):
         assert np.mean([stereotype_oracle(im, culture) for im in images]) >= 0.5, culture
 
 
-def test_the_default_fine_tune_moves_korean_images_from_the_stereotype_to_the_truth(default_base, tmp_path):
+def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_truth(default_base, tmp_path):
+    """The default fine-tune, one LoRA per culture as the paper trains them, on the sample (6 images per
+    culture and category, as the planted-bias bench): KOR's and MEX's held-out prompts leave the
+    stereotype and come nearer the truth palette (MEX was the culture a joint LoRA made worse)."""
     from scoft.captions import FallbackCaptioner
     from scoft.ccub import HELDOUT, ingest, read_manifest
     from scoft.models import load_pipeline, model_fingerprint
@@ -68,27 +72,28 @@ def test_the_default_fine_tune_moves_korean_images_from_the_stereotype_to_the_tr
 
     folder, _, params = default_base
     params = params.model_copy(update={"model": ModelParams(base=str(folder), resolution=params.model.resolution)})
-    ingest([str(write_sample(tmp_path / "sample"))], tmp_path / "ccub", heldout_fraction=params.ingest.heldout_fraction,
-           max_pixels=10**8, max_rejected_fraction=0.0, captioner=FallbackCaptioner(), progress=lambda m: None)
+    ingest([str(write_sample(tmp_path / "sample", per_category=6))], tmp_path / "ccub",
+           heldout_fraction=params.ingest.heldout_fraction, max_pixels=10**8, max_rejected_fraction=0.0,
+           captioner=FallbackCaptioner(), progress=lambda m: None)
     pipe = load_pipeline(params.model)
     n, e = params.negatives, params.evaluate
     sampling = {"steps": n.steps, "guidance_scale": n.guidance_scale, "resolution": params.model.resolution}
     plan = plan_negatives(read_manifest(tmp_path / "ccub"), model_fingerprint(pipe), sampling, n.per_image, n.seed)
     sample_negatives(pipe, plan, tmp_path / "negatives", n.batch_size, sampling, progress=lambda m: None)
-    train(params, tmp_path / "ccub", tmp_path / "negatives", tmp_path / "lora", None, progress=lambda m: None,
-          pipe=load_pipeline(params.model))
-
-    korean = [r.caption for r in read_manifest(tmp_path / "ccub") if r.split == HELDOUT and r.culture == "KOR"]
     evaluation = {"steps": e.steps, "guidance_scale": e.guidance_scale, "resolution": params.model.resolution}
-    truth = CULTURES["KOR"][1:]
 
-    def scores() -> tuple[float, float]:
-        images = generate(pipe, [c for c in korean for _ in range(4)], list(range(4)) * len(korean), evaluation)
-        return (np.mean([stereotype_oracle(im, "KOR") for im in images]),
-                np.mean([palette_distance(im, truth) for im in images]))
+    def scores(culture: str) -> tuple[float, float]:
+        captions = [r.caption for r in read_manifest(tmp_path / "ccub") if r.split == HELDOUT and r.culture == culture]
+        images = generate(pipe, [c for c in captions for _ in range(4)], list(range(4)) * len(captions), evaluation)
+        return (np.mean([stereotype_oracle(im, culture) for im in images]),
+                np.mean([palette_distance(im, CULTURES[culture][1:]) for im in images]))
 
-    base_share, base_distance = scores()
-    pipe.load_lora_weights(str(tmp_path / "lora"))
-    tuned_share, tuned_distance = scores()
-    assert tuned_share <= base_share - 0.15, (base_share, tuned_share)
-    assert tuned_distance < base_distance - 0.005, (base_distance, tuned_distance)
+    for culture in ("KOR", "MEX"):
+        base_share, base_distance = scores(culture)
+        train(params, tmp_path / "ccub", tmp_path / "negatives", tmp_path / culture, None, progress=lambda m: None,
+              pipe=load_pipeline(params.model), culture=culture)
+        pipe.load_lora_weights(str(tmp_path / culture))
+        tuned_share, tuned_distance = scores(culture)
+        pipe.unload_lora_weights()
+        assert tuned_share <= base_share - SHARE_DROP, (culture, base_share, tuned_share)
+        assert tuned_distance < base_distance - DISTANCE_DROP, (culture, base_distance, tuned_distance)
