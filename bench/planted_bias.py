@@ -36,8 +36,8 @@ from scoft.ccub import ingest, read_manifest
 from scoft.config import LOSS_SETS, load_params, with_overrides
 from scoft.evaluate import BASE, bootstrap_ci, compare
 from scoft.features import build_distance
-from scoft.models import load_pipeline, model_fingerprint
-from scoft.negatives import plan_negatives, sample_negatives
+from scoft.models import load_pipeline
+from scoft.negatives import make_negatives
 from scoft.planted import GENERIC_LEAN, STEREOTYPES, palette_distance, stereotype_oracle
 from scoft.sample import CULTURES, write_sample
 from scoft.train import train
@@ -77,10 +77,7 @@ def prepare(params, work: Path, per_category: int):
     ingest([str(work / "sample")], work / "ccub", heldout_fraction=params.ingest.heldout_fraction,
            max_pixels=10**8, max_rejected_fraction=0.0, captioner=FallbackCaptioner(), progress=lambda m: None)
     pipe = load_pipeline(params.model)
-    n = params.negatives
-    settings = {"steps": n.steps, "guidance_scale": n.guidance_scale, "resolution": params.model.resolution}
-    plan = plan_negatives(read_manifest(work / "ccub"), model_fingerprint(pipe), settings, n.per_image, n.seed)
-    sample_negatives(pipe, plan, work / "negatives", n.batch_size, settings, progress=lambda m: None)
+    make_negatives(params, work / "ccub", work / "negatives", pipe=pipe, progress=lambda m: None)
     return pipe, read_manifest(work / "ccub")
 
 
@@ -173,8 +170,7 @@ def main():
                 seconds.setdefault(NAMES[losses], []).append(took)
         distance = build_distance(params.features.evaluation, params.features, params.model.seed)
         result = compare(pipe, runs, records, work / "ccub", distance,
-                         {"steps": e.steps, "guidance_scale": e.guidance_scale, "resolution": params.model.resolution},
-                         e.samples_per_prompt, e.seed, e.bootstrap, progress=lambda m: None)
+                         params.sampling("evaluate"), e.samples_per_prompt, e.seed, e.bootstrap, progress=lambda m: None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     held, per_prompt = result["held"], e.samples_per_prompt

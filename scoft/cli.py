@@ -133,38 +133,13 @@ def validate(ccub: Path = CCUB_DIR, out: Path = VALIDATION_DIR, params: ParamsOp
          f"{s['records']} records; Data Docs: {out / 'data_docs' / 'index.html'}")
 
 
-def _settings(p: Params, steps: int, guidance: float) -> dict:
-    return {"steps": steps, "guidance_scale": guidance, "resolution": p.model.resolution}
-
-
 @app.command()
 def negatives(ccub: Path = CCUB_DIR, out: Path = NEGATIVES_DIR, params: ParamsOpt = Path("params.yaml")):
     """Sample k negatives per training record from the base (not fine-tuned) model."""
     p = _params(params)
-    from PIL import Image
+    from scoft.negatives import make_negatives
 
-    from scoft.ccub import read_manifest
-    from scoft.models import load_pipeline, model_fingerprint, pick_device
-    from scoft.negatives import DepthEstimator, depth_guided_pipeline, plan_negatives, sample_negatives
-
-    n = p.negatives
-    pipe = load_pipeline(p.model).to(pick_device())
-    settings = _settings(p, n.steps, n.guidance_scale)
-    control = None
-    records = read_manifest(ccub)
-    fingerprint = model_fingerprint(pipe)  # of the base model, before any ControlNet joins it
-    if n.depth_guided:
-        settings.update(depth_guided=True, controlnet=n.controlnet, depth_estimator=n.depth_estimator,
-                        control_scale=n.control_scale)
-        pipe = depth_guided_pipeline(pipe, n.controlnet, p.model.seed)
-        estimate = DepthEstimator(n.depth_estimator, p.model.resolution)
-        files = {r.id: ccub / r.file for r in records}
-
-        def control(row):
-            with Image.open(files[row["record_id"]]) as im:
-                return estimate(im.convert("RGB"))
-    plan = plan_negatives(records, fingerprint, settings, n.per_image, n.seed)
-    counts = sample_negatives(pipe, plan, out, n.batch_size, settings, progress=_say, control=control)
+    counts = make_negatives(p, ccub, out, progress=_say)
     _say(f"negatives: {counts['planned']} planned, {counts['sampled']} sampled, {counts['reused']} reused, "
          f"{counts['removed']} removed, in {out}")
 
@@ -220,22 +195,10 @@ def evaluate(
 ):
     """Base vs fine-tuned on held-out CCUB: per-culture metrics, report.md, report.html and image grids."""
     p = _params(params)
-    from scoft.ccub import read_manifest
-    from scoft.evaluate import compare, write_evaluation
-    from scoft.features import build_distance
-    from scoft.models import load_pipeline, pick_device
+    from scoft.evaluate import evaluate_loras
 
-    if p.features.evaluation == p.features.contrastive and p.train.uses("contrastive"):
-        _say(f"warning: features.evaluation is the L_C backbone ({p.features.contrastive}): the full method is "
-             "judged by the network it trained against")
-    device = pick_device()
-    pipe = load_pipeline(p.model).to(device)
-    distance = build_distance(p.features.evaluation, p.features, p.model.seed).to(device)
-    e = p.evaluate
-    result = compare(pipe, {"scoft": lora}, read_manifest(ccub), ccub, distance, _settings(p, e.steps, e.guidance_scale),
-                     e.samples_per_prompt, e.seed, e.bootstrap, progress=_say)
-    write_evaluation(out, metrics, result, ccub, p.features.evaluation, train_log=train_log)
-    o = result["metrics"]["overall"]["models"]
+    result = evaluate_loras(p, {"scoft": lora}, ccub, out, metrics, train_log=train_log, progress=_say)
+    o = result["overall"]["models"]
     _say(f"evaluate: distance base {o['base']['mean']:.4f}, SCoFT {o['scoft']['mean']:.4f}; report {out / 'report.html'}")
 
 
@@ -276,7 +239,7 @@ def generate(
     pipe = load_pipeline(p.model).to(pick_device())
     if not base:
         pipe.load_lora_weights(str(lora))
-    image = sample_images(pipe, [prompt], [seed], _settings(p, p.evaluate.steps, p.evaluate.guidance_scale))[0]
+    image = sample_images(pipe, [prompt], [seed], p.sampling("evaluate"))[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     _say(f"generate: {out}")

@@ -273,6 +273,11 @@ class Params(_Section):
     remote: RemoteParams = RemoteParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
+    def sampling(self, stage: Literal["negatives", "evaluate"]) -> dict:
+        """A stage's sampler settings as scoft.negatives.generate takes them (and cache keys record them)."""
+        s = getattr(self, stage)
+        return {"steps": s.steps, "guidance_scale": s.guidance_scale, "resolution": self.model.resolution}
+
 
 def _describe(err: ValidationError, path: Path) -> str:
     lines = [f"{path}: {err.error_count()} bad value(s)"]

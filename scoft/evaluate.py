@@ -496,3 +496,25 @@ def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: st
                            read_loss_curves(train_log), prompts)
         (tmp / "report.html").write_text(page, encoding="utf-8")
     write_json(metrics_file, result["metrics"])
+
+
+def evaluate_loras(params, loras: dict[str, Path | dict[str, Path]], ccub_dir, out_dir, metrics_file, train_log=None,
+                   progress=print) -> dict:
+    """The evaluate stage: the base model and each model in `loras` (one LoRA, or one per culture) on the
+    held-out prompts of ccub_dir, judged by features.evaluation; writes the report and metrics_file and
+    returns the metrics."""
+    from scoft.ccub import read_manifest
+    from scoft.features import build_distance
+    from scoft.models import load_pipeline, pick_device
+
+    f, e = params.features, params.evaluate
+    if f.evaluation == f.contrastive and params.train.uses("contrastive"):
+        progress(f"warning: features.evaluation is the L_C backbone ({f.contrastive}): the full method is "
+                 "judged by the network it trained against")
+    device = pick_device()
+    pipe = load_pipeline(params.model).to(device)
+    distance = build_distance(f.evaluation, f, params.model.seed).to(device)
+    result = compare(pipe, loras, read_manifest(ccub_dir), ccub_dir, distance, params.sampling("evaluate"),
+                     e.samples_per_prompt, e.seed, e.bootstrap, progress=progress)
+    write_evaluation(out_dir, metrics_file, result, ccub_dir, f.evaluation, train_log=train_log)
+    return result["metrics"]

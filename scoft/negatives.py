@@ -135,3 +135,32 @@ def sample_negatives(pipe, plan: list[dict], out_dir: str | Path, batch_size: in
         p.unlink()
     write_jsonl(out_dir / INDEX, plan)
     return {"planned": len(plan), "sampled": len(missing), "reused": len(plan) - len(missing), "removed": len(stale)}
+
+
+def make_negatives(params, ccub_dir, out_dir, pipe=None, progress=print) -> dict:
+    """The negatives stage: k samples of the *base* model per training record of ccub_dir, as
+    params.negatives says (depth-guided by each CCUB image when configured), cached by key in out_dir.
+    `pipe` (optional) is the loaded base pipeline; returns sample_negatives' counts."""
+    from PIL import Image
+
+    from scoft.ccub import read_manifest
+    from scoft.models import load_pipeline, model_fingerprint, pick_device
+
+    n, ccub_dir = params.negatives, Path(ccub_dir)
+    pipe = pipe if pipe is not None else load_pipeline(params.model).to(pick_device())
+    settings = params.sampling("negatives")
+    records = read_manifest(ccub_dir)
+    fingerprint = model_fingerprint(pipe)  # of the base model, before any ControlNet joins it
+    control = None
+    if n.depth_guided:
+        settings.update(depth_guided=True, controlnet=n.controlnet, depth_estimator=n.depth_estimator,
+                        control_scale=n.control_scale)
+        pipe = depth_guided_pipeline(pipe, n.controlnet, params.model.seed)
+        estimate = DepthEstimator(n.depth_estimator, params.model.resolution)
+        files = {r.id: ccub_dir / r.file for r in records}
+
+        def control(row):
+            with Image.open(files[row["record_id"]]) as im:
+                return estimate(im.convert("RGB"))
+    plan = plan_negatives(records, fingerprint, settings, n.per_image, n.seed)
+    return sample_negatives(pipe, plan, out_dir, n.batch_size, settings, progress=progress, control=control)

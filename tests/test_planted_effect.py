@@ -51,8 +51,7 @@ def test_the_base_draws_each_cultures_stereotype(default_base):
 
     folder, _, params = default_base
     pipe = load_pipeline(ModelParams(base=str(folder), resolution=params.model.resolution))
-    settings = {"steps": params.evaluate.steps, "guidance_scale": params.evaluate.guidance_scale,
-                "resolution": params.model.resolution}
+    settings = params.sampling("evaluate")
     for culture, (adjective, _, _) in CULTURES.items():
         prompts = [caption.format(adj=adjective) + f", view {i + 1}" for caption, _ in CATEGORIES.values() for i in range(2)]
         images = generate(pipe, prompts * 2, list(range(2 * len(prompts))), settings)
@@ -65,8 +64,8 @@ def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_tru
     stereotype and come nearer the truth palette (MEX was the culture a joint LoRA made worse)."""
     from scoft.captions import FallbackCaptioner
     from scoft.ccub import HELDOUT, ingest, read_manifest
-    from scoft.models import load_pipeline, model_fingerprint
-    from scoft.negatives import generate, plan_negatives, sample_negatives
+    from scoft.models import load_pipeline
+    from scoft.negatives import generate, make_negatives
     from scoft.planted import palette_distance
     from scoft.train import train
 
@@ -76,11 +75,8 @@ def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_tru
            heldout_fraction=params.ingest.heldout_fraction, max_pixels=10**8, max_rejected_fraction=0.0,
            captioner=FallbackCaptioner(), progress=lambda m: None)
     pipe = load_pipeline(params.model)
-    n, e = params.negatives, params.evaluate
-    sampling = {"steps": n.steps, "guidance_scale": n.guidance_scale, "resolution": params.model.resolution}
-    plan = plan_negatives(read_manifest(tmp_path / "ccub"), model_fingerprint(pipe), sampling, n.per_image, n.seed)
-    sample_negatives(pipe, plan, tmp_path / "negatives", n.batch_size, sampling, progress=lambda m: None)
-    evaluation = {"steps": e.steps, "guidance_scale": e.guidance_scale, "resolution": params.model.resolution}
+    make_negatives(params, tmp_path / "ccub", tmp_path / "negatives", pipe=pipe, progress=lambda m: None)
+    evaluation = params.sampling("evaluate")
 
     def scores(culture: str) -> tuple[float, float]:
         captions = [r.caption for r in read_manifest(tmp_path / "ccub") if r.split == HELDOUT and r.culture == culture]
