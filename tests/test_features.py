@@ -23,6 +23,11 @@ def test_colour_histogram_distance_by_hand():
     assert d(black, white).item() == pytest.approx(1.0, abs=1e-5)
     half = torch.cat([black[..., :4], white[..., 4:]], dim=-1)  # half black, half white: sqrt(0.5) overlap
     assert d(half, black).item() == pytest.approx(1 - np.sqrt(0.5), abs=1e-5)
+    quarter = torch.cat([black[..., :6], white[..., 6:]], dim=-1)  # 3/4 black: overlap sqrt(3/4), not 3/4
+    assert d(quarter, black).item() == pytest.approx(1 - np.sqrt(0.75), abs=1e-5)
+    # the cells are (red, green, blue) bins in that order: pure red fills cell (1, 0, 0), index 4 of 8
+    cells = [d.embed(_flat(rgb)).argmax().item() for rgb in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    assert cells == [4, 2, 1]
     # a mid grey (0.5 on every channel) is spread evenly over the 8 cells: overlap sqrt(1/8) with black
     grey = _flat((127.5, 127.5, 127.5))
     assert d(grey, black).item() == pytest.approx(1 - np.sqrt(1 / 8), abs=1e-5)
