@@ -101,17 +101,16 @@ def s3_server():
 @pytest.fixture(scope="session")
 def prepared(sample_dir, tmp_path_factory):
     """The sample ingested, with 2 negatives per training record: (ccub dir, negatives dir)."""
-    from scoft.captions import FallbackCaptioner
-    from scoft.ccub import ingest, read_manifest
+    from scoft.ccub import read_manifest
+    from tests.helpers import TINY_SAMPLING, ingest_offline
     from scoft.config import ModelParams
     from scoft.models import load_pipeline, model_fingerprint
     from scoft.negatives import plan_negatives, sample_negatives
 
     work = tmp_path_factory.mktemp("prepared")
-    ingest([str(sample_dir)], work / "ccub", heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25,
-           captioner=FallbackCaptioner(), progress=lambda m: None)
+    ingest_offline([sample_dir], work / "ccub")
     pipe = load_pipeline(ModelParams(base=TEST_BASE, resolution=32))
-    settings = {"steps": 2, "guidance_scale": 4.5, "resolution": 32}
+    settings = TINY_SAMPLING
     plan = plan_negatives(read_manifest(work / "ccub"), model_fingerprint(pipe), settings, per_image=2, base_seed=1)
     sample_negatives(pipe, plan, work / "negatives", batch_size=16, settings=settings, progress=lambda m: None)
     return work / "ccub", work / "negatives"

@@ -6,16 +6,15 @@ import json
 import pytest
 from PIL import Image
 
-from scoft.captions import FallbackCaptioner
-from scoft.ccub import ingest, read_manifest
+from scoft.ccub import read_manifest
 from scoft.checks import check_into, failure_message, validate_records
+from tests.helpers import ingest_offline
 
 
 @pytest.fixture(scope="module")
 def ccub(sample_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ccub") / "ccub"
-    ingest([str(sample_dir)], out, heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25,
-           captioner=FallbackCaptioner(), progress=lambda m: None)
+    ingest_offline([sample_dir], out)
     return out
 
 

@@ -8,19 +8,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scoft.captions import FallbackCaptioner
-from scoft.ccub import HELDOUT, MANIFEST, TRAIN, IngestError, ingest, read_manifest, split_for
+from scoft.ccub import HELDOUT, MANIFEST, TRAIN, IngestError, read_manifest, split_for
 from scoft.io import pixel_hash, sha256_file
+from tests.helpers import ingest_offline
 
 FIELDS = {"id", "culture", "category", "caption", "generic_caption", "generic_caption_source", "file", "sha256",
           "width", "height", "source_url", "location", "etag", "created_at", "split"}
 
 
 def run(sources, out, **kw):
-    options = dict(heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25,
-                   captioner=FallbackCaptioner(), progress=lambda m: None)
-    options.update(kw)
-    return ingest([str(s) for s in sources], out, **options)
+    return ingest_offline(sources, out, **kw)
 
 
 def _copy(sample_dir: Path, tmp_path: Path) -> Path:

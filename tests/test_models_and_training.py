@@ -5,15 +5,15 @@ import json
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from scoft.captions import FallbackCaptioner
-from scoft.ccub import ingest, read_manifest
+from scoft.ccub import read_manifest
 from scoft.config import ModelParams
 from scoft.models import load_pipeline, model_fingerprint, tiny_pipeline
 from scoft.negatives import generate, plan_negatives, read_negative_index, sample_negatives
 from scoft.train import LORA_FILE, train
 from tests.conftest import TEST_BASE, unit_params
+from tests.helpers import TINY_SAMPLING, ingest_offline
 
-SETTINGS = {"steps": 2, "guidance_scale": 4.5, "resolution": 32}
+SETTINGS = TINY_SAMPLING
 
 
 def test_tiny_profile_is_deterministic_and_the_seed_matters():
@@ -37,8 +37,7 @@ def trained(sample_dir, tmp_path_factory):
     train_params = base.train.model_copy(update={"max_steps": 3, "pixel_loss_every": 1, "batch_size": 3})
     params = base.model_copy(update={"train": train_params})
     work = tmp_path_factory.mktemp("train")
-    ingest([str(sample_dir)], work / "ccub", heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25,
-           captioner=FallbackCaptioner(), progress=lambda m: None)
+    ingest_offline([sample_dir], work / "ccub")
     records = read_manifest(work / "ccub")
     pipe = load_pipeline(params.model)
     plan = plan_negatives(records, model_fingerprint(pipe), SETTINGS, per_image=2, base_seed=1)

@@ -17,8 +17,9 @@ from scoft.negatives import (
     simple_depth,
 )
 from tests.conftest import TEST_BASE
+from tests.helpers import TINY_SAMPLING
 
-SETTINGS = {"steps": 2, "guidance_scale": 4.5, "resolution": 32}
+SETTINGS = TINY_SAMPLING
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from scoft.data import load_image_tensor
 from scoft.planted import build_planted_base, stereotype_oracle
 from scoft.sample import CATEGORIES, CULTURES, write_sample
 from tests.conftest import ROOT
+from tests.helpers import ingest_offline
 
 VAE_RMSE_BOUND = 0.16  # on [-1, 1], the CCUB sample at 32 px (measured in BENCHMARKS.md)
 SHARE_DROP, DISTANCE_DROP = 0.3, 0.02  # per culture, about half the planted-bias bench's mean effect
@@ -62,8 +63,7 @@ def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_tru
     """The default fine-tune, one LoRA per culture as the paper trains them, on the sample (6 images per
     culture and category, as the planted-bias bench): KOR's and MEX's held-out prompts leave the
     stereotype and come nearer the truth palette (MEX was the culture a joint LoRA made worse)."""
-    from scoft.captions import FallbackCaptioner
-    from scoft.ccub import HELDOUT, ingest, read_manifest
+    from scoft.ccub import HELDOUT, read_manifest
     from scoft.models import load_pipeline
     from scoft.negatives import generate, make_negatives
     from scoft.planted import palette_distance
@@ -71,9 +71,8 @@ def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_tru
 
     folder, _, params = default_base
     params = params.model_copy(update={"model": ModelParams(base=str(folder), resolution=params.model.resolution)})
-    ingest([str(write_sample(tmp_path / "sample", per_category=6))], tmp_path / "ccub",
-           heldout_fraction=params.ingest.heldout_fraction, max_pixels=10**8, max_rejected_fraction=0.0,
-           captioner=FallbackCaptioner(), progress=lambda m: None)
+    ingest_offline([write_sample(tmp_path / "sample", per_category=6)], tmp_path / "ccub",
+                   heldout_fraction=params.ingest.heldout_fraction)
     pipe = load_pipeline(params.model)
     make_negatives(params, tmp_path / "ccub", tmp_path / "negatives", pipe=pipe, progress=lambda m: None)
     evaluation = params.sampling("evaluate")

@@ -7,12 +7,12 @@ import sys
 import boto3
 import pytest
 
-from scoft.captions import FallbackCaptioner
-from scoft.ccub import ingest, read_manifest
+from scoft.ccub import read_manifest
 from scoft.fetch import s3_client
 from scoft.io import dvc_dir_hash, sha256_file
 from scoft.remote import dvc_environment
 from tests.conftest import make_workspace, scoft
+from tests.helpers import ingest_offline
 
 SECRET = "test-secret-do-not-log"
 
@@ -29,13 +29,12 @@ def test_s3_prefix_source_is_ingested_and_reused_by_etag(s3_server, sample_dir, 
         if path.is_file():
             client.upload_file(str(path), "ccub-source", f"kor-2024/{path.relative_to(sample_dir / 'train').as_posix()}")
     messages = []
-    options = dict(heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25, captioner=FallbackCaptioner(),
-                   s3_endpoint_url=s3_server, progress=messages.append)
-    first = ingest(["s3://ccub-source/kor-2024"], tmp_path / "ccub", **options)
+    options = dict(s3_endpoint_url=s3_server, progress=messages.append)
+    first = ingest_offline(["s3://ccub-source/kor-2024"], tmp_path / "ccub", **options)
     assert first["added"] == 36 and first["rejected"] == []
     records = read_manifest(tmp_path / "ccub")
     assert all(r.location.startswith("s3://ccub-source/kor-2024/images/") and r.etag for r in records)
-    second = ingest(["s3://ccub-source/kor-2024"], tmp_path / "ccub", **options)
+    second = ingest_offline(["s3://ccub-source/kor-2024"], tmp_path / "ccub", **options)
     assert second["version"] == first["version"] and second["unchanged"] == 36
     assert messages[-1].endswith("fetching 0")
 

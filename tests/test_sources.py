@@ -7,9 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from scoft.captions import FallbackCaptioner
-from scoft.ccub import IngestError, ingest, read_manifest
+from scoft.ccub import IngestError, read_manifest
 from scoft.fetch import FetchPolicy
+from tests.helpers import ingest_offline
 from tests.loopback import LoopbackServer
 
 FAST = FetchPolicy(connect_timeout_s=1, read_timeout_s=0.5, retries=1, backoff_s=0.01, max_redirects=3, max_bytes=200_000)
@@ -38,10 +38,7 @@ def row(server, i: int, culture="KOR", **kw) -> dict:
 
 
 def run(sources, out, **kw):
-    options = dict(heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25, captioner=FallbackCaptioner(),
-                   policy=FAST, workers=4, progress=lambda m: None)
-    options.update(kw)
-    return ingest(sources, out, **options)
+    return ingest_offline(sources, out, **{"policy": FAST, "workers": 4, **kw})
 
 
 @pytest.fixture

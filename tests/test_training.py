@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from scoft.config import LOSS_SETS, FeatureParams, load_params
+from scoft.config import LOSS_SETS, FeatureParams
 from scoft.features import BACKBONES, build_distance
 from scoft.io import sha256_file
 from scoft.train import LORA_FILE, Frozen, add_lora, collate, scoft_losses, train
-from tests.conftest import BIN, ROOT, unit_params, write_params
+from tests.conftest import BIN, unit_params, write_params
+from tests.helpers import TINY_SAMPLING
 
 
 def _params(**train_overrides):
@@ -251,7 +252,7 @@ def test_one_lora_per_culture_trains_on_that_cultures_records_and_evaluates_its_
         train(_params(max_steps=1), ccub, negatives, tmp_path / "CHN", None, progress=lambda m: None, culture="CHN")
 
     params = _params()
-    settings = {"steps": 2, "guidance_scale": 4.5, "resolution": 32}
+    settings = TINY_SAMPLING
     result = compare(load_pipeline(params.model), {"scoft": {"KOR": tmp_path / "KOR"}}, records, ccub,
                      build_distance("colour-histogram", params.features), settings, 1, 0, 20, progress=lambda m: None)
     held = [r.culture for r in records if r.split == HELDOUT]
