@@ -201,8 +201,87 @@ def save_lora(unet, output_dir: Path, summary: dict) -> Path:
     return output_dir / LORA_FILE
 
 
-def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress=print,
-          max_steps: int | None = None, checkpoint_every: int | None = None, pipe=None, culture: str | None = None) -> dict:
+@dataclass
+class Run:
+    """What the training loop carries: the adapter and its optimizer, where the run stands, where its
+    checkpoints go. resume, optimizer_step and checkpoint are its three parts."""
+
+    accelerator: Accelerator
+    unet: torch.nn.Module
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    fingerprint: str
+    checkpoints: Path
+    step: int = 0
+    micro: int = 0
+
+    def resume(self, say) -> dict | None:
+        """Load the newest valid checkpoint of this run's settings, if any; returns it."""
+        state = _latest_checkpoint(self.checkpoints, self.fingerprint, say)
+        if state:
+            set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), state["lora"])
+            self.optimizer.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if self.accelerator.scaler is not None and state.get("scaler"):
+                self.accelerator.scaler.load_state_dict(state["scaler"])
+            self.step, self.micro = state["step"], state["micro"]
+        return state
+
+    def optimizer_step(self, frozen: Frozen, dataset, params: Params) -> dict[str, float]:
+        """Micro-steps until the next optimizer step; returns each term's mean over the micro-steps
+        that computed it (pixel losses come every pixel_loss_every micro-steps, which with gradient
+        accumulation need not be the last one of the step) and the total over all of them."""
+        tp, acc = params.train, self.accelerator
+        computed: dict[str, list[float]] = {}
+        while True:
+            indices = batch_indices(self.micro, len(dataset), tp.batch_size, acc.process_index, acc.num_processes,
+                                    tp.seed)
+            batch = collate([dataset[i] for i in indices])
+            generator = torch.Generator().manual_seed(tp.seed * 1_000_003 + self.micro * 101 + acc.process_index)
+            with acc.accumulate(self.unet), acc.autocast():
+                losses = scoft_losses(self.unet, frozen, batch, params, self.micro % tp.pixel_loss_every == 0,
+                                      acc.device, generator)
+                acc.backward(losses["total"])
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.trainable, tp.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad()
+            self.micro += 1
+            for name, value in losses.items():
+                computed.setdefault(name, []).append(float(acc.reduce(value.detach(), "mean")))  # over processes
+            if acc.sync_gradients:
+                self.step += 1
+                return {name: sum(values) / len(values) for name, values in computed.items()}
+
+    def checkpoint(self, say) -> None:
+        """Everything a resumed run needs to continue bit-identically, written by the main process."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            _save_checkpoint(self.checkpoints, {
+                "fingerprint": self.fingerprint, "step": self.step, "micro": self.micro,
+                "lora": get_peft_model_state_dict(self.accelerator.unwrap_model(self.unet)),
+                "optimizer": self.optimizer.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None})
+            say(f"train: checkpoint at step {self.step} in {self.checkpoints}")
+
+
+def _frozen_parts(pipe, params: Params, device, dtype: torch.dtype) -> Frozen:
+    tp, f = params.train, params.features
+    return Frozen(
+        vae=_frozen_on(pipe.vae, device, dtype),
+        text_encoder=_frozen_on(pipe.text_encoder, device, dtype),
+        tokenizer=pipe.tokenizer,
+        noise_scheduler=training_scheduler(pipe),
+        # Built once per run (the reference re-created its perceptual network every step).
+        perceptual=build_distance(f.perceptual, f, tp.seed).to(device) if tp.uses("perceptual") else None,
+        distance=build_distance(f.contrastive, f, params.model.seed).to(device) if tp.uses("contrastive") else None,
+    )
+
+
+def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress=print, max_steps: int | None = None,
+          checkpoint_every: int | None = None, pipe=None, culture: str | None = None) -> dict:
     """Train and save the LoRA, on one culture's records when `culture` is given (else all).
     `pipe` (optional) is an already loaded base pipeline; it is modified.
     `log_dir` None: no dvclive metrics log (benchmarks and sweeps that time or repeat the loop)."""
@@ -210,21 +289,12 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
     max_steps = max_steps or tp.max_steps
     every = tp.checkpoint_every if checkpoint_every is None else checkpoint_every
     output_dir = Path(output_dir)
-    accelerator = Accelerator(mixed_precision=tp.mixed_precision, gradient_accumulation_steps=tp.gradient_accumulation_steps)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    accelerator = Accelerator(mixed_precision=tp.mixed_precision,
+                              gradient_accumulation_steps=tp.gradient_accumulation_steps)
     say = progress if accelerator.is_main_process else (lambda m: None)
-    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
 
     pipe = pipe if pipe is not None else load_pipeline(params.model)
-    frozen = Frozen(
-        vae=_frozen_on(pipe.vae, device, weight_dtype),
-        text_encoder=_frozen_on(pipe.text_encoder, device, weight_dtype),
-        tokenizer=pipe.tokenizer,
-        noise_scheduler=training_scheduler(pipe),
-        # Built once per run (the reference re-created its perceptual network every step).
-        perceptual=build_distance(params.features.perceptual, params.features, tp.seed).to(device) if tp.uses("perceptual") else None,
-        distance=build_distance(params.features.contrastive, params.features, params.model.seed).to(device) if tp.uses("contrastive") else None,
-    )
+    frozen = _frozen_parts(pipe, params, accelerator.device, DTYPES.get(accelerator.mixed_precision, torch.float32))
     unet = pipe.unet
     trainable = add_lora(unet, tp.lora_rank, tp.lora_alpha)
     if tp.gradient_checkpointing:
@@ -234,81 +304,44 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
     dataset = CCUBTrainSet(ccub_dir, negatives_dir, params.model.resolution, params.negatives.per_image, culture)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     unet.train()
-
-    fingerprint = run_fingerprint(params, ccub_dir, negatives_dir, max_steps, world, culture)
-    checkpoints = checkpoint_folder(output_dir, fingerprint)
-    step = micro = 0
-    resumed = _latest_checkpoint(checkpoints, fingerprint, say)
+    fingerprint = run_fingerprint(params, ccub_dir, negatives_dir, max_steps, accelerator.num_processes, culture)
+    run = Run(accelerator, unet, trainable, optimizer, lr_scheduler, fingerprint,
+              checkpoint_folder(output_dir, fingerprint))
+    resumed = run.resume(say)
     if resumed:
-        set_peft_model_state_dict(accelerator.unwrap_model(unet), resumed["lora"])
-        optimizer.optimizer.load_state_dict(resumed["optimizer"])
-        lr_scheduler.load_state_dict(resumed["lr_scheduler"])
-        if accelerator.scaler is not None and resumed.get("scaler"):
-            accelerator.scaler.load_state_dict(resumed["scaler"])
-        step, micro = resumed["step"], resumed["micro"]
-        say(f"train: resumed from step {step}/{max_steps} ({checkpoints / f'step-{step:09d}.pt'})")
+        say(f"train: resumed from step {run.step}/{max_steps} ({run.checkpoints / f'step-{run.step:09d}.pt'})")
 
     live = None
     if accelerator.is_main_process and log_dir is not None:
         from dvclive import Live
 
         live = Live(dir=str(log_dir), resume=resumed is not None, save_dvc_exp=False, dvcyaml=None)
-    if live is not None:
-        live.step = step
-    started, start_step, last = time.monotonic(), step, {}
-    computed: dict[str, list[float]] = {}  # every term of the optimizer step's micro-steps, as computed
-    while step < max_steps:
-        indices = batch_indices(micro, len(dataset), tp.batch_size, rank, world, tp.seed)
-        batch = collate([dataset[i] for i in indices])
-        generator = torch.Generator().manual_seed(tp.seed * 1_000_003 + micro * 101 + rank)
-        with accelerator.accumulate(unet), accelerator.autocast():
-            losses = scoft_losses(unet, frozen, batch, params, micro % tp.pixel_loss_every == 0, device, generator)
-            accelerator.backward(losses["total"])
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(trainable, tp.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-        micro += 1
-        for name, value in losses.items():
-            computed.setdefault(name, []).append(float(accelerator.reduce(value.detach(), "mean")))  # over processes
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        # Pixel losses come every pixel_loss_every micro-steps, which with gradient accumulation need
-        # not be the last micro-step of an optimizer step: log each term's mean over the micro-steps
-        # that computed it, and the total over all of them (the objective this step optimised).
-        last = {name: sum(values) / len(values) for name, values in computed.items()}
-        computed = {}
+        live.step = run.step
+    started, start_step, last = time.monotonic(), run.step, {}
+    while run.step < max_steps:
+        last = run.optimizer_step(frozen, dataset, params)
         if live is not None:
             for name, value in last.items():
                 live.log_metric(f"train/{name}", value)
             live.log_metric("train/lr", lr_scheduler.get_last_lr()[0])
             live.next_step()
-        eta = (time.monotonic() - started) / (step - start_step) * (max_steps - step)
-        say(f"step {step}/{max_steps} " + " ".join(f"{k}={v:.4f}" for k, v in last.items()) + f" eta={eta:.0f}s")
-        if every and step % every == 0 and step < max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                _save_checkpoint(checkpoints, {
-                    "fingerprint": fingerprint, "step": step, "micro": micro,
-                    "lora": get_peft_model_state_dict(accelerator.unwrap_model(unet)),
-                    "optimizer": optimizer.optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None})
-                say(f"train: checkpoint at step {step} in {checkpoints}")
+        eta = (time.monotonic() - started) / (run.step - start_step) * (max_steps - run.step)
+        say(f"step {run.step}/{max_steps} " + " ".join(f"{k}={v:.4f}" for k, v in last.items()) + f" eta={eta:.0f}s")
+        if every and run.step % every == 0 and run.step < max_steps:
+            run.checkpoint(say)
     if live is not None:
         live.end()
     if not math.isfinite(last.get("total", 0.0)):
         raise FloatingPointError(f"training diverged: final losses {last}")
-    summary = {"steps": step, "micro_steps": micro, "final_losses": last, "resumed_from": resumed["step"] if resumed else None,
-               "seconds": round(time.monotonic() - started, 2), "train_records": len(dataset), "processes": world,
-               "culture": culture}
+    summary = {"steps": run.step, "micro_steps": run.micro, "final_losses": last,
+               "resumed_from": resumed["step"] if resumed else None, "seconds": round(time.monotonic() - started, 2),
+               "train_records": len(dataset), "processes": accelerator.num_processes, "culture": culture}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_lora(accelerator.unwrap_model(unet), output_dir, summary)
-        shutil.rmtree(checkpoints, ignore_errors=True)  # done: only the LoRA is versioned
+        shutil.rmtree(run.checkpoints, ignore_errors=True)  # done: only the LoRA is versioned
         with contextlib.suppress(OSError):
-            checkpoints.parent.rmdir()  # kept while other settings' checkpoints remain
+            run.checkpoints.parent.rmdir()  # kept while other settings' checkpoints remain
     accelerator.end_training()
     return summary
