@@ -122,7 +122,7 @@ def generic_lines(result: dict, models: dict[str, list[str]]) -> list[str]:
              f"retrieves (bits, even spread {generic['max_entropy_bits']:.2f})", "",
              "| model | lean share (oracle) | retrieval entropy | retrieved shares |", "|---|---|---|---|"]
     for name, runs in models.items():
-        rows = [k for k in result["generic_images"] if k == BASE and name == BASE or k.split("[")[0] in runs]
+        rows = [k for k in result["generic_images"] if k.split("[")[0] in runs]  # "+MPC s0[KOR]" -> "+MPC s0"
         lean = np.mean([np.mean([nearest_palette(im) == f"{GENERIC_LEAN} stereotype" for im in result["generic_images"][k]])
                         for k in rows])
         entropy = np.mean([generic["models"][k]["entropy_bits"] for k in rows])

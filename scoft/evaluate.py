@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scoft.ccub import HELDOUT, TRAIN, Record
+from scoft.ccub import HELDOUT, TRAIN, Record, read_manifest
 from scoft.data import image_transform, load_image_tensor
-from scoft.features import device_of
+from scoft.features import build_distance, device_of
 from scoft.io import atomic_dir, write_json
 from scoft.negatives import generate
 from scoft.render import html_text, markdown_text
@@ -503,8 +503,6 @@ def evaluate_loras(params, loras: dict[str, Path | dict[str, Path]], ccub_dir, o
     """The evaluate stage: the base model and each model in `loras` (one LoRA, or one per culture) on the
     held-out prompts of ccub_dir, judged by features.evaluation; writes the report and metrics_file and
     returns the metrics."""
-    from scoft.ccub import read_manifest
-    from scoft.features import build_distance
     from scoft.models import load_pipeline, pick_device
 
     f, e = params.features, params.evaluate

@@ -68,6 +68,8 @@ TINY_TEXT = dict(
     eos_token_id=1,
     pad_token_id=1,
 )
+
+
 def _caption_words() -> list[str]:
     """The lower-cased words of the built-in sample's captions and generic captions."""
     import re
