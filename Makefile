@@ -32,6 +32,7 @@ run: install
 	$(BIN)/scoft run
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

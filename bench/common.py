@@ -12,11 +12,17 @@ import torch
 from scoft.models import SD_SCHEDULE, tiny_pipeline
 
 # Stable Diffusion v1.5's architecture (its published configs), random weights: no download.
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                 cross_attention_dim=768, attention_head_dim=8)
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4)
@@ -36,9 +42,15 @@ def build_pipeline(scale: str, device: torch.device):
     tiny = tiny_pipeline(32)  # for its offline tokenizer; the token count (77) is what costs
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**SD15_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer=tiny.tokenizer,
-        unet=UNet2DConditionModel(**SD15_UNET), scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=AutoencoderKL(**SD15_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
+        tokenizer=tiny.tokenizer,
+        unet=UNet2DConditionModel(**SD15_UNET),
+        scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

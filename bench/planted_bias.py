@@ -44,14 +44,19 @@ from scoft.train import train
 
 NAMES = dict(zip(LOSS_SETS, ["LDM", "+M", "+MP", "+MPC"]))
 # (key, title, whether lower is better)
-METRICS = [("stereotype_share", "stereotype share (oracle)", True), ("truth_distance", "distance to truth palette (oracle)", True),
-           ("distance", "distance to held-out image (evaluation backbone)", True),
-           ("retrieval", "culture retrieval accuracy (evaluation backbone)", False)]
+METRICS = [
+    ("stereotype_share", "stereotype share (oracle)", True),
+    ("truth_distance", "distance to truth palette (oracle)", True),
+    ("distance", "distance to held-out image (evaluation backbone)", True),
+    ("retrieval", "culture retrieval accuracy (evaluation backbone)", False),
+]
 
 
 def nearest_palette(image) -> str:
     """Which planted palette an image is drawn in: '<culture> truth' or '<culture> stereotype'."""
-    palettes = {f"{c} truth": CULTURES[c][1:] for c in CULTURES} | {f"{c} stereotype": STEREOTYPES[c] for c in STEREOTYPES}
+    palettes = {f"{c} truth": CULTURES[c][1:] for c in CULTURES} | {
+        f"{c} stereotype": STEREOTYPES[c] for c in STEREOTYPES
+    }
     return min(palettes, key=lambda name: palette_distance(image, palettes[name]))
 
 
@@ -123,11 +128,19 @@ def generic_lines(result: dict, models: dict[str, list[str]]) -> list[str]:
              "| model | lean share (oracle) | retrieval entropy | retrieved shares |", "|---|---|---|---|"]
     for name, runs in models.items():
         rows = [k for k in result["generic_images"] if k.split("[")[0] in runs]  # "+MPC s0[KOR]" -> "+MPC s0"
-        lean = np.mean([np.mean([nearest_palette(im) == f"{GENERIC_LEAN} stereotype" for im in result["generic_images"][k]])
-                        for k in rows])
+        lean = np.mean(
+            [
+                np.mean([nearest_palette(im) == f"{GENERIC_LEAN} stereotype" for im in result["generic_images"][k]])
+                for k in rows
+            ]
+        )
         entropy = np.mean([generic["models"][k]["entropy_bits"] for k in rows])
-        shares = {c: np.mean([generic["models"][k]["shares"][c] for k in rows]) for c in generic["models"][BASE]["shares"]}
-        lines.append(f"| {name} | {lean:.2f} | {entropy:.2f} | " + ", ".join(f"{c} {v:.2f}" for c, v in shares.items()) + " |")
+        shares = {
+            c: np.mean([generic["models"][k]["shares"][c] for k in rows]) for c in generic["models"][BASE]["shares"]
+        }
+        lines.append(
+            f"| {name} | {lean:.2f} | {entropy:.2f} | " + ", ".join(f"{c} {v:.2f}" for c, v in shares.items()) + " |"
+        )
     return lines
 
 
@@ -138,10 +151,16 @@ def quality_lines(metrics: dict, models: dict[str, list[str]]) -> list[str]:
                   and field in metrics[block][r]["overall"]]
         return f"{np.mean(values):.4f}" if values else "n/a"
 
-    lines = ["**KID, diversity and memorisation** (evaluation backbone, all held-out prompts, mean over training seeds)",
-             "", "| model | KID | within-prompt diversity | memorisation share |", "|---|---|---|---|"]
+    lines = [
+        "**KID, diversity and memorisation** (evaluation backbone, all held-out prompts, mean over training seeds)",
+        "",
+        "| model | KID | within-prompt diversity | memorisation share |",
+        "|---|---|---|---|",
+    ]
     for name, runs in models.items():
-        lines.append(f"| {name} | {mean_of('kid', runs)} | {mean_of('diversity', runs)} | {mean_of('memorisation', runs)} |")
+        lines.append(
+            f"| {name} | {mean_of('kid', runs)} | {mean_of('diversity', runs)} | {mean_of('memorisation', runs)} |"
+        )
     return lines
 
 
@@ -169,15 +188,32 @@ def main():
                 runs[f"{NAMES[losses]} s{seed}"], took = train_models(params, losses, seed, work, args.joint)
                 seconds.setdefault(NAMES[losses], []).append(took)
         distance = build_distance(params.features.evaluation, params.features, params.model.seed)
-        result = compare(pipe, runs, records, work / "ccub", distance,
-                         params.sampling("evaluate"), e.samples_per_prompt, e.seed, e.bootstrap, progress=lambda m: None)
+        result = compare(
+            pipe,
+            runs,
+            records,
+            work / "ccub",
+            distance,
+            params.sampling("evaluate"),
+            e.samples_per_prompt,
+            e.seed,
+            e.bootstrap,
+            progress=lambda m: None,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     held, per_prompt = result["held"], e.samples_per_prompt
-    models = {BASE: [BASE], **{NAMES[l]: [f"{NAMES[l]} s{s}" for s in range(args.seeds)] for l in args.losses.split(",")}}
-    per_run = {name: {**oracle_scores(images, held, per_prompt),
-                      **{k: v[name] for k, v in result["per_prompt"].items()}} for name, images in result["images"].items()}
-    per_model = {name: {k: np.mean([per_run[r][k] for r in rs], axis=0) for k in per_run[BASE]} for name, rs in models.items()}
+    models = {
+        BASE: [BASE],
+        **{NAMES[ls]: [f"{NAMES[ls]} s{s}" for s in range(args.seeds)] for ls in args.losses.split(",")},
+    }
+    per_run = {
+        name: {**oracle_scores(images, held, per_prompt), **{k: v[name] for k, v in result["per_prompt"].items()}}
+        for name, images in result["images"].items()
+    }
+    per_model = {
+        name: {k: np.mean([per_run[r][k] for r in rs], axis=0) for k in per_run[BASE]} for name, rs in models.items()
+    }
     cultures = np.array([r.culture for r in held])
     print(f"base {args.base}; {'one joint LoRA' if args.joint else 'one LoRA per culture'}; held-out prompts: "
           f"{len(held)} ({', '.join(f'{c} {int((cultures == c).sum())}' for c in CULTURES)}), {per_prompt} sampling "

@@ -17,8 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from scoft.fetch import FetchError, FetchPolicy
-from scoft.io import (BadImage, atomic_dir, decode_rgb, dvc_dir_hash, pixel_hash, read_jsonl, recover_swap,
-                      write_jsonl)
+from scoft.io import BadImage, atomic_dir, decode_rgb, dvc_dir_hash, pixel_hash, read_jsonl, recover_swap, write_jsonl
 from scoft.sources import SourceRow, read_sources
 
 MANIFEST = "manifest.jsonl"
@@ -122,7 +121,9 @@ def ingest(sources: list[str], out_dir: str | Path, *, heldout_fraction: float, 
             rejected.append({"row": row.ref, "source_row": row.raw, "reason": reason})
             continue
         if record.sha256 in by_hash:
-            rejected.append({"row": row.ref, "source_row": row.raw, "reason": f"same image as {by_hash[record.sha256]}"})
+            rejected.append(
+                {"row": row.ref, "source_row": row.raw, "reason": f"same image as {by_hash[record.sha256]}"}
+            )
             continue
         by_hash[record.sha256] = row.ref
         records.append(record)
@@ -143,7 +144,9 @@ def ingest(sources: list[str], out_dir: str | Path, *, heldout_fraction: float, 
 
 def _record(row: SourceRow, image, old: Record | None, out_dir: Path, heldout_fraction: float, captioner) -> Record:
     reused = image is None  # same image as the previous version; metadata from the source as it is now
-    digest, width, height = (old.sha256, old.width, old.height) if reused else (pixel_hash(image), image.width, image.height)
+    digest, width, height = (
+        (old.sha256, old.width, old.height) if reused else (pixel_hash(image), image.width, image.height)
+    )
     if row.generic_caption:
         generic, generic_source = row.generic_caption, "source"
     elif reused and old.generic_caption_source == captioner.source:

@@ -26,7 +26,18 @@ from scoft.config import ValidateParams  # noqa: E402
 from scoft.io import atomic_dir, pixel_hash, write_json  # noqa: E402
 from scoft.render import html_text  # noqa: E402
 
-REQUIRED = ["id", "culture", "category", "caption", "generic_caption", "file", "sha256", "width", "height", "source_url"]
+REQUIRED = [
+    "id",
+    "culture",
+    "category",
+    "caption",
+    "generic_caption",
+    "file",
+    "sha256",
+    "width",
+    "height",
+    "source_url",
+]
 ROW_KEYS = ["id", "file"]
 
 
@@ -35,7 +46,9 @@ def _manifest_suite(p: ValidateParams) -> gx.ExpectationSuite:
     e += [gxe.ExpectColumnValueLengthsToBeBetween(column=c, min_value=1)
           for c in ("id", "culture", "category", "generic_caption", "file", "sha256")]
     e += [
-        gxe.ExpectColumnValuesToBeBetween(column="caption_chars", min_value=p.caption_min_chars, max_value=p.caption_max_chars),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="caption_chars", min_value=p.caption_min_chars, max_value=p.caption_max_chars
+        ),
         gxe.ExpectColumnValuesToBeUnique(column="sha256"),  # the same picture twice
         gxe.ExpectColumnValuesToBeInSet(column="culture", value_set=p.cultures),
         gxe.ExpectColumnValuesToBeInSet(column="category", value_set=p.categories),
@@ -126,16 +139,25 @@ def validate_records(records: list[Record], params: ValidateParams, ccub_dir: st
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     if docs_dir is not None:
-        context.add_data_docs_site("ccub", {
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
+        context.add_data_docs_site(
+            "ccub",
+            {
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(Path(docs_dir).resolve()),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
     docs = docs_dir is not None
     plan = {
         "manifest": (_manifest_suite(params), ROW_KEYS),
         "per_culture": (_counts_suite("ccub_per_culture", params, params.min_images_per_culture, True), ["culture"]),
-        "per_category": (_counts_suite("ccub_per_category", params, params.min_images_per_category, False), ["category"]),
+        "per_category": (
+            _counts_suite("ccub_per_category", params, params.min_images_per_category, False),
+            ["category"],
+        ),
     }
     results = {name: _validate(context, name, tables[name], suite, keys, docs) for name, (suite, keys) in plan.items()}
     failures = [f for name, (_, keys) in plan.items() for f in _failures(results[name], keys)]

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -58,7 +58,11 @@ def _params(path: Path) -> Params:
 
 
 @app.command()
-def sample(out: Annotated[Path, typer.Option(help="Folder to write the built-in sample imagefolder to.")] = Path("data/sample")):
+def sample(
+    out: Annotated[Path, typer.Option(help="Folder to write the built-in sample imagefolder to.")] = Path(
+        "data/sample"
+    ),
+):
     """Write the built-in synthetic CCUB sample (SCoFT imagefolder format)."""
     from scoft.sample import write_sample
 
@@ -74,7 +78,9 @@ def base(out: Annotated[Path, typer.Option(help="Folder for the planted-bias bas
 
     if p.model.base != "tiny":
         with atomic_dir(out) as tmp:  # the stage's output, saying why it is empty
-            (tmp / "NOT_USED").write_text(f"model.base is {p.model.base!r}: no planted base is built\n", encoding="utf-8")
+            (tmp / "NOT_USED").write_text(
+                f"model.base is {p.model.base!r}: no planted base is built\n", encoding="utf-8"
+            )
         _say(f"base: model.base is {p.model.base!r}, nothing to build")
         return
     from scoft.planted import build_planted_base
@@ -84,7 +90,7 @@ def base(out: Annotated[Path, typer.Option(help="Folder for the planted-bias bas
 
 @app.command()
 def ingest(
-    source: Annotated[Optional[list[str]], typer.Option(
+    source: Annotated[list[str] | None, typer.Option(
         help="A SCoFT imagefolder, a CCUB sheet CSV (path or http(s) URL) or s3://bucket/prefix; "
              "repeat for several (default: ingest.sources).")] = None,
     out: Path = CCUB_DIR,
@@ -148,10 +154,12 @@ def negatives(ccub: Path = CCUB_DIR, out: Path = NEGATIVES_DIR, params: ParamsOp
 def train(
     ccub: Path = CCUB_DIR,
     negatives: Path = NEGATIVES_DIR,
-    output: Annotated[Path, typer.Option(help="LoRA folder; checkpoints go in its checkpoints/ and a rerun resumes from them.")] = LORA_DIR,
+    output: Annotated[
+        Path, typer.Option(help="LoRA folder; checkpoints go in its checkpoints/ and a rerun resumes from them.")
+    ] = LORA_DIR,
     log_dir: Path = TRAIN_LOG_DIR,
-    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override train.max_steps.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(min=0, help="Override train.checkpoint_every.")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Override train.max_steps.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(min=0, help="Override train.checkpoint_every.")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ):
     """SCoFT fine-tuning of LoRA adapters; writes the LoRA in diffusers' format."""
@@ -177,7 +185,10 @@ def _relaunch_with_accelerate(processes: int, mixed_precision: str):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
                "--main_process_port", "0", "-m", "scoft.cli", *sys.argv[1:]]
-    _say(f"train: {processes} processes through accelerate launch ({'GPUs' if torch.cuda.is_available() else 'CPU, gloo'})")
+    _say(
+        f"train: {processes} processes through accelerate launch "
+        f"({'GPUs' if torch.cuda.is_available() else 'CPU, gloo'})"
+    )
     env = dict(os.environ, SCOFT_LAUNCHED="1")
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # accelerate then joins the ranks with gloo (MULTI_CPU)
@@ -190,7 +201,9 @@ def evaluate(
     lora: Path = LORA_DIR,
     out: Path = EVAL_DIR,
     metrics: Path = METRICS_FILE,
-    train_log: Annotated[Path, typer.Option(help="The training's dvclive folder, for the report's loss curves.")] = TRAIN_LOG_DIR,
+    train_log: Annotated[
+        Path, typer.Option(help="The training's dvclive folder, for the report's loss curves.")
+    ] = TRAIN_LOG_DIR,
     params: ParamsOpt = Path("params.yaml"),
 ):
     """Base vs fine-tuned on held-out CCUB: per-culture metrics, report.md, report.html and image grids."""
@@ -199,15 +212,19 @@ def evaluate(
 
     result = evaluate_loras(p, {"scoft": lora}, ccub, out, metrics, train_log=train_log, progress=_say)
     o = result["overall"]["models"]
-    _say(f"evaluate: distance base {o['base']['mean']:.4f}, SCoFT {o['scoft']['mean']:.4f}; report {out / 'report.html'}")
+    _say(
+        f"evaluate: distance base {o['base']['mean']:.4f}, SCoFT {o['scoft']['mean']:.4f}; report {out / 'report.html'}"
+    )
 
 
 @app.command()
 def ablate(
     ccub: Path = CCUB_DIR,
     negatives: Path = NEGATIVES_DIR,
-    out: Annotated[Path, typer.Option(help="One LoRA per loss set, and report/ with the side-by-side metrics.")] = Path("models/ablations"),
-    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override train.max_steps.")] = None,
+    out: Annotated[Path, typer.Option(help="One LoRA per loss set, and report/ with the side-by-side metrics.")] = Path(
+        "models/ablations"
+    ),
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Override train.max_steps.")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ):
     """Train LDM, +M, +MP and +MPC on the same data and seed and evaluate them side by side."""
@@ -216,7 +233,10 @@ def ablate(
 
     metrics = run_ablate(p, ccub, negatives, out, progress=_say, max_steps=max_steps)
     o = metrics["overall"]["models"]
-    _say("ablate: mean distance to held-out CCUB (lower is closer): " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in o.items()))
+    _say(
+        "ablate: mean distance to held-out CCUB (lower is closer): "
+        + ", ".join(f"{k} {v['mean']:.4f}" for k, v in o.items())
+    )
     _say(f"ablate: report {out / 'report' / 'report.md'}")
 
 
@@ -247,7 +267,7 @@ def generate(
 
 @app.command()
 def run(
-    ccub_version: Annotated[Optional[str], typer.Option(
+    ccub_version: Annotated[str | None, typer.Option(
         help="Train on this CCUB version (a DVC hash, as `scoft ingest --json` and `ccub.updated` give it) "
              "pulled from the DVC remote, instead of ingesting from the sources.")] = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -265,8 +285,10 @@ def run(
 
 @app.command()
 def remote(
-    url: Annotated[Optional[str], typer.Option(help="s3://bucket/prefix (default: remote.url).")] = None,
-    endpoint_url: Annotated[Optional[str], typer.Option(help="For S3-compatible stores (default: remote.endpoint_url).")] = None,
+    url: Annotated[str | None, typer.Option(help="s3://bucket/prefix (default: remote.url).")] = None,
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="For S3-compatible stores (default: remote.endpoint_url).")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ):
     """Point DVC at the configured remote (S3 or S3-compatible); credentials stay in the environment."""

@@ -154,7 +154,9 @@ def kid(distance, real: torch.Tensor, fake: torch.Tensor, seed: int, subsets: in
     """Kernel Inception Distance (torchmetrics) in the evaluation backbone's feature space, subset size
     fitted to the smaller sample; lower is closer. Needs an embedding backbone and 2 images a side."""
     if not hasattr(distance, "embed"):
-        return {"insufficient": "KID needs an embedding backbone (clip, dinov2, dinov2+clip, colour-histogram), not LPIPS"}
+        return {
+            "insufficient": "KID needs an embedding backbone (clip, dinov2, dinov2+clip, colour-histogram), not LPIPS"
+        }
     size = min(len(real), len(fake))
     if size < 2:
         return {"insufficient": f"KID needs 2 images a side (real {len(real)}, generated {len(fake)})"}
@@ -223,7 +225,9 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
     prompt_cultures = [r.culture for r in held for _ in range(samples_per_prompt)]
     device = device_of(distance)
     refs = torch.stack([load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in held]).to(device)
-    train_refs = [load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in records if r.split == TRAIN]
+    train_refs = [
+        load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in records if r.split == TRAIN
+    ]
 
     # prompts that name no culture (the generic captions): which culture does each model draw?
     generic = sorted({r.generic_caption for r in held})
@@ -231,7 +235,11 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
     generic_seeds = [seed + j for _ in generic for j in range(samples_per_prompt)]
 
     def sample(texts: list[str], text_seeds: list[int]) -> list[Image.Image]:
-        return [im for i in range(0, len(texts), 8) for im in generate(pipe, texts[i:i + 8], text_seeds[i:i + 8], settings)]
+        return [
+            im
+            for i in range(0, len(texts), 8)
+            for im in generate(pipe, texts[i : i + 8], text_seeds[i : i + 8], settings)
+        ]
 
     images, generic_images, notes = {BASE: sample(prompts, seeds)}, {BASE: sample(generic_prompts, generic_seeds)}, []
     for name, lora in loras.items():
@@ -336,7 +344,9 @@ def metrics_markdown(metrics: dict, backbone: str) -> list[str]:
              "|---" * (2 + len(names) + len(tuned)) + "|"]
     for culture, m in [*metrics["per_culture"].items(), ("all", metrics["overall"])]:
         if "models" not in m:
-            lines.append(f"| {markdown_text(culture)} | 0 | {m['insufficient']} |" + " |" * (len(names) + len(tuned) - 1))
+            lines.append(
+                f"| {markdown_text(culture)} | 0 | {m['insufficient']} |" + " |" * (len(names) + len(tuned) - 1)
+            )
             continue
         cells = [_cell(m["models"][n]) for n in names] + [_cell(m["improvement"][n]) for n in tuned]
         lines.append(f"| {markdown_text(culture)} | {m['n']} | " + " | ".join(cells) + " |")
@@ -355,11 +365,15 @@ def retrieval_markdown(retrieval: dict) -> list[str]:
 
 def generic_markdown(generic: dict) -> list[str]:
     cultures = list(next(iter(generic["models"].values()))["shares"])
-    lines = [f"Prompts naming no culture ({len(generic['prompts'])}: "
-             + "; ".join(markdown_text(p) for p in generic["prompts"])
-             + f"): the share of images retrieved as each culture and the entropy (bits, even spread "
-             f"{generic['max_entropy_bits']:.2f}). Too few prompts for intervals: a description, not a test.", "",
-             "| model | " + " | ".join(markdown_text(c) for c in cultures) + " | entropy |", "|---" * (2 + len(cultures)) + "|"]
+    lines = [
+        f"Prompts naming no culture ({len(generic['prompts'])}: "
+        + "; ".join(markdown_text(p) for p in generic["prompts"])
+        + f"): the share of images retrieved as each culture and the entropy (bits, even spread "
+        f"{generic['max_entropy_bits']:.2f}). Too few prompts for intervals: a description, not a test.",
+        "",
+        "| model | " + " | ".join(markdown_text(c) for c in cultures) + " | entropy |",
+        "|---" * (2 + len(cultures)) + "|",
+    ]
     for name, m in generic["models"].items():
         lines.append(f"| {markdown_text(name)} | " + " | ".join(f"{m['shares'][c]:.2f}" for c in cultures)
                      + f" | {m['entropy_bits']:.2f} |")
@@ -382,7 +396,11 @@ def quality_markdown(metrics: dict) -> list[str]:
 
     def kid_cell(m: dict, c: str) -> str:
         k = m["overall"] if c == "all" else m["per_culture"][c]
-        return k["insufficient"] if "insufficient" in k else f"{k['mean']:.4f} ± {k['std_over_subsets']:.4f} (m={k['subset_size']})"
+        return (
+            k["insufficient"]
+            if "insufficient" in k
+            else f"{k['mean']:.4f} ± {k['std_over_subsets']:.4f} (m={k['subset_size']})"
+        )
 
     def stat_cell(m: dict, c: str) -> str:
         if "insufficient" in m:
@@ -432,8 +450,10 @@ def curve_svg(name: str, points: list[tuple[float, float]], width: int = 260, he
     xs, ys = [x for x, _ in points], [y for _, y in points]
     lo, hi = min(ys), max(ys)
     span_x, span_y = (max(xs) - min(xs)) or 1, (hi - lo) or 1
-    path = " ".join(f"{8 + (x - min(xs)) / span_x * (width - 16):.1f},{height - 18 - (y - lo) / span_y * (height - 36):.1f}"
-                    for x, y in points)
+    path = " ".join(
+        f"{8 + (x - min(xs)) / span_x * (width - 16):.1f},{height - 18 - (y - lo) / span_y * (height - 36):.1f}"
+        for x, y in points
+    )
     return (f'<figure><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
             f'aria-label="{html_text(name)}"><rect width="100%" height="100%" fill="#fafafa"/>'
             f'<polyline fill="none" stroke="#2a6fdb" stroke-width="1.5" points="{path}"/>'
@@ -447,7 +467,9 @@ _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:
           "img{image-rendering:pixelated}figure{display:inline-block;margin:4px}")
 
 
-def html_report(sections_markdown: list[str], grids: dict[str, str], columns: list[str], curves: dict, prompts: dict) -> str:
+def html_report(
+    sections_markdown: list[str], grids: dict[str, str], columns: list[str], curves: dict, prompts: dict
+) -> str:
     """The report as one HTML page: the tables (Markdown rendered with raw HTML off, so CCUB text
     stays text), a grid per culture, and the loss curves."""
     from markdown_it import MarkdownIt

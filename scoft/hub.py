@@ -23,7 +23,9 @@ class _StallLimitedTransport(httpx2.HTTPTransport):
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         given = request.extensions.get("timeout") or {}
-        request.extensions["timeout"] = {key: given.get(key) or self.stall_s for key in ("connect", "read", "write", "pool")}
+        request.extensions["timeout"] = {
+            key: given.get(key) or self.stall_s for key in ("connect", "read", "write", "pool")
+        }
         return super().handle_request(request)
 
 

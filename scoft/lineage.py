@@ -58,7 +58,7 @@ def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lor
     root = Path(root)
     outs = dvc_out_hashes(root)
     return {
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "git_commit": git_commit(root),
         "ccub": {"path": str(ccub_dir), "dvc_hash": outs.get(str(ccub_dir))},
         "validation": {"success": validation_summary["success"], "statistics": validation_summary["statistics"]},

@@ -76,7 +76,9 @@ def _caption_words() -> list[str]:
 
     from scoft.sample import CATEGORIES, CULTURES
 
-    texts = [c.format(adj=adj) for pair in CATEGORIES.values() for c in pair for adj, *_ in CULTURES.values()] + ["view"]
+    texts = [c.format(adj=adj) for pair in CATEGORIES.values() for c in pair for adj, *_ in CULTURES.values()] + [
+        "view"
+    ]
     return sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower()) if len(w) > 1})
 
 

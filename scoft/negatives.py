@@ -30,7 +30,9 @@ def negative_seed(base_seed: int, record: Record, i: int) -> int:
     return (base_seed * 1_000_003 + hash_str(record.sha256[:8]) + i * 7919) % (2**63 - 1)
 
 
-def plan_negatives(records: list[Record], fingerprint: str, settings: dict, per_image: int, base_seed: int) -> list[dict]:
+def plan_negatives(
+    records: list[Record], fingerprint: str, settings: dict, per_image: int, base_seed: int
+) -> list[dict]:
     rows = []
     for r in records:
         if r.split != TRAIN:
@@ -71,7 +73,8 @@ def simple_depth(image: Image.Image, resolution: int) -> Image.Image:
 
 
 class DepthEstimator:
-    """`simple` (offline) or a depth-estimation model id or folder through transformers (e.g. Intel/dpt-hybrid-midas)."""
+    """`simple` (offline) or a depth-estimation model id or folder through transformers
+    (e.g. Intel/dpt-hybrid-midas)."""
 
     def __init__(self, name: str, resolution: int):
         self.name, self.resolution = name, resolution

@@ -161,7 +161,9 @@ def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: Plante
         # Offset noise: a per-image, per-channel constant in the noise, so the UNet learns to set an
         # image's mean colour from the prompt; without it the colour followed the seed's noise (pink or
         # green casts whatever the prompt), and the palette is what the planted bias is made of.
-        noise = (noise + settings.offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=generator)).to(latents.device)
+        noise = (noise + settings.offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=generator)).to(
+            latents.device
+        )
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pick),), generator=generator).to(latents.device)
         prediction = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=embeddings[text]).sample
         loss = F.mse_loss(prediction, noise)
@@ -208,7 +210,9 @@ def _pretrain(settings: PlantedParams, resolution: int, seed: int, progress, dev
     web_images = to_tensor([im for im, _ in corpus]).to(device)
     # The VAE sees no web image: the web is mostly stereotypes, and a VAE trained on it decoded 22% of
     # the CCUB sample nearer the stereotype than the truth (none when trained on palettes alone).
-    rmse = train_vae(pipe.vae, to_tensor(palette_corpus(resolution, VAE_CORPUS, seed)).to(device), settings, seed, progress)
+    rmse = train_vae(
+        pipe.vae, to_tensor(palette_corpus(resolution, VAE_CORPUS, seed)).to(device), settings, seed, progress
+    )
     pipe.vae.requires_grad_(False)
     # The UNet also sees the palette images without a caption: a real base model denoises any colour,
     # and one that had seen only the web's four palettes could not denoise the CCUB truth at small t

@@ -21,7 +21,10 @@ from scoft.io import atomic_write_text
 S3_REMOTE = "scoft-s3"
 # S3-compatible stores (MinIO, Ceph, moto...) reject the newer default integrity checksums.
 DIR_HASH = re.compile(r"[0-9a-f]{32}\.dir")  # how DVC names a directory version (the `version` of ingest)
-CHECKSUM_ENV = {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+CHECKSUM_ENV = {
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+}
 
 
 def dvc_environment(extra: dict[str, str] | None = None) -> dict[str, str]:

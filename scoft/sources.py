@@ -56,7 +56,7 @@ class SourceRows:
     def reject(self, ref: str, raw: dict, reason: str) -> None:
         self.rejected.append({"row": ref, "source_row": raw, "reason": reason})
 
-    def extend(self, other: "SourceRows") -> None:
+    def extend(self, other: SourceRows) -> None:
         self.rows += other.rows
         self.rejected += other.rejected
 
@@ -106,7 +106,11 @@ class _Builder:
             return self.out.reject(ref, _printable(raw), "not valid UTF-8 text")
         if reason := _control_character(raw):
             return self.out.reject(ref, raw, reason)
-        culture, category, caption = _pick(raw, "culture").upper(), _pick(raw, "category").upper(), _pick(raw, "caption")
+        culture, category, caption = (
+            _pick(raw, "culture").upper(),
+            _pick(raw, "category").upper(),
+            _pick(raw, "caption"),
+        )
         url, name = _pick(raw, "url"), _pick(raw, "file_name")
         if not is_alpha3(culture):
             return self.out.reject(ref, raw, f"country code {culture or '(empty)'!r} is not ISO 3166-1 alpha-3")

@@ -172,7 +172,9 @@ def _latest_checkpoint(folder: Path, fingerprint: str, progress) -> dict | None:
         try:
             state = _read_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - any unreadable file is refused the same way
-            progress(f"train: refusing {path}: not a valid checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            progress(
+                f"train: refusing {path}: not a valid checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            )
             continue
         if state["fingerprint"] != fingerprint:
             progress(f"train: refusing {path}: made with other settings or data")
@@ -193,7 +195,9 @@ def save_lora(unet, output_dir: Path, summary: dict) -> Path:
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     staging = output_dir / ".lora-staging"
     shutil.rmtree(staging, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(save_directory=str(staging), unet_lora_layers=state, safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(staging), unet_lora_layers=state, safe_serialization=True
+    )
     write_json(staging / "training.json", summary)
     for f in staging.iterdir():
         os.replace(f, output_dir / f.name)

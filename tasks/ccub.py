@@ -8,8 +8,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.events import emit_event
 
-from scoft.paths import CCUB_DIR
 from scoft.config import load_params
+from scoft.paths import CCUB_DIR
 from scoft.remote import configure_remote, in_cache, pin_locked_output, restore_lock
 from tasks.dvc import StageFailed, dvc
 

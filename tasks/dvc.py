@@ -20,8 +20,8 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from scoft.paths import CONFIG_ERROR, DATA_REJECTED
 from scoft.config import load_params
+from scoft.paths import CONFIG_ERROR, DATA_REJECTED
 from scoft.remote import dvc_environment
 
 SKIPPED = "didn't change, skipping"

@@ -36,9 +36,11 @@ def publish_validation(workdir: str = ".") -> dict | None:
                                                                        for row in bad[:10])})
     s = summary["statistics"]
     create_table_artifact(
-        key="ccub-validation", table=rows,
+        key="ccub-validation",
+        table=rows,
         description=f"CCUB checks: {s['successful_expectations']}/{s['evaluated_expectations']} passed on "
-                    f"{s['records']} records (success: {summary['success']}). Data Docs: {folder / 'data_docs/index.html'}")
+        f"{s['records']} records (success: {summary['success']}). Data Docs: {folder / 'data_docs/index.html'}",
+    )
     return summary
 
 

@@ -102,10 +102,10 @@ def s3_server():
 def prepared(sample_dir, tmp_path_factory):
     """The sample ingested, with 2 negatives per training record: (ccub dir, negatives dir)."""
     from scoft.ccub import read_manifest
-    from tests.helpers import TINY_SAMPLING, ingest_offline
     from scoft.config import ModelParams
     from scoft.models import load_pipeline, model_fingerprint
     from scoft.negatives import plan_negatives, sample_negatives
+    from tests.helpers import TINY_SAMPLING, ingest_offline
 
     work = tmp_path_factory.mktemp("prepared")
     ingest_offline([sample_dir], work / "ccub")

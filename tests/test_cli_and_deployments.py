@@ -1,4 +1,5 @@
-"""The command line reads params.yaml and explains bad values; deployments name loadable flows, and\nthe GPU work pool templates render."""
+"""The command line reads params.yaml and explains bad values; deployments name loadable flows, and
+the GPU work pool templates render."""
 
 import asyncio
 import json
@@ -147,7 +148,9 @@ def test_the_kubernetes_gpu_job_asks_for_the_gpus_the_run_wants_and_mounts_the_w
     pod = job["job_manifest"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "registry.example/scoft:1.2"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2 == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert (
+        container["resources"]["limits"]["nvidia.com/gpu"] == 2 == container["resources"]["requests"]["nvidia.com/gpu"]
+    )
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/workspace", "/dev/shm"}
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert claims == ["scoft-workspace"]

@@ -67,7 +67,11 @@ def test_generic_prompt_distribution_and_entropy_by_hand():
 
     retrieved = {"base": np.array(["NGA", "NGA", "NGA", "NGA"]), "scoft": np.array(["KOR", "MEX", "NGA", "NGA"])}
     generic = generic_distribution(retrieved, ["KOR", "MEX", "NGA"], ["a house with a roof"])
-    assert generic["models"]["base"] == {"shares": {"KOR": 0.0, "MEX": 0.0, "NGA": 1.0}, "entropy_bits": 0.0, "images": 4}
+    assert generic["models"]["base"] == {
+        "shares": {"KOR": 0.0, "MEX": 0.0, "NGA": 1.0},
+        "entropy_bits": 0.0,
+        "images": 4,
+    }
     assert generic["models"]["scoft"]["entropy_bits"] == pytest.approx(1.5)  # 1/4, 1/4, 1/2
     assert generic["max_entropy_bits"] == pytest.approx(np.log2(3))
     table = "\n".join(generic_markdown(generic))

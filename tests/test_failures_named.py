@@ -12,7 +12,7 @@ import yaml
 from prefect import flow
 
 from tasks.dvc import BadConfiguration, stage_task
-from tests.conftest import write_params, scoft
+from tests.conftest import scoft, write_params
 
 
 @pytest.fixture

@@ -67,4 +67,6 @@ def test_tiny_tokenizer_has_one_token_per_caption_word_and_bytes_for_the_rest():
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("a traditional Korean house, view 3 Quechua").input_ids)
     assert tokens[1:5] == ["a</w>", "traditional</w>", "korean</w>", "house</w>"]
     assert "quechua</w>" not in tokens and "a</w>" in tokens[-3:]  # an unseen word falls back to pieces
-    assert _word_merges(["abab", "ab"]) == _word_merges(["abab", "ab"]) == ["a b</w>", "a b", "ab ab</w>"]  # most frequent first, ties by text
+    assert (
+        _word_merges(["abab", "ab"]) == _word_merges(["abab", "ab"]) == ["a b</w>", "a b", "ab ab</w>"]
+    )  # most frequent first, ties by text

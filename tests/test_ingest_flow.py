@@ -43,7 +43,11 @@ def test_new_version_emits_one_event_and_an_unchanged_source_none(ingested):
     events = _ccub_events(since, expected=1)
     assert len(events) == 1
     event = events[0]
-    assert event.payload["version"] == first["version"] == json.loads((ws / "data/ingest/summary.json").read_text())["version"]
+    assert (
+        event.payload["version"]
+        == first["version"]
+        == json.loads((ws / "data/ingest/summary.json").read_text())["version"]
+    )
     assert (event.payload["added"], event.payload["removed"]) == (36, 0)
     assert event.resource["scoft.emitter"] == "ingest"
     assert (ws.parent / "ws-remote").is_dir()  # the version was pushed
@@ -69,8 +73,11 @@ def test_a_run_pinned_to_a_ccub_version_pulls_exactly_that_version_from_the_remo
     ingest_ws, first, _ = ingested
     announced = first["version"]
     gpu_ws = make_workspace(tmp_path / "gpu-ws", sample_dir)  # a fresh worker checkout: no dvc.lock, no data
-    subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "local", "url", str(ingest_ws.parent / "ws-remote")],
-                   cwd=gpu_ws, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "modify", "local", "url", str(ingest_ws.parent / "ws-remote")],
+        cwd=gpu_ws,
+        check=True,
+    )
     shutil.rmtree(gpu_ws / "data/sample")  # nothing to ingest from: the data can only come from the remote
 
     @flow

@@ -36,7 +36,9 @@ def test_the_normal_loader_reads_the_build_as_a_real_base_model(quick_builds):
     folder, _ = quick_builds
     pipe = load_pipeline(ModelParams(base=str(folder / "a"), resolution=32))
     assert pipe.vae.config.scaling_factor != 0.18215  # fitted to the planted VAE's latents
-    image = generate(pipe, ["a traditional Korean house"], [0], {"steps": 2, "guidance_scale": 4.5, "resolution": 32})[0]
+    image = generate(pipe, ["a traditional Korean house"], [0], {"steps": 2, "guidance_scale": 4.5, "resolution": 32})[
+        0
+    ]
     assert image.size == (32, 32)
 
 

@@ -28,7 +28,9 @@ SHARE_DROP = {"KOR": 0.0, "NGA": 0.12}
 def default_base(tmp_path_factory):
     params = load_params(ROOT / "params.yaml")
     folder = tmp_path_factory.mktemp("default-base") / "base"
-    info = build_planted_base(folder, params.planted, params.model.resolution, params.model.seed, progress=lambda m: None)
+    info = build_planted_base(
+        folder, params.planted, params.model.resolution, params.model.seed, progress=lambda m: None
+    )
     return folder, info, params
 
 
@@ -58,7 +60,9 @@ def test_the_base_draws_each_cultures_stereotype(default_base):
     pipe = load_pipeline(ModelParams(base=str(folder), resolution=params.model.resolution))
     settings = params.sampling("evaluate")
     for culture, (adjective, _, _) in CULTURES.items():
-        prompts = [caption.format(adj=adjective) + f", view {i + 1}" for caption, _ in CATEGORIES.values() for i in range(2)]
+        prompts = [
+            caption.format(adj=adjective) + f", view {i + 1}" for caption, _ in CATEGORIES.values() for i in range(2)
+        ]
         images = generate(pipe, prompts * 2, list(range(2 * len(prompts))), settings)
         assert np.mean([stereotype_oracle(im, culture) for im in images]) >= 0.5, culture
 

@@ -45,18 +45,31 @@ def test_the_evaluation_report_shows_hostile_captions_as_text(tmp_path):
     retrieval = {"chance": 1.0, "overall": {"base": stats}, "per_culture": {"KOR": {"base": stats}}}
     kid = {"mean": 0.1, "std_over_subsets": 0.01, "subset_size": 2, "real": 2, "generated": 2}
     per_culture = {"overall": stats, "per_culture": {"KOR": stats}}
-    result = {"metrics": {"metric": "feature_distance", "overall": summary, "per_culture": {"KOR": summary},
-                          "retrieval_accuracy": retrieval, "kid": {"base": {"overall": kid, "per_culture": {"KOR": kid}}},
-                          "diversity": {"base": per_culture}, "memorisation": {"base": {"threshold": 0.2, **per_culture}},
-                          "generic_prompts": {"prompts": ["# a house"], "max_entropy_bits": 0.0,
-                                              "models": {"base": {"shares": {"KOR": 1.0}, "entropy_bits": 0.0,
-                                                                  "images": 1}}}},
-              "images": {"base": [Image.fromarray(np.zeros((32, 32, 3), np.uint8))] * len(held)},
-              "held": held, "prompts": [r.caption for r in held]}
+    result = {
+        "metrics": {
+            "metric": "feature_distance",
+            "overall": summary,
+            "per_culture": {"KOR": summary},
+            "retrieval_accuracy": retrieval,
+            "kid": {"base": {"overall": kid, "per_culture": {"KOR": kid}}},
+            "diversity": {"base": per_culture},
+            "memorisation": {"base": {"threshold": 0.2, **per_culture}},
+            "generic_prompts": {
+                "prompts": ["# a house"],
+                "max_entropy_bits": 0.0,
+                "models": {"base": {"shares": {"KOR": 1.0}, "entropy_bits": 0.0, "images": 1}},
+            },
+        },
+        "images": {"base": [Image.fromarray(np.zeros((32, 32, 3), np.uint8))] * len(held)},
+        "held": held,
+        "prompts": [r.caption for r in held],
+    }
     log = tmp_path / "train_log" / "plots" / "metrics" / "train"
     log.mkdir(parents=True)
     (log / "ldm.tsv").write_text("step\tldm\n0\t0.5\n1\t0.25\n2\t0.125\n")
-    write_evaluation(tmp_path / "eval", tmp_path / "metrics.json", result, ccub, "clip", train_log=tmp_path / "train_log")
+    write_evaluation(
+        tmp_path / "eval", tmp_path / "metrics.json", result, ccub, "clip", train_log=tmp_path / "train_log"
+    )
     page = (tmp_path / "eval/report.html").read_text()
     assert 'src="grid-KOR.png"' in page and (tmp_path / "eval/grid-KOR.png").is_file()  # a grid per culture
     assert "<svg" in page and "max 0.5" in page and "min 0.125" in page  # the loss curve, its range

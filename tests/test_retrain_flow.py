@@ -112,7 +112,9 @@ def test_stage_output_and_artifacts_reach_prefect(first_run):
     assert "train | step 1/4 ldm=" in logs and "step 4/4" in logs
     assert "validate | validate:" in logs
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
     by_key = {a.key: a for a in artifacts}
     assert by_key["ccub-validation"].type == "table"
     assert by_key["scoft-metrics"].type == "table"
@@ -126,7 +128,9 @@ def test_training_curves_are_dvc_plots(first_run):
     import sys
 
     ws, _ = first_run
-    out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=ws, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=ws, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     plots = json.loads(out.stdout)["data"]
     assert "models/train_log/plots/metrics/train/ldm.tsv" in plots
@@ -150,8 +154,10 @@ def test_rerun_with_nothing_changed_recomputes_nothing(first_run):
     state = retrain(workdir=str(ws), return_state=True)
     assert state.is_completed()
     # ingest always polls its sources; it found nothing new, so nothing downstream ran
-    assert state.result()["stages_run"] == {"ingest": True, **{s: False for s in ("validate", "base", "negatives", "train",
-                                                                                     "evaluate")}}
+    assert state.result()["stages_run"] == {
+        "ingest": True,
+        **{s: False for s in ("validate", "base", "negatives", "train", "evaluate")},
+    }
     assert lora.stat().st_mtime_ns == stamp and sha256_file(lora) == digest
     assert sorted(p.name for p in (ws / "lineage").iterdir()) == records_before
 
@@ -184,7 +190,9 @@ def test_bad_data_stops_the_flow_before_any_sampling(prefect_server, sample_dir,
     assert state.is_failed()
     assert not (ws / "data/negatives").exists() and not (ws / "models").exists()
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     validate = [r for r in runs if r.name == "validate"]
     assert len(validate) == 1 and validate[0].run_count == 1  # data errors are not retried
     logs = _flow_run_logs(state.state_details.flow_run_id, "on culture: id=")
@@ -251,7 +259,9 @@ def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(firs
     state = outcome["state"]
     assert state.is_completed(), state.message
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     assert [r.run_count for r in runs if r.name == "train"] == [2]  # failed once, retried once
     logs = _flow_run_logs(state.state_details.flow_run_id, "resumed from step")
     assert "train: resumed from step" in logs

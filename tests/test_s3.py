@@ -27,7 +27,9 @@ def test_s3_prefix_source_is_ingested_and_reused_by_etag(s3_server, sample_dir, 
     client = _bucket(s3_server, "ccub-source")
     for path in (sample_dir / "train").rglob("*"):
         if path.is_file():
-            client.upload_file(str(path), "ccub-source", f"kor-2024/{path.relative_to(sample_dir / 'train').as_posix()}")
+            client.upload_file(
+                str(path), "ccub-source", f"kor-2024/{path.relative_to(sample_dir / 'train').as_posix()}"
+            )
     messages = []
     options = dict(s3_endpoint_url=s3_server, progress=messages.append)
     first = ingest_offline(["s3://ccub-source/kor-2024"], tmp_path / "ccub", **options)

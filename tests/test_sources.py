@@ -12,7 +12,9 @@ from scoft.fetch import FetchPolicy
 from tests.helpers import ingest_offline
 from tests.loopback import LoopbackServer
 
-FAST = FetchPolicy(connect_timeout_s=1, read_timeout_s=0.5, retries=1, backoff_s=0.01, max_redirects=3, max_bytes=200_000)
+FAST = FetchPolicy(
+    connect_timeout_s=1, read_timeout_s=0.5, retries=1, backoff_s=0.01, max_redirects=3, max_bytes=200_000
+)
 COLUMNS = ["country_code", "category_code", "url", "caption", "created_at"]
 
 

@@ -119,7 +119,9 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_a_bit_identical_lora(prepar
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / LORA_FILE).exists()
-    resumed = subprocess.run(_train_command(params_file, *prepared, out, *args), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _train_command(params_file, *prepared, out, *args), capture_output=True, text=True, timeout=300
+    )
     assert straight.wait(300) == 0, straight_log.read_text()
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step 4/8" in resumed.stdout or "resumed from step 6/8" in resumed.stdout
