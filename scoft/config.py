@@ -212,6 +212,8 @@ class TrainParams(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     lora_rank: int = Field(4, ge=1)
     lora_alpha: int = Field(4, ge=1)
+    # peft target_modules: the UNet modules that get an adapter (diffusers names)
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     loss_weights: LossWeights = LossWeights()
     pixel_loss_every: int = Field(4, ge=1)
@@ -224,6 +226,7 @@ class TrainParams(_Section):
     contrastive_form: Literal["difference", "hinge"] = "difference"
     contrastive_margin: float = Field(0.1, ge=0)
     random_flip: bool = True
+    empty_prompt_share: float = Field(0.0, ge=0, lt=1)  # of training captions replaced by "" (caption dropout)
 
     def uses(self, loss: str) -> bool:
         """Whether a loss term (ldm, mem, perceptual, contrastive) is on, by the loss set and its weight."""

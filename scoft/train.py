@@ -33,7 +33,6 @@ from scoft.losses import contrastive_loss, estimate_clean_latents, ldm_loss, mem
 from scoft.models import encode_prompts, load_pipeline, training_scheduler
 from scoft.negatives import INDEX
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # every UNet attention projection
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINTS = "checkpoints"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,9 +53,9 @@ class Frozen:
         return encode_prompts(self.tokenizer, self.text_encoder, texts).to(device)
 
 
-def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
+def add_lora(unet, rank: int, alpha: int, targets: list[str]) -> list[torch.nn.Parameter]:
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
     return [p for p in unet.parameters() if p.requires_grad]
 
 
@@ -80,7 +79,11 @@ def scoft_losses(unet, frozen: Frozen, batch: dict, params: Params, pixel_step: 
     if timesteps is not None:
         t = timesteps.to(device)
     z_t = sched.add_noise(z0, noise, t)
-    text = frozen.encode_text(batch["caption"], device)
+    captions = list(batch["caption"])
+    if tp.empty_prompt_share:  # caption dropout: the unconditional prediction learns CCUB too
+        dropped = (torch.rand(bsz, generator=generator) < tp.empty_prompt_share).tolist()
+        captions = ["" if d else c for c, d in zip(captions, dropped)]
+    text = frozen.encode_text(captions, device)
     unet_fn = lambda z, tt, emb: unet(z, tt, encoder_hidden_states=emb).sample.float()  # noqa: E731
 
     prediction = unet_fn(z_t, t, text)
@@ -300,7 +303,7 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
     pipe = pipe if pipe is not None else load_pipeline(params.model)
     frozen = _frozen_parts(pipe, params, accelerator.device, DTYPES.get(accelerator.mixed_precision, torch.float32))
     unet = pipe.unet
-    trainable = add_lora(unet, tp.lora_rank, tp.lora_alpha)
+    trainable = add_lora(unet, tp.lora_rank, tp.lora_alpha, tp.lora_targets)
     if tp.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay)

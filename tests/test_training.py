@@ -31,7 +31,7 @@ def model_parts():
     frozen = Frozen(pipe.vae.requires_grad_(False), pipe.text_encoder.requires_grad_(False), pipe.tokenizer,
                     training_scheduler(pipe), build_distance("lpips-alex", params.features),
                     build_distance("dinov2", params.features))
-    add_lora(pipe.unet, 4, 4)
+    add_lora(pipe.unet, 4, 4, params.train.lora_targets)
     return pipe.unet, frozen
 
 
