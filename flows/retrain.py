@@ -1,4 +1,4 @@
-"""The retrain flow: CCUB in, a SCoFT LoRA, its evaluation and its lineage record out."""
+"""The retrain flow: CCUB in; per culture a SCoFT LoRA, its evaluation and its lineage record out."""
 
 from __future__ import annotations
 
@@ -6,21 +6,26 @@ from pathlib import Path
 
 from prefect import flow
 
+from scoft.config import load_params
+from scoft.paths import EVAL_DIR, LORA_DIR, LORA_FILE
 from tasks.ccub import announce_new_version, pull_ccub_version, use_configured_remote
 from tasks.dvc import push, stage_task
 from tasks.report import publish_metrics, publish_validation, record_lineage
 
-STAGES = ["ingest", "validate", "base", "negatives", "train", "evaluate"]  # dvc.yaml order
+SHARED_STAGES = ["ingest", "validate", "base"]  # dvc.yaml order
+CULTURE_STAGES = ["negatives", "train", "evaluate"]  # one chain per configured culture: negatives@KOR, ...
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
-    """Run the dvc.yaml stages in order (each skipped when nothing it uses changed), publish the
-    checks and the metrics, record lineage, and push everything to the DVC remote.
+    """Run the dvc.yaml stages in order (each skipped when nothing it uses changed: a CCUB update
+    reruns the cultures it changed), publish the checks and the metrics, record each culture's
+    lineage, and push everything to the DVC remote.
 
     With `ccub_version` (a DVC hash, as `ccub.updated` announces), train on exactly that CCUB
     version from the DVC remote instead of ingesting from the sources."""
     stage = stage_task(workdir)
+    cultures = load_params(Path(workdir) / "params.yaml").validate_.cultures
     use_configured_remote(workdir)
     if ccub_version:
         pull_ccub_version(workdir, ccub_version)
@@ -33,14 +38,18 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
         ran["validate"] = stage("validate", workdir)["ran"]
     finally:
         validation = publish_validation(workdir)  # the operator sees the failing checks too
-    for name in STAGES[2:]:
-        ran[name] = stage(name, workdir)["ran"]
-    metrics = publish_metrics(workdir)
-    lineage = record_lineage(workdir, validation, metrics)
-    push(workdir)
+    ran["base"] = stage("base", workdir)["ran"]
+    for culture in cultures:
+        for name in CULTURE_STAGES:
+            ran[f"{name}@{culture}"] = stage(f"{name}@{culture}", workdir)["ran"]
+    metrics = publish_metrics(workdir, cultures)
     root = Path(workdir)
-    return {"stages_run": ran, "lora": root / "models/lora", "report": root / "reports/eval/report.html",
-            "lineage": lineage}
+    trained = [c for c in cultures if (root / LORA_DIR / c / LORA_FILE).is_file()]
+    lineage = {c: record_lineage(workdir, validation, metrics[c], c) for c in trained}
+    push(workdir)
+    return {"stages_run": ran, "loras": {c: root / LORA_DIR / c for c in trained},
+            "reports": {c: root / EVAL_DIR / c / "report.html" for c in trained}, "lineage": lineage,
+            "skipped": {c: m["insufficient"] for c, m in metrics.items() if "insufficient" in m}}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ from scoft.io import BadImage, atomic_dir, decode_rgb, dvc_dir_hash, pixel_hash,
 from scoft.sources import SourceRow, read_sources
 
 MANIFEST = "manifest.jsonl"
+# Per-culture views of the manifest, so that a culture's stages depend on its own records only (dvc.yaml):
+# cultures/<CULTURE>.jsonl holds one culture's records, heldout.jsonl every culture's held-out records
+# (each culture's evaluation retrieves among all cultures' held-out images).
+CULTURES_DIR, HELDOUT_MANIFEST = "cultures", "heldout.jsonl"
 TRAIN, HELDOUT = "train", "heldout"
 
 
@@ -52,8 +56,17 @@ def split_for(sha256: str, heldout_fraction: float) -> str:
     return HELDOUT if int(sha256[:8], 16) / 0x1_0000_0000 < heldout_fraction else TRAIN
 
 
-def read_manifest(ccub_dir: str | Path) -> list[Record]:
-    return [Record(**row) for row in read_jsonl(Path(ccub_dir) / MANIFEST)]
+def read_manifest(ccub_dir: str | Path, culture: str | None = None) -> list[Record]:
+    """Every record, or one culture's (none when CCUB has no record of that culture)."""
+    if culture is None:
+        return [Record(**row) for row in read_jsonl(Path(ccub_dir) / MANIFEST)]
+    path = Path(ccub_dir) / CULTURES_DIR / f"{culture}.jsonl"
+    return [Record(**row) for row in read_jsonl(path)] if path.is_file() else []
+
+
+def read_heldout(ccub_dir: str | Path) -> list[Record]:
+    """Every culture's held-out records."""
+    return [Record(**row) for row in read_jsonl(Path(ccub_dir) / HELDOUT_MANIFEST)]
 
 
 def _previous(out_dir: Path) -> dict[str, Record]:
@@ -105,13 +118,16 @@ def ingest(sources: list[str], out_dir: str | Path, *, heldout_fraction: float, 
     for line in recover_swap(out_dir):  # a killed ingest's previous version is the cache of this one
         progress(f"ingest: {line}")
     previous = _previous(out_dir)
-    to_fetch = [row for row in read.rows if not _reusable(row, previous.get(row.location))]
-    progress(f"ingest: {len(read.rows)} rows, {len(read.rows) - len(to_fetch)} reused, fetching {len(to_fetch)}")
+    rows, skipped = _configured_cultures_only(read.rows, bounds)
+    for row in skipped:
+        progress(f"ingest: skipped {row['row']}: {row['reason']}")
+    to_fetch = [row for row in rows if not _reusable(row, previous.get(row.location))]
+    progress(f"ingest: {len(rows)} rows, {len(rows) - len(to_fetch)} reused, fetching {len(to_fetch)}")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         fetched = dict(zip((r.location for r in to_fetch), pool.map(lambda r: _fetch_image(r, max_pixels), to_fetch)))
 
     records, images, by_hash = [], {}, {}
-    for row in read.rows:
+    for row in rows:
         image, reason = fetched.get(row.location, (None, None))
         if reason:
             rejected.append({"row": row.ref, "source_row": row.raw, "reason": reason})
@@ -137,9 +153,24 @@ def ingest(sources: list[str], out_dir: str | Path, *, heldout_fraction: float, 
                           f"{max_rejected_fraction:.0%}; {out_dir} unchanged:\n  {shown}")
     records.sort(key=lambda r: (r.culture, r.category, r.id))
     counts = _counts(records, previous)
-    if counts["added"] or counts["changed"] or counts["removed"] or not (out_dir / MANIFEST).is_file():
-        _write(out_dir, records, images, previous)
-    return {"version": dvc_dir_hash(out_dir), **counts, "records": len(records), "rejected": rejected}
+    cultures = sorted({r.culture for r in records} | set(bounds.cultures if bounds is not None else []))
+    views = [out_dir / HELDOUT_MANIFEST, *(out_dir / CULTURES_DIR / f"{c}.jsonl" for c in cultures)]
+    if counts["added"] or counts["changed"] or counts["removed"] or not all(v.is_file() for v in views):
+        _write(out_dir, records, images, previous, cultures)
+    return {"version": dvc_dir_hash(out_dir), **counts, "records": len(records), "rejected": rejected,
+            "skipped": skipped}
+
+
+def _configured_cultures_only(rows: list[SourceRow], bounds) -> tuple[list[SourceRow], list[dict]]:
+    """The rows of the configured cultures (validate.cultures), and the others named with the reason:
+    a culture nobody configured is never trained, and a new culture's sheet is not bad data either."""
+    if bounds is None:
+        return rows, []
+    keep = [r for r in rows if r.culture in bounds.cultures]
+    skipped = [{"row": r.ref, "culture": r.culture, "reason": f"culture {r.culture!r} is not in validate.cultures "
+                f"({', '.join(bounds.cultures)}): not ingested, not trained"} for r in rows
+               if r.culture not in bounds.cultures]
+    return keep, skipped
 
 
 def _record(row: SourceRow, image, old: Record | None, out_dir: Path, heldout_fraction: float, captioner) -> Record:
@@ -173,7 +204,10 @@ def _counts(records: list[Record], previous: dict[str, Record]) -> dict:
     return {"added": added, "changed": changed, "removed": removed, "unchanged": len(now) - added - changed}
 
 
-def _write(out_dir: Path, records: list[Record], images: dict, previous: dict[str, Record]) -> None:
+def _write(out_dir: Path, records: list[Record], images: dict, previous: dict[str, Record],
+           cultures: list[str]) -> None:
+    """The folder whole: images, the manifest and its views (one per culture, configured ones without
+    records as empty files, so their stages find their input and skip)."""
     old_files = {r.sha256: out_dir / r.file for r in previous.values()}
     with atomic_dir(out_dir) as tmp:
         for record in records:
@@ -184,6 +218,10 @@ def _write(out_dir: Path, records: list[Record], images: dict, previous: dict[st
             else:
                 _link_or_copy(old_files[record.sha256], dest)
         write_jsonl(tmp / MANIFEST, (asdict(r) for r in records))
+        write_jsonl(tmp / HELDOUT_MANIFEST, (asdict(r) for r in records if r.split == HELDOUT))
+        (tmp / CULTURES_DIR).mkdir()
+        for culture in cultures:
+            write_jsonl(tmp / CULTURES_DIR / f"{culture}.jsonl", (asdict(r) for r in records if r.culture == culture))
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 
 from scoft.ccub import HELDOUT, Record  # noqa: E402
 from scoft.config import ValidateParams  # noqa: E402
-from scoft.io import atomic_dir, pixel_hash, write_json  # noqa: E402
+from scoft.io import atomic_dir, pixel_hash, sha256_json, write_json  # noqa: E402
 from scoft.render import html_text  # noqa: E402
 
 REQUIRED = [
@@ -192,4 +192,15 @@ def check_into(out_dir: str | Path, records: list[Record], params: ValidateParam
         checked = validate_records(records, params, ccub_dir, docs_dir=tmp / "data_docs")
         write_json(tmp / "summary.json", checked["summary"])
         write_json(tmp / "gx_results.json", checked["gx_results"])
+        for culture in params.cultures:
+            write_json(tmp / "cultures" / f"{culture}.json", culture_summary(records, culture, checked["summary"]))
     return checked["summary"]
+
+
+def culture_summary(records: list[Record], culture: str, summary: dict) -> dict:
+    """What one culture's stages depend on (dvc.yaml): its records passed the checks. It changes only
+    when that culture's records do, so another culture's update does not rerun this one's stages."""
+    own = [r for r in records if r.culture == culture]
+    return {"culture": culture, "success": summary["success"], "records": len(own),
+            "train": sum(r.split == "train" for r in own), "heldout": sum(r.split == "heldout" for r in own),
+            "records_sha256": sha256_json(sorted((asdict(r) for r in own), key=lambda row: row["id"]))}

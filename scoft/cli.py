@@ -23,8 +23,10 @@ from scoft.paths import (
     EVAL_DIR,
     INGEST_SUMMARY,
     LORA_DIR,
+    LORA_FILE,
     METRICS_FILE,
     NEGATIVES_DIR,
+    SKIPPED_FILE,
     TRAIN_LOG_DIR,
     VALIDATION_DIR,
 )
@@ -35,6 +37,9 @@ lineage_app = typer.Typer(no_args_is_help=True, help="Lineage records of trained
 app.add_typer(lineage_app, name="lineage")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
+CultureOpt = Annotated[
+    str | None, typer.Option(help="One culture's records only (one LoRA per culture, as the paper).")
+]
 
 
 def _say(message: str) -> None:
@@ -140,12 +145,13 @@ def validate(ccub: Path = CCUB_DIR, out: Path = VALIDATION_DIR, params: ParamsOp
 
 
 @app.command()
-def negatives(ccub: Path = CCUB_DIR, out: Path = NEGATIVES_DIR, params: ParamsOpt = Path("params.yaml")):
+def negatives(ccub: Path = CCUB_DIR, out: Path = NEGATIVES_DIR, culture: CultureOpt = None,
+              params: ParamsOpt = Path("params.yaml")):
     """Sample k negatives per training record from the base (not fine-tuned) model."""
     p = _params(params)
     from scoft.negatives import make_negatives
 
-    counts = make_negatives(p, ccub, out, progress=_say)
+    counts = make_negatives(p, ccub, out, progress=_say, culture=culture)
     _say(f"negatives: {counts['planned']} planned, {counts['sampled']} sampled, {counts['reused']} reused, "
          f"{counts['removed']} removed, in {out}")
 
@@ -160,10 +166,15 @@ def train(
     log_dir: Path = TRAIN_LOG_DIR,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Override train.max_steps.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(min=0, help="Override train.checkpoint_every.")] = None,
+    culture: CultureOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ):
-    """SCoFT fine-tuning of LoRA adapters; writes the LoRA in diffusers' format."""
+    """SCoFT fine-tuning of LoRA adapters; writes the LoRA in diffusers' format. A --culture with no
+    training records is skipped: its folder gets skipped.json saying why, and no LoRA."""
     p = _params(params)
+    if culture is not None and (reason := _nothing_to_train(ccub, culture)):
+        _skip(reason, output, log_dir)
+        return
     if p.train.num_processes > 1 and "SCOFT_LAUNCHED" not in os.environ:
         _relaunch_with_accelerate(p.train.num_processes, p.train.mixed_precision)
     from scoft.train import train as run_train
@@ -173,6 +184,30 @@ def train(
     if summary is not None and int(os.environ.get("RANK", "0")) == 0:
         _say(f"train: {summary['steps']} steps in {summary['seconds']}s on {summary['processes']} process(es), "
              f"LoRA in {output}")
+
+
+def _nothing_to_train(ccub: Path, culture: str) -> str | None:
+    from scoft.ccub import TRAIN, read_manifest
+
+    records = read_manifest(ccub, culture)
+    if not records:
+        return f"culture {culture}: configured (validate.cultures) but CCUB has no record of it"
+    if not any(r.split == TRAIN for r in records):
+        return f"culture {culture}: all {len(records)} record(s) held out, none to train on"
+    return None
+
+
+def _skip(reason: str, lora: Path, log_dir: Path) -> None:
+    """A culture with nothing to train on: its LoRA folder holds skipped.json with the reason, and its
+    log the metrics file and (empty) plots folder that dvc.yaml expects of every train stage."""
+    from scoft.io import atomic_dir, write_json
+
+    with atomic_dir(lora) as tmp:
+        write_json(tmp / SKIPPED_FILE, {"skipped": reason})
+    with atomic_dir(log_dir) as tmp:
+        write_json(tmp / "metrics.json", {"skipped": reason})
+        (tmp / "plots" / "metrics").mkdir(parents=True)
+    _say(f"warning: skipped: {reason}")
 
 
 def _relaunch_with_accelerate(processes: int, mixed_precision: str):
@@ -204,13 +239,28 @@ def evaluate(
     train_log: Annotated[
         Path, typer.Option(help="The training's dvclive folder, for the report's loss curves.")
     ] = TRAIN_LOG_DIR,
+    culture: CultureOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ):
-    """Base vs fine-tuned on held-out CCUB: per-culture metrics, report.md, report.html and image grids."""
+    """Base vs fine-tuned on held-out CCUB: per-culture metrics, report.md, report.html and image grids.
+    With --culture, that culture's LoRA on its held-out prompts (retrieval among every culture's)."""
     p = _params(params)
-    from scoft.evaluate import evaluate_loras
+    from scoft.evaluate import evaluate_loras, write_skipped_evaluation
 
-    result = evaluate_loras(p, {"scoft": lora}, ccub, out, metrics, train_log=train_log, progress=_say)
+    reason = None
+    if culture is not None:
+        from scoft.ccub import HELDOUT, read_manifest
+
+        if (lora / SKIPPED_FILE).is_file():
+            reason = json.loads((lora / SKIPPED_FILE).read_text(encoding="utf-8"))["skipped"]
+        elif not any(r.split == HELDOUT for r in read_manifest(ccub, culture)):
+            reason = f"culture {culture}: no held-out record to evaluate against"
+    if reason:
+        write_skipped_evaluation(out, metrics, culture, reason)
+        _say(f"warning: evaluate skipped: {reason}")
+        return
+    result = evaluate_loras(p, {"scoft": lora}, ccub, out, metrics, train_log=train_log, progress=_say,
+                            culture=culture)
     o = result["overall"]["models"]
     _say(
         f"evaluate: distance base {o['base']['mean']:.4f}, SCoFT {o['scoft']['mean']:.4f}; report {out / 'report.html'}"
@@ -244,14 +294,20 @@ def ablate(
 def generate(
     prompt: Annotated[str, typer.Option(help="Text prompt.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")],
-    lora: Path = LORA_DIR,
+    culture: Annotated[str | None, typer.Option(help="Use this culture's LoRA (models/lora/CULTURE).")] = None,
+    lora: Annotated[Path | None, typer.Option(help="A LoRA folder (default: models/lora).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
     base: Annotated[bool, typer.Option("--base", help="The base model alone, without the LoRA.")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ):
-    """One image from the base model plus the trained LoRA (or, with --base, the base model alone)."""
+    """One image from the base model plus a trained LoRA (or, with --base, the base model alone)."""
     p = _params(params)
-    if not base and not (lora / "pytorch_lora_weights.safetensors").is_file():
+    if culture is not None and lora is not None:
+        _fail("--culture and --lora name two LoRAs: pass one")
+    lora = lora or (LORA_DIR / culture if culture else LORA_DIR)
+    if not base and (lora / SKIPPED_FILE).is_file():
+        _fail(f"{lora}: no LoRA: {json.loads((lora / SKIPPED_FILE).read_text(encoding='utf-8'))['skipped']}")
+    if not base and not (lora / LORA_FILE).is_file():
         _fail(f"{lora}: no trained LoRA (run `scoft run` or `scoft train` first, or pass --base)")
     from scoft.models import load_pipeline, pick_device
     from scoft.negatives import generate as sample_images
@@ -278,9 +334,11 @@ def run(
 
     result = retrain(ccub_version=ccub_version)
     _say("")
-    _say(f"LoRA:              {result['lora']}")
-    _say(f"evaluation report: {result['report']}")
-    _say(f"lineage record:    {result['lineage']}")
+    for culture, lora in result["loras"].items():
+        _say(f"{culture}: LoRA {lora}, evaluation report {result['reports'][culture]}, "
+             f"lineage record {result['lineage'][culture]}")
+    for culture, reason in result["skipped"].items():
+        _say(f"{culture}: not trained or not evaluated: {reason}")
 
 
 @app.command()
@@ -309,30 +367,37 @@ def remote(
 
 
 @lineage_app.command("show")
-def lineage_show(as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False):
+def lineage_show(as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+                 culture: Annotated[str | None, typer.Option(help="The latest of this culture's LoRA.")] = None):
     """Print the latest lineage record."""
     from scoft.lineage import latest_record
 
     try:
-        path, record = latest_record()
+        path, record = latest_record(culture=culture)
     except FileNotFoundError as e:
         _fail(str(e))
         raise
     if as_json:
         print(json.dumps(record, indent=2, sort_keys=True))
         return
-    _say(f"{path}\n  created   {record['created_at']}\n  git       {record['git_commit']}\n"
+    _say(f"{path}\n  culture   {record.get('culture') or 'all (joint LoRA)'}\n  created   {record['created_at']}\n"
+         f"  git       {record['git_commit']}\n"
          f"  ccub      {record['ccub']['dvc_hash']}\n  checks    {record['validation']['statistics']}\n"
          f"  negatives {record['negatives']['dvc_hash']}\n  lora      {record['lora']['sha256']}\n"
-         f"  flow run  {record['prefect_flow_run_id']}\n  metrics   {json.dumps(record['metrics']['overall'])}")
+         f"  flow run  {record['prefect_flow_run_id']}\n"
+         f"  metrics   {json.dumps(record['metrics'].get('overall', record['metrics']))}")
 
 
 @lineage_app.command("verify")
-def lineage_verify():
+def lineage_verify(culture: Annotated[str | None, typer.Option(help="The latest of this culture's LoRA.")] = None):
     """Recompute the hashes of the latest lineage record; exit 1 on any mismatch."""
     from scoft.lineage import latest_record, verify
 
-    path, record = latest_record()
+    try:
+        path, record = latest_record(culture=culture)
+    except FileNotFoundError as e:
+        _fail(str(e))
+        raise
     problems = verify(record)
     if problems:
         _fail(f"{path}: {len(problems)} mismatch(es)\n  " + "\n  ".join(problems))

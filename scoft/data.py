@@ -36,8 +36,7 @@ class CCUBTrainSet(Dataset):
     def __init__(self, ccub_dir: str | Path, negatives_dir: str | Path | None, resolution: int, per_image: int,
                  culture: str | None = None):
         self.ccub_dir = Path(ccub_dir)
-        self.records: list[Record] = [r for r in read_manifest(ccub_dir)
-                                      if r.split == TRAIN and culture in (None, r.culture)]
+        self.records: list[Record] = [r for r in read_manifest(ccub_dir, culture) if r.split == TRAIN]
         if not self.records:
             which = f"culture {culture}" if culture else "any culture"
             raise ValueError(f"{ccub_dir}: no training records of {which} (none, or every one held out)")

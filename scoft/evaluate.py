@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scoft.ccub import HELDOUT, TRAIN, Record, read_manifest
+from scoft.ccub import HELDOUT, TRAIN, Record, read_heldout, read_manifest
 from scoft.data import image_transform, load_image_tensor
 from scoft.features import build_distance, device_of
 from scoft.io import atomic_dir, write_json
@@ -182,13 +182,14 @@ def nearest_culture(distances: np.ndarray, ref_cultures: np.ndarray) -> np.ndarr
     return cultures[mean_to.argmin(axis=1)]
 
 
-def retrieval_metrics(hits: dict[str, np.ndarray], prompt_cultures: np.ndarray, bootstrap: int, seed: int) -> dict:
-    """Share of images generated for culture X retrieved as X (per prompt over its seeds), per model,
-    per culture and overall, with intervals over prompts."""
+def retrieval_metrics(hits: dict[str, np.ndarray], prompt_cultures: np.ndarray, bootstrap: int, seed: int,
+                      candidates: int) -> dict:
+    """Share of images generated for culture X retrieved as X among `candidates` cultures (per prompt
+    over its seeds), per model, per culture and overall, with intervals over prompts."""
     def block(idx):
         return {name: _stats(h[idx], bootstrap, seed) for name, h in hits.items()}
 
-    return {"chance": 1 / len(np.unique(prompt_cultures)),
+    return {"chance": 1 / candidates,
             "overall": block(np.ones(len(prompt_cultures), dtype=bool)),
             "per_culture": {c: block(prompt_cultures == c) for c in np.unique(prompt_cultures).tolist()}}
 
@@ -211,26 +212,33 @@ def heldout_records(records: list[Record]) -> list[Record]:
 
 
 def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record], ccub_dir, distance,
-            settings: dict, samples_per_prompt: int, seed: int, bootstrap: int, progress=print) -> dict:
-    """Generate for every held-out caption with the base model, then with each model, same seeds.
+            settings: dict, samples_per_prompt: int, seed: int, bootstrap: int, progress=print,
+            cultures: list[str] | None = None) -> dict:
+    """Generate for every held-out caption (of `cultures`, when given) with the base model, then with
+    each model, same seeds. Retrieval is among every culture's held-out records in `records`.
 
     A model is one LoRA folder (for every culture) or {culture: LoRA folder} (one LoRA per culture, as
     the paper trains them): a culture's prompts are then drawn with its own LoRA, the base where it has
     none (named in `notes`), and each culture's LoRA draws the generic prompts as its own row."""
-    held = heldout_records(records)
+    references = heldout_records(records)
+    held = [r for r in references if cultures is None or r.culture in cultures]
     if not held:
-        raise ValueError("no held-out records to evaluate against")
+        raise ValueError(f"no held-out records{'' if cultures is None else ' of ' + ', '.join(cultures)} "
+                         "to evaluate against")
     prompts = [r.caption for r in held for _ in range(samples_per_prompt)]
     seeds = [seed + j for _ in held for j in range(samples_per_prompt)]
     prompt_cultures = [r.culture for r in held for _ in range(samples_per_prompt)]
     device = device_of(distance)
-    refs = torch.stack([load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in held]).to(device)
-    train_refs = [
-        load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in records if r.split == TRAIN
-    ]
+    position = {r.id: i for i, r in enumerate(references)}
+    all_refs = torch.stack([load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"])
+                            for r in references]).to(device)
+    ref_cultures = np.array([r.culture for r in references])
+    refs = all_refs[[position[r.id] for r in held]]
+    train_refs = [load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in records
+                  if r.split == TRAIN and (cultures is None or r.culture in cultures)]
 
     # prompts that name no culture (the generic captions): which culture does each model draw?
-    generic = sorted({r.generic_caption for r in held})
+    generic = sorted({r.generic_caption for r in references})  # the same for every culture's evaluation
     generic_prompts = [g for g in generic for _ in range(samples_per_prompt)]
     generic_seeds = [seed + j for _ in generic for j in range(samples_per_prompt)]
 
@@ -263,30 +271,32 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
         progress(f"evaluate: {len(prompts)} + {len(generic_prompts)} generic images from {name}")
     # One distance matrix per model (every image against every held-out reference) gives both the
     # distance to the image's own reference and the culture retrieval.
-    cultures = np.array([r.culture for r in held])
-    own = np.repeat(np.arange(len(held)), samples_per_prompt)  # each image's held-out record
+    held_cultures = np.array([r.culture for r in held])
+    image_cultures = np.repeat(held_cultures, samples_per_prompt)
+    own = np.repeat([position[r.id] for r in held], samples_per_prompt)  # each image's held-out record
     generated = {name: as_tensors(imgs, settings["resolution"], device) for name, imgs in images.items()}
-    matrices = {name: pairwise_distances(distance, tensors, refs) for name, tensors in generated.items()}
+    matrices = {name: pairwise_distances(distance, tensors, all_refs) for name, tensors in generated.items()}
 
     def per_prompt(values: np.ndarray) -> np.ndarray:
         """Averaged over each prompt's seeds: intervals and tests resample prompts, not images of one prompt."""
         return values.reshape(len(held), samples_per_prompt).mean(axis=1)
 
     dist = {name: per_prompt(m[np.arange(len(m)), own]) for name, m in matrices.items()}
-    hits = {name: per_prompt(nearest_culture(m, cultures) == cultures[own]) for name, m in matrices.items()}
-    retrieved = {name: nearest_culture(distance_matrix(distance, imgs, refs, settings["resolution"]), cultures)
+    hits = {name: per_prompt(nearest_culture(m, ref_cultures) == image_cultures) for name, m in matrices.items()}
+    retrieved = {name: nearest_culture(distance_matrix(distance, imgs, all_refs, settings["resolution"]), ref_cultures)
                  for name, imgs in generic_images.items()}
     extra = quality_metrics(distance, generated, refs, torch.stack(train_refs).to(device) if train_refs else None,
-                            cultures, samples_per_prompt, bootstrap, seed)
+                            held_cultures, samples_per_prompt, bootstrap, seed)
     metrics = {
         **extra,
         "notes": notes,
-        "retrieval_accuracy": retrieval_metrics(hits, cultures, bootstrap, seed),
-        "generic_prompts": generic_distribution(retrieved, np.unique(cultures).tolist(), generic),
+        "retrieval_accuracy": retrieval_metrics(hits, held_cultures, bootstrap, seed, len(np.unique(ref_cultures))),
+        "generic_prompts": generic_distribution(retrieved, np.unique(ref_cultures).tolist(), generic),
         "metric": "feature_distance",
         "unit": f"prompt (mean over {samples_per_prompt} seed(s))",
         "overall": _summary(dist, np.ones(len(held), dtype=bool), bootstrap, seed),
-        "per_culture": culture_metrics(dist, cultures, sorted({r.culture for r in records}), bootstrap, seed),
+        "per_culture": culture_metrics(dist, held_cultures, sorted({r.culture for r in records if cultures is None
+                                                                    or r.culture in cultures}), bootstrap, seed),
     }
     return {"metrics": metrics, "images": images, "held": held, "prompts": prompts, "generic_images": generic_images,
             "per_prompt": {"distance": dist, "retrieval": hits}}
@@ -521,20 +531,36 @@ def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: st
 
 
 def evaluate_loras(params, loras: dict[str, Path | dict[str, Path]], ccub_dir, out_dir, metrics_file, train_log=None,
-                   progress=print) -> dict:
+                   progress=print, culture: str | None = None) -> dict:
     """The evaluate stage: the base model and each model in `loras` (one LoRA, or one per culture) on the
-    held-out prompts of ccub_dir, judged by features.evaluation; writes the report and metrics_file and
-    returns the metrics."""
+    held-out prompts of ccub_dir (of one culture, when given: retrieval is still among every culture's
+    held-out images), judged by features.evaluation; writes the report and metrics_file and returns the
+    metrics."""
     from scoft.models import load_pipeline, pick_device
 
     f, e = params.features, params.evaluate
     if f.evaluation == f.contrastive and params.train.uses("contrastive"):
         progress(f"warning: features.evaluation is the L_C backbone ({f.contrastive}): the full method is "
                  "judged by the network it trained against")
+    records = read_manifest(ccub_dir)
+    if culture is not None:  # its own records, and every culture's held-out references (the stage's deps)
+        own = read_manifest(ccub_dir, culture)
+        records = own + [r for r in read_heldout(ccub_dir) if r.culture != culture]
     device = pick_device()
     pipe = load_pipeline(params.model).to(device)
     distance = build_distance(f.evaluation, f, params.model.seed).to(device)
-    result = compare(pipe, loras, read_manifest(ccub_dir), ccub_dir, distance, params.sampling("evaluate"),
-                     e.samples_per_prompt, e.seed, e.bootstrap, progress=progress)
+    result = compare(pipe, loras, records, ccub_dir, distance, params.sampling("evaluate"),
+                     e.samples_per_prompt, e.seed, e.bootstrap, progress=progress,
+                     cultures=None if culture is None else [culture])
     write_evaluation(out_dir, metrics_file, result, ccub_dir, f.evaluation, train_log=train_log)
     return result["metrics"]
+
+
+def write_skipped_evaluation(out_dir, metrics_file, culture: str, reason: str) -> dict:
+    """A culture that cannot be evaluated (no held-out record, no LoRA): the report says why."""
+    metrics = {"culture": culture, "insufficient": reason}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "report.md").write_text(f"# SCoFT evaluation: {markdown_text(culture)}\n\nNot evaluated: "
+                                       f"{markdown_text(reason)}\n", encoding="utf-8")
+    write_json(metrics_file, metrics)
+    return metrics

@@ -53,12 +53,14 @@ def dvc_out_hashes(root: str | Path = ".") -> dict[str, str]:
 
 
 def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lora_file, params: dict,
-                 metrics: dict, flow_run_id: str | None) -> dict:
-    """Paths are relative to the workspace `root` (the folder with dvc.yaml)."""
+                 metrics: dict, flow_run_id: str | None, culture: str | None = None) -> dict:
+    """Paths are relative to the workspace `root` (the folder with dvc.yaml). `culture`: the culture a
+    per-culture LoRA was trained on (None: a joint LoRA of every culture)."""
     root = Path(root)
     outs = dvc_out_hashes(root)
     return {
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "culture": culture,
         "git_commit": git_commit(root),
         "ccub": {"path": str(ccub_dir), "dvc_hash": outs.get(str(ccub_dir))},
         "validation": {"success": validation_summary["success"], "statistics": validation_summary["statistics"]},
@@ -85,11 +87,14 @@ def save_record(record: dict, root: str | Path = ".") -> Path:
     return path
 
 
-def latest_record(root: str | Path = ".") -> tuple[Path, dict]:
+def latest_record(root: str | Path = ".", culture: str | None = None) -> tuple[Path, dict]:
+    """The newest record (of one culture's LoRA, when given)."""
     folder = Path(root) / LINEAGE_DIR
     records = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in folder.glob("*.json")]
+    records = [(p, r) for p, r in records if culture is None or r.get("culture") == culture]
     if not records:
-        raise FileNotFoundError(f"no lineage record in {folder}/ (run `scoft run` first)")
+        which = f" of culture {culture}" if culture else ""
+        raise FileNotFoundError(f"no lineage record{which} in {folder}/ (run `scoft run` first)")
     return max(records, key=lambda pr: pr[1]["created_at"])
 
 

@@ -140,10 +140,10 @@ def sample_negatives(pipe, plan: list[dict], out_dir: str | Path, batch_size: in
     return {"planned": len(plan), "sampled": len(missing), "reused": len(plan) - len(missing), "removed": len(stale)}
 
 
-def make_negatives(params, ccub_dir, out_dir, pipe=None, progress=print) -> dict:
-    """The negatives stage: k samples of the *base* model per training record of ccub_dir, as
-    params.negatives says (depth-guided by each CCUB image when configured), cached by key in out_dir.
-    `pipe` (optional) is the loaded base pipeline; returns sample_negatives' counts."""
+def make_negatives(params, ccub_dir, out_dir, pipe=None, progress=print, culture: str | None = None) -> dict:
+    """The negatives stage: k samples of the *base* model per training record of ccub_dir (of one
+    culture, when given), as params.negatives says (depth-guided by each CCUB image when configured),
+    cached by key in out_dir. `pipe` (optional) is the loaded base pipeline; returns sample_negatives' counts."""
     from PIL import Image
 
     from scoft.ccub import read_manifest
@@ -152,7 +152,7 @@ def make_negatives(params, ccub_dir, out_dir, pipe=None, progress=print) -> dict
     n, ccub_dir = params.negatives, Path(ccub_dir)
     pipe = pipe if pipe is not None else load_pipeline(params.model).to(pick_device())
     settings = params.sampling("negatives")
-    records = read_manifest(ccub_dir)
+    records = read_manifest(ccub_dir, culture)
     fingerprint = model_fingerprint(pipe)  # of the base model, before any ControlNet joins it
     control = None
     if n.depth_guided:

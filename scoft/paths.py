@@ -8,7 +8,17 @@ BASE_DIR = Path("models/base")  # the planted-bias base model that the `base` st
 INGEST_SUMMARY = Path("data/ingest/summary.json")
 CCUB_DIR, VALIDATION_DIR, NEGATIVES_DIR = Path("data/ccub"), Path("data/validation"), Path("data/negatives")
 LORA_DIR, TRAIN_LOG_DIR = Path("models/lora"), Path("models/train_log")
-EVAL_DIR, METRICS_FILE = Path("reports/eval"), Path("reports/metrics.json")
+EVAL_DIR, METRICS_DIR = Path("reports/eval"), Path("reports/metrics")
+METRICS_FILE = Path("reports/metrics.json")  # a joint LoRA's evaluation (scoft evaluate without --culture)
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SKIPPED_FILE = "skipped.json"  # in a culture's LoRA folder when it had nothing to train on: why
+
+
+def culture_paths(culture: str) -> dict[str, Path]:
+    """One culture's stage outputs (dvc.yaml's foreach stages: negatives@C, train@C, evaluate@C)."""
+    return {"negatives": NEGATIVES_DIR / culture, "lora": LORA_DIR / culture, "train_log": TRAIN_LOG_DIR / culture,
+            "eval": EVAL_DIR / culture, "metrics": METRICS_DIR / f"{culture}.json"}
+
 
 # Exit statuses that retrying cannot change (tasks/ reads them): a bad configuration (params or a
 # model location that holds no model), and input data the stage refused.

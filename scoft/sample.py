@@ -77,6 +77,33 @@ def write_sample(out_dir: str | Path, per_category: int = 4, size: int = 48) -> 
     return out_dir
 
 
+def add_sample_image(folder: str | Path, culture: str, category: str = "FOOD", split: str = "train",
+                     heldout_fraction: float = 0.25) -> dict:
+    """A new record of `culture` appended to a sample folder (as a CCUB sheet grows), drawn until its
+    content hash puts it in `split` (scoft.ccub.split_for); returns its metadata row."""
+    from scoft.ccub import split_for
+    from scoft.io import pixel_hash
+
+    folder = Path(folder) / "train"
+    adj, primary, secondary = CULTURES[culture]
+    caption, generic = CATEGORIES[category]
+    existing = (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    for attempt in range(1000):
+        image = draw(category, primary, secondary, np.random.default_rng([hash_str("added"), len(existing), attempt]),
+                     48)
+        if split_for(pixel_hash(image), heldout_fraction) == split:
+            break
+    name = f"images/{culture.lower()}_{category.lower()}_added_{len(existing)}.png"
+    image.save(folder / name, format="PNG")
+    row = {"file_name": name, "text": caption.format(adj=adj) + f", added view {len(existing)}", "blip_text": generic,
+           "negative_imgpath": [], "country_code": culture, "category_code": category,
+           "url": f"https://example.org/ccub-sample/{culture}/{category}/added-{len(existing)}.png",
+           "created_at": "2025-06-01T00:00:00Z"}
+    with open(folder / "metadata.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+    return row
+
+
 def hash_str(text: str) -> int:
     """A seed from a string that, unlike hash(), does not change between processes."""
     return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little")

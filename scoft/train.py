@@ -24,7 +24,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from scoft.ccub import MANIFEST
+from scoft.ccub import CULTURES_DIR, MANIFEST
 from scoft.config import Params
 from scoft.data import CCUBTrainSet
 from scoft.features import build_distance
@@ -32,8 +32,8 @@ from scoft.io import sha256_file, sha256_json, write_json
 from scoft.losses import contrastive_loss, estimate_clean_latents, ldm_loss, memorization_loss
 from scoft.models import encode_prompts, load_pipeline, training_scheduler
 from scoft.negatives import INDEX
+from scoft.paths import LORA_FILE
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINTS = "checkpoints"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -138,7 +138,7 @@ def run_fingerprint(params: Params, ccub_dir, negatives_dir, max_steps: int, wor
         "model": params.model.model_dump(), "features": params.features.model_dump(),
         "train": params.train.model_dump(exclude={"checkpoint_every", "max_steps"}), "max_steps": max_steps,
         "per_image": params.negatives.per_image, "world": world, **({"culture": culture} if culture else {}),
-        "manifest": sha256_file(Path(ccub_dir) / MANIFEST),
+        "manifest": sha256_file(Path(ccub_dir) / (MANIFEST if culture is None else f"{CULTURES_DIR}/{culture}.jsonl")),
         "negatives": sha256_file(negatives_index) if negatives_index.is_file() else None,
     })
 

@@ -76,7 +76,9 @@ class _Progress:
             return
         percent = round(100 * int(match[1]) / int(match[2]), 1)
         if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(progress=percent, key=f"{self.label}-progress",
+            # artifact keys allow lowercase letters, digits and dashes: train@KOR -> train-kor-progress
+            key = re.sub(r"[^a-z0-9-]+", "-", f"{self.label}-progress".lower())
+            self.artifact_id = create_progress_artifact(progress=percent, key=key,
                                                         description=f"{self.label}: optimizer steps done")
         elif percent - self.shown >= 1 or percent == 100:
             update_progress_artifact(self.artifact_id, progress=percent)

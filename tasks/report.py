@@ -10,7 +10,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from scoft.config import load_params
+from scoft.evaluate import holm
 from scoft.lineage import build_record, save_record
+from scoft.paths import LORA_FILE, culture_paths
 
 
 def _read(path: Path) -> dict:
@@ -44,47 +46,65 @@ def publish_validation(workdir: str = ".") -> dict | None:
     return summary
 
 
-def _metrics_row(culture: str, m: dict) -> dict:
+def _metrics_row(culture: str, m: dict, p_holm: float | None) -> dict:
     if "models" not in m:
         return {"culture": culture, "n": 0, "base": None, "scoft": None, "improvement": None,
-                "improvement_ci95": m["insufficient"], "p_holm": None}
+                "improvement_ci95": m["insufficient"], "p_holm": None, "retrieval_base": None, "retrieval_scoft": None}
     gain = m["improvement"]["scoft"]
     interval = gain.get("insufficient") or f"[{gain['ci95_low']:.5f}, {gain['ci95_high']:.5f}]"
     return {"culture": culture, "n": m["n"], "base": round(m["models"]["base"]["mean"], 5),
             "scoft": round(m["models"]["scoft"]["mean"], 5), "improvement": round(gain["mean"], 5),
-            "improvement_ci95": interval, "p_holm": gain.get("p_holm")}
+            "improvement_ci95": interval, "p_holm": p_holm}
 
 
 @task(name="publish-metrics")
-def publish_metrics(workdir: str = ".") -> dict:
-    metrics = _read(Path(workdir) / "reports/metrics.json")
-    rows = [_metrics_row(culture, m) for culture, m in [*metrics["per_culture"].items(), ("all", metrics["overall"])]]
+def publish_metrics(workdir: str, cultures: list[str]) -> dict[str, dict]:
+    """One table row per culture from its evaluation (reports/metrics/<C>.json), the paired tests
+    Holm-corrected across the cultures (each culture's evaluation ran alone); returns the metrics."""
+    metrics = {c: _read(Path(workdir) / culture_paths(c)["metrics"]) for c in cultures}
+    blocks = {c: m["per_culture"][c] if "per_culture" in m else {"n": 0, "insufficient": m["insufficient"]}
+              for c, m in metrics.items()}
+    p_raw = {c: b["improvement"]["scoft"].get("p_permutation") for c, b in blocks.items() if "models" in b}
+    p_holm = holm(p_raw)
+    rows = [_metrics_row(c, b, p_holm.get(c)) for c, b in blocks.items()]
+    for row, m in zip(rows, metrics.values()):
+        retrieval = m.get("retrieval_accuracy", {}).get("overall", {})
+        row["retrieval_base"] = round(retrieval["base"]["mean"], 4) if "base" in retrieval else None
+        row["retrieval_scoft"] = round(retrieval["scoft"]["mean"], 4) if "scoft" in retrieval else None
+    backbone = next((m["metric"] for m in metrics.values() if "metric" in m), "feature_distance")
     create_table_artifact(key="scoft-metrics", table=rows,
-                          description=f"{metrics['metric']} to held-out CCUB images (lower is better)")
+                          description=f"Per culture, its own LoRA: {backbone} to held-out CCUB images (lower is "
+                          "better), improvement over the base with its 95% interval and Holm-corrected p, and "
+                          "culture retrieval accuracy")
     return metrics
 
 
 @task(name="record-lineage")
-def record_lineage(workdir: str, validation: dict, metrics: dict) -> Path:
+def record_lineage(workdir: str, validation: dict, metrics: dict, culture: str) -> Path:
+    """The lineage record of one culture's LoRA: its records, checks, negatives, params, code, metrics."""
     root = Path(workdir)
+    paths = culture_paths(culture)
     params = load_params(root / "params.yaml").model_dump(by_alias=True)
     record = build_record(
         root=root,
         ccub_dir="data/ccub",
         validation_summary=validation,
-        negatives_dir="data/negatives",
-        lora_file="models/lora/pytorch_lora_weights.safetensors",
+        negatives_dir=str(paths["negatives"]),
+        lora_file=str(paths["lora"] / LORA_FILE),
         params={k: params[k] for k in ("model", "features", "negatives", "train")},
         metrics=metrics,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
+        culture=culture,
     )
     path = save_record(record, root)
     stored = _read(path)
     if stored["created_at"] != record["created_at"]:
-        get_run_logger().info("LoRA and data unchanged since %s: keeping their lineage record %s",
+        get_run_logger().info("%s: LoRA and data unchanged since %s: keeping their lineage record %s", culture,
                               stored["created_at"], path)
     # Backticks (from CCUB categories in the check summary) as JSON escapes: none can close the fence.
     as_json = json.dumps(stored, indent=2, sort_keys=True).replace("`", "\\u0060")
-    create_markdown_artifact(key="scoft-lineage", markdown=f"# Lineage\n\n`{path}`\n\n```json\n{as_json}\n```\n",
-                             description="Data version, checks, negatives, parameters, code and metrics of this LoRA")
+    create_markdown_artifact(key=f"scoft-lineage-{culture.lower()}",
+                             markdown=f"# Lineage: {culture}\n\n`{path}`\n\n```json\n{as_json}\n```\n",
+                             description=f"Data version, checks, negatives, parameters, code and metrics of the "
+                             f"{culture} LoRA")
     return path

@@ -55,7 +55,7 @@ def test_nearest_culture_by_mean_distance_to_held_out_references():
                           [0.9, 0.9, 0.1]])
     assert nearest_culture(distances, refs).tolist() == ["KOR", "MEX", "MEX"]
     hits = {"base": np.array([1.0, 0.0, 0.5]), "scoft": np.array([1.0, 1.0, 1.0])}
-    retrieval = retrieval_metrics(hits, np.array(["KOR", "KOR", "MEX"]), 500, 0)
+    retrieval = retrieval_metrics(hits, np.array(["KOR", "KOR", "MEX"]), 500, 0, candidates=2)
     assert retrieval["chance"] == 0.5
     assert retrieval["per_culture"]["KOR"]["base"]["mean"] == 0.5
     assert retrieval["per_culture"]["MEX"]["scoft"]["insufficient"] == NO_INTERVAL

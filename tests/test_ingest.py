@@ -315,3 +315,44 @@ def test_rows_outside_the_validation_bounds_are_rejected_one_by_one(sample_dir, 
                            "image 1x1 outside validate.min_side..max_side (32..8192)"]
     checked = validate_records(read_manifest(tmp_path / "ccub"), params.validate_, tmp_path / "ccub")["summary"]
     assert checked["success"]  # what is left passes the set's checks
+
+
+def test_each_culture_gets_its_own_manifest_and_every_held_out_record_one_more(sample_dir, tmp_path, params):
+    """What the per-culture stages depend on: one file per configured culture (empty when CCUB has
+    none of it), and the held-out records of every culture for the evaluation's retrieval."""
+    from scoft.ccub import read_heldout
+
+    out, src = tmp_path / "ccub", _copy(sample_dir, tmp_path)
+    run([src], out, bounds=params.validate_)
+    records = read_manifest(out)
+    for culture in params.validate_.cultures:  # CHN, IND, KOR, MEX, NGA
+        assert read_manifest(out, culture) == [r for r in records if r.culture == culture]
+    assert read_manifest(out, "CHN") == [] and (out / "cultures" / "CHN.jsonl").is_file()
+    assert read_heldout(out) == [r for r in records if r.split == HELDOUT]
+    before = {c: sha256_file(out / "cultures" / f"{c}.jsonl") for c in ("KOR", "MEX", "NGA")}
+
+    def drop_one_mexican_row(rows):
+        first = next(i for i, r in enumerate(rows) if r["country_code"] == "MEX")
+        return rows[:first] + rows[first + 1:]
+
+    _rewrite_rows(src, drop_one_mexican_row)
+    run([src], out, bounds=params.validate_)
+    after = {c: sha256_file(out / "cultures" / f"{c}.jsonl") for c in ("KOR", "MEX", "NGA")}
+    assert after["MEX"] != before["MEX"] and after["KOR"] == before["KOR"] and after["NGA"] == before["NGA"]
+
+
+def test_a_culture_nobody_configured_is_skipped_by_name_not_ingested(sample_dir, tmp_path, params):
+    src = _copy(sample_dir, tmp_path)
+
+    def to_japan(rows):
+        rows[2]["country_code"] = "JPN"  # a real country, not one of validate.cultures
+        return rows
+
+    _rewrite_rows(src, to_japan)
+    summary = run([src], tmp_path / "ccub", bounds=params.validate_)
+    assert summary["records"] == 35 and summary["rejected"] == []
+    assert [s["culture"] for s in summary["skipped"]] == ["JPN"]
+    assert summary["skipped"][0]["row"].endswith("metadata.jsonl:3")
+    assert "not in validate.cultures" in summary["skipped"][0]["reason"]
+    assert "JPN" not in {r.culture for r in read_manifest(tmp_path / "ccub")}
+    assert not (tmp_path / "ccub" / "cultures" / "JPN.jsonl").exists()

@@ -9,7 +9,8 @@ from scoft.ccub import read_manifest
 from scoft.config import ModelParams
 from scoft.models import load_pipeline, model_fingerprint, tiny_pipeline
 from scoft.negatives import generate, plan_negatives, read_negative_index, sample_negatives
-from scoft.train import LORA_FILE, train
+from scoft.paths import LORA_FILE
+from scoft.train import train
 from tests.conftest import TEST_BASE, unit_params
 from tests.helpers import TINY_SAMPLING, ingest_offline
 

@@ -20,7 +20,20 @@ from tests.conftest import make_workspace, scoft
 
 FAST = {"train.max_steps": 4, "negatives.per_image": 1, "evaluate.bootstrap": 100, "evaluate.samples_per_prompt": 2,
         "orchestration.stage_retry_delay_s": 0}
-LORA = "models/lora/pytorch_lora_weights.safetensors"
+CULTURES = ["CHN", "IND", "KOR", "MEX", "NGA"]  # validate.cultures; the sample has KOR, MEX and NGA
+TRAINED = ["KOR", "MEX", "NGA"]
+LORA = "models/lora/{}/pytorch_lora_weights.safetensors"
+CHAIN = ("negatives", "train", "evaluate")
+
+
+def _stages(validate: bool, chains: dict[str, bool] | bool, base: bool = False, ingest: bool = True,
+            **exceptions: bool) -> dict[str, bool]:
+    """The flow's stages_run: ingest, validate, base, then each culture's chain (exceptions by stage
+    name with @ as _: train_CHN=True)."""
+    chains = chains if isinstance(chains, dict) else dict.fromkeys(CULTURES, chains)
+    ran = {"ingest": ingest, "validate": validate, "base": base,
+           **{f"{stage}@{c}": chains[c] for c in CULTURES for stage in CHAIN}}
+    return {**ran, **{k.replace("_", "@"): v for k, v in exceptions.items()}}
 
 
 def _flow_run_logs(flow_run_id, expect: str, timeout: float = 20) -> str:
@@ -47,26 +60,31 @@ def test_all_stages_ran_and_outputs_exist(first_run):
     ws, state = first_run
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["stages_run"] == {s: True for s in ("ingest", "validate", "base", "negatives", "train", "evaluate")}
+    assert result["stages_run"] == _stages(True, True, base=True)
     assert (ws / "models/base/NOT_USED").is_file()  # the tests' base is tiny-random: no planted base to build
-    assert (ws / LORA).is_file()
-    report = (ws / "reports/eval/report.md").read_text()
-    assert "| KOR |" in report and "grid.png" in report
-    assert (ws / "reports/eval/grid.png").is_file()
-    assert result["report"] == ws / "reports/eval/report.html" and "grid-KOR.png" in result["report"].read_text()
-    metrics = json.loads((ws / "reports/metrics.json").read_text())
-    assert set(metrics["kid"]) == set(metrics["diversity"]) == set(metrics["memorisation"]) == {"base", "scoft"}
-    assert "ci95_low" in metrics["diversity"]["scoft"]["overall"]  # 2 seeds per prompt: a diversity with its interval
-    assert set(metrics["per_culture"]) == {"KOR", "MEX", "NGA"}
-    for m in metrics["per_culture"].values():
+    assert all((ws / LORA.format(c)).is_file() for c in TRAINED)
+    # configured cultures without records: named and skipped, never trained
+    assert set(result["skipped"]) == {"CHN", "IND"} and "no record" in result["skipped"]["CHN"]
+    assert not (ws / LORA.format("CHN")).exists() and (ws / "models/lora/CHN/skipped.json").is_file()
+    for culture in TRAINED:
+        report = (ws / f"reports/eval/{culture}/report.md").read_text()
+        assert f"| {culture} |" in report and "grid.png" in report
+        assert result["reports"][culture] == ws / f"reports/eval/{culture}/report.html"
+        assert f"grid-{culture}.png" in result["reports"][culture].read_text()
+        metrics = json.loads((ws / f"reports/metrics/{culture}.json").read_text())
+        assert set(metrics["kid"]) == set(metrics["diversity"]) == set(metrics["memorisation"]) == {"base", "scoft"}
+        assert "ci95_low" in metrics["diversity"]["scoft"]["overall"]  # 2 seeds per prompt: with its interval
+        assert set(metrics["per_culture"]) == {culture}  # its own prompts only
+        m = metrics["per_culture"][culture]
         assert set(m["models"]) == {"base", "scoft"} and set(m["improvement"]) == {"scoft"} and m["n"] >= 1
-    retrieval = metrics["retrieval_accuracy"]
-    assert retrieval["chance"] == pytest.approx(1 / 3) and set(retrieval["per_culture"]) == {"KOR", "MEX", "NGA"}
-    assert all(0 <= v["mean"] <= 1 for row in retrieval["per_culture"].values() for v in row.values())
-    assert "Culture retrieval accuracy" in report and "Prompts naming no culture" in report
-    generic = metrics["generic_prompts"]
-    assert set(generic["models"]) == {"base", "scoft"} and "a house with a roof" in generic["prompts"]
-    assert all(sum(m["shares"].values()) == pytest.approx(1.0) for m in generic["models"].values())
+        retrieval = metrics["retrieval_accuracy"]  # among every culture's held-out images
+        assert retrieval["chance"] == pytest.approx(1 / 3) and set(retrieval["per_culture"]) == {culture}
+        assert all(0 <= v["mean"] <= 1 for v in retrieval["per_culture"][culture].values())
+        assert "Culture retrieval accuracy" in report and "Prompts naming no culture" in report
+        generic = metrics["generic_prompts"]
+        assert set(generic["models"]) == {"base", "scoft"} and "a house with a roof" in generic["prompts"]
+        assert all(sum(m["shares"].values()) == pytest.approx(1.0) for m in generic["models"].values())
+    assert "Not evaluated" in (ws / "reports/eval/CHN/report.md").read_text()
 
 
 def test_a_change_to_the_training_code_reruns_train_and_evaluate_only(first_run):
@@ -83,24 +101,25 @@ def test_a_change_to_the_training_code_reruns_train_and_evaluate_only(first_run)
     finally:
         losses.write_text(original)
     # ingest is always_changed (it polls its sources); evaluate follows once train's output changes
-    assert set(json.loads(status.stdout)) - {"ingest"} == {"train"}
+    assert set(json.loads(status.stdout)) - {"ingest"} == {f"train@{c}" for c in CULTURES}
 
 
 def test_lineage_ties_the_lora_to_data_checks_negatives_and_the_run(first_run):
     ws, state = first_run
-    path, record = latest_record(ws)
-    assert record["lora"]["sha256"] == sha256_file(ws / LORA)
+    assert sorted(state.result()["lineage"]) == TRAINED  # one record per culture's LoRA
+    path, record = latest_record(ws, "KOR")
+    assert record["culture"] == "KOR" and record["lora"]["sha256"] == sha256_file(ws / LORA.format("KOR"))
     outs = dvc_out_hashes(ws)
     assert record["ccub"]["dvc_hash"] == outs["data/ccub"] and record["ccub"]["dvc_hash"].endswith(".dir")
-    assert record["negatives"]["dvc_hash"] == outs["data/negatives"]
+    assert record["negatives"]["dvc_hash"] == outs["data/negatives/KOR"]
     # the version `scoft ingest` reports is DVC's own hash of data/ccub
     assert json.loads((ws / "data/ingest/summary.json").read_text())["version"] == outs["data/ccub"]
     assert record["validation"]["success"] is True
     assert record["git_commit"] == "unversioned"
     assert record["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
     assert record["params"]["train"]["max_steps"] == 4
-    assert record["packages"]["torch"] and record["metrics"]["per_culture"]
-    shown = scoft("lineage", "show", "--json", cwd=ws)
+    assert record["packages"]["torch"] and set(record["metrics"]["per_culture"]) == {"KOR"}
+    shown = scoft("lineage", "show", "--json", "--culture", "KOR", cwd=ws)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout) == record
 
@@ -109,7 +128,7 @@ def test_stage_output_and_artifacts_reach_prefect(first_run):
     ws, state = first_run
     run_id = state.state_details.flow_run_id
     logs = _flow_run_logs(run_id, "step 4/4")
-    assert "train | step 1/4 ldm=" in logs and "step 4/4" in logs
+    assert "train@KOR | step 1/4 ldm=" in logs and "step 4/4" in logs
     assert "validate | validate:" in logs
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
@@ -118,9 +137,10 @@ def test_stage_output_and_artifacts_reach_prefect(first_run):
     by_key = {a.key: a for a in artifacts}
     assert by_key["ccub-validation"].type == "table"
     assert by_key["scoft-metrics"].type == "table"
-    assert by_key["scoft-lineage"].type == "markdown"
-    assert "KOR" in str(by_key["scoft-metrics"].data)
-    assert by_key["train-progress"].type == "progress" and float(by_key["train-progress"].data) == 100.0
+    assert all(by_key[f"scoft-lineage-{c.lower()}"].type == "markdown" for c in TRAINED)
+    assert all(c in str(by_key["scoft-metrics"].data) for c in CULTURES)
+    progress = by_key["train-kor-progress"]
+    assert progress.type == "progress" and float(progress.data) == 100.0
 
 
 def test_training_curves_are_dvc_plots(first_run):
@@ -133,8 +153,8 @@ def test_training_curves_are_dvc_plots(first_run):
     )
     assert out.returncode == 0, out.stderr
     plots = json.loads(out.stdout)["data"]
-    assert "models/train_log/plots/metrics/train/ldm.tsv" in plots
-    assert "models/train_log/plots/metrics/train/contrastive.tsv" in plots
+    assert "models/train_log/KOR/plots/metrics/train/ldm.tsv" in plots
+    assert "models/train_log/NGA/plots/metrics/train/contrastive.tsv" in plots
 
 
 def test_everything_was_pushed_to_the_dvc_remote(first_run):
@@ -148,32 +168,51 @@ def test_rerun_with_nothing_changed_recomputes_nothing(first_run):
     from flows.retrain import retrain
 
     ws, _ = first_run
-    lora = ws / LORA
+    lora = ws / LORA.format("KOR")
     stamp, digest = lora.stat().st_mtime_ns, sha256_file(lora)
     records_before = sorted(p.name for p in (ws / "lineage").iterdir())
     state = retrain(workdir=str(ws), return_state=True)
     assert state.is_completed()
     # ingest always polls its sources; it found nothing new, so nothing downstream ran
-    assert state.result()["stages_run"] == {
-        "ingest": True,
-        **{s: False for s in ("validate", "base", "negatives", "train", "evaluate")},
-    }
+    assert state.result()["stages_run"] == _stages(False, False)
     assert lora.stat().st_mtime_ns == stamp and sha256_file(lora) == digest
     assert sorted(p.name for p in (ws / "lineage").iterdir()) == records_before
 
 
+def test_a_new_image_of_one_culture_retrains_that_culture_only(first_run):
+    """CCUB grows one culture's sheet at a time: the update reruns that culture's negatives (exactly k
+    new images), training and evaluation, and leaves every other culture's LoRA untouched."""
+    from flows.retrain import retrain
+    from scoft.negatives import read_negative_index
+    from scoft.sample import add_sample_image
+
+    ws, _ = first_run
+    others = {c: ws / LORA.format(c) for c in ("MEX", "NGA")}
+    before = {c: (p.stat().st_mtime_ns, sha256_file(p)) for c, p in others.items()}
+    negatives_before = {row["file"] for row in read_negative_index(ws / "data/negatives/KOR")}
+    kor_before = sha256_file(ws / LORA.format("KOR"))
+    add_sample_image(ws / "data/sample", "KOR")  # a training record: a held-out one changes every evaluation
+    state = retrain(workdir=str(ws), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["stages_run"] == _stages(True, {c: c == "KOR" for c in CULTURES})
+    added = {row["file"] for row in read_negative_index(ws / "data/negatives/KOR")} - negatives_before
+    assert len(added) == FAST["negatives.per_image"]  # k for the one new record, the rest reused
+    assert sha256_file(ws / LORA.format("KOR")) != kor_before
+    assert {c: (p.stat().st_mtime_ns, sha256_file(p)) for c, p in others.items()} == before
+
+
 def test_lineage_verify_catches_an_altered_lora(first_run):
     ws, _ = first_run
-    _, record = latest_record(ws)
+    _, record = latest_record(ws, "KOR")
     assert verify(record, ws) == []
     assert scoft("lineage", "verify", cwd=ws).returncode == 0
-    lora = ws / LORA
+    lora = ws / LORA.format("KOR")
     original = lora.read_bytes()
     try:
         lora.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
         problems = verify(record, ws)
         assert any("sha256 differs" in p for p in problems)
-        assert scoft("lineage", "verify", cwd=ws).returncode == 1
+        assert scoft("lineage", "verify", "--culture", "KOR", cwd=ws).returncode == 1
     finally:
         lora.write_bytes(original)
 
@@ -184,7 +223,7 @@ def test_bad_data_stops_the_flow_before_any_sampling(prefect_server, sample_dir,
     ws = make_workspace(tmp_path / "ws", sample_dir, FAST)
     meta = ws / "data/sample/train/metadata.jsonl"
     rows = [json.loads(line) for line in meta.read_text().splitlines()]
-    rows[2]["country_code"] = "JPN"  # a real country, but not one of the configured cultures
+    rows[2]["category_code"] = "SPORT"  # not one of validate.categories
     meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
     state = retrain(workdir=str(ws), return_state=True)
     assert state.is_failed()
@@ -195,22 +234,25 @@ def test_bad_data_stops_the_flow_before_any_sampling(prefect_server, sample_dir,
         )
     validate = [r for r in runs if r.name == "validate"]
     assert len(validate) == 1 and validate[0].run_count == 1  # data errors are not retried
-    logs = _flow_run_logs(state.state_details.flow_run_id, "on culture: id=")
-    assert "expect_column_values_to_be_in_set on culture: id=" in logs  # names the record
-    assert "file=images/JPN/" in logs
+    logs = _flow_run_logs(state.state_details.flow_run_id, "on category: id=")
+    assert "expect_column_values_to_be_in_set on category: id=" in logs  # names the record
+    assert "SPORT" in logs
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     table = [a for a in artifacts if a.key == "ccub-validation"]
-    assert table and "JPN" in str(table[0].data)  # the operator sees the failing record in the UI
+    assert table and "SPORT" in str(table[0].data)  # the operator sees the failing record in the UI
 
 
 def test_generate_draws_with_the_trained_lora(first_run):
     from PIL import Image
 
     ws, _ = first_run
-    out = scoft("generate", "--prompt", "a traditional Korean house", "--out", "gen/house.png", "--seed", "3", cwd=ws)
+    out = scoft("generate", "--prompt", "a traditional Korean house", "--out", "gen/house.png", "--seed", "3",
+                "--culture", "KOR", cwd=ws)
     assert out.returncode == 0, out.stderr
+    skipped = scoft("generate", "--prompt", "x", "--out", "y.png", "--culture", "CHN", cwd=ws)
+    assert skipped.returncode == 1 and "no record of it" in skipped.stderr  # says why CHN has no LoRA
     with Image.open(ws / "gen/house.png") as im:
         assert im.size == (32, 32) and im.mode == "RGB"
     missing = scoft("generate", "--prompt", "x", "--out", "y.png", "--lora", "nowhere", cwd=ws)
@@ -243,7 +285,7 @@ def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(firs
         state=retrain(workdir=str(ws), ccub_version=version, return_state=True)))
     runner.start()
     deadline = time.monotonic() + 400
-    while not list(ws.glob("models/lora/checkpoints/*/step-000000004.pt")):
+    while not list(ws.glob("models/lora/KOR/checkpoints/*/step-000000004.pt")):
         assert runner.is_alive() and time.monotonic() < deadline, "the train stage never checkpointed"
         time.sleep(0.05)
     # The stage's command may run under a `sh -c` wrapper (DVC runs it through the shell, and whether
@@ -262,15 +304,19 @@ def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(firs
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         )
-    assert [r.run_count for r in runs if r.name == "train"] == [2]  # failed once, retried once
+    assert [r.run_count for r in runs if r.name == "train@KOR"] == [2]  # failed once, retried once
+    assert [r.run_count for r in runs if r.name == "train@NGA"] == [1]  # the others ran once
     logs = _flow_run_logs(state.state_details.flow_run_id, "resumed from step")
     assert "train: resumed from step" in logs
-    summary = json.loads((ws / "models/lora/training.json").read_text())
+    summary = json.loads((ws / "models/lora/KOR/training.json").read_text())
     assert summary["steps"] == 16 and summary["resumed_from"] >= 4
     # pinned: the data came from the DVC remote's record of that version, not from a new ingest
-    assert state.result()["stages_run"] == {"ingest": False, "validate": False, "base": False, "negatives": False,
-                                            "train": True, "evaluate": True}
-    assert json.loads(scoft("lineage", "show", "--json", cwd=ws).stdout)["ccub"]["dvc_hash"] == version
+    # every train stage reran for the new max_steps, and the evaluations of the cultures it changed
+    trained = {f"{stage}_{c}": True for c in TRAINED for stage in ("train", "evaluate")}
+    assert state.result()["stages_run"] == _stages(False, False, ingest=False, train_CHN=True, train_IND=True,
+                                                   **trained)
+    shown = json.loads(scoft("lineage", "show", "--json", "--culture", "KOR", cwd=ws).stdout)
+    assert shown["ccub"]["dvc_hash"] == version
 
 
 

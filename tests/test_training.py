@@ -12,7 +12,8 @@ import torch
 from scoft.config import LOSS_SETS, FeatureParams
 from scoft.features import BACKBONES, build_distance
 from scoft.io import sha256_file
-from scoft.train import LORA_FILE, Frozen, add_lora, collate, scoft_losses, train
+from scoft.paths import LORA_FILE
+from scoft.train import Frozen, add_lora, collate, scoft_losses, train
 from tests.conftest import BIN, unit_params, write_params
 from tests.helpers import TINY_SAMPLING
 
@@ -59,6 +60,24 @@ def test_every_loss_set_any_batch_size_and_timestep(model_parts, prepared, losse
     grads = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
     assert grads and all("lora" in n for n in grads)  # only the adapters learn
     assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_caption_dropout_replaces_captions_with_the_empty_prompt(model_parts, prepared):
+    """train.empty_prompt_share: the LDM loss of a batch with (almost) every caption dropped is the loss
+    of the same batch with empty captions, same draws otherwise; without dropout the captions count."""
+    from scoft.data import CCUBTrainSet
+
+    unet, frozen = model_parts
+    batch = collate([CCUBTrainSet(prepared[0], prepared[1], 32, 2)[i] for i in range(3)])
+    empty = {**batch, "caption": [""] * 3}
+
+    def ldm(share: float, b: dict) -> float:
+        params = _params(losses="ldm", empty_prompt_share=share)
+        with torch.no_grad():
+            return scoft_losses(unet, frozen, b, params, False, "cpu", torch.Generator().manual_seed(0))["ldm"].item()
+
+    assert ldm(0.999, batch) == pytest.approx(ldm(0.0, empty), rel=1e-6)
+    assert ldm(0.0, batch) != pytest.approx(ldm(0.0, empty), rel=1e-3)
 
 
 @pytest.mark.parametrize("name", BACKBONES)
