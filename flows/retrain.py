@@ -12,8 +12,7 @@ from tasks.ccub import announce_new_version, pull_ccub_version, use_configured_r
 from tasks.dvc import push, stage_task
 from tasks.report import publish_metrics, publish_validation, record_lineage
 
-SHARED_STAGES = ["ingest", "validate", "base"]  # dvc.yaml order
-CULTURE_STAGES = ["negatives", "train", "evaluate"]  # one chain per configured culture: negatives@KOR, ...
+CULTURE_STAGES = ["negatives", "train", "evaluate"]  # after ingest, validate, base: one chain per culture
 
 
 @flow(name="retrain", log_prints=True)

@@ -236,12 +236,12 @@ def test_bad_data_stops_the_flow_before_any_sampling(prefect_server, sample_dir,
     assert len(validate) == 1 and validate[0].run_count == 1  # data errors are not retried
     logs = _flow_run_logs(state.state_details.flow_run_id, "on category: id=")
     assert "expect_column_values_to_be_in_set on category: id=" in logs  # names the record
-    assert "SPORT" in logs
+    assert "file=images/KOR/" in logs
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     table = [a for a in artifacts if a.key == "ccub-validation"]
-    assert table and "SPORT" in str(table[0].data)  # the operator sees the failing record in the UI
+    assert table and "file=images/KOR/" in str(table[0].data)  # the operator sees the failing record in the UI
 
 
 def test_generate_draws_with_the_trained_lora(first_run):
