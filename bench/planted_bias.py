@@ -14,7 +14,11 @@ Per prompt, values are averaged over its sampling seeds, then over the training 
 paired by prompt. So the table says whether the generic metrics agree with the oracle.
 
     .venv/bin/python -m bench.planted_bias --base models/base --seeds 3 [--steps 300] [--joint] \
-        [--set train.lr=3e-4 ...] [--losses ldm,ldm+mem+perceptual+contrastive] [--json out.json]
+        [--set train.lr=3e-4 ...] [--losses ldm,ldm+mem+perceptual+contrastive] [--json out.json] \
+        [--work DIR]
+
+With --work, the sample, negatives and LoRAs stay in DIR and a rerun skips every LoRA already trained
+there (the full run takes about 45 minutes on 2 cores: a stopped run loses nothing finished).
 
 Prints markdown tables (BENCHMARKS.md keeps the figures).
 """
@@ -38,6 +42,7 @@ from scoft.evaluate import BASE, bootstrap_ci, compare
 from scoft.features import build_distance
 from scoft.models import load_pipeline
 from scoft.negatives import make_negatives
+from scoft.paths import LORA_FILE
 from scoft.planted import GENERIC_LEAN, STEREOTYPES, palette_distance, stereotype_oracle
 from scoft.sample import CULTURES, write_sample
 from scoft.train import train
@@ -47,6 +52,7 @@ NAMES = dict(zip(LOSS_SETS, ["LDM", "+M", "+MP", "+MPC"]))
 METRICS = [
     ("stereotype_share", "stereotype share (oracle)", True),
     ("truth_distance", "distance to truth palette (oracle)", True),
+    ("other_culture_share", "share drawn in another culture's palette (oracle: cross-culture bleed)", True),
     ("distance", "distance to held-out image (evaluation backbone)", True),
     ("retrieval", "culture retrieval accuracy (evaluation backbone)", False),
 ]
@@ -61,12 +67,18 @@ def nearest_palette(image) -> str:
 
 
 def oracle_scores(images: list, held: list, per_prompt: int) -> dict[str, np.ndarray]:
-    """Per held-out prompt, over its sampling seeds: stereotype share and distance to the truth palette."""
+    """Per held-out prompt, over its sampling seeds: stereotype share, distance to the truth palette,
+    and the share nearest another culture's truth or stereotype (what a LoRA learned from the others)."""
     cultures = [r.culture for r in held for _ in range(per_prompt)]
     share = [stereotype_oracle(im, c) for im, c in zip(images, cultures)]
     distance = [palette_distance(im, CULTURES[c][1:]) for im, c in zip(images, cultures)]
-    return {"stereotype_share": np.array(share, float).reshape(len(held), per_prompt).mean(1),
-            "truth_distance": np.array(distance).reshape(len(held), per_prompt).mean(1)}
+    other = [not nearest_palette(im).startswith(c) for im, c in zip(images, cultures)]
+
+    def per_prompt_mean(values):
+        return np.array(values, float).reshape(len(held), per_prompt).mean(1)
+
+    return {"stereotype_share": per_prompt_mean(share), "truth_distance": per_prompt_mean(distance),
+            "other_culture_share": per_prompt_mean(other)}
 
 
 def cell(values: np.ndarray) -> str:
@@ -93,6 +105,8 @@ def train_models(params, losses: str, seed: int, work: Path, joint: bool) -> tup
     started = time.monotonic()
     folders = {None: work / f"{losses}-{seed}"} if joint else {c: work / f"{losses}-{seed}-{c}" for c in CULTURES}
     for culture, folder in folders.items():
+        if (folder / LORA_FILE).is_file():  # trained by an earlier, stopped run in the same --work
+            continue
         train(variant, work / "ccub", work / "negatives", folder, None, progress=lambda m: None,
               pipe=load_pipeline(params.model), culture=culture)
     return (folders[None] if joint else folders), time.monotonic() - started
@@ -175,10 +189,12 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="params override")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--json", default=None, help="also write the per-prompt results here")
+    parser.add_argument("--work", default=None, help="keep the work here; a rerun skips the LoRAs trained there")
     args = parser.parse_args()
     overrides = [f"model.base={args.base}", *args.set] + ([f"train.max_steps={args.steps}"] if args.steps else [])
     params = with_overrides(load_params(args.params), overrides)
-    work = Path(tempfile.mkdtemp(prefix="scoft-planted-bench-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="scoft-planted-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     e = params.evaluate
     try:
         pipe, records = prepare(params, work, args.per_category)
@@ -201,7 +217,8 @@ def main():
             progress=lambda m: None,
         )
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
     held, per_prompt = result["held"], e.samples_per_prompt
     models = {
         BASE: [BASE],

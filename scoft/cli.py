@@ -67,11 +67,12 @@ def sample(
     out: Annotated[Path, typer.Option(help="Folder to write the built-in sample imagefolder to.")] = Path(
         "data/sample"
     ),
+    per_category: Annotated[int, typer.Option(min=1, help="Images per culture and category.")] = 4,
 ):
     """Write the built-in synthetic CCUB sample (SCoFT imagefolder format)."""
     from scoft.sample import write_sample
 
-    _say(f"sample CCUB written to {write_sample(out)}")
+    _say(f"sample CCUB written to {write_sample(out, per_category=per_category)}")
 
 
 @app.command()
@@ -180,7 +181,7 @@ def train(
     from scoft.train import train as run_train
 
     summary = run_train(p, ccub, negatives, output, log_dir, progress=_say, max_steps=max_steps,
-                        checkpoint_every=checkpoint_every)
+                        checkpoint_every=checkpoint_every, culture=culture)
     if summary is not None and int(os.environ.get("RANK", "0")) == 0:
         _say(f"train: {summary['steps']} steps in {summary['seconds']}s on {summary['processes']} process(es), "
              f"LoRA in {output}")
