@@ -8,8 +8,10 @@ from prefect import flow
 
 from scoft.config import load_params
 from scoft.paths import EVAL_DIR, LORA_DIR, LORA_FILE
+from scoft.registry import LORAS_DIR
 from tasks.ccub import announce_new_version, pull_ccub_version, use_configured_remote
-from tasks.dvc import push, stage_task
+from tasks.dvc import dvc, push, stage_task
+from tasks.promote import promote_culture
 from tasks.report import publish_metrics, publish_validation, record_lineage
 
 CULTURE_STAGES = ["negatives", "train", "evaluate"]  # after ingest, validate, base: one chain per culture
@@ -19,7 +21,8 @@ CULTURE_STAGES = ["negatives", "train", "evaluate"]  # after ingest, validate, b
 def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     """Run the dvc.yaml stages in order (each skipped when nothing it uses changed: a CCUB update
     reruns the cultures it changed), publish the checks and the metrics, record each culture's
-    lineage, and push everything to the DVC remote.
+    lineage, promote each culture's LoRA that passes the rules (params.yaml `promotion`), and push
+    everything, the registry's LoRAs included, to the DVC remote.
 
     With `ccub_version` (a DVC hash, as `ccub.updated` announces), train on exactly that CCUB
     version from the DVC remote instead of ingesting from the sources."""
@@ -45,9 +48,13 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     root = Path(workdir)
     trained = [c for c in cultures if (root / LORA_DIR / c / LORA_FILE).is_file()]
     lineage = {c: record_lineage(workdir, validation, metrics[c], c) for c in trained}
+    decisions = {c: promote_culture(workdir, c, lineage[c]) for c in trained}
+    if (root / LORAS_DIR).is_dir():  # DVC tracks the production LoRAs: the push below sends them
+        dvc(["add", "-q", str(LORAS_DIR)], workdir, "track the registry's LoRAs")
     push(workdir)
     return {"stages_run": ran, "loras": {c: root / LORA_DIR / c for c in trained},
             "reports": {c: root / EVAL_DIR / c / "report.html" for c in trained}, "lineage": lineage,
+            "promoted": {c: d["promote"] for c, d in decisions.items()},
             "skipped": {c: m["insufficient"] for c, m in metrics.items() if "insufficient" in m}}
 
 

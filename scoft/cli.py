@@ -35,6 +35,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="SCoFT retraining on CCUB: stages, the retrain flow, generation and lineage.")
 lineage_app = typer.Typer(no_args_is_help=True, help="Lineage records of trained LoRAs.")
 app.add_typer(lineage_app, name="lineage")
+models_app = typer.Typer(no_args_is_help=True, help="The registry: each culture's production LoRA and its history.")
+app.add_typer(models_app, name="models")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
 CultureOpt = Annotated[
@@ -295,16 +297,26 @@ def ablate(
 def generate(
     prompt: Annotated[str, typer.Option(help="Text prompt.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")],
-    culture: Annotated[str | None, typer.Option(help="Use this culture's LoRA (models/lora/CULTURE).")] = None,
+    culture: Annotated[str | None, typer.Option(help="Use this culture's production LoRA (scoft models show).")] = None,
+    candidate: Annotated[bool, typer.Option(
+        "--candidate", help="With --culture: its latest trained LoRA (models/lora/CULTURE), promoted or not.")] = False,
     lora: Annotated[Path | None, typer.Option(help="A LoRA folder (default: models/lora).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
     base: Annotated[bool, typer.Option("--base", help="The base model alone, without the LoRA.")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ):
-    """One image from the base model plus a trained LoRA (or, with --base, the base model alone)."""
+    """One image from the base model plus a LoRA: a culture's production one, its latest candidate, or
+    a folder (or, with --base, the base model alone)."""
     p = _params(params)
     if culture is not None and lora is not None:
         _fail("--culture and --lora name two LoRAs: pass one")
+    if culture is not None and not candidate and not base:
+        from scoft.registry import production_lora
+
+        lora = production_lora(Path("."), culture)
+        if lora is None:
+            _fail(f"{culture}: no production LoRA yet (`scoft models show {culture}` says why); "
+                  f"--candidate draws with its latest trained one, {LORA_DIR / culture}")
     lora = lora or (LORA_DIR / culture if culture else LORA_DIR)
     if not base and (lora / SKIPPED_FILE).is_file():
         _fail(f"{lora}: no LoRA: {json.loads((lora / SKIPPED_FILE).read_text(encoding='utf-8'))['skipped']}")
@@ -439,3 +451,97 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def _registry_summary(culture: str) -> dict:
+    from scoft import registry
+
+    entry = registry.read(Path("."), culture)
+    current = entry["production"]
+    return {"culture": culture, "production": None if current is None else
+            {k: current[k] for k in ("lora_sha256", "lora_dir", "lineage", "at", "by", "reason")},
+            "last_event": entry["history"][-1] if entry["history"] else None}
+
+
+@models_app.command("list")
+def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+                params: ParamsOpt = Path("params.yaml")):
+    """Each configured culture's production LoRA (or none) and its latest registry event."""
+    p = _params(params)
+    from scoft import registry
+
+    rows = [_registry_summary(c) for c in sorted(set(p.validate_.cultures) | set(registry.cultures(Path("."))))]
+    if as_json:
+        _say(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        current, last = row["production"], row["last_event"]
+        shown = "none" if current is None else f"{current['lora_sha256'][:12]} since {current['at']} ({current['by']})"
+        latest = "" if last is None else f"; last event: {last['action']} {last['lora_sha256'][:12]}: {last['reason']}"
+        _say(f"{row['culture']}: production {shown}{latest}")
+
+
+@models_app.command("show")
+def models_show(culture: str, params: ParamsOpt = Path("params.yaml")):
+    """A culture's production pointer and its whole history, as JSON."""
+    _params(params)
+    from scoft import registry
+
+    _say(json.dumps(registry.read(Path("."), culture), indent=2))
+
+
+@models_app.command("promote")
+def models_promote(culture: str,
+                   key: Annotated[str, typer.Argument(help="The lineage record's key (lineage/KEY.json).")],
+                   reason: Annotated[str, typer.Option(help="Why, for the history.")],
+                   by: Annotated[str, typer.Option(help="Who decides.")] = os.environ.get("USER", "operator"),
+                   params: ParamsOpt = Path("params.yaml")):
+    """Make the LoRA of a lineage record the culture's production model, whatever the rules said."""
+    _params(params)
+    from scoft import registry
+    from scoft.io import sha256_file
+    from scoft.lineage import LINEAGE_DIR
+    from scoft.registry import RegistryError
+
+    path = LINEAGE_DIR / f"{key}.json"
+    if not path.is_file():
+        _fail(f"no lineage record {path}")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("culture") != culture:
+        _fail(f"lineage record {key} is of culture {record.get('culture')!r}, not {culture!r}")
+    lora = Path(record["lora"]["path"])
+    if not lora.is_file() or sha256_file(lora) != record["lora"]["sha256"]:
+        _fail(f"{lora}: not the LoRA of record {key} any more (retrained since): nothing promoted")
+    try:
+        registry.promote(Path("."), culture, lora.parent, key, by=by, reason=reason)
+    except RegistryError as e:
+        _fail(str(e))
+    _track_registry()
+    _say(f"{culture}: production is now {record['lora']['sha256'][:12]} (lineage {key})")
+
+
+@models_app.command("rollback")
+def models_rollback(culture: str, reason: Annotated[str, typer.Option(help="Why, for the history.")] = "rollback",
+                    by: Annotated[str, typer.Option(help="Who decides.")] = os.environ.get("USER", "operator"),
+                    params: ParamsOpt = Path("params.yaml")):
+    """Production goes back to the culture's previous production LoRA."""
+    _params(params)
+    from scoft import registry
+    from scoft.registry import RegistryError
+
+    try:
+        entry = registry.rollback(Path("."), culture, by=by, reason=reason)
+    except RegistryError as e:
+        _fail(str(e))
+    _track_registry()
+    _say(f"{culture}: production rolled back to {entry['production']['lora_sha256'][:12]}")
+
+
+def _track_registry() -> None:
+    """`dvc add` the registry's LoRAs where this is a DVC workspace, so `dvc push` sends them."""
+    import subprocess
+
+    from scoft.registry import LORAS_DIR
+
+    if Path(".dvc").is_dir() and LORAS_DIR.is_dir():
+        subprocess.run([sys.executable, "-m", "dvc", "add", "-q", str(LORAS_DIR)], check=True)

@@ -264,6 +264,14 @@ class OrchestrationParams(_Section):
     stage_timeout_s: float = Field(3600, gt=0)
 
 
+class PromotionParams(_Section):
+    """The gate a culture's candidate LoRA must pass to become production (scoft/promotion.py)."""
+
+    min_distance_gain: float = 0.0  # the paired improvement over the base: its interval's low end above this
+    max_memorisation: float = Field(0.5, ge=0, le=1)  # share of images nearer a training image than held-out are
+    min_generic_entropy_ratio: float = Field(0.8, ge=0)  # generic prompts' entropy, at least this share of the base's
+
+
 class Params(_Section):
     model: ModelParams = ModelParams()
     planted: PlantedParams = PlantedParams()
@@ -275,6 +283,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     remote: RemoteParams = RemoteParams()
     orchestration: OrchestrationParams = OrchestrationParams()
+    promotion: PromotionParams = PromotionParams()
 
     def sampling(self, stage: Literal["negatives", "evaluate"]) -> dict:
         """A stage's sampler settings as scoft.negatives.generate takes them (and cache keys record them)."""

@@ -189,9 +189,15 @@ def retrieval_metrics(hits: dict[str, np.ndarray], prompt_cultures: np.ndarray, 
     def block(idx):
         return {name: _stats(h[idx], bootstrap, seed) for name, h in hits.items()}
 
+    def gains(idx):  # paired by prompt: each LoRA's accuracy minus the base's on the same prompts and seeds
+        return {name: _stats(h[idx] - hits[BASE][idx], bootstrap, seed) for name, h in hits.items() if name != BASE}
+
+    every = np.ones(len(prompt_cultures), dtype=bool)
+    cultures = np.unique(prompt_cultures).tolist()
     return {"chance": 1 / candidates,
-            "overall": block(np.ones(len(prompt_cultures), dtype=bool)),
-            "per_culture": {c: block(prompt_cultures == c) for c in np.unique(prompt_cultures).tolist()}}
+            "overall": block(every),
+            "per_culture": {c: block(prompt_cultures == c) for c in cultures},
+            "improvement": {"overall": gains(every), "per_culture": {c: gains(prompt_cultures == c) for c in cultures}}}
 
 
 def generic_distribution(retrieved: dict[str, np.ndarray], cultures: list[str], prompts: list[str]) -> dict:

@@ -9,6 +9,7 @@ INGEST_SUMMARY = Path("data/ingest/summary.json")
 CCUB_DIR, VALIDATION_DIR, NEGATIVES_DIR = Path("data/ccub"), Path("data/validation"), Path("data/negatives")
 LORA_DIR, TRAIN_LOG_DIR = Path("models/lora"), Path("models/train_log")
 EVAL_DIR, METRICS_DIR = Path("reports/eval"), Path("reports/metrics")
+PROMOTION_DIR = Path("reports/promotion")  # each culture's promotion decision, rule by rule
 METRICS_FILE = Path("reports/metrics.json")  # a joint LoRA's evaluation (scoft evaluate without --culture)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SKIPPED_FILE = "skipped.json"  # in a culture's LoRA folder when it had nothing to train on: why

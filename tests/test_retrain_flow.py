@@ -98,6 +98,24 @@ def test_all_stages_ran_and_outputs_exist(first_run):
     assert "Not evaluated" in (ws / "reports/eval/CHN/report.md").read_text()
 
 
+def test_each_lora_is_judged_and_only_one_passing_every_rule_reaches_production(first_run):
+    """4 steps from random weights: whatever the verdict, it follows the rules, and it is on record."""
+    from scoft import registry
+
+    ws, state = first_run
+    promoted = state.result()["promoted"]
+    assert set(promoted) == set(TRAINED)
+    for culture in TRAINED:
+        decision = json.loads((ws / f"reports/promotion/{culture}.json").read_text())
+        assert decision["promote"] == promoted[culture] == all(rule["passed"] for rule in decision["rules"])
+        assert len(decision["rules"]) == 5 and decision["lora_sha256"] == sha256_file(ws / LORA.format(culture))
+        entry = registry.read(ws, culture)
+        assert entry["history"][-1]["action"] == ("promote" if promoted[culture] else "reject")
+        assert (entry["production"] is not None) == promoted[culture]
+        _, record = latest_record(ws, culture)
+        assert record["promotion"]["promote"] == promoted[culture]  # the verdict is in the lineage too
+
+
 def test_a_change_to_the_training_code_reruns_train_and_evaluate_only(first_run):
     import subprocess
     import sys
@@ -149,6 +167,7 @@ def test_stage_output_and_artifacts_reach_prefect(first_run):
     assert by_key["ccub-validation"].type == "table"
     assert by_key["scoft-metrics"].type == "table"
     assert all(by_key[f"scoft-lineage-{c.lower()}"].type == "markdown" for c in TRAINED)
+    assert all("| rule | outcome |" in by_key[f"scoft-promotion-{c.lower()}"].data for c in TRAINED)
     assert all(c in str(by_key["scoft-metrics"].data) for c in CULTURES)
     progress = by_key["train-kor-progress"]
     assert progress.type == "progress" and float(progress.data) == 100.0
@@ -260,9 +279,9 @@ def test_generate_draws_with_the_trained_lora(first_run):
 
     ws, _ = first_run
     out = scoft("generate", "--prompt", "a traditional Korean house", "--out", "gen/house.png", "--seed", "3",
-                "--culture", "KOR", cwd=ws)
+                "--culture", "KOR", "--candidate", cwd=ws)
     assert out.returncode == 0, out.stderr
-    skipped = scoft("generate", "--prompt", "x", "--out", "y.png", "--culture", "CHN", cwd=ws)
+    skipped = scoft("generate", "--prompt", "x", "--out", "y.png", "--culture", "CHN", "--candidate", cwd=ws)
     assert skipped.returncode == 1 and "no record of it" in skipped.stderr  # says why CHN has no LoRA
     with Image.open(ws / "gen/house.png") as im:
         assert im.size == (32, 32) and im.mode == "RGB"
@@ -273,6 +292,19 @@ def test_generate_draws_with_the_trained_lora(first_run):
     assert base.returncode == 0, base.stderr
     with Image.open(ws / "gen/base.png") as b, Image.open(ws / "gen/house.png") as tuned:
         assert b.size == (32, 32) and b.tobytes() != tuned.tobytes()  # without the LoRA, another picture
+    # --culture alone draws with production: promoted by hand here, whatever the rules said
+    key = latest_record(ws, "KOR")[0].stem
+    assert scoft("models", "promote", "KOR", key, "--reason", "reviewed", cwd=ws).returncode == 0
+    assert (ws / "registry/loras.dvc").is_file()  # tracked by DVC: the next push sends it to the remote
+    production = scoft("generate", "--prompt", "a traditional Korean house", "--out", "gen/prod.png", "--seed", "3",
+                       "--culture", "KOR", cwd=ws)
+    assert production.returncode == 0, production.stderr
+    assert (ws / "gen/prod.png").read_bytes() == (ws / "gen/house.png").read_bytes()
+    nga = scoft("generate", "--prompt", "x", "--out", "y.png", "--culture", "NGA", cwd=ws)
+    from scoft import registry
+
+    if registry.read(ws, "NGA")["production"] is None:
+        assert nga.returncode == 1 and "no production LoRA yet" in nga.stderr
 
 
 def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(first_run):

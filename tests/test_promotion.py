@@ -1,0 +1,152 @@
+"""Only a better model ships: the promotion rules on evaluations built by the evaluation's own
+statistics, the registry's pointer and history, and `scoft models` on a workspace."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scoft import registry
+from scoft.config import PromotionParams
+from scoft.evaluate import culture_metrics, generic_distribution, retrieval_metrics
+from scoft.io import sha256_file, write_json
+from scoft.paths import LORA_FILE
+from scoft.promotion import decide, gate
+from tests.conftest import scoft, unit_params, write_params
+from tests.helpers import ingest_offline
+
+RULES = PromotionParams()
+PROMPTS = 8
+
+
+def evaluation(gain: float, retrieval_drop: float = 0.0, memorised: float = 0.1, generic_collapse: bool = False,
+               prompts: int = PROMPTS) -> dict:
+    """A culture's metrics as the evaluate stage writes them, from per-prompt values: the candidate's
+    distance to the held-out images `gain` below the base's (with prompt-to-prompt noise)."""
+    rng = np.random.default_rng(0)
+    base = 0.5 + 0.05 * rng.standard_normal(prompts)
+    noise = rng.standard_normal(prompts)
+    dist = {"base": base, "scoft": base - gain + 0.01 * (noise - noise.mean())}  # a mean gain of exactly `gain`
+    cultures = np.array(["KOR"] * prompts)
+    base_hits = np.clip(0.75 + 0.1 * rng.standard_normal(prompts), 0, 1)
+    hits = {"base": base_hits, "scoft": np.clip(base_hits - retrieval_drop + 0.05 * rng.standard_normal(prompts), 0, 1)}
+    spread = np.array(["KOR", "MEX", "NGA", "NGA"] * 2)
+    generic = {"base": spread, "scoft": np.array(["NGA"] * 8) if generic_collapse else spread}
+    return {"per_culture": culture_metrics(dist, cultures, ["KOR"], 500, 0),
+            "retrieval_accuracy": retrieval_metrics(hits, cultures, 500, 0, candidates=3),
+            "memorisation": {"scoft": {"overall": {"mean": memorised}}},
+            "generic_prompts": generic_distribution(generic, ["KOR", "MEX", "NGA"], ["a house with a roof"])}
+
+
+def failed(decision: dict) -> list[str]:
+    return [o["rule"] for o in decision["rules"] if not o["passed"]]
+
+
+def test_a_candidate_measurably_better_than_the_base_passes_every_rule():
+    decision = decide(evaluation(gain=0.05), "KOR", RULES, production=None, evaluation_key="k")
+    assert decision["promote"] and failed(decision) == []
+    assert decision["distance_gain"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("metrics, rule", [
+    (evaluation(gain=0.0), "distance to held-out images better than the base"),
+    (evaluation(gain=-0.05), "distance to held-out images better than the base"),
+    (evaluation(gain=0.05, retrieval_drop=0.4), "retrieval accuracy not worse than the base"),
+    (evaluation(gain=0.05, memorised=0.9), "memorisation under the threshold"),
+    (evaluation(gain=0.05, generic_collapse=True), "generic-prompt entropy not collapsed"),
+])
+def test_each_rule_stops_a_candidate_on_its_own(metrics, rule):
+    decision = decide(metrics, "KOR", RULES, production=None, evaluation_key="k")
+    assert not decision["promote"] and failed(decision) == [rule]
+
+
+def test_one_prompt_is_not_judged_as_an_improvement():
+    decision = decide(evaluation(gain=0.05, prompts=1), "KOR", RULES, production=None, evaluation_key="k")
+    assert not decision["promote"]
+    distance = decision["rules"][0]["detail"]
+    assert "cannot be judged" in distance and "fewer than 2 prompts" in distance
+
+
+def test_against_production_on_the_same_evaluation_the_candidate_must_do_better():
+    production = {"decision": {"evaluation_key": "k", "distance_gain": 0.05}}
+    assert failed(decide(evaluation(gain=0.05), "KOR", RULES, production, "k")) == ["better than production"]
+    assert decide(evaluation(gain=0.12), "KOR", RULES, production, "k")["promote"]
+    # evaluated on other held-out records: production's figure is not comparable; the base decides
+    other = decide(evaluation(gain=0.05), "KOR", RULES, production, "other")
+    assert other["promote"] and "not comparable" in other["rules"][-1]["detail"]
+
+
+def _lora(folder, payload: bytes):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LORA_FILE).write_bytes(payload)
+    return folder
+
+
+def test_registry_keeps_production_history_and_rolls_back(tmp_path):
+    first = registry.promote(tmp_path, "KOR", _lora(tmp_path / "a", b"lora one"), "rec1", by="rules", reason="r1")
+    assert registry.production_lora(tmp_path, "KOR").joinpath(LORA_FILE).read_bytes() == b"lora one"
+    with pytest.raises(registry.RegistryError, match="no other LoRA"):
+        registry.rollback(tmp_path, "KOR", by="ops", reason="x")
+    registry.reject(tmp_path, "KOR", "feed", "rec2", by="rules", reason="failed: memorisation")
+    assert registry.read(tmp_path, "KOR")["production"] == first["production"]  # a rejection changes nothing
+    registry.promote(tmp_path, "KOR", _lora(tmp_path / "b", b"lora two"), "rec3", by="alice", reason="r3")
+    (tmp_path / "b" / LORA_FILE).write_bytes(b"retrained since")  # the registry holds its own copy
+    assert registry.production_lora(tmp_path, "KOR").joinpath(LORA_FILE).read_bytes() == b"lora two"
+    entry = registry.rollback(tmp_path, "KOR", by="bob", reason="complaints")
+    assert registry.production_lora(tmp_path, "KOR").joinpath(LORA_FILE).read_bytes() == b"lora one"
+    assert [e["action"] for e in entry["history"]] == ["promote", "reject", "promote", "rollback"]
+    assert entry["production"]["by"] == "bob" and entry["production"]["lineage"] == "rec1"
+    assert json.loads((tmp_path / "registry/KOR.json").read_text()) == entry  # what every reader sees
+
+
+@pytest.fixture
+def workspace(tmp_path, sample_dir):
+    """A workspace with the sample ingested, a candidate LoRA and its evaluation for KOR."""
+    ingest_offline([sample_dir], tmp_path / "data/ccub")
+    write_params(tmp_path / "params.yaml", {})
+    return tmp_path
+
+
+def _candidate(ws, payload: bytes, metrics: dict):
+    _lora(ws / "models/lora/KOR", payload)
+    write_json(ws / "reports/metrics/KOR.json", metrics)
+
+
+def test_the_gate_promotes_then_refuses_a_candidate_no_better_than_production(workspace):
+    params = unit_params()
+    _candidate(workspace, b"good", evaluation(gain=0.08))
+    first = gate(workspace, "KOR", params, "rec1")
+    assert first["promote"] and json.loads((workspace / "reports/promotion/KOR.json").read_text()) == first
+    production = registry.read(workspace, "KOR")["production"]
+    assert production["lora_sha256"] == sha256_file(workspace / "models/lora/KOR" / LORA_FILE)
+    _candidate(workspace, b"as good", evaluation(gain=0.08))  # better than the base, not than production
+    second = gate(workspace, "KOR", params, "rec2")
+    assert not second["promote"] and failed(second) == ["better than production"]
+    assert registry.read(workspace, "KOR")["production"] == production  # production unchanged
+    again = gate(workspace, "KOR", params, "rec2")  # the same candidate: judged once
+    assert again["already_judged"] and len(registry.read(workspace, "KOR")["history"]) == 2
+
+
+def test_models_commands_promote_by_hand_list_and_roll_back(workspace):
+    (workspace / "lineage").mkdir()
+    keys = []
+    for i, payload in enumerate([b"first", b"second"]):
+        lora = _lora(workspace / f"models/lora/KOR-{i}", payload)
+        key = f"key{i}"
+        write_json(workspace / f"lineage/{key}.json", {"culture": "KOR", "lora": {
+            "path": str((lora / LORA_FILE).relative_to(workspace)), "sha256": sha256_file(lora / LORA_FILE)}})
+        keys.append(key)
+        out = scoft("models", "promote", "KOR", key, "--reason", f"reviewed {i}", "--by", "alice", cwd=workspace)
+        assert out.returncode == 0, out.stderr
+    listed = json.loads(scoft("models", "list", "--json", cwd=workspace).stdout)
+    kor = next(row for row in listed if row["culture"] == "KOR")
+    assert kor["production"]["lineage"] == "key1" and kor["production"]["by"] == "alice"
+    assert {row["culture"] for row in listed if row["production"] is None} == {"CHN", "IND", "MEX", "NGA"}
+    assert scoft("models", "rollback", "KOR", "--reason", "bad", cwd=workspace).returncode == 0
+    shown = json.loads(scoft("models", "show", "KOR", cwd=workspace).stdout)
+    assert shown["production"]["lineage"] == "key0" and shown["history"][-1]["reason"] == "bad"
+    wrong = scoft("models", "promote", "NGA", "key0", "--reason", "x", cwd=workspace)
+    assert wrong.returncode == 1 and "is of culture 'KOR'" in wrong.stderr
+    (workspace / "models/lora/KOR-1" / LORA_FILE).write_bytes(b"retrained")
+    stale = scoft("models", "promote", "KOR", "key1", "--reason", "x", cwd=workspace)
+    assert stale.returncode == 1 and "not the LoRA of record key1" in stale.stderr
