@@ -348,8 +348,9 @@ def run(
     result = retrain(ccub_version=ccub_version)
     _say("")
     for culture, lora in result["loras"].items():
-        _say(f"{culture}: LoRA {lora}, evaluation report {result['reports'][culture]}, "
-             f"lineage record {result['lineage'][culture]}")
+        verdict = "promoted to production" if result["promoted"][culture] else "not promoted"
+        _say(f"{culture}: LoRA {lora} {verdict} (reports/promotion/{culture}.json), evaluation report "
+             f"{result['reports'][culture]}, lineage record {result['lineage'][culture]}")
     for culture, reason in result["skipped"].items():
         _say(f"{culture}: not trained or not evaluated: {reason}")
 
