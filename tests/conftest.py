@@ -134,7 +134,6 @@ def write_params(path: Path, overrides: dict) -> Path:
 # The default planted-bias base takes about 6 minutes to build here, and its fine-tunes 3 more. Their
 # tests (fixture `planted_run`) run last, and the work starts in a subprocess on one thread as soon as
 # they are collected: the rest of the suite keeps about one core busy, so it overlaps instead of adding.
-PLANTED_RUN_DIR = Path(tempfile.mkdtemp(prefix="scoft-test-planted-run-"))
 PLANTED_CULTURES = ("KOR", "NGA")
 _planted_run: dict = {}
 
@@ -149,16 +148,18 @@ def _planted_commands() -> str:
                         "scoft ingest", *chains])
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m deselect: a deselected planted test starts nothing
 def pytest_collection_modifyitems(session, config, items):
     uses_run = [item for item in items if "planted_run" in getattr(item, "fixturenames", ())]
     if not uses_run:
         return
     items[:] = [item for item in items if item not in uses_run] + uses_run
-    shutil.copy(ROOT / "params.yaml", PLANTED_RUN_DIR / "params.yaml")
+    workspace = _planted_run["dir"] = Path(tempfile.mkdtemp(prefix="scoft-test-planted-run-"))
+    shutil.copy(ROOT / "params.yaml", workspace / "params.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    with open(PLANTED_RUN_DIR / "run.log", "w") as log:
+    with open(workspace / "run.log", "w") as log:
         _planted_run["proc"] = subprocess.Popen(["bash", "-c", f"set -eo pipefail; {_planted_commands()}"],
-                                                cwd=PLANTED_RUN_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True)
 
 
@@ -167,7 +168,8 @@ def pytest_sessionfinish(session, exitstatus):
     if proc is not None and proc.poll() is None:
         os.killpg(proc.pid, 9)
         proc.wait()
-    shutil.rmtree(PLANTED_RUN_DIR, ignore_errors=True)
+    if "dir" in _planted_run:
+        shutil.rmtree(_planted_run["dir"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -175,5 +177,5 @@ def planted_run() -> Path:
     """A workspace where the default pipeline ran on the planted-bias base (params.yaml's own
     settings): models/base, data/ccub, and a LoRA per culture of PLANTED_CULTURES in models/lora/."""
     if _planted_run["proc"].wait() != 0:
-        pytest.fail("the default pipeline failed:\n" + (PLANTED_RUN_DIR / "run.log").read_text()[-3000:])
-    return PLANTED_RUN_DIR
+        pytest.fail("the default pipeline failed:\n" + (_planted_run["dir"] / "run.log").read_text()[-3000:])
+    return _planted_run["dir"]

@@ -19,11 +19,13 @@ from scoft.sample import CATEGORIES, CULTURES
 from tests.conftest import PLANTED_CULTURES
 
 VAE_RMSE_BOUND = 0.16  # on [-1, 1], the CCUB sample at 32 px (measured in BENCHMARKS.md)
-# Per culture, about half of what the same LoRAs (seed 1024, +MPC) measured on 2026-12-01 (BENCHMARKS.md):
-# KOR distance to its truth palette 0.256 -> 0.242 (its stereotype share stays 1.0), NGA 0.291 -> 0.252
-# with its stereotype share 1.0 -> 0.75.
-DISTANCE_DROP = {"KOR": 0.007, "NGA": 0.02}
-SHARE_DROP = {"KOR": 0.0, "NGA": 0.12}
+# Per culture, about half the smallest drop that the default +MPC LoRAs of 3 training seeds measured with
+# this test's own procedure on 2026-12-01 (BENCHMARKS.md, third session): KOR stereotype share 1.00 ->
+# 0.00-0.03 and distance to its truth palette 0.256 -> 0.180-0.200; NGA 1.00 -> 0.00-0.13 and 0.291 ->
+# 0.192-0.214. (MEX is not asserted: its truth shares NGA's green and the stereotype oracle is a weak
+# judge there, BENCHMARKS.md.)
+DISTANCE_DROP = {"KOR": 0.025, "NGA": 0.035}
+SHARE_DROP = {"KOR": 0.5, "NGA": 0.4}
 
 
 def _as_image(t: torch.Tensor) -> Image.Image:
