@@ -49,7 +49,8 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     trained = [c for c in cultures if (root / LORA_DIR / c / LORA_FILE).is_file()]
     lineage = {c: record_lineage(workdir, validation, metrics[c], c) for c in trained}
     decisions = {c: promote_culture(workdir, c, lineage[c]) for c in trained}
-    if (root / LORAS_DIR).is_dir():  # DVC tracks the production LoRAs: the push below sends them
+    if any(d["promote"] and "already_judged" not in d for d in decisions.values()):
+        # a new production LoRA: DVC tracks the registry's copies, so the push below sends it
         dvc(["add", "-q", str(LORAS_DIR)], workdir, "track the registry's LoRAs")
     push(workdir)
     return {"stages_run": ran, "loras": {c: root / LORA_DIR / c for c in trained},

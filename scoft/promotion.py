@@ -15,7 +15,7 @@ from scoft import registry
 from scoft.config import Params, PromotionParams
 from scoft.evaluate import BASE
 from scoft.io import sha256_file, sha256_json, write_json
-from scoft.paths import LORA_FILE, PROMOTION_DIR, culture_paths
+from scoft.paths import CCUB_DIR, LORA_FILE, PROMOTION_DIR, culture_paths
 
 CANDIDATE = "scoft"  # the evaluate stage's name for the culture's new LoRA
 
@@ -24,13 +24,22 @@ def _rule(name: str, passed: bool, detail: str) -> dict:
     return {"rule": name, "passed": bool(passed), "detail": detail}
 
 
+def failed_rules(decision: dict) -> list[str]:
+    return [o["rule"] for o in decision["rules"] if not o["passed"]]
+
+
+def _distance_gain(metrics: dict, culture: str) -> dict:
+    """The candidate's paired improvement over the base in distance to the held-out images ({} if none)."""
+    return metrics.get("per_culture", {}).get(culture, {}).get("improvement", {}).get(CANDIDATE) or {}
+
+
 def _distance_rule(metrics: dict, culture: str, rules: PromotionParams) -> dict:
     """The distance to the held-out images: the paired improvement over the base, interval above the bar."""
-    block = metrics.get("per_culture", {}).get(culture, {})
-    gain = block.get("improvement", {}).get(CANDIDATE)
+    gain = _distance_gain(metrics, culture)
     name = "distance to held-out images better than the base"
-    if not gain or gain.get("ci95_low") is None:
-        why = (gain or {}).get("insufficient") or block.get("insufficient") or "no paired improvement measured"
+    if gain.get("ci95_low") is None:
+        why = (gain.get("insufficient") or metrics.get("per_culture", {}).get(culture, {}).get("insufficient")
+               or "no paired improvement measured")
         return _rule(name, False, f"cannot be judged: {why}")
     return _rule(name, gain["ci95_low"] > rules.min_distance_gain,
                  f"improvement {gain['mean']:.4f} [{gain['ci95_low']:.4f}, {gain['ci95_high']:.4f}], "
@@ -81,7 +90,7 @@ def _production_rule(metrics: dict, culture: str, production: dict | None, evalu
     if production.get("decision", {}).get("evaluation_key") != evaluation_key:
         return _rule(name, True, "not comparable: production was evaluated on other held-out records (judged "
                                  "against the base only)")
-    gain = metrics.get("per_culture", {}).get(culture, {}).get("improvement", {}).get(CANDIDATE, {})
+    gain = _distance_gain(metrics, culture)
     bar = production.get("decision", {}).get("distance_gain")
     if gain.get("ci95_low") is None or bar is None:
         return _rule(name, False, "cannot be judged: an improvement without an interval")
@@ -96,9 +105,8 @@ def decide(metrics: dict, culture: str, rules: PromotionParams, production: dict
     outcomes = [_distance_rule(metrics, culture, rules), _retrieval_rule(metrics, culture),
                 _memorisation_rule(metrics, rules), _generic_rule(metrics, rules),
                 _production_rule(metrics, culture, production, evaluation_key)]
-    gain = metrics.get("per_culture", {}).get(culture, {}).get("improvement", {}).get(CANDIDATE, {})
     return {"culture": culture, "promote": all(o["passed"] for o in outcomes), "rules": outcomes,
-            "distance_gain": gain.get("mean"), "evaluation_key": evaluation_key}
+            "distance_gain": _distance_gain(metrics, culture).get("mean"), "evaluation_key": evaluation_key}
 
 
 def decision_markdown(decision: dict) -> str:
@@ -133,14 +141,13 @@ def gate(root: str | Path, culture: str, params: Params, lineage_key: str) -> di
         return {**judged[-1]["decision"], "already_judged": judged[-1]["at"]}
     metrics = json.loads((root / paths["metrics"]).read_text(encoding="utf-8"))
     decision = decide(metrics, culture, params.promotion, entry["production"],
-                      evaluation_key(params, root / "data/ccub", culture))
+                      evaluation_key(params, root / CCUB_DIR, culture))
     decision["lora_sha256"], decision["lineage"] = digest, lineage_key
-    failed = [o["rule"] for o in decision["rules"] if not o["passed"]]
     if decision["promote"]:
         registry.promote(root, culture, root / paths["lora"], lineage_key, by="promotion rules (params.yaml)",
                          reason="every rule passed", decision=decision)
     else:
         registry.reject(root, culture, digest, lineage_key, by="promotion rules (params.yaml)",
-                        reason="failed: " + "; ".join(failed), decision=decision)
+                        reason="failed: " + "; ".join(failed_rules(decision)), decision=decision)
     write_json(root / PROMOTION_DIR / f"{culture}.json", decision)
     return decision

@@ -12,7 +12,7 @@ from prefect.events import emit_event
 
 from scoft.config import load_params
 from scoft.io import write_json
-from scoft.promotion import decision_markdown, gate
+from scoft.promotion import decision_markdown, failed_rules, gate
 
 PROMOTED, REJECTED = "scoft.model.promoted", "scoft.model.rejected"
 
@@ -32,7 +32,7 @@ def promote_culture(workdir: str, culture: str, lineage_path: Path) -> dict:
     write_json(lineage_path, record)
     create_markdown_artifact(key=f"scoft-promotion-{culture.lower()}", markdown=decision_markdown(decision),
                              description=f"{culture}: the candidate LoRA against the promotion rules")
-    failed = [o["rule"] for o in decision["rules"] if not o["passed"]]
+    failed = failed_rules(decision)
     emit_event(event=PROMOTED if decision["promote"] else REJECTED,
                resource={"prefect.resource.id": f"scoft.model.{culture}.{decision['lora_sha256'][:16]}",
                          "prefect.resource.name": f"SCoFT LoRA {culture}", "scoft.culture": culture},

@@ -12,6 +12,7 @@ from scoft.evaluate import culture_metrics, generic_distribution, retrieval_metr
 from scoft.io import sha256_file, write_json
 from scoft.paths import LORA_FILE
 from scoft.promotion import decide, gate
+from scoft.promotion import failed_rules as failed
 from tests.conftest import scoft, unit_params, write_params
 from tests.helpers import ingest_offline
 
@@ -36,10 +37,6 @@ def evaluation(gain: float, retrieval_drop: float = 0.0, memorised: float = 0.1,
             "retrieval_accuracy": retrieval_metrics(hits, cultures, 500, 0, candidates=3),
             "memorisation": {"scoft": {"overall": {"mean": memorised}}},
             "generic_prompts": generic_distribution(generic, ["KOR", "MEX", "NGA"], ["a house with a roof"])}
-
-
-def failed(decision: dict) -> list[str]:
-    return [o["rule"] for o in decision["rules"] if not o["passed"]]
 
 
 def test_a_candidate_measurably_better_than_the_base_passes_every_rule():
