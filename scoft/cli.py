@@ -415,7 +415,39 @@ def lineage_verify(culture: Annotated[str | None, typer.Option(help="The latest 
     problems = verify(record)
     if problems:
         _fail(f"{path}: {len(problems)} mismatch(es)\n  " + "\n  ".join(problems))
-    _say(f"{path}: LoRA, CCUB images and DVC hash match the record")
+    files = sum(len(v) for v in record.get("files", {}).values())
+    _say(f"{path}: the LoRA, {files} files of its chain (CCUB, checks, negatives, promotion), the CCUB pixels, "
+         "the DVC hash and the params the stages used match the record")
+
+
+@lineage_app.command("diff")
+def lineage_diff(a: Annotated[str, typer.Argument(help="A record: its key (lineage/KEY.json) or its path.")],
+                 b: Annotated[str, typer.Argument(help="The record to compare it with.")],
+                 as_json: Annotated[bool, typer.Option("--json", help="Print the difference as JSON.")] = False):
+    """What changed from record A to record B: CCUB records, params, metrics side by side."""
+    from scoft.lineage import diff, read_record
+
+    try:
+        change = diff(read_record(a), read_record(b))
+    except FileNotFoundError as e:
+        _fail(str(e))
+        raise
+    if as_json:
+        print(json.dumps(change, indent=2, sort_keys=True))
+        return
+    lines = [f"data version {change['data_version'][0]} -> {change['data_version'][1]}",
+             f"lora         {change['lora_sha256'][0][:16]} -> {change['lora_sha256'][1][:16]}",
+             f"records      {len(change['records_added'])} added, {len(change['records_removed'])} removed"]
+    lines += [f"  + {r}" for r in change["records_added"]] + [f"  - {r}" for r in change["records_removed"]]
+    lines.append(f"params       {len(change['params_changed'])} changed")
+    lines += [f"  {k}: {old!r} -> {new!r}" for k, (old, new) in change["params_changed"].items()]
+    lines.append(f"metrics      {'A':>10} {'B':>10}")
+    lines += [f"  {k}: {_number(x):>10} {_number(y):>10}" for k, (x, y) in change["metrics"].items()]
+    _say("\n".join(lines))
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _one_line_failure(error: BaseException) -> tuple[str, int] | None:

@@ -101,7 +101,7 @@ Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip",
 class FeatureParams(_Section):
     perceptual: Backbone = "lpips-alex"  # L_P
     contrastive: Backbone = "dinov2"  # D of L_C
-    evaluation: Backbone = "dinov2"  # the evaluation metric's distance
+    evaluation: Backbone = "colour-histogram"  # the evaluation metric's distance
     # per transformers backbone: "tiny" (seeded, offline), a hub id or a local folder
     weights: dict[Literal["dinov2", "clip"], Annotated[str, _location("tiny")]] = {"dinov2": "tiny", "clip": "tiny"}
     lpips_pretrained_backbone: bool = False
@@ -200,13 +200,13 @@ class TrainParams(_Section):
     seed: Seed = 1024
     # The paper's ablations: LDM fine-tune, +M, +MP, +MPC (the full method).
     losses: Literal[LOSS_SETS] = LOSS_SETS[-1]
-    max_steps: int = Field(24, ge=1)
-    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints; 0: none
+    max_steps: int = Field(300, ge=1)
+    checkpoint_every: int = Field(100, ge=0)  # optimizer steps between resumable checkpoints; 0: none
     num_processes: int = Field(1, ge=1)  # >1: the stage runs through `accelerate launch`
     gradient_checkpointing: bool = False
     batch_size: int = Field(2, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     lr_scheduler: Literal["cosine", "constant", "linear"] = "cosine"
     max_grad_norm: float = Field(1.0, gt=0)
@@ -226,7 +226,7 @@ class TrainParams(_Section):
     contrastive_form: Literal["difference", "hinge"] = "difference"
     contrastive_margin: float = Field(0.1, ge=0)
     random_flip: bool = True
-    empty_prompt_share: float = Field(0.0, ge=0, lt=1)  # of training captions replaced by "" (caption dropout)
+    empty_prompt_share: float = Field(0.3, ge=0, lt=1)  # of training captions replaced by "" (caption dropout)
 
     def uses(self, loss: str) -> bool:
         """Whether a loss term (ldm, mem, perceptual, contrastive) is on, by the loss set and its weight."""
@@ -239,7 +239,7 @@ class EvaluateParams(_Section):
     steps: int = Field(8, ge=1)
     guidance_scale: float = Field(4.5, ge=0)
     seed: Seed = 7
-    samples_per_prompt: int = Field(1, ge=1)
+    samples_per_prompt: int = Field(4, ge=1)
     bootstrap: int = Field(1000, ge=10)
 
 
@@ -270,6 +270,11 @@ class PromotionParams(_Section):
     min_distance_gain: float = 0.0  # the paired improvement over the base: its interval's low end above this
     max_memorisation: float = Field(0.5, ge=0, le=1)  # share of images nearer a training image than held-out are
     min_generic_entropy_ratio: float = Field(0.8, ge=0)  # generic prompts' entropy, at least this share of the base's
+    # A candidate that passes every rule waits for a reviewer (the Prefect UI's Resume form: approve or
+    # reject, with a comment) for at most approval_timeout_s; without an answer nothing is promoted.
+    require_approval: bool = False
+    approval_timeout_s: int = Field(86400, ge=1)
+    approval_poll_s: int = Field(10, ge=1)  # how often the paused run looks for the answer
 
 
 class Params(_Section):

@@ -1,6 +1,9 @@
 """Lineage: one record per trained LoRA tying it to the data, checks, negatives, parameters and code.
 
-Records live in lineage/<lora sha256 prefix>.json. `verify` recomputes every hash it can from disk.
+Records live in lineage/<key>.json. A record holds the sha256 of every file of the chain that made its
+LoRA (CCUB manifests and images, the validation result, the negatives index and images, the LoRA, and
+the promotion decision once judged) and the params the stages used; `verify` recomputes all of them
+from disk and names each link that no longer matches. `diff` compares two records.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from scoft.ccub import read_manifest
+from scoft.ccub import CULTURES_DIR, HELDOUT_MANIFEST, MANIFEST, read_heldout, read_manifest
 from scoft.io import pixel_hash, sha256_file, sha256_json, write_json
+from scoft.paths import PROMOTION_DIR, VALIDATION_DIR
 
 LINEAGE_DIR = Path("lineage")
 PACKAGES = ["scoft-flows", "torch", "diffusers", "transformers", "accelerate", "peft", "lpips", "prefect", "dvc",
@@ -52,6 +56,32 @@ def dvc_out_hashes(root: str | Path = ".") -> dict[str, str]:
     return {o["path"]: o["md5"] for stage in lock.get("stages", {}).values() for o in stage.get("outs", [])}
 
 
+def chain_files(root: str | Path, ccub_dir: str | Path, negatives_dir: str | Path,
+                culture: str | None) -> dict[str, dict[str, str]]:
+    """{link: {path: sha256}} of the files a culture's LoRA came from (every culture's for a joint
+    LoRA): the CCUB manifests and the images of its records and of the held-out references the
+    evaluation used, the validation result, and the negatives' index and images. Paths are relative
+    to the workspace `root`."""
+    root, ccub, negatives = Path(root), Path(ccub_dir), Path(negatives_dir)
+    manifests = [ccub / MANIFEST, ccub / HELDOUT_MANIFEST]
+    if culture:
+        manifests.append(ccub / CULTURES_DIR / f"{culture}.jsonl")
+    records = {r.file: r for r in [*read_manifest(root / ccub, culture), *read_heldout(root / ccub)]}
+    validation = [VALIDATION_DIR / "summary.json", VALIDATION_DIR / "gx_results.json"]
+    if culture:
+        validation.append(VALIDATION_DIR / CULTURES_DIR / f"{culture}.json")
+
+    def hashed(paths) -> dict[str, str]:
+        return {str(p): sha256_file(root / p) for p in sorted(paths, key=str)}
+
+    return {
+        "ccub manifest": hashed(manifests),
+        "ccub images": hashed(ccub / file for file in records),
+        "validation": hashed(validation),
+        "negatives": hashed(p.relative_to(root) for p in (root / negatives).rglob("*") if p.is_file()),
+    }
+
+
 def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lora_file, params: dict,
                  metrics: dict, flow_run_id: str | None, culture: str | None = None) -> dict:
     """Paths are relative to the workspace `root` (the folder with dvc.yaml). `culture`: the culture a
@@ -62,15 +92,25 @@ def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lor
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "culture": culture,
         "git_commit": git_commit(root),
-        "ccub": {"path": str(ccub_dir), "dvc_hash": outs.get(str(ccub_dir))},
+        "ccub": {"path": str(ccub_dir), "dvc_hash": outs.get(str(ccub_dir)),
+                 "records": sorted(r.id for r in read_manifest(root / ccub_dir, culture))},
         "validation": {"success": validation_summary["success"], "statistics": validation_summary["statistics"]},
         "negatives": {"path": str(negatives_dir), "dvc_hash": outs.get(str(negatives_dir))},
         "params": params,
         "packages": package_versions(),
         "lora": {"path": str(lora_file), "sha256": sha256_file(root / lora_file)},
+        "files": chain_files(root, ccub_dir, negatives_dir, culture),
         "metrics": metrics,
         "prefect_flow_run_id": flow_run_id,
     }
+
+
+def add_promotion(record: dict, decision: dict, root: str | Path = ".") -> dict:
+    """The record with its promotion verdict, and the decision file's hash as the chain's last link."""
+    path = PROMOTION_DIR / f"{record['culture']}.json"
+    files = {**record.get("files", {}), "promotion": {str(path): sha256_file(Path(root) / path)}}
+    verdict = {k: decision[k] for k in ("promote", "rules", "evaluation_key", "review") if k in decision}
+    return {**record, "promotion": verdict, "files": files}
 
 
 def record_key(record: dict) -> str:
@@ -87,6 +127,16 @@ def save_record(record: dict, root: str | Path = ".") -> Path:
     return path
 
 
+def read_record(key_or_path: str, root: str | Path = ".") -> dict:
+    """A record by its key (lineage/KEY.json) or its file path."""
+    path = Path(key_or_path)
+    if not path.is_file():
+        path = Path(root) / LINEAGE_DIR / f"{key_or_path}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no lineage record {key_or_path!r} (neither a file nor a key in {LINEAGE_DIR}/)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def latest_record(root: str | Path = ".", culture: str | None = None) -> tuple[Path, dict]:
     """The newest record (of one culture's LoRA, when given)."""
     folder = Path(root) / LINEAGE_DIR
@@ -98,27 +148,149 @@ def latest_record(root: str | Path = ".", culture: str | None = None) -> tuple[P
     return max(records, key=lambda pr: pr[1]["created_at"])
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"train.lr": 0.002, ...}: the leaves of nested dicts by dotted key."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _params_used(root: Path, culture: str | None) -> dict[str, object]:
+    """The params values dvc.lock says the culture's stages ran with, by dotted key."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8")) if (root / "dvc.lock").is_file() else {}
+    stages = [f"{s}@{culture}" if culture else s for s in ("negatives", "train")]
+    used = {}
+    for stage in stages:
+        for name, value in ((lock or {}).get("stages", {}).get(stage, {}).get("params", {}).get("params.yaml", {})
+                            .items()):
+            used.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return used
+
+
 def verify(record: dict, root: str | Path = ".") -> list[str]:
-    """Recompute the LoRA hash and every CCUB image hash; return the mismatches (empty when intact)."""
+    """Recompute every hash of the record's chain and compare its params with the ones the stages
+    used; return one line per mismatch, naming the link and the file or key (empty when intact)."""
     root = Path(root)
     problems = []
     lora = root / record["lora"]["path"]
     if not lora.is_file():
-        problems.append(f"{lora}: missing")
+        problems.append(f"lora: {record['lora']['path']}: missing")
     elif sha256_file(lora) != record["lora"]["sha256"]:
-        problems.append(f"{lora}: sha256 differs from the record")
-    ccub_dir = root / record["ccub"]["path"]
-    from PIL import Image
-
-    for r in read_manifest(ccub_dir):
-        path = ccub_dir / r.file
-        if not path.is_file():
-            problems.append(f"{path}: missing (record {r.id})")
-            continue
-        with Image.open(path) as im:
-            if pixel_hash(im) != r.sha256:
-                problems.append(f"{path}: pixels differ from the manifest (record {r.id})")
+        problems.append(f"lora: {record['lora']['path']}: sha256 differs from the record")
+    for link, files in record.get("files", {}).items():
+        for path, digest in files.items():
+            if not (root / path).is_file():
+                problems.append(f"{link}: {path}: missing")
+            elif sha256_file(root / path) != digest:
+                problems.append(f"{link}: {path}: sha256 differs from the record")
+    problems += _pixel_problems(record, root)
     current = dvc_out_hashes(root).get(record["ccub"]["path"])
     if current != record["ccub"]["dvc_hash"]:
-        problems.append(f"{ccub_dir}: dvc.lock hash {current} differs from the record's {record['ccub']['dvc_hash']}")
+        problems.append(f"ccub: dvc.lock hash {current} of {record['ccub']['path']} differs from the record's "
+                        f"{record['ccub']['dvc_hash']}")
+    recorded = flatten(record["params"])
+    for key, value in _params_used(root, record.get("culture")).items():
+        if key in recorded and recorded[key] != value:
+            problems.append(f"params: {key} is {value!r} in dvc.lock (what the stages used), {recorded[key]!r} in "
+                            "the record")
     return problems
+
+
+def _pixel_problems(record: dict, root: Path) -> list[str]:
+    """Every CCUB image of the manifest decodes to the pixels the manifest holds (the check that
+    needs no record of its own: it also covers records made before files were recorded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    ccub_dir = root / record["ccub"]["path"]
+    problems = []
+    for r in read_manifest(ccub_dir, record.get("culture")):
+        path = ccub_dir / r.file
+        if not path.is_file():
+            problems.append(f"ccub images: {path.relative_to(root)}: missing (record {r.id})")
+            continue
+        try:
+            with Image.open(path) as im:
+                same = pixel_hash(im) == r.sha256
+        except (OSError, UnidentifiedImageError, SyntaxError):
+            same = False
+        if not same:
+            problems.append(f"ccub images: {path.relative_to(root)}: pixels differ from the manifest (record {r.id})")
+    return problems
+
+
+def diff(a: dict, b: dict) -> dict:
+    """What changed from record `a` to record `b`: CCUB records added and removed, params changed
+    (dotted keys), and every numeric metric mean side by side."""
+    records_a, records_b = set(a["ccub"].get("records", [])), set(b["ccub"].get("records", []))
+    params_a, params_b = flatten(a["params"]), flatten(b["params"])
+    params = {k: [params_a.get(k), params_b.get(k)] for k in sorted(params_a.keys() | params_b.keys())
+              if params_a.get(k) != params_b.get(k)}
+    means_a, means_b = headline_metrics(a["metrics"]), headline_metrics(b["metrics"])
+    metrics = {k: [means_a.get(k), means_b.get(k)] for k in sorted(means_a.keys() | means_b.keys())}
+    return {"records_added": sorted(records_b - records_a), "records_removed": sorted(records_a - records_b),
+            "params_changed": params, "metrics": metrics,
+            "data_version": [a["ccub"]["dvc_hash"], b["ccub"]["dvc_hash"]],
+            "lora_sha256": [a["lora"]["sha256"], b["lora"]["sha256"]]}
+
+
+def headline_metrics(metrics: dict) -> dict[str, float]:
+    """The evaluation's numbers an auditor compares: every mean over all prompts (not per culture
+    again) and the generic prompts' entropy, by dotted name."""
+    return {k.removesuffix(".mean"): v for k, v in flatten(metrics).items()
+            if isinstance(v, int | float) and "per_culture" not in k and (k.endswith(".mean") or k.endswith("_bits"))}
+
+
+def params_changed_from_defaults(params: dict) -> dict[str, tuple]:
+    """{dotted key: (value, the code's default)} for every recorded param that differs from the
+    default in scoft/config.py (which params.yaml ships with)."""
+    from scoft.config import Params
+
+    changed = {}
+    for section, values in params.items():
+        default = Params.model_fields[section].default.model_dump(by_alias=True)
+        flat_default = flatten(default, f"{section}.")
+        for key, value in flatten(values, f"{section}.").items():
+            if flat_default.get(key) != value:
+                changed[key] = (value, flat_default.get(key))
+    return changed
+
+
+def lineage_markdown(record: dict, path: str | Path, full_record_link: str | None = None) -> str:
+    """A record as an operator or auditor reads it at a glance: data version, checks, code, params
+    changed from the defaults, metrics and the promotion decision (the full JSON linked)."""
+    stats, promotion = record["validation"]["statistics"], record.get("promotion")
+    if promotion is None:
+        decision = "not judged yet"
+    elif promotion["promote"]:
+        decision = "**promoted** to production (every rule passed)"
+    else:
+        decision = "**rejected**: " + "; ".join(r["rule"] for r in promotion["rules"] if not r["passed"])
+    files = record.get("files", {})
+    rows = [("LoRA", f"`{record['lora']['sha256'][:16]}` ({record['lora']['path']})"),
+            ("CCUB version", f"`{record['ccub']['dvc_hash']}`, {len(record['ccub'].get('records', []))} records"),
+            ("checks", f"{stats['successful_expectations']}/{stats['evaluated_expectations']} passed"),
+            ("negatives", f"`{record['negatives']['dvc_hash']}`, {len(files.get('negatives', {}))} files"),
+            ("code", f"`{record['git_commit']}`"),
+            ("packages", ", ".join(f"{k} {record['packages'][k]}" for k in ("torch", "diffusers", "peft")
+                                   if k in record["packages"])),
+            ("Prefect flow run", f"`{record['prefect_flow_run_id']}`"), ("decision", decision),
+            ("files hashed", f"{sum(len(v) for v in files.values())} (`scoft lineage verify` rechecks them)")]
+    lines = [f"# Lineage: {record.get('culture') or 'every culture (joint LoRA)'}", "", "| | |", "|---|---|",
+             *(f"| {k} | {v} |" for k, v in rows), "", "## Params that differ from the defaults", ""]
+    changed = params_changed_from_defaults(record["params"])
+    lines += (["| key | this run | default |", "|---|---|---|",
+               *(f"| {k} | {_cell(v)} | {_cell(d)} |" for k, (v, d) in changed.items())] if changed else ["none"])
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|",
+              *(f"| {k} | {v:.4g} |" for k, v in headline_metrics(record["metrics"]).items())]
+    where = f"[the full record]({full_record_link})" if full_record_link else "the full record"
+    lines += ["", f"{where}: `{path}` (`scoft lineage show --json --culture {record.get('culture')}`)"]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    """A value as a markdown table cell: no character of it can end the cell or the code span."""
+    return "`" + str(value).replace("`", "'").replace("|", "/").replace("\n", " ") + "`"

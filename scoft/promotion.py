@@ -109,13 +109,26 @@ def decide(metrics: dict, culture: str, rules: PromotionParams, production: dict
             "distance_gain": _distance_gain(metrics, culture).get("mean"), "evaluation_key": evaluation_key}
 
 
-def decision_markdown(decision: dict) -> str:
-    """What an operator reads at a glance in the Prefect UI."""
-    verdict = "PROMOTED" if decision["promote"] else "REJECTED"
+def decision_markdown(decision: dict, awaiting_review: bool = False) -> str:
+    """What an operator (or the reviewer asked to approve) reads at a glance in the Prefect UI."""
+    verdict = "AWAITING REVIEW" if awaiting_review else "PROMOTED" if decision["promote"] else "REJECTED"
     lines = [f"# {decision['culture']}: {verdict}", "", "| rule | outcome | detail |", "|---|---|---|"]
-    lines += [f"| {o['rule']} | {'pass' if o['passed'] else '**fail**'} | {o['detail'].replace('|', '/')} |"
+    lines += [f"| {o['rule']} | {'pass' if o['passed'] else '**fail**'} | {_cell(o['detail'])} |"
               for o in decision["rules"]]
+    review = decision.get("review")
+    if awaiting_review:
+        lines += ["", "Every rule passed. Approve or reject in this flow run's Resume form, with a comment."]
+    elif review and review["approve"] is None:
+        lines += ["", f"No review came in time: nothing promoted ({_cell(review['comment'])})."]
+    elif review:
+        lines += ["", f"Review by {_cell(review['reviewer'])}: {'approved' if review['approve'] else 'rejected'}, "
+                      f"{_cell(review['comment'])}"]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Free text (a rule's numbers, a reviewer's comment) inside a markdown table or line."""
+    return str(text).replace("|", "/").replace("\n", " ")
 
 
 def evaluation_key(params: Params, ccub_dir: str | Path, culture: str) -> str:
@@ -128,10 +141,13 @@ def evaluation_key(params: Params, ccub_dir: str | Path, culture: str) -> str:
                         "backbone": params.features.evaluation})[:16]
 
 
-def gate(root: str | Path, culture: str, params: Params, lineage_key: str) -> dict:
-    """The promote step of one culture: judge its candidate LoRA (models/lora/<C>) on its evaluation,
-    then promote it or record the rejection in the registry; writes reports/promotion/<C>.json.
-    A candidate already judged (same LoRA bytes) is not judged again: its decision is returned."""
+RULES_BY = "promotion rules (params.yaml)"
+
+
+def judge(root: str | Path, culture: str, params: Params, lineage_key: str) -> dict:
+    """Judge a culture's candidate LoRA (models/lora/<C>) on its evaluation, writing nothing. A
+    candidate already judged (same LoRA bytes) is not judged again: its decision comes back with
+    `already_judged` (when)."""
     root = Path(root)
     paths = culture_paths(culture)
     digest = sha256_file(root / paths["lora"] / LORA_FILE)
@@ -143,11 +159,41 @@ def gate(root: str | Path, culture: str, params: Params, lineage_key: str) -> di
     decision = decide(metrics, culture, params.promotion, entry["production"],
                       evaluation_key(params, root / CCUB_DIR, culture))
     decision["lora_sha256"], decision["lineage"] = digest, lineage_key
-    if decision["promote"]:
-        registry.promote(root, culture, root / paths["lora"], lineage_key, by="promotion rules (params.yaml)",
-                         reason="every rule passed", decision=decision)
+    return decision
+
+
+def with_review(decision: dict, approve: bool | None, reviewer: str, comment: str) -> dict:
+    """The decision after a reviewer's answer (`approve` None: none came in time). The rules' verdict
+    stands in `rules`; `promote` is the outcome: every rule passed and the reviewer approved."""
+    review = {"approve": approve, "reviewer": reviewer, "comment": comment}
+    return {**decision, "promote": bool(decision["promote"] and approve), "review": review}
+
+
+def record_verdict(root: str | Path, culture: str, decision: dict) -> dict:
+    """Promote the judged candidate or record its rejection in the registry (by the rules, or by the
+    reviewer when the decision has a review), and write reports/promotion/<C>.json."""
+    root = Path(root)
+    review = decision.get("review")
+    if review is None:
+        by, reason = RULES_BY, "every rule passed"
+    elif review["approve"] is None:
+        by, reason = RULES_BY, f"no reviewer answered within the approval time-out ({review['comment']})"
     else:
-        registry.reject(root, culture, digest, lineage_key, by="promotion rules (params.yaml)",
-                        reason="failed: " + "; ".join(failed_rules(decision)), decision=decision)
+        verdict = "approved" if review["approve"] else "rejected"
+        by, reason = review["reviewer"] or "reviewer", review["comment"] or verdict
+    if decision["promote"]:
+        registry.promote(root, culture, root / culture_paths(culture)["lora"], decision["lineage"], by=by,
+                         reason=reason, decision=decision)
+    else:
+        if review is None:
+            reason = "failed: " + "; ".join(failed_rules(decision))
+        registry.reject(root, culture, decision["lora_sha256"], decision["lineage"], by=by, reason=reason,
+                        decision=decision)
     write_json(root / PROMOTION_DIR / f"{culture}.json", decision)
     return decision
+
+
+def gate(root: str | Path, culture: str, params: Params, lineage_key: str) -> dict:
+    """The promote step of one culture without review: judge its candidate and record the verdict."""
+    decision = judge(root, culture, params, lineage_key)
+    return decision if "already_judged" in decision else record_verdict(root, culture, decision)

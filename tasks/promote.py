@@ -1,5 +1,6 @@
-"""The promote step: each culture's candidate LoRA judged by the rules of params.yaml, the verdict in
-the registry, the lineage record, the Prefect UI and the event stream."""
+"""The promote step: each culture's candidate LoRA judged by the rules of params.yaml, optionally
+reviewed by a person in the Prefect UI, and the verdict in the registry, the lineage record, the UI
+and the event stream."""
 
 from __future__ import annotations
 
@@ -8,36 +9,96 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
 from prefect.events import emit_event
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+from prefect.states import Running
+from pydantic import Field
 
-from scoft.config import load_params
+from scoft.config import PromotionParams, load_params
 from scoft.io import write_json
-from scoft.promotion import decision_markdown, failed_rules, gate
+from scoft.lineage import add_promotion
+from scoft.promotion import decision_markdown, failed_rules, judge, record_verdict, with_review
 
 PROMOTED, REJECTED = "scoft.model.promoted", "scoft.model.rejected"
 
 
-@task(name="promote")
-def promote_culture(workdir: str, culture: str, lineage_path: Path) -> dict:
-    """Judge the culture's candidate; a candidate judged before (same LoRA) keeps its verdict."""
+def _artifact_key(culture: str) -> str:
+    return f"scoft-promotion-{culture.lower()}"
+
+
+@task(name="judge")
+def judge_candidate(workdir: str, culture: str, lineage_path: Path) -> dict:
+    """The rules' decision on the culture's candidate (nothing written yet); a candidate judged before
+    (same LoRA) keeps its verdict."""
     root = Path(workdir)
-    decision = gate(root, culture, load_params(root / "params.yaml"), Path(lineage_path).stem)
-    logger = get_run_logger()
+    decision = judge(root, culture, load_params(root / "params.yaml"), Path(lineage_path).stem)
     if "already_judged" in decision:
-        logger.info("%s: LoRA %s was judged on %s (%s): nothing new", culture, decision["lora_sha256"][:12],
-                    decision["already_judged"], "promoted" if decision["promote"] else "rejected")
+        get_run_logger().info("%s: LoRA %s was judged on %s (%s): nothing new", culture, decision["lora_sha256"][:12],
+                              decision["already_judged"], "promoted" if decision["promote"] else "rejected")
+    return decision
+
+
+class Review(RunInput):
+    """The reviewer's answer, typed in the flow run's Resume form."""
+
+    approve: bool = Field(description="Promote this LoRA to production?")
+    reviewer: str = Field(description="Your name, for the registry history")
+    comment: str = Field(description="Why: it goes to the registry history and the lineage")
+
+
+def ask_reviewer(culture: str, decision: dict, timeout_s: int, poll_s: int) -> dict:
+    """Pause the flow run until a reviewer approves or rejects the candidate in the Prefect UI (the
+    decision is the run's artifact); no answer within `timeout_s`: the decision says so, nothing ships."""
+    create_markdown_artifact(key=_artifact_key(culture), markdown=decision_markdown(decision, awaiting_review=True),
+                             description=f"{culture}: the candidate passed every rule and waits for review")
+    form = Review.with_initial_data(
+        description=f"**{culture}**: LoRA `{decision['lora_sha256'][:16]}` passed every promotion rule (see the "
+                    f"`{_artifact_key(culture)}` artifact and reports/eval/{culture}/report.html). Approve it for "
+                    "production or reject it, with a comment.")
+    try:
+        answer = pause_flow_run(wait_for_input=form, timeout=timeout_s, poll_interval=poll_s,
+                                key=f"review-{culture.lower()}-{decision['lora_sha256'][:16]}")
+    except FlowPauseTimeout:
+        # Prefect fails a run whose pause timed out; this run goes on (the other cultures, the push)
+        # with the candidate not promoted, so it takes the run back to Running.
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Running(), force=True)
+        return with_review(decision, None, "", f"no answer within {timeout_s} s")
+    return with_review(decision, answer.approve, answer.reviewer, answer.comment)
+
+
+@task(name="promote")
+def record_decision(workdir: str, culture: str, lineage_path: Path, decision: dict) -> dict:
+    """Promote or reject as decided, and say so: registry, lineage record, artifact, event, log."""
+    if "already_judged" in decision:
         return decision
+    root = Path(workdir)
+    decision = record_verdict(root, culture, decision)
     record = json.loads(Path(lineage_path).read_text(encoding="utf-8"))
-    record["promotion"] = {k: decision[k] for k in ("promote", "rules", "evaluation_key")}
-    write_json(lineage_path, record)
-    create_markdown_artifact(key=f"scoft-promotion-{culture.lower()}", markdown=decision_markdown(decision),
+    write_json(lineage_path, add_promotion(record, decision, root))
+    create_markdown_artifact(key=_artifact_key(culture), markdown=decision_markdown(decision),
                              description=f"{culture}: the candidate LoRA against the promotion rules")
     failed = failed_rules(decision)
+    review = decision.get("review")
     emit_event(event=PROMOTED if decision["promote"] else REJECTED,
                resource={"prefect.resource.id": f"scoft.model.{culture}.{decision['lora_sha256'][:16]}",
                          "prefect.resource.name": f"SCoFT LoRA {culture}", "scoft.culture": culture},
                payload={"culture": culture, "lora_sha256": decision["lora_sha256"], "lineage": decision["lineage"],
-                        "failed_rules": failed})
-    logger.info("%s: %s%s", culture, "promoted to production" if decision["promote"] else "rejected",
-                "" if decision["promote"] else f" ({'; '.join(failed)})")
+                        "failed_rules": failed, "review": review})
+    why = "; ".join(failed) if failed else f"review: {review['comment']}" if review else ""
+    get_run_logger().info("%s: %s%s", culture, "promoted to production" if decision["promote"] else "rejected",
+                          f" ({why})" if why and not decision["promote"] else "")
     return decision
+
+
+def promote_culture(workdir: str, culture: str, lineage_path: Path, rules: PromotionParams) -> dict:
+    """The promote step inside the retrain flow: judge the candidate, ask a reviewer when every rule
+    passed and params.yaml asks for one, record the verdict."""
+    decision = judge_candidate(workdir, culture, lineage_path)
+    if rules.require_approval and decision["promote"] and "already_judged" not in decision:
+        decision = ask_reviewer(culture, decision, rules.approval_timeout_s, rules.approval_poll_s)
+    return record_decision(workdir, culture, lineage_path, decision)

@@ -8,10 +8,11 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
 
 from scoft.config import load_params
 from scoft.evaluate import holm
-from scoft.lineage import build_record, save_record
+from scoft.lineage import build_record, lineage_markdown, save_record
 from scoft.paths import LORA_FILE, culture_paths
 
 
@@ -101,10 +102,21 @@ def record_lineage(workdir: str, validation: dict, metrics: dict, culture: str) 
     if stored["created_at"] != record["created_at"]:
         get_run_logger().info("%s: LoRA and data unchanged since %s: keeping their lineage record %s", culture,
                               stored["created_at"], path)
-    # Backticks (from CCUB categories in the check summary) as JSON escapes: none can close the fence.
-    as_json = json.dumps(stored, indent=2, sort_keys=True).replace("`", "\\u0060")
-    create_markdown_artifact(key=f"scoft-lineage-{culture.lower()}",
-                             markdown=f"# Lineage: {culture}\n\n`{path}`\n\n```json\n{as_json}\n```\n",
-                             description=f"Data version, checks, negatives, parameters, code and metrics of the "
-                             f"{culture} LoRA")
     return path
+
+
+@task(name="publish-lineage")
+def publish_lineage(lineage_path: Path) -> None:
+    """The record as the UI shows it: a summary an operator reads at a glance, linked to the full JSON
+    (an artifact of its own)."""
+    record = _read(Path(lineage_path))
+    culture = (record.get("culture") or "joint").lower()
+    # Backticks (from CCUB categories in the check summary) as JSON escapes: none can close the fence.
+    as_json = json.dumps(record, indent=2, sort_keys=True).replace("`", "\\u0060")
+    full = create_markdown_artifact(key=f"scoft-lineage-{culture}-record", markdown=f"```json\n{as_json}\n```\n",
+                                    description=f"The full lineage record {lineage_path}")
+    ui = get_current_settings().ui_url
+    link = f"{ui}/artifacts/artifact/{full}" if ui else None
+    create_markdown_artifact(key=f"scoft-lineage-{culture}", markdown=lineage_markdown(record, lineage_path, link),
+                             description=f"Data version, checks, code, params, metrics and decision of the "
+                             f"{record.get('culture') or 'joint'} LoRA")

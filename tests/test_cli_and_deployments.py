@@ -32,6 +32,16 @@ def test_default_params_load():
     assert p.features.evaluation != p.features.contrastive  # +MPC is not judged by the network it trains on
 
 
+def test_params_yaml_ships_the_codes_defaults():
+    """The lineage summary lists the params that differ from the defaults: a default that drifted
+    from params.yaml would be listed on every run."""
+    from scoft.lineage import params_changed_from_defaults
+
+    p = load_params(ROOT / "params.yaml").model_dump(by_alias=True)
+    sections = [name for name in p if name != "validate"]  # validate.cultures has no default
+    assert params_changed_from_defaults({name: p[name] for name in sections}) == {}
+
+
 @pytest.mark.parametrize("section,key,value,expected", [
     ("train", "lr", -1, "train.lr: Input should be greater than 0"),
     ("train", "contrastive_form", "triplet", "train.contrastive_form"),

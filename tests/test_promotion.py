@@ -147,3 +147,83 @@ def test_models_commands_promote_by_hand_list_and_roll_back(workspace):
     (workspace / "models/lora/KOR-1" / LORA_FILE).write_bytes(b"retrained")
     stale = scoft("models", "promote", "KOR", "key1", "--reason", "x", cwd=workspace)
     assert stale.returncode == 1 and "not the LoRA of record key1" in stale.stderr
+
+
+def _review_run(ws, name: str, rules: PromotionParams) -> dict:
+    """The retrain flow's promote step for KOR in a flow run of its own, started in a thread."""
+    import threading
+
+    from prefect import flow
+
+    from tasks.promote import promote_culture
+
+    lineage = ws / "lineage" / f"{name}.json"
+    write_json(lineage, {"culture": "KOR", "files": {}})
+
+    @flow(name="review", flow_run_name=name)
+    def review():
+        return promote_culture(str(ws), "KOR", lineage, rules)
+
+    outcome = {"lineage": lineage}
+    outcome["thread"] = threading.Thread(target=lambda: outcome.update(state=review(return_state=True)))
+    outcome["thread"].start()
+    return outcome
+
+
+def _paused_run(name: str, timeout: float = 60):
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+            if runs and runs[0].state.is_paused():
+                return runs[0]
+            time.sleep(0.3)
+    raise AssertionError(f"flow run {name} never paused")
+
+
+def test_a_reviewer_approves_or_rejects_through_the_api_and_no_answer_promotes_nothing(prefect_server, workspace):
+    """promotion.require_approval: the run pauses after the rules pass; the answer typed in the
+    Resume form (here sent through the API, as the UI does) decides, and goes to the registry and
+    the lineage; without an answer in time, nothing ships and the run still completes."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    rules = PromotionParams(require_approval=True, approval_timeout_s=120, approval_poll_s=1)
+    _candidate(workspace, b"first", evaluation(gain=0.08))
+    approved = _review_run(workspace, "review-approve", rules)
+    paused = _paused_run("review-approve")
+    with get_client(sync_client=True) as client:
+        shown = client.read_artifacts()
+    assert any("AWAITING REVIEW" in str(a.data) for a in shown if a.key == "scoft-promotion-kor")
+    assert registry.read(workspace, "KOR")["production"] is None  # nothing ships while it waits
+    resume_flow_run(paused.id, run_input={"approve": True, "reviewer": "amara", "comment": "the roofs are right"})
+    approved["thread"].join(120)
+    assert approved["state"].is_completed() and approved["state"].result()["promote"]
+    production = registry.read(workspace, "KOR")["production"]
+    assert production["by"] == "amara" and production["reason"] == "the roofs are right"
+    review = json.loads(approved["lineage"].read_text())["promotion"]["review"]
+    assert review == {"approve": True, "reviewer": "amara", "comment": "the roofs are right"}
+
+    _candidate(workspace, b"second", evaluation(gain=0.12))  # passes every rule, production included
+    rejected = _review_run(workspace, "review-reject", rules)
+    resume_flow_run(_paused_run("review-reject").id,
+                    run_input={"approve": False, "reviewer": "obi", "comment": "the gates are wrong"})
+    rejected["thread"].join(120)
+    assert not rejected["state"].result()["promote"]
+    entry = registry.read(workspace, "KOR")
+    assert entry["production"] == production  # unchanged
+    assert entry["history"][-1]["action"] == "reject" and entry["history"][-1]["by"] == "obi"
+
+    _candidate(workspace, b"third", evaluation(gain=0.12))
+    quick = rules.model_copy(update={"approval_timeout_s": 2})
+    unanswered = _review_run(workspace, "review-timeout", quick)
+    unanswered["thread"].join(120)
+    assert unanswered["state"].is_completed(), unanswered["state"].message  # the run goes on
+    assert not unanswered["state"].result()["promote"]
+    entry = registry.read(workspace, "KOR")
+    assert entry["production"] == production and "no reviewer answered" in entry["history"][-1]["reason"]

@@ -231,20 +231,72 @@ def test_a_new_image_of_one_culture_retrains_that_culture_only(first_run):
     assert {c: (p.stat().st_mtime_ns, sha256_file(p)) for c, p in others.items()} == before
 
 
-def test_lineage_verify_catches_an_altered_lora(first_run):
+def _first_file(ws, pattern: str) -> str:
+    return str(sorted(ws.glob(pattern))[0].relative_to(ws))
+
+
+# Each link of the chain from the CCUB data to the promotion decision: (link, a file of it).
+CHAIN_LINKS = {
+    "ccub manifest": lambda ws: "data/ccub/cultures/KOR.jsonl",
+    "ccub images": lambda ws: _first_file(ws, "data/ccub/images/KOR/*"),
+    "validation": lambda ws: "data/validation/cultures/KOR.json",
+    "negatives": lambda ws: "data/negatives/KOR/index.jsonl",
+    "negatives image": lambda ws: _first_file(ws, "data/negatives/KOR/*.png"),
+    "lora": lambda ws: LORA.format("KOR"),
+    "promotion": lambda ws: "reports/promotion/KOR.json",
+}
+
+
+@pytest.mark.parametrize("link", CHAIN_LINKS)
+def test_lineage_verify_names_a_one_byte_change_in_each_link(first_run, link):
     ws, _ = first_run
     _, record = latest_record(ws, "KOR")
     assert verify(record, ws) == []
-    assert scoft("lineage", "verify", cwd=ws).returncode == 0
-    lora = ws / LORA.format("KOR")
-    original = lora.read_bytes()
+    path = ws / CHAIN_LINKS[link](ws)
+    original = path.read_bytes()
     try:
-        lora.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
         problems = verify(record, ws)
-        assert any("sha256 differs" in p for p in problems)
-        assert scoft("lineage", "verify", "--culture", "KOR", cwd=ws).returncode == 1
+        named = link.removesuffix(" image")
+        assert any(p.startswith(f"{named}: {path.relative_to(ws)}: sha256 differs") for p in problems), problems
+        if link == "lora":
+            out = scoft("lineage", "verify", "--culture", "KOR", cwd=ws)
+            assert out.returncode == 1 and f"lora: {LORA.format('KOR')}: sha256 differs" in out.stderr
     finally:
-        lora.write_bytes(original)
+        path.write_bytes(original)
+    assert verify(record, ws) == []
+
+
+def test_lineage_verify_names_a_param_the_stages_did_not_use(first_run):
+    import yaml
+
+    ws, _ = first_run
+    _, record = latest_record(ws, "KOR")
+    lock_file = ws / "dvc.lock"
+    original = lock_file.read_bytes()
+    lock = yaml.safe_load(original)
+    lock["stages"]["train@KOR"]["params"]["params.yaml"]["train"]["lr"] *= 10
+    try:
+        lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
+        problems = verify(record, ws)
+        assert [p for p in problems if p.startswith("params: train.lr is 0.02 in dvc.lock")], problems
+    finally:
+        lock_file.write_bytes(original)
+    assert scoft("lineage", "verify", "--culture", "KOR", cwd=ws).returncode == 0
+
+
+def test_the_lineage_artifact_is_a_summary_linked_to_the_full_record(first_run):
+    ws, state = first_run
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in artifacts}
+    summary, full = by_key["scoft-lineage-kor"].data, by_key["scoft-lineage-kor-record"].data
+    _, record = latest_record(ws, "KOR")
+    assert f"| CCUB version | `{record['ccub']['dvc_hash']}`" in summary
+    assert "| train.max_steps | `4` | `300` |" in summary  # FAST's override, against the default
+    assert "| decision | **" in summary and "overall.models.scoft" in summary
+    assert '"sha256"' not in summary and record["lora"]["sha256"] in full
 
 
 def test_bad_data_stops_the_flow_before_any_sampling(prefect_server, sample_dir, tmp_path):
@@ -363,3 +415,22 @@ def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(firs
 
 
 
+def test_lineage_diff_shows_the_added_record_the_changed_params_and_the_metrics(first_run):
+    """After the module's runs (a new KOR image, then 16 steps): the first KOR record against the last."""
+    from scoft.lineage import LINEAGE_DIR
+
+    ws, _ = first_run
+    records = [(json.loads(p.read_text()), p.stem) for p in (ws / LINEAGE_DIR).glob("*.json")]
+    kor = sorted((r["created_at"], key) for r, key in records if r["culture"] == "KOR")
+    (_, first), (_, last) = kor[0], kor[-1]
+    out = scoft("lineage", "diff", first, last, "--json", cwd=ws)
+    assert out.returncode == 0, out.stderr
+    change = json.loads(out.stdout)
+    assert len(change["records_added"]) == 1 and change["records_removed"] == []
+    assert change["params_changed"]["train.max_steps"] == [4, 16]
+    assert change["params_changed"]["train.checkpoint_every"][1] == 2
+    assert set(change["metrics"]) >= {"overall.models.base", "overall.models.scoft"}
+    assert all(len(pair) == 2 for pair in change["metrics"].values())
+    text = scoft("lineage", "diff", first, last, cwd=ws)
+    assert "train.max_steps: 4 -> 16" in text.stdout and "1 added" in text.stdout
+    assert scoft("lineage", "diff", first, "nowhere", cwd=ws).returncode == 1
