@@ -356,6 +356,16 @@ def run(
 
 
 @app.command()
+def alerts(webhook: Annotated[str, typer.Option(help="The URL the alerts are POSTed to (JSON).")]):
+    """Install the Prefect automations that call WEBHOOK when a candidate LoRA is rejected or a
+    retrain run fails or crashes (on the server PREFECT_API_URL names; again: replaced)."""
+    from flows.alerts import install_alerts
+
+    for automation in install_alerts(webhook):
+        _say(f"automation {automation.name!r} ({automation.id}) calls the webhook block 'scoft-alerts'")
+
+
+@app.command()
 def remote(
     url: Annotated[str | None, typer.Option(help="s3://bucket/prefix (default: remote.url).")] = None,
     endpoint_url: Annotated[

@@ -161,7 +161,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def _params_used(root: Path, culture: str | None) -> dict[str, object]:
     """The params values dvc.lock says the culture's stages ran with, by dotted key."""
-    lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8")) if (root / "dvc.lock").is_file() else {}
+    if not (root / "dvc.lock").is_file():
+        return {}
+    # As DVC reads it: YAML 1.2, where `no` (train.mixed_precision) is the string, not false.
+    from ruamel.yaml import YAML
+
+    lock = YAML(typ="safe").load((root / "dvc.lock").read_text(encoding="utf-8"))
     stages = [f"{s}@{culture}" if culture else s for s in ("negatives", "train")]
     used = {}
     for stage in stages:
@@ -207,7 +212,11 @@ def _pixel_problems(record: dict, root: Path) -> list[str]:
 
     ccub_dir = root / record["ccub"]["path"]
     problems = []
-    for r in read_manifest(ccub_dir, record.get("culture")):
+    try:
+        records = read_manifest(ccub_dir, record.get("culture"))
+    except (OSError, ValueError, TypeError) as e:  # a damaged manifest: its hash check names it too
+        return [f"ccub manifest: {record['ccub']['path']}: unreadable ({type(e).__name__}: {e})"]
+    for r in records:
         path = ccub_dir / r.file
         if not path.is_file():
             problems.append(f"ccub images: {path.relative_to(root)}: missing (record {r.id})")

@@ -150,8 +150,11 @@ def make_negatives(params, ccub_dir, out_dir, pipe=None, progress=print, culture
     from scoft.models import load_pipeline, model_fingerprint, pick_device
 
     n, ccub_dir = params.negatives, Path(ccub_dir)
-    pipe = pipe if pipe is not None else load_pipeline(params.model).to(pick_device())
     settings = params.sampling("negatives")
+    if culture is not None and not read_manifest(ccub_dir, culture):
+        # a configured culture without records: nothing to sample, no model to load
+        return sample_negatives(None, [], out_dir, n.batch_size, settings, progress=progress)
+    pipe = pipe if pipe is not None else load_pipeline(params.model).to(pick_device())
     records = read_manifest(ccub_dir, culture)
     fingerprint = model_fingerprint(pipe)  # of the base model, before any ControlNet joins it
     control = None

@@ -14,6 +14,11 @@ os.environ.update({
     "GX_ANALYTICS_ENABLED": "false",
     "HF_HUB_OFFLINE": "1",
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+    # One torch thread in every process of the session (subprocesses inherit it): the planted pipeline
+    # runs beside the suite on 2 cores, and a 2-thread torch beside it oversubscribes them; OpenMP's
+    # spinning threads then wait on each other (a tiny base build: 15.5 s against 6.9 s on one thread).
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
 })
 
 import pytest  # noqa: E402
@@ -132,8 +137,8 @@ def write_params(path: Path, overrides: dict) -> Path:
 
 
 # The default planted-bias base takes about 6 minutes to build here, and its fine-tunes 3 more. Their
-# tests (fixture `planted_run`) run last, and the work starts in a subprocess on one thread as soon as
-# they are collected: the rest of the suite keeps about one core busy, so it overlaps instead of adding.
+# tests (fixture `planted_run`) run last, and the work starts in a subprocess (one thread, as every
+# process of the session) as soon as they are collected: it takes one core, the rest of the suite the other.
 PLANTED_CULTURES = ("KOR", "NGA")
 _planted_run: dict = {}
 
@@ -156,7 +161,7 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = [item for item in items if item not in uses_run] + uses_run
     workspace = _planted_run["dir"] = Path(tempfile.mkdtemp(prefix="scoft-test-planted-run-"))
     shutil.copy(ROOT / "params.yaml", workspace / "params.yaml")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     with open(workspace / "run.log", "w") as log:
         _planted_run["proc"] = subprocess.Popen(["bash", "-c", f"set -eo pipefail; {_planted_commands()}"],
                                                 cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -1,4 +1,5 @@
-"""A real HTTP server on loopback for ingestion tests: routes map paths to behaviours, hits are counted."""
+"""A real HTTP server on loopback for ingestion and alert tests: routes map paths to behaviours, hits
+are counted, and POSTed bodies (webhook calls) are kept."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ class LoopbackServer:
     def __init__(self):
         self.routes: dict[str, tuple] = {}  # path -> (status, content_type, body) or ("slow",) or ("redirect", to)
         self.hits: Counter = Counter()
+        self.posted: list[tuple[str, bytes]] = []  # (path, body) of each POST, in order
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # quiet
                 pass
+
+            def do_POST(self):
+                server.posted.append((self.path, self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+                self.send_response(204)
+                self.end_headers()
 
             def do_GET(self):
                 server.hits[self.path] += 1

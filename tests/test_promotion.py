@@ -227,3 +227,41 @@ def test_a_reviewer_approves_or_rejects_through_the_api_and_no_answer_promotes_n
     assert not unanswered["state"].result()["promote"]
     entry = registry.read(workspace, "KOR")
     assert entry["production"] == production and "no reviewer answered" in entry["history"][-1]["reason"]
+
+
+def _posted(receiver, what: str, timeout: float = 90) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, body in receiver.posted:
+            alert = json.loads(body)
+            if alert["alert"] == what:
+                return alert
+        time.sleep(0.5)
+    raise AssertionError(f"no {what!r} alert reached the webhook; got {receiver.posted}")
+
+
+def test_a_rejected_model_and_a_failed_retrain_reach_the_webhook(prefect_server, workspace, tmp_path_factory):
+    """`scoft alerts` automations on the server: the rejection event and the retrain run's Failed
+    state each call the webhook block, here a loopback HTTP receiver."""
+    from flows.alerts import install_alerts
+    from flows.retrain import retrain
+    from tests.loopback import LoopbackServer
+
+    with LoopbackServer() as receiver:
+        install_alerts(f"{receiver.url}/hook")
+        assert len(install_alerts(f"{receiver.url}/hook")) == 2  # installing again replaces, never doubles
+        _candidate(workspace, b"no better", evaluation(gain=0.0))
+        run = _review_run(workspace, "alerted-rejection", PromotionParams())
+        run["thread"].join(120)
+        assert not run["state"].result()["promote"]
+        rejected = _posted(receiver, "model rejected")
+        assert rejected["culture"] == "KOR" and rejected["lora_sha256"] == sha256_file(
+            workspace / "models/lora/KOR" / LORA_FILE)
+        assert rejected["failed_rules"] == ["distance to held-out images better than the base"]
+        failed_state = retrain(workdir=str(tmp_path_factory.mktemp("no-workspace")), return_state=True)
+        assert failed_state.is_failed()  # no params.yaml there
+        failed = _posted(receiver, "retrain failed")
+        assert failed["flow_run_id"] == str(failed_state.state_details.flow_run_id)
+        assert all(path == "/hook" for path, _ in receiver.posted)

@@ -268,16 +268,21 @@ def test_lineage_verify_names_a_one_byte_change_in_each_link(first_run, link):
 
 
 def test_lineage_verify_names_a_param_the_stages_did_not_use(first_run):
-    import yaml
+    import io
+
+    from ruamel.yaml import YAML
 
     ws, _ = first_run
     _, record = latest_record(ws, "KOR")
     lock_file = ws / "dvc.lock"
     original = lock_file.read_bytes()
-    lock = yaml.safe_load(original)
+    yaml = YAML()  # round trip, as DVC writes it
+    lock = yaml.load(original)
     lock["stages"]["train@KOR"]["params"]["params.yaml"]["train"]["lr"] *= 10
     try:
-        lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
+        out = io.StringIO()
+        yaml.dump(lock, out)
+        lock_file.write_text(out.getvalue())
         problems = verify(record, ws)
         assert [p for p in problems if p.startswith("params: train.lr is 0.02 in dvc.lock")], problems
     finally:

@@ -1,0 +1,53 @@
+"""Alerts: Prefect automations that call a webhook (an operators' chat channel, a pager) when a
+culture's candidate LoRA is rejected or a retrain run fails or crashes. `scoft alerts --webhook URL`
+installs them on the server that PREFECT_API_URL names; installing again replaces them."""
+
+from __future__ import annotations
+
+from prefect.automations import Automation
+from prefect.blocks.webhook import Webhook
+from prefect.events.actions import CallWebhook
+from prefect.events.schemas.automations import EventTrigger, Posture
+
+from tasks.promote import REJECTED
+
+WEBHOOK_BLOCK = "scoft-alerts"
+MODEL_REJECTED, RETRAIN_FAILED = "scoft: model rejected", "scoft: retrain failed"
+
+# JSON bodies, rendered by the server from the triggering event (Prefect's Jinja templates).
+_REJECTED_BODY = """{"alert": "model rejected", "culture": {{ event.payload.culture | tojson }},
+ "lora_sha256": {{ event.payload.lora_sha256 | tojson }}, "lineage": {{ event.payload.lineage | tojson }},
+ "failed_rules": {{ event.payload.failed_rules | tojson }}, "review": {{ event.payload.review | tojson }}}"""
+_FAILED_BODY = """{"alert": "retrain {{ event.event.split('.')[-1] | lower }}",
+ "flow_run": {{ event.resource.name | tojson }}, "flow_run_id": {{ event.resource.id.split('.')[-1] | tojson }},
+ "state": {{ event.event | tojson }}}"""
+
+
+def _automations(block_id) -> list[Automation]:
+    rejected = EventTrigger(expect={REJECTED}, match={"prefect.resource.id": "scoft.model.*"},
+                            posture=Posture.Reactive, threshold=1, within=0)
+    # Any run of the retrain flow, whichever deployment (on update, weekly) or `scoft run` started it.
+    failed = EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+                          match={"prefect.resource.id": "prefect.flow-run.*"},
+                          match_related={"prefect.resource.role": "flow", "prefect.resource.name": "retrain"},
+                          posture=Posture.Reactive, threshold=1, within=0)
+    return [
+        Automation(name=MODEL_REJECTED, description="A culture's candidate LoRA did not reach production",
+                   trigger=rejected, actions=[CallWebhook(block_document_id=block_id, payload=_REJECTED_BODY)]),
+        Automation(name=RETRAIN_FAILED, description="A retrain run failed or crashed",
+                   trigger=failed, actions=[CallWebhook(block_document_id=block_id, payload=_FAILED_BODY)]),
+    ]
+
+
+def install_alerts(webhook_url: str) -> list[Automation]:
+    """Save the webhook as the `scoft-alerts` block and (re)create the two automations calling it."""
+    block_id = Webhook(url=webhook_url, method="POST", headers={"Content-Type": "application/json"}).save(
+        WEBHOOK_BLOCK, overwrite=True)
+    installed = []
+    for automation in _automations(block_id):
+        try:
+            Automation.read(name=automation.name).delete()
+        except ValueError:  # not installed yet
+            pass
+        installed.append(automation.create())
+    return installed
