@@ -22,20 +22,19 @@ from tests.conftest import make_workspace, scoft
 # (MEX): every case of the per-culture chains, at two fifths of the default's stage processes.
 CULTURES = ["CHN", "KOR", "NGA"]
 TRAINED = ["KOR", "NGA"]
-FAST = {"train.max_steps": 4, "negatives.per_image": 1, "evaluate.bootstrap": 100, "evaluate.samples_per_prompt": 2,
+# 16 steps with a checkpoint every 4: long enough that the update test can kill a train stage mid-run.
+FAST = {"train.max_steps": 16, "train.checkpoint_every": 4, "negatives.per_image": 1, "evaluate.bootstrap": 100,
+        "evaluate.samples_per_prompt": 2,
         "orchestration.stage_retry_delay_s": 0, "validate.cultures": CULTURES}
 LORA = "models/lora/{}/pytorch_lora_weights.safetensors"
 CHAIN = ("negatives", "train", "evaluate")
 
 
-def _stages(validate: bool, chains: dict[str, bool] | bool, base: bool = False, ingest: bool = True,
-            **exceptions: bool) -> dict[str, bool]:
-    """The flow's stages_run: ingest, validate, base, then each culture's chain (exceptions by stage
-    name with @ as _: train_CHN=True)."""
+def _stages(validate: bool, chains: dict[str, bool] | bool, base: bool = False, ingest: bool = True) -> dict[str, bool]:
+    """The flow's stages_run: ingest, validate, base, then each culture's chain."""
     chains = chains if isinstance(chains, dict) else dict.fromkeys(CULTURES, chains)
-    ran = {"ingest": ingest, "validate": validate, "base": base,
-           **{f"{stage}@{c}": chains[c] for c in CULTURES for stage in CHAIN}}
-    return {**ran, **{k.replace("_", "@"): v for k, v in exceptions.items()}}
+    return {"ingest": ingest, "validate": validate, "base": base,
+            **{f"{stage}@{c}": chains[c] for c in CULTURES for stage in CHAIN}}
 
 
 def _flow_run_logs(flow_run_id, expect: str, timeout: float = 20) -> str:
@@ -146,7 +145,7 @@ def test_lineage_ties_the_lora_to_data_checks_negatives_and_the_run(first_run):
     assert record["validation"]["success"] is True
     assert record["git_commit"] == "unversioned"
     assert record["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
-    assert record["params"]["train"]["max_steps"] == 4
+    assert record["params"]["train"]["max_steps"] == 16
     assert record["packages"]["torch"] and set(record["metrics"]["per_culture"]) == {"KOR"}
     shown = scoft("lineage", "show", "--json", "--culture", "KOR", cwd=ws)
     assert shown.returncode == 0, shown.stderr
@@ -156,8 +155,8 @@ def test_lineage_ties_the_lora_to_data_checks_negatives_and_the_run(first_run):
 def test_stage_output_and_artifacts_reach_prefect(first_run):
     ws, state = first_run
     run_id = state.state_details.flow_run_id
-    logs = _flow_run_logs(run_id, "step 4/4")
-    assert "train@KOR | step 1/4 ldm=" in logs and "step 4/4" in logs
+    logs = _flow_run_logs(run_id, "step 16/16")
+    assert "train@KOR | step 1/16 ldm=" in logs and "step 16/16" in logs
     assert "validate | validate:" in logs
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
@@ -207,28 +206,6 @@ def test_rerun_with_nothing_changed_recomputes_nothing(first_run):
     assert state.result()["stages_run"] == _stages(False, False)
     assert lora.stat().st_mtime_ns == stamp and sha256_file(lora) == digest
     assert sorted(p.name for p in (ws / "lineage").iterdir()) == records_before
-
-
-def test_a_new_image_of_one_culture_retrains_that_culture_only(first_run):
-    """CCUB grows one culture's sheet at a time: the update reruns that culture's negatives (exactly k
-    new images), training and evaluation, and leaves every other culture's LoRA untouched."""
-    from flows.retrain import retrain
-    from scoft.negatives import read_negative_index
-    from scoft.sample import add_sample_image
-
-    ws, _ = first_run
-    others = {c: ws / LORA.format(c) for c in ("NGA",)}
-    before = {c: (p.stat().st_mtime_ns, sha256_file(p)) for c, p in others.items()}
-    negatives_before = {row["file"] for row in read_negative_index(ws / "data/negatives/KOR")}
-    kor_before = sha256_file(ws / LORA.format("KOR"))
-    add_sample_image(ws / "data/sample", "KOR")  # a training record: a held-out one changes every evaluation
-    state = retrain(workdir=str(ws), return_state=True)
-    assert state.is_completed(), state.message
-    assert state.result()["stages_run"] == _stages(True, {c: c == "KOR" for c in CULTURES})
-    added = {row["file"] for row in read_negative_index(ws / "data/negatives/KOR")} - negatives_before
-    assert len(added) == FAST["negatives.per_image"]  # k for the one new record, the rest reused
-    assert sha256_file(ws / LORA.format("KOR")) != kor_before
-    assert {c: (p.stat().st_mtime_ns, sha256_file(p)) for c, p in others.items()} == before
 
 
 def _first_file(ws, pattern: str) -> str:
@@ -299,7 +276,7 @@ def test_the_lineage_artifact_is_a_summary_linked_to_the_full_record(first_run):
     summary, full = by_key["scoft-lineage-kor"].data, by_key["scoft-lineage-kor-record"].data
     _, record = latest_record(ws, "KOR")
     assert f"| CCUB version | `{record['ccub']['dvc_hash']}`" in summary
-    assert "| train.max_steps | `4` | `300` |" in summary  # FAST's override, against the default
+    assert "| train.max_steps | `16` | `300` |" in summary  # FAST's override, against the default
     assert "| decision | **" in summary and "overall.models.scoft" in summary
     assert '"sha256"' not in summary and record["lora"]["sha256"] in full
 
@@ -364,22 +341,45 @@ def test_generate_draws_with_the_trained_lora(first_run):
         assert nga.returncode == 1 and "no production LoRA yet" in nga.stderr
 
 
-def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(first_run):
-    """Last in this module: it retrains the shared workspace with more steps (only train and evaluate
-    rerun), pinned to the current CCUB version as `retrain-on-update` runs are."""
+def _kill_stage_command(ws, name: str) -> int:
+    """SIGKILL the running `scoft NAME` of the workspace. The stage's command may run under a `sh -c`
+    wrapper (DVC runs it through the shell, and whether the shell execs it depends on the shell):
+    kill the whole command, wrapper included."""
+    import psutil
+
+    killed = 0
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["cwd"] == str(ws) and "scoft" in cmd and f" {name} " in f"{cmd} " and "dvc" not in cmd:
+            proc.kill()
+            killed += 1
+    return killed
+
+
+def test_an_update_of_one_culture_retrains_only_it_and_a_killed_train_resumes(first_run):
+    """As in production: one new KOR image; the ingest flow checks, versions and announces it; the
+    retrain pinned to the announced version (as `retrain-on-update` runs) reruns KOR's chain only,
+    with exactly k new negatives, and leaves every other culture's LoRA untouched. Its train stage,
+    killed after a checkpoint, is retried by Prefect and resumes from it. Last but one in this module."""
     import threading
 
-    import psutil
     import yaml
 
+    from flows.ingest import ingest
     from flows.retrain import retrain
+    from scoft.negatives import read_negative_index
+    from scoft.sample import add_sample_image
 
     ws, _ = first_run
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["train"].update(max_steps=16, checkpoint_every=2)
-    params["orchestration"].update(stage_retries=1, stage_retry_delay_s=0)
+    params["orchestration"].update(stage_retries=1, stage_retry_delay_s=0)  # no stage's dependency
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    version = json.loads((ws / "data/ingest/summary.json").read_text())["version"]
+    nga = ws / LORA.format("NGA")
+    nga_before = (nga.stat().st_mtime_ns, sha256_file(nga))
+    negatives_before = {row["file"] for row in read_negative_index(ws / "data/negatives/KOR")}
+    kor_before = sha256_file(ws / LORA.format("KOR"))
+    add_sample_image(ws / "data/sample", "KOR")  # a training record: a held-out one changes every evaluation
+    version = ingest(workdir=str(ws))["version"]
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(
         state=retrain(workdir=str(ws), ccub_version=version, return_state=True)))
@@ -388,40 +388,30 @@ def test_a_prefect_retry_of_a_killed_train_task_resumes_from_its_checkpoint(firs
     while not list(ws.glob("models/lora/KOR/checkpoints/*/step-000000004.pt")):
         assert runner.is_alive() and time.monotonic() < deadline, "the train stage never checkpointed"
         time.sleep(0.05)
-    # The stage's command may run under a `sh -c` wrapper (DVC runs it through the shell, and whether
-    # the shell execs it depends on the shell): kill the whole command, wrapper included.
-    killed = 0
-    for proc in psutil.process_iter(["cmdline", "cwd"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.info["cwd"] == str(ws) and "scoft" in cmd and " train " in f"{cmd} " and "dvc" not in cmd:
-            proc.kill()
-            killed += 1
-    assert killed >= 1
+    assert _kill_stage_command(ws, "train") >= 1
     runner.join(600)
     state = outcome["state"]
     assert state.is_completed(), state.message
+    # the data came from the DVC remote's record of the announced version; validate ran in the ingest flow
+    assert state.result()["stages_run"] == _stages(False, {c: c == "KOR" for c in CULTURES}, ingest=False)
+    added = {row["file"] for row in read_negative_index(ws / "data/negatives/KOR")} - negatives_before
+    assert len(added) == FAST["negatives.per_image"]  # k for the one new record, the rest reused
+    assert sha256_file(ws / LORA.format("KOR")) != kor_before
+    assert (nga.stat().st_mtime_ns, sha256_file(nga)) == nga_before
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         )
     assert [r.run_count for r in runs if r.name == "train@KOR"] == [2]  # failed once, retried once
-    assert [r.run_count for r in runs if r.name == "train@NGA"] == [1]  # the others ran once
-    logs = _flow_run_logs(state.state_details.flow_run_id, "resumed from step")
-    assert "train: resumed from step" in logs
+    assert "train: resumed from step" in _flow_run_logs(state.state_details.flow_run_id, "resumed from step")
     summary = json.loads((ws / "models/lora/KOR/training.json").read_text())
-    assert summary["steps"] == 16 and summary["resumed_from"] >= 4
-    # pinned: the data came from the DVC remote's record of that version, not from a new ingest
-    # every train stage reran for the new max_steps, and the evaluations of the cultures it changed
-    trained = {f"{stage}_{c}": True for c in TRAINED for stage in ("train", "evaluate")}
-    assert state.result()["stages_run"] == _stages(False, False, ingest=False, train_CHN=True,
-                                                   **trained)
+    assert summary["steps"] == FAST["train.max_steps"] and summary["resumed_from"] >= 4
     shown = json.loads(scoft("lineage", "show", "--json", "--culture", "KOR", cwd=ws).stdout)
     assert shown["ccub"]["dvc_hash"] == version
 
 
-
-def test_lineage_diff_shows_the_added_record_the_changed_params_and_the_metrics(first_run):
-    """After the module's runs (a new KOR image, then 16 steps): the first KOR record against the last."""
+def test_lineage_diff_shows_the_added_record_and_the_metrics_side_by_side(first_run):
+    """After the module's runs (a new KOR image): the first KOR record against the last."""
     from scoft.lineage import LINEAGE_DIR
 
     ws, _ = first_run
@@ -432,10 +422,23 @@ def test_lineage_diff_shows_the_added_record_the_changed_params_and_the_metrics(
     assert out.returncode == 0, out.stderr
     change = json.loads(out.stdout)
     assert len(change["records_added"]) == 1 and change["records_removed"] == []
-    assert change["params_changed"]["train.max_steps"] == [4, 16]
-    assert change["params_changed"]["train.checkpoint_every"][1] == 2
+    assert change["params_changed"] == {} and change["data_version"][0] != change["data_version"][1]
     assert set(change["metrics"]) >= {"overall.models.base", "overall.models.scoft"}
     assert all(len(pair) == 2 for pair in change["metrics"].values())
     text = scoft("lineage", "diff", first, last, cwd=ws)
-    assert "train.max_steps: 4 -> 16" in text.stdout and "1 added" in text.stdout
+    assert "1 added" in text.stdout and "params       0 changed" in text.stdout
     assert scoft("lineage", "diff", first, "nowhere", cwd=ws).returncode == 1
+
+
+def test_lineage_diff_names_each_changed_param_by_its_dotted_key():
+    from scoft.lineage import diff
+
+    def record(lr, steps, records, distance):
+        return {"ccub": {"dvc_hash": "v", "records": records}, "lora": {"sha256": "ab" * 32},
+                "params": {"train": {"lr": lr, "max_steps": steps, "loss_weights": {"ldm": 0.7}}},
+                "metrics": {"overall": {"models": {"scoft": {"mean": distance}}}}}
+
+    change = diff(record(1e-3, 4, ["a", "b"], 0.5), record(2e-3, 4, ["b", "c"], 0.4))
+    assert change["params_changed"] == {"train.lr": [1e-3, 2e-3]}
+    assert change["records_added"] == ["c"] and change["records_removed"] == ["a"]
+    assert change["metrics"] == {"overall.models.scoft": [0.5, 0.4]}
