@@ -226,7 +226,10 @@ def test_two_cpu_processes_through_accelerate_launch(prepared, tmp_path):
 def test_ablate_trains_the_four_loss_sets_and_reports_them_side_by_side(prepared, tmp_path):
     from scoft.ablate import NAMES, ablate
 
-    metrics = ablate(_params(), *prepared, tmp_path, progress=lambda m: None, max_steps=2)
+    params = _params()  # the evaluation at a fraction of its default cost: the test reads its structure
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(
+        update={"samples_per_prompt": 2, "bootstrap": 100, "steps": 4})})
+    metrics = ablate(params, *prepared, tmp_path, progress=lambda m: None, max_steps=2)
     assert list(metrics["overall"]["models"]) == ["base", *NAMES.values()]
     for losses in LOSS_SETS:
         summary = json.loads((tmp_path / losses / "training.json").read_text())
