@@ -390,17 +390,22 @@ def remote(
     _say(f"DVC remote: {configure_remote('.', settings)}")
 
 
+def _found(load):
+    """What `load()` reads; a lineage record that is not there is a one-line error (exit 1)."""
+    try:
+        return load()
+    except FileNotFoundError as e:
+        _fail(str(e))
+        raise
+
+
 @lineage_app.command("show")
 def lineage_show(as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
                  culture: Annotated[str | None, typer.Option(help="The latest of this culture's LoRA.")] = None):
     """Print the latest lineage record."""
     from scoft.lineage import latest_record
 
-    try:
-        path, record = latest_record(culture=culture)
-    except FileNotFoundError as e:
-        _fail(str(e))
-        raise
+    path, record = _found(lambda: latest_record(culture=culture))
     if as_json:
         print(json.dumps(record, indent=2, sort_keys=True))
         return
@@ -417,11 +422,7 @@ def lineage_verify(culture: Annotated[str | None, typer.Option(help="The latest 
     """Recompute the hashes of the latest lineage record; exit 1 on any mismatch."""
     from scoft.lineage import latest_record, verify
 
-    try:
-        path, record = latest_record(culture=culture)
-    except FileNotFoundError as e:
-        _fail(str(e))
-        raise
+    path, record = _found(lambda: latest_record(culture=culture))
     problems = verify(record)
     if problems:
         _fail(f"{path}: {len(problems)} mismatch(es)\n  " + "\n  ".join(problems))
@@ -437,11 +438,7 @@ def lineage_diff(a: Annotated[str, typer.Argument(help="A record: its key (linea
     """What changed from record A to record B: CCUB records, params, metrics side by side."""
     from scoft.lineage import diff, read_record
 
-    try:
-        change = diff(read_record(a), read_record(b))
-    except FileNotFoundError as e:
-        _fail(str(e))
-        raise
+    change = diff(*_found(lambda: (read_record(a), read_record(b))))
     if as_json:
         print(json.dumps(change, indent=2, sort_keys=True))
         return
