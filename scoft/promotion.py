@@ -16,6 +16,7 @@ from scoft.config import Params, PromotionParams
 from scoft.evaluate import BASE
 from scoft.io import sha256_file, sha256_json, write_json
 from scoft.paths import CCUB_DIR, LORA_FILE, PROMOTION_DIR, culture_paths
+from scoft.render import markdown_text
 
 CANDIDATE = "scoft"  # the evaluate stage's name for the culture's new LoRA
 
@@ -113,22 +114,17 @@ def decision_markdown(decision: dict, awaiting_review: bool = False) -> str:
     """What an operator (or the reviewer asked to approve) reads at a glance in the Prefect UI."""
     verdict = "AWAITING REVIEW" if awaiting_review else "PROMOTED" if decision["promote"] else "REJECTED"
     lines = [f"# {decision['culture']}: {verdict}", "", "| rule | outcome | detail |", "|---|---|---|"]
-    lines += [f"| {o['rule']} | {'pass' if o['passed'] else '**fail**'} | {_cell(o['detail'])} |"
+    lines += [f"| {o['rule']} | {'pass' if o['passed'] else '**fail**'} | {markdown_text(o['detail'])} |"
               for o in decision["rules"]]
     review = decision.get("review")
     if awaiting_review:
         lines += ["", "Every rule passed. Approve or reject in this flow run's Resume form, with a comment."]
     elif review and review["approve"] is None:
-        lines += ["", f"No review came in time: nothing promoted ({_cell(review['comment'])})."]
+        lines += ["", f"No review came in time: nothing promoted ({markdown_text(review['comment'])})."]
     elif review:
-        lines += ["", f"Review by {_cell(review['reviewer'])}: {'approved' if review['approve'] else 'rejected'}, "
-                      f"{_cell(review['comment'])}"]
+        verdict = "approved" if review["approve"] else "rejected"
+        lines += ["", f"Review by {markdown_text(review['reviewer'])}: {verdict}, {markdown_text(review['comment'])}"]
     return "\n".join(lines) + "\n"
-
-
-def _cell(text: str) -> str:
-    """Free text (a rule's numbers, a reviewer's comment) inside a markdown table or line."""
-    return str(text).replace("|", "/").replace("\n", " ")
 
 
 def evaluation_key(params: Params, ccub_dir: str | Path, culture: str) -> str:
@@ -175,7 +171,8 @@ def record_verdict(root: str | Path, culture: str, decision: dict) -> dict:
     root = Path(root)
     review = decision.get("review")
     if review is None:
-        by, reason = RULES_BY, "every rule passed"
+        by = RULES_BY
+        reason = "every rule passed" if decision["promote"] else "failed: " + "; ".join(failed_rules(decision))
     elif review["approve"] is None:
         by, reason = RULES_BY, f"no reviewer answered within the approval time-out ({review['comment']})"
     else:
@@ -185,8 +182,6 @@ def record_verdict(root: str | Path, culture: str, decision: dict) -> dict:
         registry.promote(root, culture, root / culture_paths(culture)["lora"], decision["lineage"], by=by,
                          reason=reason, decision=decision)
     else:
-        if review is None:
-            reason = "failed: " + "; ".join(failed_rules(decision))
         registry.reject(root, culture, decision["lora_sha256"], decision["lineage"], by=by, reason=reason,
                         decision=decision)
     write_json(root / PROMOTION_DIR / f"{culture}.json", decision)
