@@ -1,14 +1,16 @@
 """Time per optimizer step of the full SCoFT method (+MPC, pixel losses every 10 steps, amortised)
 against LDM-only fine-tuning, in the same process, and peak memory.
 
-    python bench/train_step.py --scale tiny|sd15 [--steps 20] [--resolution 128] [--fast-sampler-steps 1]
+    python bench/train_step.py --scale tiny|sd15 [--steps 20] [--resolution 128] \
+        [--fast-sampler-steps 3 --fast-sampler dpm-solver++]
 
 sd15: Stable Diffusion v1.5's architecture with random weights, 512 px unless --resolution says
 otherwise, batch 1; on a GPU with bf16 and gradient checkpointing. LDM-only runs before and after the
 full method and the two are averaged (drift of clocks and caches cancels). The last line is the
 ratio full / LDM-only. The loop runs without its dvclive log. With --fast-sampler-steps N the full
 method runs a second time with an N-step estimate of the clean image for the pixel losses (1: the
-one-step x0 prediction of the call L_LDM already made), and its ratio is printed too.
+one-step x0 prediction of the call L_LDM already made) of --fast-sampler (ddim | dpm-solver++), and
+its ratio is printed too.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from scoft.negatives import plan_negatives, sample_negatives  # noqa: E402
 from scoft.train import train  # noqa: E402
 
 
-def _params(scale: str, losses: str, steps: int, cuda: bool, resolution: int, sampler_steps: int | None = None):
+def _params(scale: str, losses: str, steps: int, cuda: bool, resolution: int, sampler_steps: int | None = None,
+            sampler: str = "ddim"):
     base = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     train_params = base.train.model_copy(update={
         "losses": losses, "max_steps": steps, "batch_size": 1, "pixel_loss_every": 10, "checkpoint_every": 0,
         "mixed_precision": "bf16" if cuda else "no", "gradient_checkpointing": cuda and scale == "sd15",
         "sampler_steps": sampler_steps or (20 if scale == "sd15" else base.train.sampler_steps),
+        "sampler": sampler if sampler_steps else "ddim",
         "lora_rank": 64 if scale == "sd15" else 4,
         "lora_alpha": 64 if scale == "sd15" else 4})
     features = base.features.model_copy(update={"perceptual": "lpips-vgg"})
@@ -44,12 +48,12 @@ def _params(scale: str, losses: str, steps: int, cuda: bool, resolution: int, sa
 
 
 def run(scale: str, losses: str, steps: int, work: Path, device, resolution: int,
-        sampler_steps: int | None = None) -> dict:
+        sampler_steps: int | None = None, sampler: str = "ddim") -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    params = _params(scale, losses, steps, cuda, resolution, sampler_steps)
+    params = _params(scale, losses, steps, cuda, resolution, sampler_steps, sampler)
     pipe = build_pipeline(scale, device)
     started = time.perf_counter()
     summary = train(params, work / "ccub", work / "negatives", work / f"lora-{losses}", None,
@@ -57,6 +61,7 @@ def run(scale: str, losses: str, steps: int, work: Path, device, resolution: int
     if cuda:
         torch.cuda.synchronize()
     return {"losses": losses, "steps": steps, "sampler_steps": params.train.sampler_steps,
+            "sampler": params.train.sampler,
             "loop_seconds": summary["seconds"],
             "seconds_per_step": summary["seconds"] / steps, "wall_seconds": round(time.perf_counter() - started, 2),
             "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
@@ -69,6 +74,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the scale's own)")
     parser.add_argument("--fast-sampler-steps", type=int, default=None,
                         help="also time the full method with this many sampler steps for the pixel losses")
+    parser.add_argument("--fast-sampler", choices=["ddim", "dpm-solver++"], default="ddim")
     args = parser.parse_args()
     resolution = args.resolution or RESOLUTION[args.scale]
     device = pick_device()
@@ -84,14 +90,14 @@ def main() -> None:
     fast = None
     if args.fast_sampler_steps:
         fast = run(args.scale, "ldm+mem+perceptual+contrastive", args.steps, work, device, resolution,
-                   args.fast_sampler_steps)
+                   args.fast_sampler_steps, args.fast_sampler)
     after = run(args.scale, "ldm", args.steps, work, device, resolution)
     ldm = (before["seconds_per_step"] + after["seconds_per_step"]) / 2
     report({"benchmark": "train_step", "scale": args.scale, "resolution": resolution, "machine": machine(),
             "ldm_only_before": before, "full_mpc": full, "full_mpc_fast": fast, "ldm_only_after": after,
             "process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
     if fast:
-        print(f"ratio full ({fast['sampler_steps']} sampler steps)/ldm-only seconds per step: "
+        print(f"ratio full ({fast['sampler_steps']} {fast['sampler']} steps)/ldm-only seconds per step: "
               f"{fast['seconds_per_step'] / ldm:.2f}x")
     print(f"ratio full ({full['sampler_steps']} sampler steps)/ldm-only seconds per step: "
           f"{full['seconds_per_step'] / ldm:.2f}x")

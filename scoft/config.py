@@ -220,9 +220,10 @@ class TrainParams(_Section):
     sampler_steps: int = Field(4, ge=1)
     sampler_guidance: float = Field(4.5, ge=0)
     # ddim: deterministic, evenly spaced; ddpm: the reference's stochastic sampler. The gradient that
-    # reaches the first prediction differs between them (bench/sampler_gradient.py), so the pixel
-    # loss weights tuned for one do not carry over to the other unchanged.
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    # reaches the first prediction differs between them (their updates differ), so the pixel
+    # loss weights tuned for one do not carry over to the other unchanged. dpm-solver++: DPM-Solver++(2M),
+    # nearer the long sampler's estimate for the same UNet calls (bench/x0_estimate.py).
+    sampler: Literal["ddim", "ddpm", "dpm-solver++"] = "ddim"
     contrastive_form: Literal["difference", "hinge"] = "difference"
     contrastive_margin: float = Field(0.1, ge=0)
     random_flip: bool = True

@@ -304,8 +304,9 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
     frozen = _frozen_parts(pipe, params, accelerator.device, DTYPES.get(accelerator.mixed_precision, torch.float32))
     unet = pipe.unet
     trainable = add_lora(unet, tp.lora_rank, tp.lora_alpha, tp.lora_targets)
-    if tp.gradient_checkpointing:
+    if tp.gradient_checkpointing:  # the pixel step's VAE decode has gradient too: its activations are recomputed
         unet.enable_gradient_checkpointing()
+        frozen.vae.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay)
     lr_scheduler = get_scheduler(tp.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=max_steps)
     dataset = CCUBTrainSet(ccub_dir, negatives_dir, params.model.resolution, params.negatives.per_image, culture)

@@ -1,7 +1,12 @@
-"""Helpers the tests share: an offline ingest with the suite's usual options, tiny sampler settings."""
+"""Helpers the tests share: an offline ingest with the suite's usual options, tiny sampler settings, the
+`scoft` command run in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import subprocess
+import sys
 from pathlib import Path
 
 # Two sampler steps at 32 px: enough to exercise guidance and batching, cheap on 2 cores.
@@ -17,3 +22,25 @@ def ingest_offline(sources: list, out: str | Path, **overrides) -> dict:
     options = dict(heldout_fraction=0.25, max_pixels=10**7, max_rejected_fraction=0.25,
                    captioner=FallbackCaptioner(), progress=lambda m: None)
     return ingest([str(s) for s in sources], out, **{**options, **overrides})
+
+
+def scoft_here(*args: str | Path, cwd: str | Path) -> subprocess.CompletedProcess:
+    """`scoft ARGS` run from `cwd` in this process, through the console script's own entry point
+    (scoft.cli:main, with its one-line failures): the same command as tests.conftest.scoft (a subprocess)
+    without its 10 to 15 s of importing torch and diffusers again. An exception the command does not turn
+    into an exit status fails the test (the subprocess would print a traceback). For commands judged by
+    their exit status, output and files; what is about processes (signals, time limits, environment
+    read at start) keeps the subprocess."""
+    from scoft.cli import main
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["scoft", *map(str, args)]
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        status = 0
+    except SystemExit as e:  # typer ends every command with one
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["scoft", *args], status, out.getvalue(), err.getvalue())

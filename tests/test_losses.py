@@ -131,7 +131,8 @@ def test_gradient_reaches_the_weights_only_through_the_first_call(t, steps):
     assert not z0b.requires_grad
 
 
-def test_gradient_is_the_derivative_with_later_sampler_calls_held_fixed():
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
+def test_gradient_is_the_derivative_with_later_sampler_calls_held_fixed(sampler):
     """The sampler's gradient w.r.t. the first prediction equals finite differences of the sampler
     in which every later UNet output is replayed unchanged: no gradient flows through them."""
     alphas = _alphas().double()
@@ -146,13 +147,14 @@ def test_gradient_is_the_derivative_with_later_sampler_calls_held_fixed():
         return out
 
     first = torch.randn_like(z_t, requires_grad=True)
-    loss = estimate_clean_latents(recording, z_t, t, first, text, empty, alphas, 3, 2.0).pow(2).sum()
+    loss = estimate_clean_latents(recording, z_t, t, first, text, empty, alphas, 3, 2.0, sampler=sampler).pow(2).sum()
     loss.backward()
     replay = iter(list(recorded))
     h = 1e-6
     bumped = first.detach().clone()
     bumped.view(-1)[0] += h
-    loss_h = estimate_clean_latents(lambda z, tt, emb: next(replay), z_t, t, bumped, text, empty, alphas, 3, 2.0)
+    loss_h = estimate_clean_latents(lambda z, tt, emb: next(replay), z_t, t, bumped, text, empty, alphas, 3, 2.0,
+                                    sampler=sampler)
     fd = (loss_h.pow(2).sum() - loss).item() / h
     assert first.grad.view(-1)[0].item() == pytest.approx(fd, rel=1e-4)
 
@@ -196,14 +198,17 @@ def test_three_step_guided_sampler_value_by_hand(prediction_type):
     assert got.item() == pytest.approx(x0, rel=1e-9)
 
 
-def test_small_t_still_gives_the_pixel_losses_a_gradient():
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
+@pytest.mark.parametrize("t", [0, 5])
+def test_small_t_still_gives_the_pixel_losses_a_gradient(sampler, t):
     alphas = _alphas()
     z_t = torch.randn(1, 2, 2, 2)
     first = torch.randn_like(z_t, requires_grad=True)
     text, empty = torch.ones(1), torch.zeros(1)
-    z0 = estimate_clean_latents(_linear_unet, z_t, torch.tensor([5]), first, text, empty, alphas, 20, 4.5)
+    z0 = estimate_clean_latents(_linear_unet, z_t, torch.tensor([t]), first, text, empty, alphas, 20, 4.5,
+                                sampler=sampler)
     z0.sum().backward()
-    assert first.grad.abs().sum() > 0.1  # with repeated timesteps the first step cancelled out: exactly 0
+    assert first.grad.abs().sum() > 0.01  # with repeated timesteps the first step cancelled out: exactly 0
 
 
 def test_ddpm_sampler_is_reproducible_with_a_generator_and_stochastic_without_one():
@@ -218,12 +223,58 @@ def test_ddpm_sampler_is_reproducible_with_a_generator_and_stochastic_without_on
     assert not torch.allclose(run(1), ddim)
 
 
-def test_mixed_timesteps_in_a_batch_match_each_sample_alone():
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
+def test_mixed_timesteps_in_a_batch_match_each_sample_alone(sampler):
     alphas = _alphas()
     z_t, first = torch.randn(2, 2, 2, 2), torch.randn(2, 2, 2, 2)
     text, empty = torch.ones(2), torch.zeros(2)
-    both = estimate_clean_latents(_linear_unet, z_t, torch.tensor([5, 900]), first, text, empty, alphas, 20, 4.5)
+    both = estimate_clean_latents(_linear_unet, z_t, torch.tensor([5, 900]), first, text, empty, alphas, 20, 4.5,
+                                  sampler=sampler)
     for i, t in enumerate([5, 900]):
         alone = estimate_clean_latents(_linear_unet, z_t[i:i + 1], torch.tensor([t]), first[i:i + 1], text[:1],
-                                       empty[:1], alphas, 20, 4.5)
+                                       empty[:1], alphas, 20, 4.5, sampler=sampler)
         assert torch.allclose(both[i:i + 1], alone, atol=1e-5)
+
+
+def test_dpm_solver_timesteps_are_even_in_log_snr_and_stop_short_of_zero():
+    alphas = _alphas()
+    taus, active = sampler_timesteps(torch.tensor([999, 0]), steps=4, schedule="dpm-solver++", alphas_cumprod=alphas)
+    calls = taus[:, 0].tolist()
+    assert calls[0] == 999 and len(calls) == 4 and calls == sorted(set(calls), reverse=True) and calls[-1] > 0
+    log_snr = 0.5 * (alphas.log() - (1 - alphas).log())
+    gaps = (log_snr[taus[1:, 0]] - log_snr[taus[:-1, 0]]).tolist()
+    assert max(gaps) - min(gaps) < 0.05 * max(gaps)  # the calls are evenly spaced in log-SNR, not in t
+    assert active[:, 1].tolist() == [True, False, False, False]  # t = 0: its own prediction only
+
+
+def _gaussian_problem(n=6, mu=0.3, s=0.4, seed=0):
+    """Data x0 ~ N(mu, s^2) per value, where the ideal eps-prediction and the probability-flow ODE's
+    exact solution are known in closed form: the map from z_t to z_0 keeps each value's quantile."""
+    alphas = _alphas().double()
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(999, 50, n).long()
+    a = alphas[t].view(-1, 1, 1, 1)
+    x0 = mu + s * torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64)
+    z_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+
+    def ideal_unet(z, tt, emb):
+        a_t = alphas[tt].view(-1, 1, 1, 1)
+        return (1 - a_t).sqrt() * (z - a_t.sqrt() * mu) / (a_t * s**2 + 1 - a_t)
+
+    a0 = alphas[0]
+    exact = a0.sqrt() * mu + (a0 * s**2 + 1 - a0).sqrt() * (z_t - a.sqrt() * mu) / (a * s**2 + 1 - a).sqrt()
+    return alphas, t, z_t, ideal_unet, exact
+
+
+def test_dpm_solver_with_4_calls_lands_nearer_the_exact_solution_than_ddim_with_20():
+    alphas, t, z_t, unet, exact = _gaussian_problem()
+    first, text = unet(z_t, t, None), torch.zeros(len(t), 1, 1, 1, dtype=torch.float64)
+
+    def error(sampler, steps):
+        estimate = estimate_clean_latents(unet, z_t, t, first, text, text, alphas, steps, 1.0, sampler=sampler)
+        return (estimate - exact).abs().max().item()
+
+    dpm = {steps: error("dpm-solver++", steps) for steps in (2, 4, 8, 20)}
+    assert dpm[20] < dpm[8] < dpm[4] < dpm[2]  # it converges to the exact solution
+    assert dpm[20] < 0.01
+    assert dpm[4] < 0.5 * error("ddim", 20) and dpm[4] < 0.2 * error("ddim", 4)

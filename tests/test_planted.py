@@ -9,7 +9,8 @@ from scoft.config import ModelParams, PlantedParams
 from scoft.io import sha256_file
 from scoft.planted import STEREOTYPES, build_planted_base, stereotype_oracle, web_corpus
 from scoft.sample import CATEGORIES, CULTURES, draw
-from tests.conftest import ROOT, scoft, write_params
+from tests.conftest import ROOT, write_params
+from tests.helpers import scoft_here
 
 QUICK = PlantedParams(images_per_prompt=2, vae_steps=8, unet_steps=8, batch_size=8, vae_batch_size=8)
 
@@ -56,7 +57,7 @@ def test_the_oracle_sees_the_stereotype_on_the_web_and_the_truth_in_ccub():
 
 def test_the_tiny_base_missing_is_a_configuration_error_naming_the_stage(tmp_path):
     params = write_params(tmp_path / "params.yaml", {"model.base": "tiny"})
-    out = scoft("generate", "--prompt", "a house", "--out", "x.png", "--base", "--params", str(params), cwd=tmp_path)
+    out = scoft_here("generate", "--prompt", "a house", "--out", "x.png", "--base", "--params", params, cwd=tmp_path)
     assert out.returncode == 2 and "run `dvc repro base`" in out.stderr and "Traceback" not in out.stderr
 
 

@@ -17,6 +17,7 @@ from prefect.client.schemas.filters import (
 from scoft.io import sha256_file
 from scoft.lineage import dvc_out_hashes, latest_record, verify
 from tests.conftest import make_workspace, scoft
+from tests.helpers import scoft_here
 
 # Two cultures to train, one configured without records (CHN), one in the sample but not configured
 # (MEX): every case of the per-culture chains, at two fifths of the default's stage processes.
@@ -312,29 +313,29 @@ def test_generate_draws_with_the_trained_lora(first_run):
     from PIL import Image
 
     ws, _ = first_run
-    out = scoft("generate", "--prompt", "a traditional Korean house", "--out", "gen/house.png", "--seed", "3",
+    out = scoft_here("generate", "--prompt", "a traditional Korean house", "--out", "gen/house.png", "--seed", "3",
                 "--culture", "KOR", "--candidate", cwd=ws)
     assert out.returncode == 0, out.stderr
-    skipped = scoft("generate", "--prompt", "x", "--out", "y.png", "--culture", "CHN", "--candidate", cwd=ws)
+    skipped = scoft_here("generate", "--prompt", "x", "--out", "y.png", "--culture", "CHN", "--candidate", cwd=ws)
     assert skipped.returncode == 1 and "no record of it" in skipped.stderr  # says why CHN has no LoRA
     with Image.open(ws / "gen/house.png") as im:
         assert im.size == (32, 32) and im.mode == "RGB"
-    missing = scoft("generate", "--prompt", "x", "--out", "y.png", "--lora", "nowhere", cwd=ws)
+    missing = scoft_here("generate", "--prompt", "x", "--out", "y.png", "--lora", "nowhere", cwd=ws)
     assert missing.returncode == 1 and "no trained LoRA" in missing.stderr
-    base = scoft("generate", "--prompt", "a traditional Korean house", "--out", "gen/base.png", "--seed", "3", "--base",
-                 "--lora", "nowhere", cwd=ws)
+    base = scoft_here("generate", "--prompt", "a traditional Korean house", "--out", "gen/base.png", "--seed", "3",
+                      "--base", "--lora", "nowhere", cwd=ws)
     assert base.returncode == 0, base.stderr
     with Image.open(ws / "gen/base.png") as b, Image.open(ws / "gen/house.png") as tuned:
         assert b.size == (32, 32) and b.tobytes() != tuned.tobytes()  # without the LoRA, another picture
     # --culture alone draws with production: promoted by hand here, whatever the rules said
     key = latest_record(ws, "KOR")[0].stem
-    assert scoft("models", "promote", "KOR", key, "--reason", "reviewed", cwd=ws).returncode == 0
+    assert scoft_here("models", "promote", "KOR", key, "--reason", "reviewed", cwd=ws).returncode == 0
     assert (ws / "registry/loras.dvc").is_file()  # tracked by DVC: the next push sends it to the remote
-    production = scoft("generate", "--prompt", "a traditional Korean house", "--out", "gen/prod.png", "--seed", "3",
-                       "--culture", "KOR", cwd=ws)
+    production = scoft_here("generate", "--prompt", "a traditional Korean house", "--out", "gen/prod.png",
+                            "--seed", "3", "--culture", "KOR", cwd=ws)
     assert production.returncode == 0, production.stderr
     assert (ws / "gen/prod.png").read_bytes() == (ws / "gen/house.png").read_bytes()
-    nga = scoft("generate", "--prompt", "x", "--out", "y.png", "--culture", "NGA", cwd=ws)
+    nga = scoft_here("generate", "--prompt", "x", "--out", "y.png", "--culture", "NGA", cwd=ws)
     from scoft import registry
 
     if registry.read(ws, "NGA")["production"] is None:
