@@ -15,7 +15,10 @@ paired by prompt. So the table says whether the generic metrics agree with the o
 
     .venv/bin/python -m bench.planted_bias --base models/base --seeds 3 [--steps 300] [--joint] \
         [--set train.lr=3e-4 ...] [--losses ldm,ldm+mem+perceptual+contrastive] [--json out.json] \
-        [--work DIR]
+        [--work DIR] [--fast train.sampler=dpm-solver++,train.sampler_steps=2]
+
+--fast trains +MPC a second time with those overrides ("+MPC fast"), on the same data and seeds, and the
+tables add its paired difference from +MPC and from LDM: whether a cheaper setting keeps the effect.
 
 With --work, the sample, negatives and LoRAs stay in DIR and a rerun skips every LoRA already trained
 there (the full run takes about 45 minutes on 2 cores: a stopped run loses nothing finished).
@@ -48,6 +51,7 @@ from scoft.sample import CULTURES, write_sample
 from scoft.train import train
 
 NAMES = dict(zip(LOSS_SETS, ["LDM", "+M", "+MP", "+MPC"]))
+FAST = "+MPC fast"  # +MPC under --fast's overrides
 # (key, title, whether lower is better)
 METRICS = [
     ("stereotype_share", "stereotype share (oracle)", True),
@@ -98,12 +102,15 @@ def prepare(params, work: Path, per_category: int):
     return pipe, read_manifest(work / "ccub")
 
 
-def train_models(params, losses: str, seed: int, work: Path, joint: bool) -> tuple[Path | dict[str, Path], float]:
-    """One loss set at one training seed: a LoRA per culture (or one joint LoRA); the seconds it took."""
+def train_models(params, losses: str, seed: int, work: Path, joint: bool,
+                 tag: str = "") -> tuple[Path | dict[str, Path], float]:
+    """One loss set at one training seed: a LoRA per culture (or one joint LoRA); the seconds it took.
+    `tag` tells apart the folders of the same loss set under other settings."""
     tp = params.train.model_copy(update={"losses": losses, "seed": params.train.seed + seed, "checkpoint_every": 0})
     variant = params.model_copy(update={"train": tp})
     started = time.monotonic()
-    folders = {None: work / f"{losses}-{seed}"} if joint else {c: work / f"{losses}-{seed}-{c}" for c in CULTURES}
+    name = f"{losses}{tag}-{seed}"
+    folders = {None: work / name} if joint else {c: work / f"{name}-{c}" for c in CULTURES}
     for culture, folder in folders.items():
         if (folder / LORA_FILE).is_file():  # trained by an earlier, stopped run in the same --work
             continue
@@ -119,7 +126,8 @@ def table(per_model: dict[str, dict[str, np.ndarray]], cultures: np.ndarray) -> 
     names = list(per_model)
     for key, title, lower_better in METRICS:
         sign = 1 if lower_better else -1
-        pairs = [(n, BASE) for n in names if n != BASE] + ([("+MPC", "LDM")] if {"+MPC", "LDM"} <= set(names) else [])
+        pairs = [(n, BASE) for n in names if n != BASE] + [
+            (a, b) for a, b in (("+MPC", "LDM"), (FAST, "+MPC"), (FAST, "LDM")) if {a, b} <= set(names)]
         lines += [f"**{title}** ({'lower' if lower_better else 'higher'} is better); improvement: paired, positive "
                   "is better", "", "| culture | " + " | ".join(names) + " | " +
                   " | ".join(f"{a} vs {b}" for a, b in pairs) + " |", "|---" * (1 + len(names) + len(pairs)) + "|"]
@@ -190,6 +198,8 @@ def main():
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--json", default=None, help="also write the per-prompt results here")
     parser.add_argument("--work", default=None, help="keep the work here; a rerun skips the LoRAs trained there")
+    parser.add_argument("--fast", default=None, metavar="SECTION.KEY=VALUE,...",
+                        help="also train +MPC with these overrides, side by side")
     args = parser.parse_args()
     overrides = [f"model.base={args.base}", *args.set] + ([f"train.max_steps={args.steps}"] if args.steps else [])
     params = with_overrides(load_params(args.params), overrides)
@@ -203,6 +213,11 @@ def main():
             for seed in range(args.seeds):
                 runs[f"{NAMES[losses]} s{seed}"], took = train_models(params, losses, seed, work, args.joint)
                 seconds.setdefault(NAMES[losses], []).append(took)
+        if args.fast:
+            fast = with_overrides(params, args.fast.split(","))
+            for seed in range(args.seeds):
+                runs[f"{FAST} s{seed}"], took = train_models(fast, LOSS_SETS[-1], seed, work, args.joint, "-fast")
+                seconds.setdefault(FAST, []).append(took)
         distance = build_distance(params.features.evaluation, params.features, params.model.seed)
         result = compare(
             pipe,
@@ -223,6 +238,7 @@ def main():
     models = {
         BASE: [BASE],
         **{NAMES[ls]: [f"{NAMES[ls]} s{s}" for s in range(args.seeds)] for ls in args.losses.split(",")},
+        **({FAST: [f"{FAST} s{s}" for s in range(args.seeds)]} if args.fast else {}),
     }
     per_run = {
         name: {**oracle_scores(images, held, per_prompt), **{k: v[name] for k, v in result["per_prompt"].items()}}
@@ -235,13 +251,14 @@ def main():
     print(f"base {args.base}; {'one joint LoRA' if args.joint else 'one LoRA per culture'}; held-out prompts: "
           f"{len(held)} ({', '.join(f'{c} {int((cultures == c).sum())}' for c in CULTURES)}), {per_prompt} sampling "
           f"seeds each, {args.seeds} training seed(s) per loss set; evaluation backbone {params.features.evaluation}; "
-          f"overrides: {', '.join(overrides)}")
+          f"overrides: {', '.join(overrides)}" + (f"; {FAST}: {args.fast}" if args.fast else ""))
     print("\n".join(["", *table(per_model, cultures), *generic_lines(result, models), "",
                      *quality_lines(result["metrics"], models), ""]))
     print("training seconds per loss set and seed: " + ", ".join(f"{n} {np.mean(v):.0f}" for n, v in seconds.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "overrides": overrides, "joint": args.joint, "cultures": cultures.tolist(), "seconds": seconds,
+            "overrides": overrides, "fast": args.fast, "joint": args.joint, "cultures": cultures.tolist(),
+            "seconds": seconds,
             "models": {n: {k: v.tolist() for k, v in m.items()} for n, m in per_model.items()}}, indent=1))
 
 

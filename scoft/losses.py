@@ -133,9 +133,10 @@ def estimate_clean_latents(
     ODE as DDIM in its data-prediction form: for the same number of UNet calls, an estimate nearer the
     long sampler's (bench/x0_estimate.py).
     `first_prediction` is the UNet output for (z_t, t, text) that L_LDM already used, with its
-    graph: it is the only call that carries gradient. The unconditional half of the first step and
-    every later call run under no_grad; the result still depends on the first prediction through
-    the sampler's linear updates, so the pixel losses train the model through that one call.
+    graph: it is the only call that carries gradient. The unconditional half of the first step runs
+    under no_grad, every later call under inference_mode (no graph, no version counters either); the
+    result still depends on the first prediction through the sampler's linear updates, so the pixel
+    losses train the model through that one call.
     Each sample keeps its own timestep list, so mixed t in one batch, t = 0 and t = T-1 all work.
     """
     taus, active = sampler_timesteps(t, steps, sampler, alphas_cumprod)
@@ -146,10 +147,10 @@ def estimate_clean_latents(
     z, previous = z_t, None  # previous: (x0, step size h) of the last solver step, for dpm-solver++
     for i in range(len(taus)):
         if i > 0:
-            with torch.no_grad():
+            with torch.inference_mode():
                 both = unet(torch.cat([z.detach()] * 2), torch.cat([taus[i]] * 2), torch.cat([empty_text, text]))
-                u, c = both.chunk(2)
-                output = u + guidance_scale * (c - u)
+            u, c = both.clone().chunk(2)  # out of inference mode: later code may hand them to autograd to save
+            output = u + guidance_scale * (c - u)
         a = _per_sample(alphas_cumprod[taus[i]], z)
         eps = prediction_to_eps(output, z, a, prediction_type)
         z0 = (z - (1 - a).sqrt() * eps) / a.sqrt()

@@ -177,6 +177,10 @@ def test_the_reference_profile_and_the_readmes_real_run_keys_validate(tmp_path):
             reference.train.pixel_loss_every, reference.train.sampler_steps, reference.negatives.per_image) == \
         (512, 64, 4, 10, 20, 5)
     assert reference.negatives.depth_guided and reference.train.mixed_precision == "bf16"
+    fast = load_params(ROOT / "profiles/sd15-fast.yaml")  # the reference but for the pixel losses' sampler
+    assert (fast.train.sampler, fast.train.sampler_steps) == ("dpm-solver++", 3)
+    assert fast.model_copy(update={"train": fast.train.model_copy(update={"sampler": "ddpm", "sampler_steps": 20})}) \
+        == reference
     readme = (ROOT / "README.md").read_text()
     weights = re.search(r"`features\.weights: (\{[^`]*\})`", readme)[1]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

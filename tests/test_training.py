@@ -1,6 +1,7 @@
 """SCoFT training: loss sets, backbones, any batch size and timestep, resume after SIGKILL, accelerate."""
 
 import json
+import math
 import signal
 import subprocess
 import time
@@ -113,6 +114,19 @@ def test_gradient_checkpointing_gives_the_same_lora(prepared, tmp_path):
               tmp_path / str(flag), tmp_path / f"log{flag}", progress=lambda m: None)
     a, b = load_file(tmp_path / "False" / LORA_FILE), load_file(tmp_path / "True" / LORA_FILE)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
+def test_bf16_training_with_pixel_losses_learns(prepared, tmp_path, sampler):
+    """Mixed precision (autocast) around the pixel step, whose later sampler calls run in inference mode:
+    the step's tensors must still be usable by autograd, and the LoRA must move."""
+    from safetensors.torch import load_file
+
+    summary = train(_params(mixed_precision="bf16", max_steps=2, pixel_loss_every=1, sampler=sampler,
+                            sampler_steps=3), *prepared, tmp_path / "lora", None, progress=lambda m: None)
+    assert math.isfinite(summary["final_losses"]["contrastive"])  # the pixel losses were computed
+    lora = load_file(tmp_path / "lora" / LORA_FILE)
+    assert all(v.abs().max() > 0 for k, v in lora.items() if "lora.up" in k)  # up (B) starts at 0: it learned
 
 
 def _train_command(params_file, ccub, negatives, out, *extra):
