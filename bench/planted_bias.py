@@ -92,17 +92,19 @@ def cell(values: np.ndarray) -> str:
     return f"{values.mean():.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
-def prepare(params, work: Path, per_category: int):
-    """The CCUB sample ingested, the base's negatives sampled; returns the base pipe and the records."""
+def prepare(params, work: Path, per_category: int, cultures: list[str]):
+    """The CCUB sample ingested, the base's negatives of `cultures` sampled; returns the base pipe and
+    the records."""
     write_sample(work / "sample", per_category=per_category)
     ingest([str(work / "sample")], work / "ccub", heldout_fraction=params.ingest.heldout_fraction,
            max_pixels=10**8, max_rejected_fraction=0.0, captioner=FallbackCaptioner(), progress=lambda m: None)
     pipe = load_pipeline(params.model)
-    make_negatives(params, work / "ccub", work / "negatives", pipe=pipe, progress=lambda m: None)
+    for culture in cultures:
+        make_negatives(params, work / "ccub", work / "negatives", pipe=pipe, progress=lambda m: None, culture=culture)
     return pipe, read_manifest(work / "ccub")
 
 
-def train_models(params, losses: str, seed: int, work: Path, joint: bool,
+def train_models(params, losses: str, seed: int, work: Path, joint: bool, cultures: list[str],
                  tag: str = "") -> tuple[Path | dict[str, Path], float]:
     """One loss set at one training seed: a LoRA per culture (or one joint LoRA); the seconds it took.
     `tag` tells apart the folders of the same loss set under other settings."""
@@ -110,7 +112,7 @@ def train_models(params, losses: str, seed: int, work: Path, joint: bool,
     variant = params.model_copy(update={"train": tp})
     started = time.monotonic()
     name = f"{losses}{tag}-{seed}"
-    folders = {None: work / name} if joint else {c: work / f"{name}-{c}" for c in CULTURES}
+    folders = {None: work / name} if joint else {c: work / f"{name}-{c}" for c in cultures}
     for culture, folder in folders.items():
         if (folder / LORA_FILE).is_file():  # trained by an earlier, stopped run in the same --work
             continue
@@ -131,7 +133,7 @@ def table(per_model: dict[str, dict[str, np.ndarray]], cultures: np.ndarray) -> 
         lines += [f"**{title}** ({'lower' if lower_better else 'higher'} is better); improvement: paired, positive "
                   "is better", "", "| culture | " + " | ".join(names) + " | " +
                   " | ".join(f"{a} vs {b}" for a, b in pairs) + " |", "|---" * (1 + len(names) + len(pairs)) + "|"]
-        for culture in [*CULTURES, "all"]:
+        for culture in [*sorted(set(cultures)), "all"]:
             idx = np.ones(len(cultures), bool) if culture == "all" else cultures == culture
             values = [cell(per_model[n][key][idx]) for n in names]
             gains = [cell(sign * (per_model[b][key][idx] - per_model[a][key][idx])) for a, b in pairs]
@@ -198,6 +200,7 @@ def main():
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--json", default=None, help="also write the per-prompt results here")
     parser.add_argument("--work", default=None, help="keep the work here; a rerun skips the LoRAs trained there")
+    parser.add_argument("--cultures", default=",".join(CULTURES), help="comma-separated: train and judge these")
     parser.add_argument("--fast", default=None, metavar="SECTION.KEY=VALUE,...",
                         help="also train +MPC with these overrides, side by side")
     args = parser.parse_args()
@@ -207,16 +210,18 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     e = params.evaluate
     try:
-        pipe, records = prepare(params, work, args.per_category)
+        chosen = args.cultures.split(",")
+        pipe, records = prepare(params, work, args.per_category, chosen)
         runs, seconds = {}, {}
         for losses in args.losses.split(","):
             for seed in range(args.seeds):
-                runs[f"{NAMES[losses]} s{seed}"], took = train_models(params, losses, seed, work, args.joint)
+                runs[f"{NAMES[losses]} s{seed}"], took = train_models(params, losses, seed, work, args.joint, chosen)
                 seconds.setdefault(NAMES[losses], []).append(took)
         if args.fast:
             fast = with_overrides(params, args.fast.split(","))
             for seed in range(args.seeds):
-                runs[f"{FAST} s{seed}"], took = train_models(fast, LOSS_SETS[-1], seed, work, args.joint, "-fast")
+                runs[f"{FAST} s{seed}"], took = train_models(fast, LOSS_SETS[-1], seed, work, args.joint, chosen,
+                                                             "-fast")
                 seconds.setdefault(FAST, []).append(took)
         distance = build_distance(params.features.evaluation, params.features, params.model.seed)
         result = compare(
@@ -230,6 +235,7 @@ def main():
             e.seed,
             e.bootstrap,
             progress=lambda m: None,
+            cultures=chosen,
         )
     finally:
         if not args.work:
@@ -249,7 +255,7 @@ def main():
     }
     cultures = np.array([r.culture for r in held])
     print(f"base {args.base}; {'one joint LoRA' if args.joint else 'one LoRA per culture'}; held-out prompts: "
-          f"{len(held)} ({', '.join(f'{c} {int((cultures == c).sum())}' for c in CULTURES)}), {per_prompt} sampling "
+          f"{len(held)} ({', '.join(f'{c} {int((cultures == c).sum())}' for c in chosen)}), {per_prompt} sampling "
           f"seeds each, {args.seeds} training seed(s) per loss set; evaluation backbone {params.features.evaluation}; "
           f"overrides: {', '.join(overrides)}" + (f"; {FAST}: {args.fast}" if args.fast else ""))
     print("\n".join(["", *table(per_model, cultures), *generic_lines(result, models), "",

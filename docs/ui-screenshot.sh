@@ -14,7 +14,7 @@ export PATH="$ROOT/.venv/bin:$PATH" PREFECT_HOME="$WORK/prefect" PREFECT_API_URL
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 GX_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1
 prefect server start --host 127.0.0.1 --port "$PORT" > "$WORK/server.log" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
 trap 'exit 1' INT TERM  # the EXIT trap then stops the server
 until curl -sf "$PREFECT_API_URL/health" > /dev/null; do sleep 1; done
 
@@ -36,6 +36,6 @@ from prefect.client.orchestration import get_client
 with get_client(sync_client=True) as c:
     print(next(r.id for r in c.read_flow_runs() if r.flow_id and c.read_flow(r.flow_id).name == 'retrain'))")
 chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1440,1100 \
-  --virtual-time-budget=20000 --screenshot="$OUT" "http://127.0.0.1:$PORT/runs/flow-run/$RUN?tab=Artifacts" \
+  --virtual-time-budget=20000 --screenshot="$OUT" "http://127.0.0.1:$PORT/runs/flow-run/$RUN" \
   > "$WORK/chromium.log" 2>&1
 echo "wrote $OUT (flow run $RUN)"
