@@ -1,7 +1,7 @@
 """Negatives per second: scoft's batched sampling against a plain loop over diffusers'
 StableDiffusionPipeline, one image per call, with the same model, steps and guidance.
 
-    python bench/negatives.py --scale tiny|sd15 [--images 32] [--batch 8]
+    python bench/negatives.py --scale tiny|sd15 [--images 32] [--batch 8] [--steps 25] [--resolution 128]
 
 The last line is the ratio scoft / plain loop (higher is better).
 """
@@ -53,20 +53,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: 4 tiny, 25 sd15)")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the scale's own)")
     args = parser.parse_args()
     device = pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     work, records = sample_workspace(per_category=3)
     pipe = build_pipeline(args.scale, device).to(dtype=dtype)
     settings = {"steps": args.steps or (25 if args.scale == "sd15" else 4), "guidance_scale": 4.5,
-                "resolution": RESOLUTION[args.scale]}
+                "resolution": args.resolution or RESOLUTION[args.scale]}
     plan = plan_negatives(records, model_fingerprint(pipe), settings, per_image=4, base_seed=0)[: args.images]
     scoft_batched(pipe, plan[: args.batch], settings, args.batch, work / "warm", device)  # warm-up
     plain_loop(pipe, plan[:2], settings, device)
     plain = plain_loop(pipe, plan, settings, device)
     ours = scoft_batched(pipe, plan, settings, args.batch, work / "negatives", device)
     report({"benchmark": "negatives", "scale": args.scale, "machine": machine(), "images": len(plan),
-            "steps": settings["steps"], "batch": args.batch, "dtype": str(dtype),
+            "steps": settings["steps"], "batch": args.batch, "dtype": str(dtype), "resolution": settings["resolution"],
             "plain_loop_images_per_s": round(len(plan) / plain, 3), "scoft_images_per_s": round(len(plan) / ours, 3)})
     print(f"ratio scoft/plain-loop negatives per second: {plain / ours:.2f}x")
 

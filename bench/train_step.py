@@ -38,8 +38,9 @@ def _params(scale: str, losses: str, steps: int, cuda: bool, resolution: int, sa
     train_params = base.train.model_copy(update={
         "losses": losses, "max_steps": steps, "batch_size": 1, "pixel_loss_every": 10, "checkpoint_every": 0,
         "mixed_precision": "bf16" if cuda else "no", "gradient_checkpointing": cuda and scale == "sd15",
+        # sd15 without --fast-sampler-steps: the reference's 20 DDIM steps; tiny: params.yaml's own
         "sampler_steps": sampler_steps or (20 if scale == "sd15" else base.train.sampler_steps),
-        "sampler": sampler if sampler_steps else "ddim",
+        "sampler": sampler if sampler_steps else ("ddim" if scale == "sd15" else base.train.sampler),
         "lora_rank": 64 if scale == "sd15" else 4,
         "lora_alpha": 64 if scale == "sd15" else 4})
     features = base.features.model_copy(update={"perceptual": "lpips-vgg"})

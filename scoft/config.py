@@ -217,13 +217,13 @@ class TrainParams(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     loss_weights: LossWeights = LossWeights()
     pixel_loss_every: int = Field(4, ge=1)
-    sampler_steps: int = Field(4, ge=1)
+    sampler_steps: int = Field(2, ge=1)
     sampler_guidance: float = Field(4.5, ge=0)
     # ddim: deterministic, evenly spaced; ddpm: the reference's stochastic sampler. The gradient that
     # reaches the first prediction differs between them (their updates differ), so the pixel
     # loss weights tuned for one do not carry over to the other unchanged. dpm-solver++: DPM-Solver++(2M),
     # nearer the long sampler's estimate for the same UNet calls (bench/x0_estimate.py).
-    sampler: Literal["ddim", "ddpm", "dpm-solver++"] = "ddim"
+    sampler: Literal["ddim", "ddpm", "dpm-solver++"] = "dpm-solver++"
     contrastive_form: Literal["difference", "hinge"] = "difference"
     contrastive_margin: float = Field(0.1, ge=0)
     random_flip: bool = True
