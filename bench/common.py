@@ -67,6 +67,20 @@ def sample_workspace(per_category: int) -> tuple[Path, list]:
     return work, read_manifest(work / "ccub")
 
 
+def training_workspace(scale: str, device, resolution: int) -> Path:
+    """A sample workspace (2 images per culture and category) with 2 negatives per training record from
+    the scale's base, sampled in 4 steps: what the training benchmarks train on."""
+    from scoft.models import model_fingerprint
+    from scoft.negatives import plan_negatives, sample_negatives
+
+    work, records = sample_workspace(per_category=2)
+    pipe = build_pipeline(scale, device)
+    settings = {"steps": 4, "guidance_scale": 4.5, "resolution": resolution}
+    plan = plan_negatives(records, model_fingerprint(pipe), settings, per_image=2, base_seed=0)
+    sample_negatives(pipe, plan, work / "negatives", 8, settings, progress=lambda m: None)
+    return work
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)

@@ -19,10 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESOLUTION, build_pipeline, machine, sample_workspace  # noqa: E402
+from bench.common import RESOLUTION, build_pipeline, machine, training_workspace  # noqa: E402
 from bench.train_step import _params  # noqa: E402
-from scoft.models import model_fingerprint, pick_device  # noqa: E402
-from scoft.negatives import plan_negatives, sample_negatives  # noqa: E402
+from scoft.models import pick_device  # noqa: E402
 from scoft.train import train  # noqa: E402
 
 LOSS_SETS = ("ldm", "ldm+mem", "ldm+mem+perceptual+contrastive")
@@ -63,12 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     resolution = args.resolution or (128 if args.scale == "sd15" else RESOLUTION[args.scale])
     device = pick_device()
-    work, records = sample_workspace(per_category=2)
-    pipe = build_pipeline(args.scale, device)
-    settings = {"steps": 4, "guidance_scale": 4.5, "resolution": resolution}
-    plan = plan_negatives(records, model_fingerprint(pipe), settings, per_image=2, base_seed=0)
-    sample_negatives(pipe, plan, work / "negatives", 8, settings, progress=lambda m: None)
-    del pipe
+    work = training_workspace(args.scale, device, resolution)
     print(f"{args.scale} at {resolution} px on {machine()}; pixel losses: {args.sampler_steps} {args.sampler} steps\n")
     for losses in LOSS_SETS:
         print("\n".join(top_operators(args.scale, losses, args.steps, work, device, resolution, args.sampler,

@@ -25,10 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESOLUTION, build_pipeline, machine, report, sample_workspace  # noqa: E402
+from bench.common import RESOLUTION, build_pipeline, machine, report, training_workspace  # noqa: E402
 from scoft.config import load_params  # noqa: E402
-from scoft.models import model_fingerprint, pick_device  # noqa: E402
-from scoft.negatives import plan_negatives, sample_negatives  # noqa: E402
+from scoft.models import pick_device  # noqa: E402
 from scoft.train import train  # noqa: E402
 
 
@@ -79,12 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     resolution = args.resolution or RESOLUTION[args.scale]
     device = pick_device()
-    work, records = sample_workspace(per_category=2)
-    pipe = build_pipeline(args.scale, device)
-    settings = {"steps": 4, "guidance_scale": 4.5, "resolution": resolution}
-    plan = plan_negatives(records, model_fingerprint(pipe), settings, per_image=2, base_seed=0)
-    sample_negatives(pipe, plan, work / "negatives", 8, settings, progress=lambda m: None)
-    del pipe
+    work = training_workspace(args.scale, device, resolution)
     run(args.scale, "ldm", 2, work, device, resolution)  # warm-up: kernels, allocator, lazy imports
     before = run(args.scale, "ldm", args.steps, work, device, resolution)
     memorisation = run(args.scale, "ldm+mem", args.steps, work, device, resolution)  # the floor under +MPC

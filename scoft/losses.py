@@ -90,6 +90,7 @@ def sampler_timesteps(t: torch.Tensor, steps: int, schedule: str = "ddim",
     padded rows repeat the sample's 0.
     """
     rows = []
+    log_snr = _log_snr(alphas_cumprod.double().cpu()) if schedule == "dpm-solver++" else None
     for value in t.tolist():
         if schedule == "ddim":
             fractions = torch.linspace(1, 0, steps) if steps > 1 else torch.ones(1)
@@ -98,7 +99,6 @@ def sampler_timesteps(t: torch.Tensor, steps: int, schedule: str = "ddim",
             stride = value // (steps - 1) if steps > 1 else value
             taus = [value - i * stride for i in range(steps)] + [0]
         elif schedule == "dpm-solver++":
-            log_snr = _log_snr(alphas_cumprod.double().cpu())
             points = log_snr[value] + (log_snr[0] - log_snr[value]) * torch.arange(steps + 1) / steps
             taus = [int((log_snr - p).abs().argmin()) for p in points]
             taus = [tau for tau in taus if tau > 0] or [0]
