@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.deployments import run_deployment
 
 from scoft.config import load_params
 from scoft.paths import EVAL_DIR, LORA_DIR, LORA_FILE
 from scoft.registry import LORAS_DIR
+from scoft.remote import adopt_lock_entries, lock_entries
 from tasks.ccub import announce_new_version, pull_ccub_version, use_configured_remote
 from tasks.dvc import dvc, push, stage_task
 from tasks.promote import promote_culture
 from tasks.report import publish_lineage, publish_metrics, publish_validation, record_lineage
 
-CULTURE_STAGES = ["negatives", "train", "evaluate"]  # after ingest, validate, base: one chain per culture
+SHARED_STAGES = ["ingest", "validate", "base"]
+CULTURE_STAGES = ["negatives", "train", "evaluate"]  # after the shared stages: one chain per culture
+
+
+class CultureRunFailed(RuntimeError):
+    """A culture's own flow run (fan-out) ended in a state other than Completed, retries included."""
 
 
 @flow(name="retrain", log_prints=True)
@@ -43,9 +54,14 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     finally:
         validation = publish_validation(workdir)  # the operator sees the failing checks too
     ran["base"] = stage("base", workdir)["ran"]
-    for culture in cultures:
-        for name in CULTURE_STAGES:
-            ran[f"{name}@{culture}"] = stage(f"{name}@{culture}", workdir)["ran"]
+    deployment = params.orchestration.culture_deployment
+    if deployment:
+        outcomes = fan_out(workdir, cultures, deployment, params.orchestration.culture_run_timeout_s)
+    else:
+        outcomes = {c: run_chain(workdir, c) for c in cultures}
+    failed = {c: o for c, o in outcomes.items() if isinstance(o, str)}
+    ran |= {s: r for o in outcomes.values() if isinstance(o, dict) for s, r in o.items()}
+    cultures = [c for c in cultures if c not in failed]
     metrics = publish_metrics(workdir, cultures)
     root = Path(workdir)
     trained = [c for c in cultures if (root / LORA_DIR / c / LORA_FILE).is_file()]
@@ -57,10 +73,82 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
         # a new production LoRA: DVC tracks the registry's copies, so the push below sends it
         dvc(["add", "-q", str(LORAS_DIR)], workdir, "track the registry's LoRAs")
     push(workdir)
+    if failed:  # the other cultures are trained, judged and pushed: the operator retries these alone
+        raise CultureRunFailed("; ".join(f"{c}: {why}" for c, why in failed.items()))
     return {"stages_run": ran, "loras": {c: root / LORA_DIR / c for c in trained},
             "reports": {c: root / EVAL_DIR / c / "report.html" for c in trained}, "lineage": lineage,
             "promoted": {c: d["promote"] for c, d in decisions.items()},
             "skipped": {c: m["insufficient"] for c, m in metrics.items() if "insufficient" in m}}
+
+
+def run_chain(workdir: str, culture: str) -> dict[str, bool]:
+    """One culture's stages in this run, in order; whether each ran."""
+    stage = stage_task(workdir)
+    return {f"{name}@{culture}": stage(f"{name}@{culture}", workdir)["ran"] for name in CULTURE_STAGES}
+
+
+def fan_out(workdir: str, cultures: list[str], deployment: str, timeout_s: float) -> dict[str, dict | str]:
+    """Every culture's chain as a flow run of `deployment` at once (each on a worker of its own, in
+    that worker's workspace), handed the shared stages' dvc.lock entries; each finished culture's
+    entries come back into this workspace's dvc.lock and its outputs from the DVC remote. Per culture:
+    its stages_run, or why it failed (a failed culture does not stop the others)."""
+    push(workdir, SHARED_STAGES)  # what the culture runs pull
+    shared = lock_entries(workdir, SHARED_STAGES)
+    runs = {c: run_culture.submit(deployment, c, shared, timeout_s) for c in cultures}
+    outcomes = {}
+    for culture, future in runs.items():
+        try:
+            entries, ran = future.result()
+        except CultureRunFailed as e:
+            outcomes[culture] = str(e)
+            continue
+        adopt_lock_entries(workdir, entries)
+        dvc(["pull", *entries], workdir, f"pull {culture}")
+        outcomes[culture] = ran
+    return outcomes
+
+
+def _lock_artifact_key(culture: str) -> str:
+    return f"dvc-lock-{culture.lower()}"
+
+
+@task(name="culture-run", task_run_name="retrain-culture@{culture}")
+def run_culture(deployment: str, culture: str, shared: dict, timeout_s: float) -> tuple[dict, dict]:
+    """Start `deployment` for one culture and wait for it (its retries included); return the dvc.lock
+    entries it recorded and whether each stage ran, which it publishes as an artifact of its run."""
+    run = run_deployment(deployment, parameters={"culture": culture, "shared_lock": shared},
+                         flow_run_name=f"retrain-{culture}", timeout=timeout_s, poll_interval=2)
+    if not run.state or not run.state.is_completed():
+        state = f"{run.state.name}: {run.state.message or 'no message'}" if run.state else "never started"
+        raise CultureRunFailed(f"flow run {run.name} ({run.id}) is {state}")
+    key = ArtifactFilterKey(any_=[_lock_artifact_key(culture)])
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=key))
+    if not artifacts:
+        raise CultureRunFailed(f"flow run {run.name} ({run.id}) completed without its dvc.lock artifact")
+    rows = json.loads(artifacts[-1].data)
+    return {r["stage"]: json.loads(r["lock_entry"]) for r in rows}, {r["stage"]: r["ran"] for r in rows}
+
+
+@flow(name="retrain-culture", log_prints=True, retries=1, retry_delay_seconds=10)
+def retrain_culture(culture: str, shared_lock: dict, workdir: str = ".") -> dict:
+    """One culture's chain (negatives, train, evaluate) in this worker's workspace, on exactly the
+    data the parent retrain run recorded (`shared_lock`: its dvc.lock entries of ingest, validate
+    and base): pull them from the DVC remote, reproduce the chain (a retry resumes a killed training
+    from its checkpoint), push its outputs, and publish its dvc.lock entries for the parent."""
+    use_configured_remote(workdir)
+    adopt_lock_entries(workdir, shared_lock)
+    dvc(["pull", *shared_lock], workdir, "pull the shared stages")
+    ran = run_chain(workdir, culture)
+    push(workdir, list(ran))
+    entries = lock_entries(workdir, list(ran))
+    rows = [{"stage": s, "ran": ran[s], "outs": ", ".join(f"{o['path']} {o['md5']}" for o in e.get("outs", [])),
+             "lock_entry": json.dumps(e)} for s, e in entries.items()]
+    create_table_artifact(key=_lock_artifact_key(culture), table=rows,
+                          description=f"{culture}: the outputs this run pushed to the DVC remote (dvc.lock entries)")
+    get_run_logger().info("%s: %s", culture, {s: "ran" if r else "skipped" for s, r in ran.items()})
+    return {"culture": culture, "stages_run": ran}
 
 
 if __name__ == "__main__":

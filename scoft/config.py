@@ -263,6 +263,10 @@ class OrchestrationParams(_Section):
     stage_retries: int = Field(1, ge=0)
     stage_retry_delay_s: float = Field(10, ge=0)
     stage_timeout_s: float = Field(3600, gt=0)
+    # "flow/deployment" that runs one culture's chain (flows/retrain.py: retrain_culture): the retrain
+    # fans out one such run per culture over that deployment's workers; None: the chains run in order here.
+    culture_deployment: str | None = Field(None, pattern=r"^[^/]+/[^/]+$")
+    culture_run_timeout_s: float = Field(6 * 3600, gt=0)  # waiting for one culture's run, retries included
 
 
 class PromotionParams(_Section):

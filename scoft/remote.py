@@ -7,6 +7,7 @@ written anywhere: DVC and boto3 read them from the environment or an AWS profile
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -84,6 +85,28 @@ def pin_locked_output(root: str | Path, stage: str, path: str, dir_hash: str) ->
     rt.dump(lock, text)
     atomic_write_text(lock_file, text.getvalue())
     return previous
+
+
+def lock_entries(root: str | Path, stages: list[str]) -> dict[str, dict]:
+    """The dvc.lock entries of `stages`, as plain JSON-ready dicts (what a culture run hands back)."""
+    lock = YAML().load((Path(root) / "dvc.lock").read_text(encoding="utf-8"))
+    missing = [s for s in stages if s not in lock["stages"]]
+    if missing:
+        raise KeyError(f"dvc.lock in {root} has no entry for {', '.join(missing)}")
+    return {s: json.loads(json.dumps(lock["stages"][s])) for s in stages}
+
+
+def adopt_lock_entries(root: str | Path, entries: dict[str, dict]) -> None:
+    """Write these stages' entries into dvc.lock as another workspace recorded them, leaving every
+    other entry as it is (round-trip YAML, written whole or not at all): `dvc pull` then brings
+    exactly the outputs that workspace pushed."""
+    rt = YAML()
+    lock_file = Path(root) / "dvc.lock"
+    lock = (rt.load(lock_file.read_text(encoding="utf-8")) if lock_file.exists() else None) or {"schema": "2.0"}
+    lock.setdefault("stages", {}).update(entries)
+    text = io.StringIO()
+    rt.dump(lock, text)
+    atomic_write_text(lock_file, text.getvalue())
 
 
 def restore_lock(root: str | Path, previous: str | None) -> None:

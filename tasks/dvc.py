@@ -112,6 +112,9 @@ def dvc(args: list[str], workdir: str, label: str, timeout_s: float | None = Non
 
 
 SLOT_NOTICE_S = 2  # a wait longer than this is logged, so a silent run page has its reason
+# The slot's lease, renewed while the command runs: a flow process killed outright (SIGKILL, a lost
+# machine) frees the workspace within this, not Prefect's default 300 s. The server's minimum.
+SLOT_LEASE_S = 60
 
 
 @contextlib.contextmanager
@@ -128,7 +131,7 @@ def _workspace_slot(workdir: str, label: str):
 
     threading.Thread(target=notice, daemon=True).start()
     try:
-        with concurrency(slot, occupy=1, strict=True):
+        with concurrency(slot, occupy=1, strict=True, lease_duration=SLOT_LEASE_S):
             acquired.set()
             yield
     finally:

@@ -44,3 +44,18 @@ def scoft_here(*args: str | Path, cwd: str | Path) -> subprocess.CompletedProces
     finally:
         sys.argv = argv
     return subprocess.CompletedProcess(["scoft", *args], status, out.getvalue(), err.getvalue())
+
+
+def kill_stage_command(ws, name: str) -> int:
+    """SIGKILL the running `scoft NAME` of the workspace. The stage's command may run under a `sh -c`
+    wrapper (DVC runs it through the shell, and whether the shell execs it depends on the shell):
+    kill the whole command, wrapper included."""
+    import psutil
+
+    killed = 0
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["cwd"] == str(ws) and "scoft" in cmd and f" {name} " in f"{cmd} " and "dvc" not in cmd:
+            proc.kill()
+            killed += 1
+    return killed

@@ -128,7 +128,7 @@ def test_every_deployment_entrypoint_loads_a_flow():
     assert triggered[0]["triggers"][0]["parameters"]["ccub_version"] == "{{ event.payload.version }}"
     for d in deployments:
         flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
-        assert flow.name == d["entrypoint"].rsplit(":", 1)[1]
+        assert flow.name.replace("-", "_") == d["entrypoint"].rsplit(":", 1)[1]
 
 
 def _job_template(kind: str) -> dict:

@@ -17,7 +17,7 @@ from prefect.client.schemas.filters import (
 from scoft.io import sha256_file
 from scoft.lineage import dvc_out_hashes, latest_record, verify
 from tests.conftest import make_workspace, scoft
-from tests.helpers import scoft_here
+from tests.helpers import kill_stage_command, scoft_here
 
 # Two cultures to train, one configured without records (CHN), one in the sample but not configured
 # (MEX): every case of the per-culture chains, at two fifths of the default's stage processes.
@@ -342,21 +342,6 @@ def test_generate_draws_with_the_trained_lora(first_run):
         assert nga.returncode == 1 and "no production LoRA yet" in nga.stderr
 
 
-def _kill_stage_command(ws, name: str) -> int:
-    """SIGKILL the running `scoft NAME` of the workspace. The stage's command may run under a `sh -c`
-    wrapper (DVC runs it through the shell, and whether the shell execs it depends on the shell):
-    kill the whole command, wrapper included."""
-    import psutil
-
-    killed = 0
-    for proc in psutil.process_iter(["cmdline", "cwd"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.info["cwd"] == str(ws) and "scoft" in cmd and f" {name} " in f"{cmd} " and "dvc" not in cmd:
-            proc.kill()
-            killed += 1
-    return killed
-
-
 def test_an_update_of_one_culture_retrains_only_it_and_a_killed_train_resumes(first_run):
     """As in production: one new KOR image; the ingest flow checks, versions and announces it; the
     retrain pinned to the announced version (as `retrain-on-update` runs) reruns KOR's chain only,
@@ -389,7 +374,7 @@ def test_an_update_of_one_culture_retrains_only_it_and_a_killed_train_resumes(fi
     while not list(ws.glob("models/lora/KOR/checkpoints/*/step-000000004.pt")):
         assert runner.is_alive() and time.monotonic() < deadline, "the train stage never checkpointed"
         time.sleep(0.05)
-    assert _kill_stage_command(ws, "train") >= 1
+    assert kill_stage_command(ws, "train") >= 1
     runner.join(600)
     state = outcome["state"]
     assert state.is_completed(), state.message
