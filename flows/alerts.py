@@ -43,8 +43,13 @@ def install_alerts(webhook_url: str) -> list[Automation]:
     """Save the webhook as the `scoft-alerts` block and (re)create the two automations calling it."""
     block_id = Webhook(url=webhook_url, method="POST", headers={"Content-Type": "application/json"}).save(
         WEBHOOK_BLOCK, overwrite=True)
+    return replace_automations(_automations(block_id))
+
+
+def replace_automations(automations: list[Automation]) -> list[Automation]:
+    """Create these automations, each replacing the one of the same name on the server."""
     installed = []
-    for automation in _automations(block_id):
+    for automation in automations:
         try:
             Automation.read(name=automation.name).delete()
         except ValueError:  # not installed yet

@@ -10,6 +10,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
 
 from scoft.config import load_params
 from scoft.paths import EVAL_DIR, LORA_DIR, LORA_FILE
@@ -40,6 +41,7 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     version from the DVC remote instead of ingesting from the sources."""
     stage = stage_task(workdir)
     params = load_params(Path(workdir) / "params.yaml")
+    refuse_endless_restarts(params.orchestration.max_attempts)
     cultures = params.validate_.cultures
     use_configured_remote(workdir)
     if ccub_version:
@@ -79,6 +81,13 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
             "reports": {c: root / EVAL_DIR / c / "report.html" for c in trained}, "lineage": lineage,
             "promoted": {c: d["promote"] for c, d in decisions.items()},
             "skipped": {c: m["insufficient"] for c, m in metrics.items() if "insufficient" in m}}
+
+
+def refuse_endless_restarts(max_attempts: int) -> None:
+    """Fail a run that has started `max_attempts` times already (retries and restarts after crashes)."""
+    if flow_run.run_count > max_attempts:
+        raise RuntimeError(f"this flow run has started {flow_run.run_count} times, more than orchestration."
+                           f"max_attempts ({max_attempts}): it fails instead; its earlier runs' logs say why")
 
 
 def run_chain(workdir: str, culture: str) -> dict[str, bool]:
@@ -137,6 +146,7 @@ def retrain_culture(culture: str, shared_lock: dict, workdir: str = ".") -> dict
     data the parent retrain run recorded (`shared_lock`: its dvc.lock entries of ingest, validate
     and base): pull them from the DVC remote, reproduce the chain (a retry resumes a killed training
     from its checkpoint), push its outputs, and publish its dvc.lock entries for the parent."""
+    refuse_endless_restarts(load_params(Path(workdir) / "params.yaml").orchestration.max_attempts)
     use_configured_remote(workdir)
     adopt_lock_entries(workdir, shared_lock)
     dvc(["pull", *shared_lock], workdir, "pull the shared stages")

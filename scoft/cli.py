@@ -366,6 +366,18 @@ def alerts(webhook: Annotated[str, typer.Option(help="The URL the alerts are POS
 
 
 @app.command()
+def recovery(heartbeat_timeout: Annotated[float, typer.Option(
+        help="Seconds without a heartbeat after which a retrain run is crashed (the job templates beat every 30 s).",
+        min=45)] = 90):
+    """Install the Prefect automations that crash a retrain run whose process is gone (no heartbeat)
+    and run a crashed one again, resuming where it stopped (on the server PREFECT_API_URL names)."""
+    from flows.recovery import install_recovery
+
+    for automation in install_recovery(heartbeat_timeout):
+        _say(f"automation {automation.name!r} ({automation.id}): {automation.description}")
+
+
+@app.command()
 def remote(
     url: Annotated[str | None, typer.Option(help="s3://bucket/prefix (default: remote.url).")] = None,
     endpoint_url: Annotated[

@@ -267,6 +267,9 @@ class OrchestrationParams(_Section):
     # fans out one such run per culture over that deployment's workers; None: the chains run in order here.
     culture_deployment: str | None = Field(None, pattern=r"^[^/]+/[^/]+$")
     culture_run_timeout_s: float = Field(6 * 3600, gt=0)  # waiting for one culture's run, retries included
+    # A retrain run started this many times (its retries and `scoft recovery`'s restarts after crashes
+    # together) fails at its next start instead of running: a run that crashes every time stops.
+    max_attempts: int = Field(4, ge=1)
 
 
 class PromotionParams(_Section):

@@ -12,12 +12,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
 
 import psutil
 import pytest
 
 from scoft.io import sha256_file
-from tests.conftest import BIN, ROOT, make_workspace
+from tests.conftest import BIN, ROOT, make_workspace, write_params
 from tests.helpers import kill_stage_command
 
 CULTURES = ["KOR", "NGA"]
@@ -96,11 +97,16 @@ def fanned_out(sample_dir, tmp_path_factory):
             ws = workspaces[name] = _checkout(tmp / name, sample_dir)
             subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "-f", "local", str(remote)],
                            cwd=ws, check=True, capture_output=True)
-        for name in ("w1", "w2"):  # one flow run at a time each, as one worker per GPU
-            started.append(subprocess.Popen(
+
+        def start_worker(name: str) -> subprocess.Popen:  # one flow run at a time, as one worker per GPU
+            worker = subprocess.Popen(
                 prefect + ["worker", "start", "--pool", "gpu", "--name", name, "--limit", "1"],
                 cwd=workspaces[name], env=dict(env, SCOFT_WORKSPACE=str(workspaces[name])),
-                stdout=(tmp / f"{name}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+                stdout=(tmp / f"{name}.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+            started.append(worker)
+            return worker
+
+        workers = {name: start_worker(name) for name in ("w1", "w2")}
         parent = workspaces["parent"]
         run = subprocess.Popen(
             [sys.executable, "-c", "import sys; from flows.retrain import retrain; "
@@ -115,7 +121,8 @@ def fanned_out(sample_dir, tmp_path_factory):
                         killed = kill_stage_command(ws, "train")
             time.sleep(0.05)
         assert run.wait(60) == 0, (tmp / "parent.log").read_text()[-5000:]
-        yield {"api": api, "workspaces": workspaces, "killed": killed, "env": env}
+        yield {"api": api, "workspaces": workspaces, "killed": killed, "env": env, "workers": workers,
+               "start_worker": start_worker, "tmp": tmp}
     finally:
         for proc in reversed(started):
             _stop_tree(proc)
@@ -164,4 +171,51 @@ def test_a_culture_killed_mid_training_is_retried_and_resumes_from_its_checkpoin
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[kor.id])))
     assert [t.run_count for t in tasks if t.name == "train@KOR"] == [2]  # failed once, retried once
     summary = json.loads((fanned_out["workspaces"]["parent"] / "models/lora/KOR/training.json").read_text())
+    assert summary["steps"] == FAST["train.max_steps"] and summary["resumed_from"] >= 4
+
+
+@pytest.fixture(scope="module")
+def crashed_and_recovered(fanned_out):
+    """`scoft recovery` installed; a retrain-weekly run on worker w1 (w2 stopped), in-process chains;
+    the whole w1 tree (worker, flow process, dvc, scoft train) SIGKILLed after the first checkpoint of
+    the culture w1 had not trained yet, and the worker started again, as after a reboot."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    env, ws = fanned_out["env"], fanned_out["workspaces"]["w1"]
+    prefect = [str(BIN / "prefect"), "--no-prompt"]
+    for command in ([str(BIN / "scoft"), "recovery", "--heartbeat-timeout", "45"],
+                    prefect + ["deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "retrain-weekly"]):
+        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+    write_params(ws / "params.yaml", {**FAST, "orchestration.culture_deployment": None})
+    _stop_tree(fanned_out["workers"]["w2"])
+    untrained = next(c for c in CULTURES if not (ws / LORA.format(c)).is_file())
+    with SyncPrefectClient(fanned_out["api"]) as client:
+        deployment = client.read_deployment_by_name("retrain/retrain-weekly")
+        run_id = client.create_flow_run_from_deployment(deployment.id).id
+        deadline = time.monotonic() + 400
+        while not list(ws.glob(f"models/lora/{untrained}/checkpoints/*/step-000000004.pt")):
+            assert time.monotonic() < deadline, "the run never checkpointed"
+            time.sleep(0.05)
+        _stop_tree(fanned_out["workers"]["w1"])
+        killed_at = datetime.now(UTC)
+        fanned_out["start_worker"]("w1")
+        deadline = time.monotonic() + 600
+        while not ((run := client.read_flow_run(run_id)).state.is_final() and not run.state.is_crashed()):
+            assert time.monotonic() < deadline, run.state
+            time.sleep(0.5)
+        states = client.read_flow_run_states(run_id)
+    history = [s.name for s in states]
+    crashed = [s.timestamp for s in states if s.is_crashed()]
+    crashed_after = (crashed[0] - killed_at).total_seconds() if crashed else None
+    print(f"killed -> Crashed in {crashed_after} s; states {history}")
+    return {"run": run, "crashed_after": crashed_after, "history": history, "culture": untrained, "ws": ws}
+
+
+def test_a_run_whose_worker_tree_is_killed_crashes_within_two_minutes_and_resumes(crashed_and_recovered):
+    r = crashed_and_recovered
+    assert r["crashed_after"] is not None and r["crashed_after"] < 120, r["history"]
+    assert r["run"].state.is_completed(), (r["run"].state, r["history"])
+    assert "AwaitingRetry" in r["history"] and r["run"].run_count == 2
+    summary = json.loads((r["ws"] / f"models/lora/{r['culture']}/training.json").read_text())
     assert summary["steps"] == FAST["train.max_steps"] and summary["resumed_from"] >= 4
