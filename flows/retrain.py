@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -125,8 +126,10 @@ def _lock_artifact_key(culture: str) -> str:
 def run_culture(deployment: str, culture: str, shared: dict, timeout_s: float) -> tuple[dict, dict]:
     """Start `deployment` for one culture and wait for it (its retries included); return the dvc.lock
     entries it recorded and whether each stage ran, which it publishes as an artifact of its run."""
+    started = time.monotonic()
     run = run_deployment(deployment, parameters={"culture": culture, "shared_lock": shared},
                          flow_run_name=f"retrain-{culture}", timeout=timeout_s, poll_interval=2)
+    run = follow_restarts(run, deadline=started + timeout_s)
     if not run.state or not run.state.is_completed():
         state = f"{run.state.name}: {run.state.message or 'no message'}" if run.state else "never started"
         raise CultureRunFailed(f"flow run {run.name} ({run.id}) is {state}")
@@ -138,6 +141,26 @@ def run_culture(deployment: str, culture: str, shared: dict, timeout_s: float) -
         raise CultureRunFailed(f"flow run {run.name} ({run.id}) completed without its dvc.lock artifact")
     rows = json.loads(artifacts[-1].data)
     return {r["stage"]: json.loads(r["lock_entry"]) for r in rows}, {r["stage"]: r["ran"] for r in rows}
+
+
+CRASH_GRACE_S = 180  # how long a crashed culture run is given to be restarted by `scoft recovery` (90 s + margin)
+
+
+def follow_restarts(run, deadline: float):
+    """A culture run that crashed (its worker killed) is restarted by `scoft recovery`'s automation and
+    resumes: follow it until it ends other than Crashed, or stays Crashed for CRASH_GRACE_S."""
+    crashed_since = None
+    with get_client(sync_client=True) as client:
+        while run.state and not (run.state.is_final() and not run.state.is_crashed()) and time.monotonic() < deadline:
+            if run.state.is_crashed():
+                crashed_since = crashed_since or time.monotonic()
+                if time.monotonic() - crashed_since > CRASH_GRACE_S:
+                    break
+            else:
+                crashed_since = None
+            time.sleep(2)
+            run = client.read_flow_run(run.id)
+    return run
 
 
 @flow(name="retrain-culture", log_prints=True, retries=1, retry_delay_seconds=10)

@@ -18,8 +18,7 @@ import psutil
 import pytest
 
 from scoft.io import sha256_file
-from tests.conftest import BIN, ROOT, make_workspace, write_params
-from tests.helpers import kill_stage_command
+from tests.conftest import BIN, ROOT, make_workspace
 
 CULTURES = ["KOR", "NGA"]
 FAST = {"train.max_steps": 16, "train.checkpoint_every": 4, "negatives.per_image": 1, "evaluate.bootstrap": 100,
@@ -69,10 +68,36 @@ def _checkout(path, sample_dir):
     return ws
 
 
+def _kill_the_kor_worker_mid_training(parent_run, workspaces, workers, start_worker, api) -> dict:
+    """After KOR's first checkpoint, SIGKILL its worker's whole tree (worker, flow run, dvc, scoft train)
+    and start that worker again, as after a reboot; once NGA's run is done, stop NGA's worker, so the
+    restarted KOR run can only land where its checkpoint is."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    killed, deadline = {}, time.monotonic() + 900
+    with SyncPrefectClient(api) as client:
+        while parent_run.poll() is None and time.monotonic() < deadline:
+            if not killed:
+                for name in ("w1", "w2"):
+                    if list(workspaces[name].glob("models/lora/KOR/checkpoints/*/step-000000004.pt")):
+                        _stop_tree(workers[name])
+                        killed = {"worker": name, "at": datetime.now(UTC)}
+                        workers[name] = start_worker(name)
+                        break
+            elif "other_stopped" not in killed:
+                nga = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["retrain-NGA"])))
+                if nga and nga[0].state.is_final():
+                    _stop_tree(workers["w2" if killed["worker"] == "w1" else "w1"])
+                    killed["other_stopped"] = True
+            time.sleep(0.05 if not killed else 1)
+    return killed
+
+
 @pytest.fixture(scope="module")
 def fanned_out(sample_dir, tmp_path_factory):
-    """The server, the gpu pool, the deployment, two workers, and one retrain run of a third workspace
-    that fans out over them; the KOR training is killed after its first checkpoint."""
+    """The server, the gpu pool, the deployment, `scoft recovery`'s automations, two workers, and one
+    retrain run of a third workspace that fans out over them; KOR's worker is killed mid-training."""
     tmp = tmp_path_factory.mktemp("fan-out")
     api = f"http://127.0.0.1:{_free_port()}/api"
     env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=api, PREFECT_UI_ENABLED="false",
@@ -91,6 +116,9 @@ def fanned_out(sample_dir, tmp_path_factory):
                      ["deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "retrain-culture"]):
             out = subprocess.run(prefect + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
             assert out.returncode == 0, out.stdout + out.stderr
+        recovery = subprocess.run([str(BIN / "scoft"), "recovery", "--heartbeat-timeout", "45"], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=120)
+        assert recovery.returncode == 0, recovery.stdout + recovery.stderr
         remote = tmp / "remote"
         workspaces = {}
         for name in ("parent", "w1", "w2"):
@@ -113,16 +141,9 @@ def fanned_out(sample_dir, tmp_path_factory):
              "s = retrain(workdir='.', return_state=True); print('STATE', s.type.value, s.message); "
              "sys.exit(0 if s.is_completed() else 1)"],
             cwd=parent, env=env, stdout=(tmp / "parent.log").open("w"), stderr=subprocess.STDOUT)
-        killed, deadline = 0, time.monotonic() + 600
-        while run.poll() is None and time.monotonic() < deadline:
-            if not killed:
-                for ws in (workspaces["w1"], workspaces["w2"]):
-                    if list(ws.glob("models/lora/KOR/checkpoints/*/step-000000004.pt")):
-                        killed = kill_stage_command(ws, "train")
-            time.sleep(0.05)
+        killed = _kill_the_kor_worker_mid_training(run, workspaces, workers, start_worker, api)
         assert run.wait(60) == 0, (tmp / "parent.log").read_text()[-5000:]
-        yield {"api": api, "workspaces": workspaces, "killed": killed, "env": env, "workers": workers,
-               "start_worker": start_worker, "tmp": tmp}
+        yield {"api": api, "workspaces": workspaces, "killed": killed}
     finally:
         for proc in reversed(started):
             _stop_tree(proc)
@@ -160,62 +181,21 @@ def test_the_parent_records_each_cultures_outputs_and_its_lock_reproduces(fanned
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout + status.stderr
 
 
-def test_a_culture_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(fanned_out):
+def test_a_culture_whose_worker_tree_is_killed_crashes_is_run_again_and_resumes(fanned_out):
+    """Without heartbeats and `scoft recovery` the run would stay Running for good (issue 10)."""
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
-    assert fanned_out["killed"] >= 1
+    killed = fanned_out["killed"]
+    assert "at" in killed, "KOR never reached its first checkpoint"
     with SyncPrefectClient(fanned_out["api"]) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain-culture"])))
-        kor = next(r for r in runs if r.parameters["culture"] == "KOR")
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[kor.id])))
-    assert [t.run_count for t in tasks if t.name == "train@KOR"] == [2]  # failed once, retried once
-    summary = json.loads((fanned_out["workspaces"]["parent"] / "models/lora/KOR/training.json").read_text())
-    assert summary["steps"] == FAST["train.max_steps"] and summary["resumed_from"] >= 4
-
-
-@pytest.fixture(scope="module")
-def crashed_and_recovered(fanned_out):
-    """`scoft recovery` installed; a retrain-weekly run on worker w1 (w2 stopped), in-process chains;
-    the whole w1 tree (worker, flow process, dvc, scoft train) SIGKILLed after the first checkpoint of
-    the culture w1 had not trained yet, and the worker started again, as after a reboot."""
-    from prefect.client.orchestration import SyncPrefectClient
-
-    env, ws = fanned_out["env"], fanned_out["workspaces"]["w1"]
-    prefect = [str(BIN / "prefect"), "--no-prompt"]
-    for command in ([str(BIN / "scoft"), "recovery", "--heartbeat-timeout", "45"],
-                    prefect + ["deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "retrain-weekly"]):
-        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stdout + out.stderr
-    write_params(ws / "params.yaml", {**FAST, "orchestration.culture_deployment": None})
-    _stop_tree(fanned_out["workers"]["w2"])
-    untrained = next(c for c in CULTURES if not (ws / LORA.format(c)).is_file())
-    with SyncPrefectClient(fanned_out["api"]) as client:
-        deployment = client.read_deployment_by_name("retrain/retrain-weekly")
-        run_id = client.create_flow_run_from_deployment(deployment.id).id
-        deadline = time.monotonic() + 400
-        while not list(ws.glob(f"models/lora/{untrained}/checkpoints/*/step-000000004.pt")):
-            assert time.monotonic() < deadline, "the run never checkpointed"
-            time.sleep(0.05)
-        _stop_tree(fanned_out["workers"]["w1"])
-        killed_at = datetime.now(UTC)
-        fanned_out["start_worker"]("w1")
-        deadline = time.monotonic() + 600
-        while not ((run := client.read_flow_run(run_id)).state.is_final() and not run.state.is_crashed()):
-            assert time.monotonic() < deadline, run.state
-            time.sleep(0.5)
-        states = client.read_flow_run_states(run_id)
+        kor = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["retrain-KOR"])))[0]
+        states = client.read_flow_run_states(kor.id)
     history = [s.name for s in states]
     crashed = [s.timestamp for s in states if s.is_crashed()]
-    crashed_after = (crashed[0] - killed_at).total_seconds() if crashed else None
-    print(f"killed -> Crashed in {crashed_after} s; states {history}")
-    return {"run": run, "crashed_after": crashed_after, "history": history, "culture": untrained, "ws": ws}
-
-
-def test_a_run_whose_worker_tree_is_killed_crashes_within_two_minutes_and_resumes(crashed_and_recovered):
-    r = crashed_and_recovered
-    assert r["crashed_after"] is not None and r["crashed_after"] < 120, r["history"]
-    assert r["run"].state.is_completed(), (r["run"].state, r["history"])
-    assert "AwaitingRetry" in r["history"] and r["run"].run_count == 2
-    summary = json.loads((r["ws"] / f"models/lora/{r['culture']}/training.json").read_text())
+    assert crashed, history
+    seconds = (crashed[0] - killed["at"]).total_seconds()
+    print(f"KOR's worker killed -> its run Crashed in {seconds:.0f} s; states {history}")
+    assert seconds < 120 and "AwaitingRetry" in history and kor.state.is_completed() and kor.run_count == 2
+    summary = json.loads((fanned_out["workspaces"]["parent"] / "models/lora/KOR/training.json").read_text())
     assert summary["steps"] == FAST["train.max_steps"] and summary["resumed_from"] >= 4
