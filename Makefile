@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 # transformers and the rest (about 2 minutes on 2 cores) where a run imports a fraction of them.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: run test install clean
+.PHONY: run test install clean serve
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/scoft sample --out data/sample
 	$(BIN)/scoft run
+
+# The whole loop on this machine: server, pools, deployments, recovery automations, one worker per
+# pool (deployments/serve.sh); the UI address is printed; Ctrl-C stops everything.
+serve: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" deployments/serve.sh
 
 test: install
 	$(BIN)/ruff check .

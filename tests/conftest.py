@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -136,51 +137,74 @@ def write_params(path: Path, overrides: dict) -> Path:
 
 
 
-# The default planted-bias base takes about 6 minutes to build here, and its fine-tunes 3 more. Their
-# tests (fixture `planted_run`) run last, and the work starts in a subprocess (one thread, as every
-# process of the session) as soon as they are collected: it takes one core, the rest of the suite the other.
+# Two jobs take minutes: the default pipeline on the planted-bias base (about 8 minutes to build here,
+# and its fine-tunes 4 more) and the fan-out scenario on a real Prefect server (tests/fan_out_scenario.py,
+# about 5 minutes, much of it waiting on its server and workers). Each starts in a subprocess (one
+# thread, as every process of the session) as soon as its tests are collected, and those tests run last.
 PLANTED_CULTURES = ("KOR", "NGA")
-_planted_run: dict = {}
+_background: dict[str, dict] = {}
 
 
-def _planted_commands() -> str:
+def _planted_commands() -> list[str]:
     """The default pipeline's commands as dvc.yaml runs them, on the sample at 6 images per culture
     and category (as bench/planted_bias.py), with params.yaml untouched."""
     chains = [f"scoft negatives --culture {c} --out data/negatives/{c} && scoft train --culture {c} "
               f"--negatives data/negatives/{c} --output models/lora/{c} --log-dir models/train_log/{c}"
               for c in PLANTED_CULTURES]
-    return " && ".join(["scoft sample --out data/sample --per-category 6", "scoft base --out models/base",
-                        "scoft ingest", *chains])
+    commands = " && ".join(["scoft sample --out data/sample --per-category 6", "scoft base --out models/base",
+                            "scoft ingest", *chains])
+    return ["bash", "-c", f"set -eo pipefail; {commands}"]
 
 
-@pytest.hookimpl(trylast=True)  # after -k and -m deselect: a deselected planted test starts nothing
+BACKGROUND = {  # fixture: (the job's command, run in its own folder; whether it needs params.yaml there)
+    "fanned_out": (lambda folder: [sys.executable, "-m", "tests.fan_out_scenario", str(folder)], False),
+    "planted_run": (lambda folder: _planted_commands(), True),
+}
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m deselect: a deselected background test starts nothing
 def pytest_collection_modifyitems(session, config, items):
-    uses_run = [item for item in items if "planted_run" in getattr(item, "fixturenames", ())]
-    if not uses_run:
-        return
-    items[:] = [item for item in items if item not in uses_run] + uses_run
-    workspace = _planted_run["dir"] = Path(tempfile.mkdtemp(prefix="scoft-test-planted-run-"))
-    shutil.copy(ROOT / "params.yaml", workspace / "params.yaml")
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    with open(workspace / "run.log", "w") as log:
-        _planted_run["proc"] = subprocess.Popen(["bash", "-c", f"set -eo pipefail; {_planted_commands()}"],
-                                                cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+    last = []
+    for fixture, (command, with_params) in BACKGROUND.items():
+        uses = [item for item in items if fixture in getattr(item, "fixturenames", ())]
+        if not uses:
+            continue
+        items[:] = [item for item in items if item not in uses]
+        last += uses
+        folder = Path(tempfile.mkdtemp(prefix=f"scoft-test-{fixture}-"))
+        if with_params:
+            shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+        with open(folder / "run.log", "w") as log:
+            proc = subprocess.Popen(command(folder), cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        _background[fixture] = {"dir": folder, "proc": proc}
+    items += last
 
 
 def pytest_sessionfinish(session, exitstatus):
-    proc = _planted_run.get("proc")
-    if proc is not None and proc.poll() is None:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-    if "dir" in _planted_run:
-        shutil.rmtree(_planted_run["dir"], ignore_errors=True)
+    for job in _background.values():
+        if job["proc"].poll() is None:
+            os.killpg(job["proc"].pid, 9)
+            job["proc"].wait()
+        shutil.rmtree(job["dir"], ignore_errors=True)
+
+
+def _background_result(fixture: str) -> Path:
+    job = _background[fixture]
+    if job["proc"].wait() != 0:
+        pytest.fail(f"the background job of {fixture} failed:\n" + (job["dir"] / "run.log").read_text()[-4000:])
+    return job["dir"]
 
 
 @pytest.fixture(scope="session")
 def planted_run() -> Path:
     """A workspace where the default pipeline ran on the planted-bias base (params.yaml's own
     settings): models/base, data/ccub, and a LoRA per culture of PLANTED_CULTURES in models/lora/."""
-    if _planted_run["proc"].wait() != 0:
-        pytest.fail("the default pipeline failed:\n" + (_planted_run["dir"] / "run.log").read_text()[-3000:])
-    return _planted_run["dir"]
+    return _background_result("planted_run")
+
+
+@pytest.fixture(scope="session")
+def fanned_out() -> dict:
+    """What tests/fan_out_scenario.py saw: the workspaces, the culture runs and their states, the kill."""
+    return json.loads((_background_result("fanned_out") / "result.json").read_text())

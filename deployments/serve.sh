@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# `make serve`: the whole loop on this machine, for a newcomer. A Prefect server on loopback, the cpu
+# and gpu work pools, every deployment of deployments/prefect.yaml, the recovery automations, and one
+# worker per pool running flows in this checkout. Ctrl-C stops all of it (each started in a process
+# group of its own, flow runs included), leaving nothing running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PORT="${SCOFT_SERVE_PORT:-4200}"
+export PREFECT_API_URL="http://127.0.0.1:$PORT/api" SCOFT_WORKSPACE="${SCOFT_WORKSPACE:-$PWD}"
+mkdir -p .prefect
+groups=()
+stop() {
+  trap - EXIT INT TERM
+  for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+  sleep 2
+  for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+  echo "serve: stopped the server and the workers"
+}
+trap stop EXIT INT TERM
+start() { setsid "$@" & groups+=("$!"); }
+
+start prefect server start --host 127.0.0.1 --port "$PORT" > .prefect/server.log 2>&1
+python - "$PREFECT_API_URL/health" <<'PY'
+import sys, time, urllib.request
+for _ in range(360):
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=2); sys.exit(0)
+    except OSError:
+        time.sleep(0.5)
+sys.exit("serve: the Prefect server did not start, see .prefect/server.log")
+PY
+prefect work-pool create cpu --type process --overwrite > /dev/null
+prefect work-pool create gpu --type process --base-job-template deployments/gpu-process-job-template.json --overwrite > /dev/null
+prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --all > .prefect/deploy.log
+scoft recovery
+[ -d data/sample ] || scoft sample --out data/sample
+start prefect worker start --pool cpu > .prefect/worker-cpu.log 2>&1
+start prefect worker start --pool gpu --limit 1 > .prefect/worker-gpu.log 2>&1
+echo "serve: Prefect UI at http://127.0.0.1:$PORT (workers' logs in .prefect/), Ctrl-C to stop"
+wait
