@@ -10,7 +10,9 @@ export PREFECT_API_URL="http://127.0.0.1:$PORT/api" SCOFT_WORKSPACE="${SCOFT_WOR
 mkdir -p .prefect
 groups=()
 stop() {
-  trap - EXIT INT TERM
+  # Ignore a second signal while cleaning up: Ctrl-C reaches make too, and make passes it on.
+  trap '' INT TERM
+  trap - EXIT
   for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
   sleep 2
   for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
