@@ -81,9 +81,7 @@ def pin_locked_output(root: str | Path, stage: str, path: str, dir_hash: str) ->
         return previous  # already that version: keep DVC's record as it wrote it
     others = [o for o in entry.get("outs", []) if o["path"] != path]
     entry["outs"] = [{"path": path, "hash": "md5", "md5": dir_hash}, *others]
-    text = io.StringIO()
-    rt.dump(lock, text)
-    atomic_write_text(lock_file, text.getvalue())
+    _write_lock(lock_file, rt, lock)
     return previous
 
 
@@ -104,6 +102,11 @@ def adopt_lock_entries(root: str | Path, entries: dict[str, dict]) -> None:
     lock_file = Path(root) / "dvc.lock"
     lock = (rt.load(lock_file.read_text(encoding="utf-8")) if lock_file.exists() else None) or {"schema": "2.0"}
     lock.setdefault("stages", {}).update(entries)
+    _write_lock(lock_file, rt, lock)
+
+
+def _write_lock(lock_file: Path, rt: YAML, lock) -> None:
+    """dvc.lock whole or not at all, in the round-trip YAML it was read with."""
     text = io.StringIO()
     rt.dump(lock, text)
     atomic_write_text(lock_file, text.getvalue())
