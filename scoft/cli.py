@@ -248,7 +248,7 @@ def evaluate(
     """Base vs fine-tuned on held-out CCUB: per-culture metrics, report.md, report.html and image grids.
     With --culture, that culture's LoRA on its held-out prompts (retrieval among every culture's)."""
     p = _params(params)
-    from scoft.evaluate import evaluate_loras, write_skipped_evaluation
+    from scoft.render import write_skipped_evaluation
 
     reason = None
     if culture is not None:
@@ -262,6 +262,8 @@ def evaluate(
         write_skipped_evaluation(out, metrics, culture, reason)
         _say(f"warning: evaluate skipped: {reason}")
         return
+    from scoft.evaluate import evaluate_loras
+
     result = evaluate_loras(p, {"scoft": lora}, ccub, out, metrics, train_log=train_log, progress=_say,
                             culture=culture)
     o = result["overall"]["models"]

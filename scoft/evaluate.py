@@ -560,13 +560,3 @@ def evaluate_loras(params, loras: dict[str, Path | dict[str, Path]], ccub_dir, o
                      cultures=None if culture is None else [culture])
     write_evaluation(out_dir, metrics_file, result, ccub_dir, f.evaluation, train_log=train_log)
     return result["metrics"]
-
-
-def write_skipped_evaluation(out_dir, metrics_file, culture: str, reason: str) -> dict:
-    """A culture that cannot be evaluated (no held-out record, no LoRA): the report says why."""
-    metrics = {"culture": culture, "insufficient": reason}
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "report.md").write_text(f"# SCoFT evaluation: {markdown_text(culture)}\n\nNot evaluated: "
-                                       f"{markdown_text(reason)}\n", encoding="utf-8")
-    write_json(metrics_file, metrics)
-    return metrics

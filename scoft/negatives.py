@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from scoft.ccub import TRAIN, Record
@@ -45,24 +44,26 @@ def plan_negatives(
     return rows
 
 
-@torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], settings: dict, control_images=None):
     """Batched sampling with one generator per image, so an image does not depend on its batch.
     With `control_images` the pipe is a ControlNet pipeline conditioned on them (depth maps)."""
+    import torch  # here, not at the top: a culture without records writes its empty index without torch
+
     device = pipe.device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     extra = {} if control_images is None else {"image": control_images,
                                                 "controlnet_conditioning_scale": settings.get("control_scale", 1.0)}
-    return pipe(
-        prompt=prompts,
-        generator=generators,
-        num_inference_steps=settings["steps"],
-        guidance_scale=settings["guidance_scale"],
-        height=settings["resolution"],
-        width=settings["resolution"],
-        output_type="pil",
-        **extra,
-    ).images
+    with torch.no_grad():
+        return pipe(
+            prompt=prompts,
+            generator=generators,
+            num_inference_steps=settings["steps"],
+            guidance_scale=settings["guidance_scale"],
+            height=settings["resolution"],
+            width=settings["resolution"],
+            output_type="pil",
+            **extra,
+        ).images
 
 
 def simple_depth(image: Image.Image, resolution: int) -> Image.Image:
@@ -93,6 +94,7 @@ class DepthEstimator:
 def depth_guided_pipeline(pipe, controlnet: str, seed: int = 0):
     """The base model with a depth ControlNet, as the paper makes its negatives: "tiny" builds one from the
     tiny UNet (seeded, offline), otherwise a hub id (e.g. lllyasviel/sd-controlnet-depth) or a folder."""
+    import torch
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     if controlnet == "tiny":
@@ -144,16 +146,15 @@ def make_negatives(params, ccub_dir, out_dir, pipe=None, progress=print, culture
     """The negatives stage: k samples of the *base* model per training record of ccub_dir (of one
     culture, when given), as params.negatives says (depth-guided by each CCUB image when configured),
     cached by key in out_dir. `pipe` (optional) is the loaded base pipeline; returns sample_negatives' counts."""
-    from PIL import Image
-
     from scoft.ccub import read_manifest
-    from scoft.models import load_pipeline, model_fingerprint, pick_device
 
     n, ccub_dir = params.negatives, Path(ccub_dir)
     settings = params.sampling("negatives")
     if culture is not None and not read_manifest(ccub_dir, culture):
-        # a configured culture without records: nothing to sample, no model to load
+        # a configured culture without records: nothing to sample, no model to load (nor torch to import)
         return sample_negatives(None, [], out_dir, n.batch_size, settings, progress=progress)
+    from scoft.models import load_pipeline, model_fingerprint, pick_device
+
     pipe = pipe if pipe is not None else load_pipeline(params.model).to(pick_device())
     records = read_manifest(ccub_dir, culture)
     fingerprint = model_fingerprint(pipe)  # of the base model, before any ControlNet joins it

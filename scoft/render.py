@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import html
 import re
+from pathlib import Path
+
+from scoft.io import atomic_dir, write_json
 
 # Every ASCII character that starts Markdown structure (headings, emphasis, links, images, tables,
 # lists, code, raw HTML); a backslash before each makes it literal text in CommonMark and GFM.
@@ -21,3 +24,14 @@ def markdown_text(value: object) -> str:
 def html_text(value: object) -> str:
     """`value` as HTML text content or attribute value."""
     return html.escape(str(value), quote=True)
+
+
+def write_skipped_evaluation(out_dir: Path, metrics_file: Path, culture: str, reason: str) -> dict:
+    """A culture that cannot be evaluated (no held-out record, no LoRA): the report says why. Here, not
+    in scoft/evaluate.py, so that writing it imports no torch (the stage of a culture without records)."""
+    metrics = {"culture": culture, "insufficient": reason}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "report.md").write_text(f"# SCoFT evaluation: {markdown_text(culture)}\n\nNot evaluated: "
+                                       f"{markdown_text(reason)}\n", encoding="utf-8")
+    write_json(metrics_file, metrics)
+    return metrics
