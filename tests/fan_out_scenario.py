@@ -1,13 +1,19 @@
-"""The fan-out scenario of tests/test_fan_out.py, run in the background from collection on (it mostly
-waits on its servers and workers; tests/conftest.py): a real `prefect server start`, the gpu pool from
-deployments/gpu-process-job-template.json, `prefect deploy` of retrain-culture, `scoft recovery`, two
-process workers with workspaces of their own and a third workspace whose retrain run fans out over
-them; KOR's worker tree is SIGKILLed after KOR's first checkpoint. Writes DIR/result.json with what
-the tests check (the culture runs and their states); stops everything it started.
+"""The real-server scenario of tests/test_fan_out.py, run in the background from collection on (it mostly
+waits on its server and workers; tests/conftest.py). `make serve`'s script (deployments/serve.sh) in one
+workspace: a real `prefect server start`, the cpu and gpu pools, every deployment of
+deployments/prefect.yaml, `scoft recovery`, a cpu and a gpu worker; two more gpu workers in workspaces
+of their own. The loop, twice:
+1. the ingest deployment runs; its `ccub.updated` event starts retrain-on-update, which fans KOR and NGA
+   out over the two workers (KOR's worker tree SIGKILLed after KOR's first checkpoint: crashed by the
+   recovery automation, run again, resumed), and promotes both;
+2. a destructive learning rate and one new KOR record: the same loop, and the gate rejects both, with
+   production unchanged.
+Then Ctrl-C to `make serve`. Writes DIR/result.json with what the tests check; stops everything it started.
 
     python -m tests.fan_out_scenario DIR
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,12 +28,24 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import BIN, ROOT, make_workspace
+from scoft import registry
+from scoft.io import sha256_file
+from scoft.sample import add_sample_image, write_sample
+from tests.conftest import BIN, ROOT, make_workspace, write_params
 
 CULTURES = ["KOR", "NGA"]
+LORA = "models/lora/{}/pytorch_lora_weights.safetensors"
+# A 16-step LoRA on the tiny random base cannot be expected to beat that base, so the first round's gate
+# asks only for a measured, not-collapsed candidate; the second round's candidate must then beat that
+# production LoRA on the same held-out records ("better than production"), which is what rejects it.
 FAST = {"train.max_steps": 16, "train.checkpoint_every": 4, "negatives.per_image": 1, "evaluate.bootstrap": 100,
         "evaluate.samples_per_prompt": 2, "orchestration.stage_retry_delay_s": 0, "validate.cultures": CULTURES,
-        "orchestration.culture_deployment": "retrain-culture/retrain-culture"}
+        "orchestration.culture_deployment": "retrain-culture/retrain-culture",
+        "promotion.min_distance_gain": -1.0, "promotion.max_memorisation": 1.0,
+        "promotion.min_generic_entropy_ratio": 0.0}
+# 150 times the default: the LoRA's weights leave the range the UNet works in (at 3.0 the training
+# diverges to NaN and the culture run fails instead of reaching the gate)
+DESTRUCTIVE = {"train.lr": 0.3}
 
 
 def _free_port() -> int:
@@ -70,97 +88,193 @@ def _checkout(path, sample_dir):
     return ws
 
 
-def _kill_the_kor_worker_mid_training(parent_run, workspaces, workers, start_worker, api) -> dict:
-    """After KOR's first checkpoint, SIGKILL its worker's whole tree (worker, flow run, dvc, scoft train)
-    and start that worker again, as after a reboot; once NGA's run is done, stop NGA's worker, so the
-    restarted KOR run can only land where its checkpoint is."""
-    from prefect.client.orchestration import SyncPrefectClient
+def _kill_the_kor_worker_mid_training(client, workspaces, workers, start_worker) -> dict:
+    """While the first retrain run lasts: after KOR's first checkpoint, SIGKILL its worker's whole tree
+    (worker, flow run, dvc, scoft train) and start that worker again, as after a reboot; once NGA's run
+    is done, stop NGA's worker, so the restarted KOR run can only land where its checkpoint is."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     killed, deadline = {}, time.monotonic() + 900
-    with SyncPrefectClient(api) as client:
-        while parent_run.poll() is None and time.monotonic() < deadline:
-            if not killed:
-                for name in ("w1", "w2"):
-                    if list(workspaces[name].glob("models/lora/KOR/checkpoints/*/step-000000004.pt")):
-                        _stop_tree(workers[name])
-                        killed = {"worker": name, "at": datetime.now(UTC)}
-                        workers[name] = start_worker(name)
-                        break
-            elif "other_stopped" not in killed:
-                nga = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["retrain-NGA"])))
-                if nga and nga[0].state.is_final():
-                    _stop_tree(workers["w2" if killed["worker"] == "w1" else "w1"])
-                    killed["other_stopped"] = True
-            time.sleep(0.05 if not killed else 1)
+    while not _flow_runs(client, "retrain/retrain-on-update")[0].state.is_final() and time.monotonic() < deadline:
+        if not killed:
+            for name in ("w1", "w2"):
+                if list(workspaces[name].glob("models/lora/KOR/checkpoints/*/step-000000004.pt")):
+                    _stop_tree(workers[name])
+                    killed = {"worker": name, "at": datetime.now(UTC)}
+                    workers[name] = start_worker(name)
+                    break
+        elif "other_stopped" not in killed:
+            nga = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["retrain-NGA"])))
+            if nga and nga[0].state.is_final():
+                _stop_tree(workers["w2" if killed["worker"] == "w1" else "w1"])
+                killed["other_stopped"] = True
+        time.sleep(0.05 if not killed else 1)
     return killed
 
 
+def _flow_runs(client, deployment: str) -> list:
+    """The flow runs of one deployment ("flow/deployment"), oldest first."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    found = client.read_deployment_by_name(deployment)
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])),
+                                 sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+
+
+def _wait_for_run(client, deployment: str, count: int, until, timeout: float = 600):
+    """The `count`-th run of `deployment`, once `until(run)` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = _flow_runs(client, deployment)
+        if len(runs) >= count and until(runs[count - 1]):
+            return runs[count - 1]
+        time.sleep(1)
+    raise AssertionError(f"{deployment}: run {count} not there in {timeout} s: {[(r.name, r.state) for r in runs]}")
+
+
+def _ingest_and_follow_the_retrain(client, serve: Path, env: dict, count: int, start_workers) -> dict:
+    """Run the ingest deployment (as its hourly schedule would) in the serve workspace; its
+    `ccub.updated` event starts retrain-on-update on the serve workspace's gpu worker (the only one
+    then), and `start_workers()` brings up the culture runs' workers. Returns what the tests check."""
+    out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "ingest/ingest-hourly"], cwd=serve, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ingest = _wait_for_run(client, "ingest/ingest-hourly", count, lambda r: r.state.is_final(), timeout=300)
+    assert ingest.state.is_completed(), ingest.state
+    retrain = _wait_for_run(client, "retrain/retrain-on-update", count, lambda r: r.start_time is not None)
+    workers = start_workers()
+    retrain = _wait_for_run(client, "retrain/retrain-on-update", count, lambda r: r.state.is_final(), timeout=900)
+    announced = client.read_task_runs(
+        flow_run_filter=_run_filter(ingest.id),
+        task_run_filter=_task_name_filter("announce-ccub-version"))[0]
+    return {"ingest_state": ingest.state.type.value, "retrain_state": retrain.state.type.value,
+            "retrain_message": retrain.state.message, "ccub_version": retrain.parameters.get("ccub_version"),
+            "event_at": announced.end_time.isoformat(),
+            "retrain_created": retrain.created.isoformat(), "retrain_started": retrain.start_time.isoformat(),
+            "summary": json.loads((serve / "data/ingest/summary.json").read_text()), "workers": workers,
+            "production": {c: registry.read(serve, c) for c in CULTURES},
+            "decisions": {c: json.loads((serve / f"reports/promotion/{c}.json").read_text()) for c in CULTURES}}
+
+
+def _run_filter(run_id):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+
+
+def _task_name_filter(name: str):
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    return TaskRunFilter(name=TaskRunFilterName(like_=name))  # run names are the task's name and a suffix
+
+
+def _stop_serve(serve_proc: subprocess.Popen) -> list[str]:
+    """Ctrl-C to `make serve` (SIGINT to its process group, as a terminal sends it); what is left after."""
+    tree = [serve_proc.pid] + [p.pid for p in psutil.Process(serve_proc.pid).children(recursive=True)]
+    os.killpg(serve_proc.pid, signal.SIGINT)
+    serve_proc.wait(60)
+    time.sleep(3)
+    left = []
+    for pid in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(proc.cmdline()))
+    return left
+
+
 def run(tmp: Path) -> dict:
-    from scoft.sample import write_sample
+    """`make serve` in one workspace (server, pools, deployments, recovery, a cpu and a gpu worker), two
+    more gpu workers in workspaces of their own; the ingest deployment's event starts retrain-on-update,
+    which fans the cultures out (KOR's worker tree killed mid-training) and promotes; then a destructive
+    learning rate goes through the same loop and is rejected."""
+    from prefect.client.orchestration import SyncPrefectClient
 
     sample_dir = write_sample(tmp / "ccub-sample")
-    api = f"http://127.0.0.1:{_free_port()}/api"
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=api, PREFECT_UI_ENABLED="false",
-               PREFECT_WORKER_QUERY_SECONDS="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+               PREFECT_WORKER_QUERY_SECONDS="1", SCOFT_SERVE_PORT=str(port),
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    remote = tmp / "remote"
+    workspaces = {}
+    for name in ("serve", "w1", "w2"):
+        ws = workspaces[name] = _checkout(tmp / name, sample_dir)
+        subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "-f", "local", str(remote)],
+                       cwd=ws, check=True, capture_output=True)
+    serve = workspaces["serve"]
+    shutil.copytree(ROOT / "deployments", serve / "deployments")
     started = []
     try:
-        log = tmp / "server.log"
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                   "--port", api.split(":")[-1].split("/")[0]], env=env, stdout=log.open("w"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        started.append(server)
-        _wait_healthy(api, server, log)
-        prefect = [str(BIN / "prefect"), "--no-prompt"]
-        for args in (["work-pool", "create", "gpu", "--type", "process",
-                      "--base-job-template", "deployments/gpu-process-job-template.json"],
-                     ["deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "retrain-culture"]):
-            out = subprocess.run(prefect + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-            assert out.returncode == 0, out.stdout + out.stderr
+        serve_log = tmp / "serve.log"
+        # Ctrl-C reaches it as SIGINT, which a background parent may have left ignored: restore it
+        serve_proc = subprocess.Popen([str(serve / "deployments/serve.sh")], cwd=serve, env=env,
+                                      stdout=serve_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        started.append(serve_proc)
+        deadline = time.monotonic() + 300
+        while "serve: Prefect UI at" not in serve_log.read_text():
+            assert serve_proc.poll() is None and time.monotonic() < deadline, serve_log.read_text()[-3000:]
+            time.sleep(0.5)
         recovery = subprocess.run([str(BIN / "scoft"), "recovery", "--heartbeat-timeout", "45"], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=120)
         assert recovery.returncode == 0, recovery.stdout + recovery.stderr
-        remote = tmp / "remote"
-        workspaces = {}
-        for name in ("parent", "w1", "w2"):
-            ws = workspaces[name] = _checkout(tmp / name, sample_dir)
-            subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "-f", "local", str(remote)],
-                           cwd=ws, check=True, capture_output=True)
 
         def start_worker(name: str) -> subprocess.Popen:  # one flow run at a time, as one worker per GPU
             worker = subprocess.Popen(
-                prefect + ["worker", "start", "--pool", "gpu", "--name", name, "--limit", "1"],
+                [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--name", name, "--limit", "1"],
                 cwd=workspaces[name], env=dict(env, SCOFT_WORKSPACE=str(workspaces[name])),
                 stdout=(tmp / f"{name}.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True)
             started.append(worker)
             return worker
 
-        workers = {name: start_worker(name) for name in ("w1", "w2")}
-        parent = workspaces["parent"]
-        run = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from flows.retrain import retrain; "
-             "s = retrain(workdir='.', return_state=True); print('STATE', s.type.value, s.message); "
-             "sys.exit(0 if s.is_completed() else 1)"],
-            cwd=parent, env=env, stdout=(tmp / "parent.log").open("w"), stderr=subprocess.STDOUT)
-        killed = _kill_the_kor_worker_mid_training(run, workspaces, workers, start_worker, api)
-        assert run.wait(60) == 0, (tmp / "parent.log").read_text()[-5000:]
-        return {"workspaces": {k: str(v) for k, v in workspaces.items()}, "runs": _culture_runs(api),
-                "killed": {"worker": killed.get("worker"), "at": killed["at"].isoformat() if killed else None}}
+        workers, killed = {}, {}
+
+        def start_culture_workers() -> list[str]:
+            for name in ("w1", "w2"):
+                if name not in workers or workers[name].poll() is not None:
+                    workers[name] = start_worker(name)
+            return sorted(workers)
+
+        with SyncPrefectClient(api) as client:
+            def first_round_workers():
+                names = start_culture_workers()
+                killed.update(_kill_the_kor_worker_mid_training(client, workspaces, workers, start_worker))
+                return names
+
+            promoted = _ingest_and_follow_the_retrain(client, serve, env, 1, first_round_workers)
+            culture_runs = _culture_runs(client)
+            trained_in = {c: [n for n in ("w1", "w2") if (workspaces[n] / LORA.format(c)).is_file()] for c in CULTURES}
+            lora_sha = {c: sha256_file(serve / LORA.format(c)) for c in CULTURES}
+            kor_training = json.loads((serve / "models/lora/KOR/training.json").read_text())
+            # The destructive change: every workspace's training at a learning rate that breaks the LoRA,
+            # and one new KOR record for the ingest to announce; the gpu workers stopped, so that the
+            # retrain run lands on the serve workspace's worker, where production is registered.
+            for name in ("w1", "w2"):
+                _stop_tree(workers.pop(name))
+            for ws in workspaces.values():
+                write_params(ws / "params.yaml", {**FAST, **DESTRUCTIVE})
+            add_sample_image(serve / "data/sample", "KOR", split="train")
+            rejected = _ingest_and_follow_the_retrain(client, serve, env, 2, start_culture_workers)
+        for name in list(workers):
+            _stop_tree(workers.pop(name))
+        left = _stop_serve(serve_proc)
+        return {"workspaces": {k: str(v) for k, v in workspaces.items()}, "runs": culture_runs,
+                "trained_in": trained_in, "first_round_lora_sha256": lora_sha, "kor_first_training": kor_training,
+                "killed": {"worker": killed.get("worker"), "at": killed["at"].isoformat() if killed else None},
+                "promoted": promoted, "rejected": rejected, "left_after_ctrl_c": left}
     finally:
         for proc in reversed(started):
             _stop_tree(proc)
 
 
-
-
-def _culture_runs(api: str) -> dict:
-    """Each retrain-culture run: start, end, final state, starts, and its state history."""
-    from prefect.client.orchestration import SyncPrefectClient
+def _culture_runs(client) -> dict:
+    """Each retrain-culture run so far (one per culture): start, end, final state, starts, state history."""
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-    with SyncPrefectClient(api) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain-culture"])))
-        return {r.parameters["culture"]: {
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain-culture"])))
+    return {r.parameters["culture"]: {
             "start": r.start_time.isoformat(), "end": r.end_time.isoformat(), "state": r.state.type.value,
             "run_count": r.run_count,
             "history": [(s.name, s.type.value, s.timestamp.isoformat()) for s in client.read_flow_run_states(r.id)],

@@ -1,9 +1,10 @@
-"""Fan-out on a real Prefect server (`prefect server start`, not the in-process harness): the retrain
-run starts one `retrain-culture` flow run per culture (deployments/prefect.yaml, `prefect deploy`),
-two process workers take one each, in workspaces of their own, and the data moves only through the
-shared DVC remote. KOR's worker is killed with its whole tree mid-training: `scoft recovery`'s
-automations crash its run and run it again, and it resumes from its checkpoint. The scenario
-(tests/fan_out_scenario.py) runs in the background from the start of the session."""
+"""The loop on a real Prefect server (`prefect server start` from `make serve`'s script, not the
+in-process harness), tests/fan_out_scenario.py: the ingest deployment's `ccub.updated` event starts
+retrain-on-update, which starts one `retrain-culture` flow run per culture; two process workers take one
+each, in workspaces of their own, and the data moves only through the shared DVC remote. KOR's worker is
+killed with its whole tree mid-training: `scoft recovery`'s automations crash its run and run it again,
+and it resumes from its checkpoint. The first round promotes; a destructive change then goes through
+the same loop and is rejected. The scenario runs in the background from the start of the session."""
 
 import json
 import shutil
@@ -13,9 +14,8 @@ from datetime import datetime
 from pathlib import Path
 
 from scoft.io import sha256_file
-from tests.fan_out_scenario import CULTURES, FAST
+from tests.fan_out_scenario import CULTURES, DESTRUCTIVE, FAST, LORA
 
-LORA = "models/lora/{}/pytorch_lora_weights.safetensors"
 CHAIN = [f"{stage}@{c}" for c in CULTURES for stage in ("negatives", "train", "evaluate")]
 
 def _workspaces(fanned_out) -> dict[str, Path]:
@@ -23,21 +23,23 @@ def _workspaces(fanned_out) -> dict[str, Path]:
 
 
 def test_each_culture_trains_on_a_worker_of_its_own_at_the_same_time(fanned_out):
-    runs, ws = fanned_out["runs"], _workspaces(fanned_out)
+    runs = fanned_out["runs"]
     assert set(runs) == set(CULTURES) and all(r["state"] == "COMPLETED" for r in runs.values()), runs
     kor, nga = ({k: datetime.fromisoformat(r[k]) for k in ("start", "end")} for r in (runs["KOR"], runs["NGA"]))
     assert kor["start"] < nga["end"] and nga["start"] < kor["end"]  # they overlapped
-    # each in its own worker's workspace: one LoRA per culture per workspace, none in the other
-    where = {c: [name for name in ("w1", "w2") if (ws[name] / LORA.format(c)).is_file()] for c in CULTURES}
+    # each in its own worker's workspace: one LoRA per culture per workspace, none in the other, and
+    # none trained in the serve workspace, where the retrain run itself ran
+    where = fanned_out["trained_in"]
     assert sorted(where["KOR"] + where["NGA"]) == ["w1", "w2"], where
 
 
 def test_the_parent_records_each_cultures_outputs_and_its_lock_reproduces(fanned_out):
     ws = _workspaces(fanned_out)
-    parent = ws["parent"]
+    parent = ws["serve"]
     for culture in CULTURES:  # the very files the culture's worker trained, come through the DVC remote
-        worker = next(w for w in (ws["w1"], ws["w2"]) if (w / LORA.format(culture)).is_file())
-        assert sha256_file(parent / LORA.format(culture)) == sha256_file(worker / LORA.format(culture))
+        lora = LORA.format(culture)
+        trained = {sha256_file(w / lora) for w in (ws["w1"], ws["w2"]) if (w / lora).is_file()}
+        assert sha256_file(parent / LORA.format(culture)) in trained
         assert (parent / f"reports/metrics/{culture}.json").is_file()
     dvc = [sys.executable, "-m", "dvc"]
     shutil.rmtree(parent / "models/lora")
@@ -58,5 +60,50 @@ def test_a_culture_whose_worker_tree_is_killed_crashes_is_run_again_and_resumes(
     seconds = (crashed[0] - datetime.fromisoformat(killed["at"])).total_seconds()
     print(f"KOR's worker killed -> its run Crashed in {seconds:.0f} s; states {names}")
     assert seconds < 120 and "AwaitingRetry" in names and kor["state"] == "COMPLETED" and kor["run_count"] == 2
-    summary = json.loads((_workspaces(fanned_out)["parent"] / "models/lora/KOR/training.json").read_text())
+    # the first round's summary, as the parent recorded it in KOR's lineage (the second round retrained KOR)
+    summary = fanned_out["kor_first_training"]
     assert summary["steps"] == FAST["train.max_steps"] and summary["resumed_from"] >= 4
+
+
+def _seconds(a: str, b: str) -> float:
+    return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()
+
+
+def test_the_ingest_deployments_event_starts_the_retrain_which_promotes(fanned_out):
+    """Round 1: ingest (cpu worker) announces a version; retrain-on-update (gpu worker) trains exactly that
+    version, evaluates and promotes each culture; production is the LoRA the culture's worker trained."""
+    loop = fanned_out["promoted"]
+    assert loop["ingest_state"] == "COMPLETED" and loop["retrain_state"] == "COMPLETED", loop["retrain_message"]
+    assert loop["ccub_version"] == loop["summary"]["version"]  # the event's version, not whatever is current
+    created, started = _seconds(loop["event_at"], loop["retrain_created"]), _seconds(loop["event_at"],
+                                                                                      loop["retrain_started"])
+    print(f"ccub.updated -> retrain-on-update run created in {created:.1f} s, running in {started:.1f} s")
+    assert 0 <= created < 60
+    for culture in CULTURES:
+        decision, entry = loop["decisions"][culture], loop["production"][culture]
+        assert decision["promote"], decision["rules"]
+        assert entry["production"]["lora_sha256"] == fanned_out["first_round_lora_sha256"][culture]
+
+
+def test_a_destructive_change_goes_through_the_same_loop_and_is_rejected(fanned_out):
+    """Round 2: a learning rate that breaks the LoRA and one new KOR record; the event starts the same
+    loop, both cultures retrain, and the gate keeps production as it was, saying why."""
+    first, second = fanned_out["promoted"], fanned_out["rejected"]
+    assert second["retrain_state"] == "COMPLETED", second["retrain_message"]
+    assert second["summary"]["added"] == 1 and second["ccub_version"] != first["ccub_version"]
+    for culture in CULTURES:
+        decision = second["decisions"][culture]
+        assert decision["lora_sha256"] != first["decisions"][culture]["lora_sha256"]  # it did retrain
+        assert not decision["promote"]  # not shown better than production beyond its interval
+        assert "better than production" in [r["rule"] for r in decision["rules"] if not r["passed"]], decision
+        entry = second["production"][culture]
+        assert entry["production"] == first["production"][culture]["production"]  # unchanged
+        assert entry["history"][-1]["action"] == "reject"
+    assert DESTRUCTIVE["train.lr"] > 100 * 2e-3
+    # and it made the model worse: at least one culture's improvement over the base fell below production's
+    assert any(second["decisions"][c]["distance_gain"] < first["decisions"][c]["distance_gain"] for c in CULTURES)
+
+
+def test_ctrl_c_stops_make_serve_and_everything_it_started(fanned_out):
+    """`make serve` ends on Ctrl-C without leaving its server, workers or flow runs behind."""
+    assert fanned_out["left_after_ctrl_c"] == []
