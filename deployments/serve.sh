@@ -9,13 +9,20 @@ PORT="${SCOFT_SERVE_PORT:-4200}"
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api" SCOFT_WORKSPACE="${SCOFT_WORKSPACE:-$PWD}"
 mkdir -p .prefect
 groups=()
+descendants() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
 stop() {
   # Ignore a second signal while cleaning up: Ctrl-C reaches make too, and make passes it on.
   trap '' INT TERM
   trap - EXIT
+  # A worker starts each flow run in a session of its own, out of reach of its group: collect every
+  # descendant first, then stop groups and descendants alike.
+  local all=()
+  for g in "${groups[@]}"; do all+=($(descendants "$g")); done
   for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+  for p in "${all[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   sleep 2
   for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+  for p in "${all[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   echo "serve: stopped the server and the workers"
 }
 trap stop EXIT INT TERM

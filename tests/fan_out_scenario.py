@@ -174,9 +174,16 @@ def _stop_serve(serve_proc: subprocess.Popen) -> list[str]:
     tree = [serve_proc.pid] + [p.pid for p in psutil.Process(serve_proc.pid).children(recursive=True)]
     os.killpg(serve_proc.pid, signal.SIGINT)
     serve_proc.wait(60)
-    time.sleep(3)
+    left, deadline = None, time.monotonic() + 15
+    while left != [] and time.monotonic() < deadline:
+        time.sleep(1)
+        left = _alive(tree)
+    return left
+
+
+def _alive(pids: list[int]) -> list[str]:
     left = []
-    for pid in tree:
+    for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc = psutil.Process(pid)
             if proc.status() != psutil.STATUS_ZOMBIE:
