@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,19 +51,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, log, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def _stop_tree(proc: subprocess.Popen) -> None:
@@ -143,30 +129,20 @@ def _ingest_and_follow_the_retrain(client, serve: Path, env: dict, count: int, s
     ingest = _wait_for_run(client, "ingest/ingest-hourly", count, lambda r: r.state.is_final(), timeout=300)
     assert ingest.state.is_completed(), ingest.state
     retrain = _wait_for_run(client, "retrain/retrain-on-update", count, lambda r: r.start_time is not None)
-    workers = start_workers()
+    start_workers()
     retrain = _wait_for_run(client, "retrain/retrain-on-update", count, lambda r: r.state.is_final(), timeout=900)
-    announced = client.read_task_runs(
-        flow_run_filter=_run_filter(ingest.id),
-        task_run_filter=_task_name_filter("announce-ccub-version"))[0]
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+
+    announced = client.read_task_runs(  # run names are the task's name and a suffix
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[ingest.id])),
+        task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="announce-ccub-version")))[0]
     return {"ingest_state": ingest.state.type.value, "retrain_state": retrain.state.type.value,
             "retrain_message": retrain.state.message, "ccub_version": retrain.parameters.get("ccub_version"),
             "event_at": announced.end_time.isoformat(),
             "retrain_created": retrain.created.isoformat(), "retrain_started": retrain.start_time.isoformat(),
-            "summary": json.loads((serve / "data/ingest/summary.json").read_text()), "workers": workers,
+            "summary": json.loads((serve / "data/ingest/summary.json").read_text()),
             "production": {c: registry.read(serve, c) for c in CULTURES},
             "decisions": {c: json.loads((serve / f"reports/promotion/{c}.json").read_text()) for c in CULTURES}}
-
-
-def _run_filter(run_id):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    return FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
-
-
-def _task_name_filter(name: str):
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
-
-    return TaskRunFilter(name=TaskRunFilterName(like_=name))  # run names are the task's name and a suffix
 
 
 def _stop_serve(serve_proc: subprocess.Popen) -> list[str]:
@@ -238,17 +214,15 @@ def run(tmp: Path) -> dict:
 
         workers, killed = {}, {}
 
-        def start_culture_workers() -> list[str]:
+        def start_culture_workers() -> None:
             for name in ("w1", "w2"):
                 if name not in workers or workers[name].poll() is not None:
                     workers[name] = start_worker(name)
-            return sorted(workers)
 
         with SyncPrefectClient(api) as client:
             def first_round_workers():
-                names = start_culture_workers()
+                start_culture_workers()
                 killed.update(_kill_the_kor_worker_mid_training(client, workspaces, workers, start_worker))
-                return names
 
             promoted = _ingest_and_follow_the_retrain(client, serve, env, 1, first_round_workers)
             culture_runs = _culture_runs(client)
