@@ -99,8 +99,9 @@ def prepare(params, work: Path, per_category: int, cultures: list[str]):
     ingest([str(work / "sample")], work / "ccub", heldout_fraction=params.ingest.heldout_fraction,
            max_pixels=10**8, max_rejected_fraction=0.0, captioner=FallbackCaptioner(), progress=lambda m: None)
     pipe = load_pipeline(params.model)
-    for culture in cultures:
-        make_negatives(params, work / "ccub", work / "negatives", pipe=pipe, progress=lambda m: None, culture=culture)
+    for culture in cultures:  # a folder per culture, as the pipeline: the joint LoRA reads all of them
+        make_negatives(params, work / "ccub", work / "negatives" / culture, pipe=pipe, progress=lambda m: None,
+                       culture=culture)
     return pipe, read_manifest(work / "ccub")
 
 
@@ -116,7 +117,8 @@ def train_models(params, losses: str, seed: int, work: Path, joint: bool, cultur
     for culture, folder in folders.items():
         if (folder / LORA_FILE).is_file():  # trained by an earlier, stopped run in the same --work
             continue
-        train(variant, work / "ccub", work / "negatives", folder, None, progress=lambda m: None,
+        negatives = work / "negatives" / culture if culture else work / "negatives"
+        train(variant, work / "ccub", negatives, folder, None, progress=lambda m: None,
               pipe=load_pipeline(params.model), culture=culture)
     return (folders[None] if joint else folders), time.monotonic() - started
 
