@@ -13,9 +13,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from scoft.ccub import read_manifest
 from scoft.config import load_params
-from scoft.paths import CCUB_DIR, EVAL_DIR, LORA_FILE, culture_paths
+from scoft.paths import EVAL_DIR, LORA_DIR, LORA_FILE
 from scoft.registry import LORAS_DIR
 from scoft.remote import adopt_lock_entries, lock_entries
 from tasks.ccub import announce_new_version, pull_ccub_version, use_configured_remote
@@ -59,23 +58,16 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
         validation = publish_validation(workdir)  # the operator sees the failing checks too
     ran["base"] = stage("base", workdir)["ran"]
     deployment = params.orchestration.culture_deployment
-    joint = not params.train.lora_per_culture
-    if joint:
-        outcomes = {}
-        ran |= run_joint(workdir, cultures)
-    elif deployment:
+    if deployment:
         outcomes = fan_out(workdir, cultures, deployment, params.orchestration.culture_run_timeout_s)
     else:
         outcomes = {c: run_chain(workdir, c) for c in cultures}
     failed = {c: o for c, o in outcomes.items() if isinstance(o, str)}
     ran |= {s: r for o in outcomes.values() if isinstance(o, dict) for s, r in o.items()}
-    if not joint:  # the joint stage writes its marker, so that dvc.lock accounts for every stage
-        ran["train_joint"] = stage("train_joint", workdir)["ran"]
     cultures = [c for c in cultures if c not in failed]
     metrics = publish_metrics(workdir, cultures)
     root = Path(workdir)
-    trained = [c for c in cultures if (root / culture_paths(c, joint)["lora"] / LORA_FILE).is_file()
-               and (not joint or read_manifest(root / CCUB_DIR, c))]  # the joint LoRA serves cultures it saw
+    trained = [c for c in cultures if (root / LORA_DIR / c / LORA_FILE).is_file()]
     lineage = {c: record_lineage(workdir, validation, metrics[c], c) for c in trained}
     decisions = {c: promote_culture(workdir, c, lineage[c], params.promotion) for c in trained}
     for c in trained:
@@ -86,7 +78,7 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     push(workdir)
     if failed:  # the other cultures are trained, judged and pushed: the operator retries these alone
         raise CultureRunFailed("; ".join(f"{c}: {why}" for c, why in failed.items()))
-    return {"stages_run": ran, "loras": {c: root / culture_paths(c, joint)["lora"] for c in trained},
+    return {"stages_run": ran, "loras": {c: root / LORA_DIR / c for c in trained},
             "reports": {c: root / EVAL_DIR / c / "report.html" for c in trained}, "lineage": lineage,
             "promoted": {c: d["promote"] for c, d in decisions.items()},
             "skipped": {c: m["insufficient"] for c, m in metrics.items() if "insufficient" in m}}
@@ -103,16 +95,6 @@ def run_chain(workdir: str, culture: str) -> dict[str, bool]:
     """One culture's stages in this run, in order; whether each ran."""
     stage = stage_task(workdir)
     return {f"{name}@{culture}": stage(f"{name}@{culture}", workdir)["ran"] for name in CULTURE_STAGES}
-
-
-def run_joint(workdir: str, cultures: list[str]) -> dict[str, bool]:
-    """The joint LoRA's stages (train.lora_per_culture false): every culture's negatives (and its train
-    stage, which writes a marker naming the joint LoRA), the one LoRA on all of them, then each culture's
-    evaluation of it; whether each ran."""
-    stage = stage_task(workdir)
-    names = [*(f"{s}@{c}" for s in ("negatives", "train") for c in cultures), "train_joint",
-             *(f"evaluate@{c}" for c in cultures)]
-    return {name: stage(name, workdir)["ran"] for name in names}
 
 
 def fan_out(workdir: str, cultures: list[str], deployment: str, timeout_s: float) -> dict[str, dict | str]:

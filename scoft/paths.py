@@ -15,17 +15,10 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 SKIPPED_FILE = "skipped.json"  # in a culture's LoRA folder when it had nothing to train on: why
 
 
-JOINT = "joint"  # the folder name of the one LoRA for every culture (train.lora_per_culture: false)
-
-
-def culture_paths(culture: str, joint: bool = False) -> dict[str, Path]:
-    """One culture's stage outputs (dvc.yaml's foreach stages: negatives@C, train@C, evaluate@C).
-    `joint`: the culture is served by the joint LoRA (train_joint), trained on every culture's
-    records and negatives."""
-    trained_by = JOINT if joint else culture
-    return {"negatives": NEGATIVES_DIR if joint else NEGATIVES_DIR / culture, "lora": LORA_DIR / trained_by,
-            "train_log": TRAIN_LOG_DIR / trained_by, "eval": EVAL_DIR / culture,
-            "metrics": METRICS_DIR / f"{culture}.json"}
+def culture_paths(culture: str) -> dict[str, Path]:
+    """One culture's stage outputs (dvc.yaml's foreach stages: negatives@C, train@C, evaluate@C)."""
+    return {"negatives": NEGATIVES_DIR / culture, "lora": LORA_DIR / culture, "train_log": TRAIN_LOG_DIR / culture,
+            "eval": EVAL_DIR / culture, "metrics": METRICS_DIR / f"{culture}.json"}
 
 
 # Exit statuses that retrying cannot change (tasks/ reads them): a bad configuration (params or a

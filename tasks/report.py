@@ -82,13 +82,10 @@ def publish_metrics(workdir: str, cultures: list[str]) -> dict[str, dict]:
 
 @task(name="record-lineage")
 def record_lineage(workdir: str, validation: dict, metrics: dict, culture: str) -> Path:
-    """The lineage record of one culture's LoRA (its own, or the joint one serving it): its records,
-    checks, negatives, params, code, metrics."""
+    """The lineage record of one culture's LoRA: its records, checks, negatives, params, code, metrics."""
     root = Path(workdir)
-    loaded = load_params(root / "params.yaml")
-    joint = not loaded.train.lora_per_culture
-    paths = culture_paths(culture, joint)
-    params = loaded.model_dump(by_alias=True)
+    paths = culture_paths(culture)
+    params = load_params(root / "params.yaml").model_dump(by_alias=True)
     record = build_record(
         root=root,
         ccub_dir="data/ccub",
@@ -99,7 +96,6 @@ def record_lineage(workdir: str, validation: dict, metrics: dict, culture: str) 
         metrics=metrics,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         culture=culture,
-        joint=joint,
     )
     path = save_record(record, root)
     stored = _read(path)

@@ -31,13 +31,11 @@ LORA = "models/lora/{}/pytorch_lora_weights.safetensors"
 CHAIN = ("negatives", "train", "evaluate")
 
 
-def _stages(validate: bool, chains: dict[str, bool] | bool, base: bool = False, ingest: bool = True,
-            joint: bool = False) -> dict[str, bool]:
-    """The flow's stages_run: ingest, validate, base, each culture's chain, and the joint LoRA's stage
-    (its marker: one LoRA per culture is configured)."""
+def _stages(validate: bool, chains: dict[str, bool] | bool, base: bool = False, ingest: bool = True) -> dict[str, bool]:
+    """The flow's stages_run: ingest, validate, base, then each culture's chain."""
     chains = chains if isinstance(chains, dict) else dict.fromkeys(CULTURES, chains)
     return {"ingest": ingest, "validate": validate, "base": base,
-            **{f"{stage}@{c}": chains[c] for c in CULTURES for stage in CHAIN}, "train_joint": joint}
+            **{f"{stage}@{c}": chains[c] for c in CULTURES for stage in CHAIN}}
 
 
 def _flow_run_logs(flow_run_id, expect: str, timeout: float = 20) -> str:
@@ -64,7 +62,7 @@ def test_all_stages_ran_and_outputs_exist(first_run):
     ws, state = first_run
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["stages_run"] == _stages(True, True, base=True, joint=True)
+    assert result["stages_run"] == _stages(True, True, base=True)
     assert (ws / "models/base/NOT_USED").is_file()  # the tests' base is tiny-random: no planted base to build
     assert all((ws / LORA.format(c)).is_file() for c in TRAINED)
     from scoft.ccub import TRAIN, read_manifest
@@ -132,7 +130,7 @@ def test_a_change_to_the_training_code_reruns_train_and_evaluate_only(first_run)
     finally:
         losses.write_text(original)
     # ingest is always_changed (it polls its sources); evaluate follows once train's output changes
-    assert set(json.loads(status.stdout)) - {"ingest"} == {f"train@{c}" for c in CULTURES} | {"train_joint"}
+    assert set(json.loads(status.stdout)) - {"ingest"} == {f"train@{c}" for c in CULTURES}
 
 
 def test_lineage_ties_the_lora_to_data_checks_negatives_and_the_run(first_run):
@@ -381,8 +379,7 @@ def test_an_update_of_one_culture_retrains_only_it_and_a_killed_train_resumes(fi
     state = outcome["state"]
     assert state.is_completed(), state.message
     # the data came from the DVC remote's record of the announced version; validate ran in the ingest flow
-    assert state.result()["stages_run"] == _stages(False, {c: c == "KOR" for c in CULTURES}, ingest=False,
-                                                    joint=True)
+    assert state.result()["stages_run"] == _stages(False, {c: c == "KOR" for c in CULTURES}, ingest=False)
     added = {row["file"] for row in read_negative_index(ws / "data/negatives/KOR")} - negatives_before
     assert len(added) == FAST["negatives.per_image"]  # k for the one new record, the rest reused
     assert sha256_file(ws / LORA.format("KOR")) != kor_before
@@ -431,52 +428,3 @@ def test_lineage_diff_names_each_changed_param_by_its_dotted_key():
     assert change["params_changed"] == {"train.lr": [1e-3, 2e-3]}
     assert change["records_added"] == ["c"] and change["records_removed"] == ["a"]
     assert change["metrics"] == {"overall.models.scoft": [0.5, 0.4]}
-
-
-def test_a_joint_lora_serves_every_culture_when_configured(first_run):
-    """train.lora_per_culture false: one LoRA on every culture's records and negatives serves each
-    culture's evaluation (with where its images land: the bleed) and promotion, and its lineage covers
-    every culture's data. Last in this module: the per-culture LoRA folders become markers."""
-    import subprocess
-    import sys
-
-    import yaml
-
-    from flows.retrain import retrain
-    from scoft.ccub import TRAIN, read_manifest
-
-    ws, _ = first_run
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["train"]["lora_per_culture"] = False
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    state = retrain(workdir=str(ws), return_state=True)
-    assert state.is_completed(), state.message
-    result = state.result()
-    ran = result["stages_run"]
-    assert ran["train_joint"] and all(ran[f"evaluate@{c}"] for c in TRAINED)
-    assert not any(ran[f"negatives@{c}"] for c in CULTURES)  # the same negatives serve both layouts
-    joint = ws / "models/lora/joint/pytorch_lora_weights.safetensors"
-    training = json.loads((ws / "models/lora/joint/training.json").read_text())
-    train_records = [r for r in read_manifest(ws / "data/ccub") if r.split == TRAIN]
-    assert training["culture"] is None and training["train_records"] == len(train_records)
-    assert {r.culture for r in train_records} == set(TRAINED)
-    assert result["loras"] == {c: ws / "models/lora/joint" for c in TRAINED} and "CHN" in result["skipped"]
-    for culture in TRAINED:
-        marker = json.loads((ws / f"models/lora/{culture}/skipped.json").read_text())["skipped"]
-        assert "joint LoRA (models/lora/joint) serves " + culture in marker
-        decision = json.loads((ws / f"reports/promotion/{culture}.json").read_text())
-        assert decision["lora_dir"] == "models/lora/joint" and decision["lora_sha256"] == sha256_file(joint)
-        landed = json.loads((ws / f"reports/metrics/{culture}.json").read_text())["retrieved_as"]
-        assert set(landed) == {"base", "scoft"} and set(landed["scoft"]) == {culture}
-        assert sum(landed["scoft"][culture].values()) == pytest.approx(1.0, abs=1e-3)
-        assert "Where each culture's images land" in (ws / f"reports/eval/{culture}/report.md").read_text()
-        shown = json.loads(scoft("lineage", "show", "--json", "--culture", culture, cwd=ws).stdout)
-        assert shown["joint"] and shown["lora"]["sha256"] == sha256_file(joint)
-        assert set(shown["ccub"]["records"]) == {r.id for r in read_manifest(ws / "data/ccub")}  # every culture's
-        assert {p.split("/")[2] for p in shown["files"]["negatives"]} >= set(TRAINED)
-        assert set(shown["negatives"]["dvc_hashes"]) == {f"data/negatives/{c}" for c in CULTURES}
-        out = scoft("lineage", "verify", "--culture", culture, cwd=ws)
-        assert out.returncode == 0, out.stdout + out.stderr
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=ws, capture_output=True, text=True,
-                            check=True)
-    assert set(json.loads(status.stdout)) <= {"ingest"}  # every stage recorded in dvc.lock as it ran
