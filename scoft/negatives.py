@@ -20,8 +20,14 @@ INDEX = "index.jsonl"
 
 
 def read_negative_index(negatives_dir: str | Path) -> list[dict]:
-    path = Path(negatives_dir) / INDEX
-    return read_jsonl(path) if path.is_file() else []
+    """The negatives' rows, `file` relative to `negatives_dir`. A folder without an index of its own
+    (data/negatives, for the joint LoRA) gives the rows of every per-culture folder in it."""
+    negatives_dir = Path(negatives_dir)
+    if (negatives_dir / INDEX).is_file():
+        return read_jsonl(negatives_dir / INDEX)
+    return [{**row, "file": f"{sub.name}/{row['file']}"}
+            for sub in sorted(p for p in negatives_dir.glob("*") if (p / INDEX).is_file())
+            for row in read_jsonl(sub / INDEX)]
 
 
 def negative_seed(base_seed: int, record: Record, i: int) -> int:

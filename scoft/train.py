@@ -31,7 +31,7 @@ from scoft.features import build_distance
 from scoft.io import sha256_file, sha256_json, write_json
 from scoft.losses import contrastive_loss, estimate_clean_latents, ldm_loss, memorization_loss
 from scoft.models import encode_prompts, load_pipeline, training_scheduler
-from scoft.negatives import INDEX
+from scoft.negatives import read_negative_index
 from scoft.paths import LORA_FILE
 
 CHECKPOINTS = "checkpoints"
@@ -133,13 +133,12 @@ def collate(items: list[dict]) -> dict:
 def run_fingerprint(params: Params, ccub_dir, negatives_dir, max_steps: int, world: int,
                     culture: str | None = None) -> str:
     """What a checkpoint must match to be resumed: settings, data, culture and the number of processes."""
-    negatives_index = Path(negatives_dir) / INDEX
     return sha256_json({
         "model": params.model.model_dump(), "features": params.features.model_dump(),
         "train": params.train.model_dump(exclude={"checkpoint_every", "max_steps"}), "max_steps": max_steps,
         "per_image": params.negatives.per_image, "world": world, **({"culture": culture} if culture else {}),
         "manifest": sha256_file(Path(ccub_dir) / (MANIFEST if culture is None else f"{CULTURES_DIR}/{culture}.jsonl")),
-        "negatives": sha256_file(negatives_index) if negatives_index.is_file() else None,
+        "negatives": sha256_json(read_negative_index(negatives_dir)),
     })
 
 

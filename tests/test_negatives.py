@@ -40,6 +40,19 @@ def test_adding_one_record_samples_exactly_k_new_images(pipe, prepared, tmp_path
     assert {row["record_id"] for row in read_negative_index(tmp_path)} == {r.id for r in records}
 
 
+def test_the_joint_lora_reads_every_cultures_negatives(tmp_path):
+    """data/negatives has no index of its own: its rows are every culture folder's, paths below it."""
+    from scoft.io import write_jsonl
+
+    for culture, ids in (("KOR", ["k1", "k2"]), ("NGA", ["n1"])):
+        write_jsonl(tmp_path / culture / "index.jsonl", [{"record_id": i, "file": f"{i}.png"} for i in ids])
+    (tmp_path / "MEX").mkdir()  # a culture folder without an index (skipped) adds nothing
+    rows = read_negative_index(tmp_path)
+    assert [(r["record_id"], r["file"]) for r in rows] == [("k1", "KOR/k1.png"), ("k2", "KOR/k2.png"),
+                                                           ("n1", "NGA/n1.png")]
+    assert read_negative_index(tmp_path / "KOR")[0]["file"] == "k1.png"
+
+
 def test_a_changed_caption_or_setting_makes_new_keys(pipe, prepared):
     record = [r for r in read_manifest(prepared[0]) if r.split == "train"][0]
     fp = model_fingerprint(pipe)
