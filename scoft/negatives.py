@@ -99,14 +99,17 @@ class DepthEstimator:
 
 def depth_guided_pipeline(pipe, controlnet: str, seed: int = 0):
     """The base model with a depth ControlNet, as the paper makes its negatives: "tiny" builds one from the
-    tiny UNet (seeded, offline), otherwise a hub id (e.g. lllyasviel/sd-controlnet-depth) or a folder."""
+    base's UNet (seeded, offline; at any scale, so benchmarks can time it), otherwise a hub id (e.g.
+    lllyasviel/sd-controlnet-depth) or a folder."""
     import torch
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     if controlnet == "tiny":
         torch.manual_seed(seed)
-        # the tiny VAE downsamples by 2, so the control embedding downsamples once
-        net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
+        # The control embedding downsamples the image as the VAE does (2x tiny, 8x SD): one stride-2
+        # step between each two of SD's channel widths.
+        widths = (16, 32, 96, 256)[: int(pipe.vae_scale_factor).bit_length()]
+        net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=widths)
         # A fresh ControlNet's zero convolutions make it a no-op; a trained one's are not zero. Give the
         # tiny one small seeded weights there, so the control acts offline as it does in real runs.
         for conv in [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]:
