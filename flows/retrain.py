@@ -13,8 +13,9 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
+from scoft.ccub import read_manifest
 from scoft.config import load_params
-from scoft.paths import EVAL_DIR, LORA_DIR, LORA_FILE
+from scoft.paths import CCUB_DIR, LORA_FILE, culture_paths
 from scoft.registry import LORAS_DIR
 from scoft.remote import adopt_lock_entries, lock_entries
 from tasks.ccub import announce_new_version, pull_ccub_version, use_configured_remote
@@ -58,16 +59,22 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
         validation = publish_validation(workdir)  # the operator sees the failing checks too
     ran["base"] = stage("base", workdir)["ran"]
     deployment = params.orchestration.culture_deployment
-    if deployment:
+    joint = not params.train.lora_per_culture
+    if joint:
+        outcomes = {}
+        ran |= run_joint(workdir, cultures)
+    elif deployment:
         outcomes = fan_out(workdir, cultures, deployment, params.orchestration.culture_run_timeout_s)
     else:
         outcomes = {c: run_chain(workdir, c) for c in cultures}
     failed = {c: o for c, o in outcomes.items() if isinstance(o, str)}
     ran |= {s: r for o in outcomes.values() if isinstance(o, dict) for s, r in o.items()}
     cultures = [c for c in cultures if c not in failed]
-    metrics = publish_metrics(workdir, cultures)
+    mark_other_layout(workdir, cultures, joint)
+    metrics = publish_metrics(workdir, cultures, joint)
     root = Path(workdir)
-    trained = [c for c in cultures if (root / LORA_DIR / c / LORA_FILE).is_file()]
+    trained = [c for c in cultures if (root / culture_paths(c, joint)["lora"] / LORA_FILE).is_file()
+               and (not joint or read_manifest(root / CCUB_DIR, c))]  # the joint LoRA serves cultures it saw
     lineage = {c: record_lineage(workdir, validation, metrics[c], c) for c in trained}
     decisions = {c: promote_culture(workdir, c, lineage[c], params.promotion) for c in trained}
     for c in trained:
@@ -78,8 +85,8 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     push(workdir)
     if failed:  # the other cultures are trained, judged and pushed: the operator retries these alone
         raise CultureRunFailed("; ".join(f"{c}: {why}" for c, why in failed.items()))
-    return {"stages_run": ran, "loras": {c: root / LORA_DIR / c for c in trained},
-            "reports": {c: root / EVAL_DIR / c / "report.html" for c in trained}, "lineage": lineage,
+    return {"stages_run": ran, "loras": {c: root / culture_paths(c, joint)["lora"] for c in trained},
+            "reports": {c: root / culture_paths(c, joint)["eval"] / "report.html" for c in trained}, "lineage": lineage,
             "promoted": {c: d["promote"] for c, d in decisions.items()},
             "skipped": {c: m["insufficient"] for c, m in metrics.items() if "insufficient" in m}}
 
@@ -95,6 +102,24 @@ def run_chain(workdir: str, culture: str) -> dict[str, bool]:
     """One culture's stages in this run, in order; whether each ran."""
     stage = stage_task(workdir)
     return {f"{name}@{culture}": stage(f"{name}@{culture}", workdir)["ran"] for name in CULTURE_STAGES}
+
+
+def run_joint(workdir: str, cultures: list[str]) -> dict[str, bool]:
+    """The joint LoRA's stages (train.lora_per_culture false): every culture's negatives, the one LoRA
+    on all of them, then its evaluation on each culture's prompts; whether each ran."""
+    stage = stage_task(workdir)
+    names = [*(f"negatives@{c}" for c in cultures), "train_joint", *(f"evaluate_joint@{c}" for c in cultures)]
+    return {name: stage(name, workdir)["ran"] for name in names}
+
+
+@task(name="mark-other-layout")
+def mark_other_layout(workdir: str, cultures: list[str], joint: bool) -> None:
+    """The stages of the layout not configured (train.lora_per_culture) write their markers (skipped.json
+    naming the LoRA that serves, a skipped evaluation), so that dvc.lock accounts for every stage and
+    `dvc status` stays clean. One DVC call: they take a second each."""
+    names = ["train_joint", *(f"evaluate_joint@{c}" for c in cultures)] if not joint else \
+        [f"{s}@{c}" for s in ("train", "evaluate") for c in cultures]
+    dvc(["repro", "--single-item", *names], workdir, "the other layout's markers")
 
 
 def fan_out(workdir: str, cultures: list[str], deployment: str, timeout_s: float) -> dict[str, dict | str]:

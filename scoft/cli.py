@@ -22,6 +22,7 @@ from scoft.paths import (
     DATA_REJECTED,
     EVAL_DIR,
     INGEST_SUMMARY,
+    JOINT,
     LORA_DIR,
     LORA_FILE,
     METRICS_FILE,
@@ -29,6 +30,7 @@ from scoft.paths import (
     SKIPPED_FILE,
     TRAIN_LOG_DIR,
     VALIDATION_DIR,
+    culture_paths,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -170,12 +172,17 @@ def train(
     max_steps: Annotated[int | None, typer.Option(min=1, help="Override train.max_steps.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(min=0, help="Override train.checkpoint_every.")] = None,
     culture: CultureOpt = None,
+    as_stage: Annotated[bool, typer.Option(
+        "--as-stage", help="As dvc.yaml's stage: train only the layout train.lora_per_culture configures (a LoRA "
+                           "per culture with --culture, the joint one without); the other writes skipped.json "
+                           "naming the LoRA that serves instead.")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ):
     """SCoFT fine-tuning of LoRA adapters; writes the LoRA in diffusers' format. A --culture with no
     training records is skipped: its folder gets skipped.json saying why, and no LoRA."""
     p = _params(params)
-    if culture is not None and (reason := _nothing_to_train(ccub, culture)):
+    reason = _other_layout(p, culture) if as_stage else None
+    if reason or (culture is not None and (reason := _nothing_to_train(ccub, culture))):
         _skip(reason, output, log_dir)
         return
     if p.train.num_processes > 1 and "SCOFT_LAUNCHED" not in os.environ:
@@ -187,6 +194,15 @@ def train(
     if summary is not None and int(os.environ.get("RANK", "0")) == 0:
         _say(f"train: {summary['steps']} steps in {summary['seconds']}s on {summary['processes']} process(es), "
              f"LoRA in {output}")
+
+
+def _other_layout(p: Params, culture: str | None) -> str | None:
+    """Why this train stage has nothing to do under params.yaml's layout (train.lora_per_culture)."""
+    if culture is not None and not p.train.lora_per_culture:
+        return f"train.lora_per_culture is false: the joint LoRA ({LORA_DIR / JOINT}) serves {culture}"
+    if culture is None and p.train.lora_per_culture:
+        return "train.lora_per_culture is true: each culture has a LoRA of its own (train@<culture>)"
+    return None
 
 
 def _nothing_to_train(ccub: Path, culture: str) -> str | None:
@@ -301,7 +317,8 @@ def generate(
     out: Annotated[Path, typer.Option(help="PNG file to write.")],
     culture: Annotated[str | None, typer.Option(help="Use this culture's production LoRA (scoft models show).")] = None,
     candidate: Annotated[bool, typer.Option(
-        "--candidate", help="With --culture: its latest trained LoRA (models/lora/CULTURE), promoted or not.")] = False,
+        "--candidate", help="With --culture: its latest trained LoRA (models/lora/CULTURE, or the joint one), promoted "
+                            "or not.")] = False,
     lora: Annotated[Path | None, typer.Option(help="A LoRA folder (default: models/lora).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
     base: Annotated[bool, typer.Option("--base", help="The base model alone, without the LoRA.")] = False,
@@ -318,8 +335,8 @@ def generate(
         lora = production_lora(Path("."), culture)
         if lora is None:
             _fail(f"{culture}: no production LoRA yet (`scoft models show {culture}` says why); "
-                  f"--candidate draws with its latest trained one, {LORA_DIR / culture}")
-    lora = lora or (LORA_DIR / culture if culture else LORA_DIR)
+                  f"--candidate draws with its latest trained one")
+    lora = lora or (culture_paths(culture, joint=not p.train.lora_per_culture)["lora"] if culture else LORA_DIR)
     if not base and (lora / SKIPPED_FILE).is_file():
         _fail(f"{lora}: no LoRA: {json.loads((lora / SKIPPED_FILE).read_text(encoding='utf-8'))['skipped']}")
     if not base and not (lora / LORA_FILE).is_file():

@@ -198,6 +198,9 @@ LOSS_SETS = ("ldm", "ldm+mem", "ldm+mem+perceptual", "ldm+mem+perceptual+contras
 
 class TrainParams(_Section):
     seed: Seed = 1024
+    # true: one LoRA per culture, on its records only (the paper); false: one joint LoRA on every
+    # culture's records, which serves each culture's prompts (dvc.yaml's train_joint stage).
+    lora_per_culture: bool = True
     # The paper's ablations: LDM fine-tune, +M, +MP, +MPC (the full method).
     losses: Literal[LOSS_SETS] = LOSS_SETS[-1]
     max_steps: int = Field(300, ge=1)
@@ -297,6 +300,14 @@ class Params(_Section):
     remote: RemoteParams = RemoteParams()
     orchestration: OrchestrationParams = OrchestrationParams()
     promotion: PromotionParams = PromotionParams()
+
+    @model_validator(mode="after")
+    def _joint_lora_trains_here(self) -> Params:
+        if self.orchestration.culture_deployment and not self.train.lora_per_culture:
+            raise ValueError("orchestration.culture_deployment fans out one LoRA per culture; with "
+                             "train.lora_per_culture false the one joint LoRA trains in the retrain run: "
+                             "set culture_deployment to null")
+        return self
 
     def sampling(self, stage: Literal["negatives", "evaluate"]) -> dict:
         """A stage's sampler settings as scoft.negatives.generate takes them (and cache keys record them)."""

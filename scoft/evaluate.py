@@ -213,6 +213,14 @@ def generic_distribution(retrieved: dict[str, np.ndarray], cultures: list[str], 
     return out
 
 
+def retrieved_as(labels: dict[str, np.ndarray], image_cultures: np.ndarray, cultures: list[str]) -> dict:
+    """Per model and prompt culture, the share of its images retrieved as each culture: off the culture
+    itself, the cross-culture bleed (a joint LoRA drawing one culture's prompts in another's likeness)."""
+    return {name: {prompted: {c: round(float((found[image_cultures == prompted] == c).mean()), 4) for c in cultures}
+                   for prompted in sorted(set(image_cultures.tolist()))}
+            for name, found in labels.items()}
+
+
 def heldout_records(records: list[Record]) -> list[Record]:
     return [r for r in records if r.split == HELDOUT]
 
@@ -288,7 +296,8 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
         return values.reshape(len(held), samples_per_prompt).mean(axis=1)
 
     dist = {name: per_prompt(m[np.arange(len(m)), own]) for name, m in matrices.items()}
-    hits = {name: per_prompt(nearest_culture(m, ref_cultures) == image_cultures) for name, m in matrices.items()}
+    labels = {name: nearest_culture(m, ref_cultures) for name, m in matrices.items()}
+    hits = {name: per_prompt(found == image_cultures) for name, found in labels.items()}
     retrieved = {name: nearest_culture(distance_matrix(distance, imgs, all_refs, settings["resolution"]), ref_cultures)
                  for name, imgs in generic_images.items()}
     extra = quality_metrics(distance, generated, refs, torch.stack(train_refs).to(device) if train_refs else None,
@@ -298,6 +307,7 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
         "notes": notes,
         "retrieval_accuracy": retrieval_metrics(hits, held_cultures, bootstrap, seed, len(np.unique(ref_cultures))),
         "generic_prompts": generic_distribution(retrieved, np.unique(ref_cultures).tolist(), generic),
+        "retrieved_as": retrieved_as(labels, image_cultures, np.unique(ref_cultures).tolist()),
         "metric": "feature_distance",
         "unit": f"prompt (mean over {samples_per_prompt} seed(s))",
         "overall": _summary(dist, np.ones(len(held), dtype=bool), bootstrap, seed),
@@ -376,6 +386,21 @@ def retrieval_markdown(retrieval: dict) -> list[str]:
              "better.", "", "| culture | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
     for culture, row in [*retrieval["per_culture"].items(), ("all", retrieval["overall"])]:
         lines.append(f"| {markdown_text(culture)} | " + " | ".join(_cell(row[n]) for n in names) + " |")
+    return lines
+
+
+def retrieved_as_markdown(shares: dict) -> list[str]:
+    """Where each culture's images land, per model: the row's own culture is the retrieval accuracy,
+    the rest is bleed into other cultures."""
+    cultures = list(next(iter(next(iter(shares.values())).values())))
+    lines = ["Where each culture's images land: the share retrieved as each culture, per model (off the "
+             "prompt's own culture: bleed into another culture's likeness).", "",
+             "| model | prompts of | " + " | ".join(markdown_text(c) for c in cultures) + " |",
+             "|---" * (2 + len(cultures)) + "|"]
+    for name, rows in shares.items():
+        for prompted, row in rows.items():
+            lines.append(f"| {markdown_text(name)} | {markdown_text(prompted)} | "
+                         + " | ".join(f"{row[c]:.2f}" for c in cultures) + " |")
     return lines
 
 
@@ -518,6 +543,7 @@ def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: st
     notes = [f"- {markdown_text(n)}" for n in result["metrics"].get("notes", [])]
     tables = [*(["Notes:", "", *notes, ""] if notes else []), *metrics_markdown(result["metrics"], backbone), "",
               *retrieval_markdown(result["metrics"]["retrieval_accuracy"]), "",
+              *retrieved_as_markdown(result["metrics"]["retrieved_as"]), "",
               *generic_markdown(result["metrics"]["generic_prompts"]), "", *quality_markdown(result["metrics"])]
     lines = ["# SCoFT evaluation", "", *tables, "",
              f"Columns of the grid: held-out reference, {', '.join(names)}. Rows, in order:", ""]

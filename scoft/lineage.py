@@ -83,23 +83,29 @@ def chain_files(root: str | Path, ccub_dir: str | Path, negatives_dir: str | Pat
 
 
 def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lora_file, params: dict,
-                 metrics: dict, flow_run_id: str | None, culture: str | None = None) -> dict:
+                 metrics: dict, flow_run_id: str | None, culture: str | None = None, joint: bool = False) -> dict:
     """Paths are relative to the workspace `root` (the folder with dvc.yaml). `culture`: the culture a
-    per-culture LoRA was trained on (None: a joint LoRA of every culture)."""
+    per-culture LoRA was trained on (None: a joint LoRA of every culture); with `joint`, the culture the
+    joint LoRA serves, whose chain is then every culture's data."""
     root = Path(root)
     outs = dvc_out_hashes(root)
+    scope = None if joint else culture
     return {
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "culture": culture,
+        **({"joint": True} if joint else {}),
         "git_commit": git_commit(root),
         "ccub": {"path": str(ccub_dir), "dvc_hash": outs.get(str(ccub_dir)),
-                 "records": sorted(r.id for r in read_manifest(root / ccub_dir, culture))},
+                 "records": sorted(r.id for r in read_manifest(root / ccub_dir, scope))},
         "validation": {"success": validation_summary["success"], "statistics": validation_summary["statistics"]},
-        "negatives": {"path": str(negatives_dir), "dvc_hash": outs.get(str(negatives_dir))},
+        "negatives": {"path": str(negatives_dir), "dvc_hash": outs.get(str(negatives_dir)),
+                      # the joint LoRA's: every culture's negatives folder, each a stage output of its own
+                      **({"dvc_hashes": {p: h for p, h in outs.items() if p.startswith(f"{negatives_dir}/")}}
+                         if joint else {})},
         "params": params,
         "packages": package_versions(),
         "lora": {"path": str(lora_file), "sha256": sha256_file(root / lora_file)},
-        "files": chain_files(root, ccub_dir, negatives_dir, culture),
+        "files": chain_files(root, ccub_dir, negatives_dir, scope),
         "metrics": metrics,
         "prefect_flow_run_id": flow_run_id,
     }
@@ -114,8 +120,16 @@ def add_promotion(record: dict, decision: dict, root: str | Path = ".") -> dict:
 
 
 def record_key(record: dict) -> str:
-    """What makes a record: the LoRA and the data and negatives it came from."""
-    return sha256_json([record["lora"]["sha256"], record["ccub"]["dvc_hash"], record["negatives"]["dvc_hash"]])[:16]
+    """What makes a record: the LoRA and the data and negatives it came from (and the culture it serves,
+    for the joint LoRA, which serves every culture)."""
+    serves = [record["culture"]] if record.get("joint") else []
+    return sha256_json([record["lora"]["sha256"], record["ccub"]["dvc_hash"], record["negatives"]["dvc_hash"],
+                        *serves])[:16]
+
+
+def data_scope(record: dict) -> str | None:
+    """The culture whose records made the record's LoRA; None: every culture's (a joint LoRA)."""
+    return None if record.get("joint") else record.get("culture")
 
 
 def save_record(record: dict, root: str | Path = ".") -> Path:
@@ -159,15 +173,18 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _params_used(root: Path, culture: str | None) -> dict[str, object]:
-    """The params values dvc.lock says the culture's stages ran with, by dotted key."""
+def _params_used(root: Path, record: dict) -> dict[str, object]:
+    """The params values dvc.lock says the record's stages ran with, by dotted key."""
     if not (root / "dvc.lock").is_file():
         return {}
     # As DVC reads it: YAML 1.2, where `no` (train.mixed_precision) is the string, not false.
     from ruamel.yaml import YAML
 
     lock = YAML(typ="safe").load((root / "dvc.lock").read_text(encoding="utf-8"))
+    culture = record.get("culture")
     stages = [f"{s}@{culture}" if culture else s for s in ("negatives", "train")]
+    if record.get("joint"):
+        stages[1] = "train_joint"
     used = {}
     for stage in stages:
         for name, value in ((lock or {}).get("stages", {}).get(stage, {}).get("params", {}).get("params.yaml", {})
@@ -198,7 +215,7 @@ def verify(record: dict, root: str | Path = ".") -> list[str]:
         problems.append(f"ccub: dvc.lock hash {current} of {record['ccub']['path']} differs from the record's "
                         f"{record['ccub']['dvc_hash']}")
     recorded = flatten(record["params"])
-    for key, value in _params_used(root, record.get("culture")).items():
+    for key, value in _params_used(root, record).items():
         if key in recorded and recorded[key] != value:
             problems.append(f"params: {key} is {value!r} in dvc.lock (what the stages used), {recorded[key]!r} in "
                             "the record")
@@ -213,7 +230,7 @@ def _pixel_problems(record: dict, root: Path) -> list[str]:
     ccub_dir = root / record["ccub"]["path"]
     problems = []
     try:
-        records = read_manifest(ccub_dir, record.get("culture"))
+        records = read_manifest(ccub_dir, data_scope(record))
     except (OSError, ValueError, TypeError) as e:  # a damaged manifest: its hash check names it too
         return [f"ccub manifest: {record['ccub']['path']}: unreadable ({type(e).__name__}: {e})"]
     for r in records:
@@ -288,7 +305,9 @@ def lineage_markdown(record: dict, path: str | Path, full_record_link: str | Non
                                    if k in record["packages"])),
             ("Prefect flow run", f"`{record['prefect_flow_run_id']}`"), ("decision", decision),
             ("files hashed", f"{sum(len(v) for v in files.values())} (`scoft lineage verify` rechecks them)")]
-    lines = [f"# Lineage: {record.get('culture') or 'every culture (joint LoRA)'}", "", "| | |", "|---|---|",
+    title = record.get("culture") or "every culture"
+    title += " (joint LoRA of every culture)" if record.get("joint") or not record.get("culture") else ""
+    lines = [f"# Lineage: {title}", "", "| | |", "|---|---|",
              *(f"| {k} | {v} |" for k, v in rows), "", "## Params that differ from the defaults", ""]
     changed = params_changed_from_defaults(record["params"])
     lines += (["| key | this run | default |", "|---|---|---|",

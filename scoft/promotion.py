@@ -141,11 +141,11 @@ RULES_BY = "promotion rules (params.yaml)"
 
 
 def judge(root: str | Path, culture: str, params: Params, lineage_key: str) -> dict:
-    """Judge a culture's candidate LoRA (models/lora/<C>) on its evaluation, writing nothing. A
-    candidate already judged (same LoRA bytes) is not judged again: its decision comes back with
-    `already_judged` (when)."""
+    """Judge a culture's candidate LoRA (models/lora/<C>, or models/lora/joint when it serves every
+    culture) on its evaluation, writing nothing. A candidate already judged (same LoRA bytes) is not
+    judged again: its decision comes back with `already_judged` (when)."""
     root = Path(root)
-    paths = culture_paths(culture)
+    paths = culture_paths(culture, joint=not params.train.lora_per_culture)
     digest = sha256_file(root / paths["lora"] / LORA_FILE)
     entry = registry.read(root, culture)
     judged = [e for e in entry["history"] if e["lora_sha256"] == digest and "decision" in e]
@@ -154,7 +154,7 @@ def judge(root: str | Path, culture: str, params: Params, lineage_key: str) -> d
     metrics = json.loads((root / paths["metrics"]).read_text(encoding="utf-8"))
     decision = decide(metrics, culture, params.promotion, entry["production"],
                       evaluation_key(params, root / CCUB_DIR, culture))
-    decision["lora_sha256"], decision["lineage"] = digest, lineage_key
+    decision["lora_sha256"], decision["lineage"], decision["lora_dir"] = digest, lineage_key, str(paths["lora"])
     return decision
 
 
@@ -179,7 +179,7 @@ def record_verdict(root: str | Path, culture: str, decision: dict) -> dict:
         verdict = "approved" if review["approve"] else "rejected"
         by, reason = review["reviewer"] or "reviewer", review["comment"] or verdict
     if decision["promote"]:
-        registry.promote(root, culture, root / culture_paths(culture)["lora"], decision["lineage"], by=by,
+        registry.promote(root, culture, root / decision["lora_dir"], decision["lineage"], by=by,
                          reason=reason, decision=decision)
     else:
         registry.reject(root, culture, decision["lora_sha256"], decision["lineage"], by=by, reason=reason,

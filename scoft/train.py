@@ -32,7 +32,7 @@ from scoft.io import sha256_file, sha256_json, write_json
 from scoft.losses import contrastive_loss, estimate_clean_latents, ldm_loss, memorization_loss
 from scoft.models import encode_prompts, load_pipeline, training_scheduler
 from scoft.negatives import read_negative_index
-from scoft.paths import LORA_FILE
+from scoft.paths import LORA_FILE, SKIPPED_FILE
 
 CHECKPOINTS = "checkpoints"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -204,6 +204,9 @@ def save_lora(unet, output_dir: Path, summary: dict) -> Path:
     for f in staging.iterdir():
         os.replace(f, output_dir / f.name)
     staging.rmdir()
+    # The folder persists between runs (dvc.yaml: persist, for resuming): a marker left by an earlier run
+    # that had nothing to train (a culture without records, the other layout) would hide this LoRA.
+    (output_dir / SKIPPED_FILE).unlink(missing_ok=True)
     return output_dir / LORA_FILE
 
 

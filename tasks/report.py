@@ -59,10 +59,11 @@ def _metrics_row(culture: str, m: dict, p_holm: float | None) -> dict:
 
 
 @task(name="publish-metrics")
-def publish_metrics(workdir: str, cultures: list[str]) -> dict[str, dict]:
-    """One table row per culture from its evaluation (reports/metrics/<C>.json), the paired tests
-    Holm-corrected across the cultures (each culture's evaluation ran alone); returns the metrics."""
-    metrics = {c: _read(Path(workdir) / culture_paths(c)["metrics"]) for c in cultures}
+def publish_metrics(workdir: str, cultures: list[str], joint: bool = False) -> dict[str, dict]:
+    """One table row per culture from its evaluation (reports/metrics/<C>.json, or with `joint` the joint
+    LoRA's, reports/metrics_joint/<C>.json), the paired tests Holm-corrected across the cultures (each
+    culture's evaluation ran alone); returns the metrics."""
+    metrics = {c: _read(Path(workdir) / culture_paths(c, joint)["metrics"]) for c in cultures}
     blocks = {c: m["per_culture"][c] if "per_culture" in m else {"n": 0, "insufficient": m["insufficient"]}
               for c, m in metrics.items()}
     p_raw = {c: b["improvement"]["scoft"].get("p_permutation") for c, b in blocks.items() if "models" in b}
@@ -73,8 +74,9 @@ def publish_metrics(workdir: str, cultures: list[str]) -> dict[str, dict]:
         row["retrieval_base"] = round(retrieval["base"]["mean"], 4) if "base" in retrieval else None
         row["retrieval_scoft"] = round(retrieval["scoft"]["mean"], 4) if "scoft" in retrieval else None
     backbone = next((m["metric"] for m in metrics.values() if "metric" in m), "feature_distance")
+    serving = "the joint" if joint else "its own"
     create_table_artifact(key="scoft-metrics", table=rows,
-                          description=f"Per culture, its own LoRA: {backbone} to held-out CCUB images (lower is "
+                          description=f"Per culture, {serving} LoRA: {backbone} to held-out CCUB images (lower is "
                           "better), improvement over the base with its 95% interval and Holm-corrected p, and "
                           "culture retrieval accuracy")
     return metrics
@@ -82,10 +84,13 @@ def publish_metrics(workdir: str, cultures: list[str]) -> dict[str, dict]:
 
 @task(name="record-lineage")
 def record_lineage(workdir: str, validation: dict, metrics: dict, culture: str) -> Path:
-    """The lineage record of one culture's LoRA: its records, checks, negatives, params, code, metrics."""
+    """The lineage record of one culture's LoRA (its own, or the joint one serving it): its records,
+    checks, negatives, params, code, metrics."""
     root = Path(workdir)
-    paths = culture_paths(culture)
-    params = load_params(root / "params.yaml").model_dump(by_alias=True)
+    loaded = load_params(root / "params.yaml")
+    joint = not loaded.train.lora_per_culture
+    paths = culture_paths(culture, joint)
+    params = loaded.model_dump(by_alias=True)
     record = build_record(
         root=root,
         ccub_dir="data/ccub",
@@ -96,6 +101,7 @@ def record_lineage(workdir: str, validation: dict, metrics: dict, culture: str) 
         metrics=metrics,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         culture=culture,
+        joint=joint,
     )
     path = save_record(record, root)
     stored = _read(path)

@@ -75,6 +75,15 @@ def test_good_locations_are_accepted(tmp_path):
         assert load_params(_params_with(tmp_path, "model", "base", value)).model.base == value
 
 
+def test_a_joint_lora_cannot_be_fanned_out_per_culture(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["lora_per_culture"] = False
+    params.setdefault("orchestration", {})["culture_deployment"] = "retrain-culture/retrain-culture"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match="with train.lora_per_culture false the one joint LoRA"):
+        load_params(tmp_path / "params.yaml")
+
+
 def test_a_params_file_that_is_not_utf8_exits_2(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_bytes((ROOT / "params.yaml").read_bytes().replace(b"base: tiny", b"base: t\xffny"))

@@ -78,6 +78,22 @@ def test_generic_prompt_distribution_and_entropy_by_hand():
     assert "| base | 0.00 | 0.00 | 1.00 | 0.00 |" in table and "| scoft | 0.25 | 0.25 | 0.50 | 1.50 |" in table
 
 
+def test_where_each_cultures_images_land_by_hand():
+    """The bleed table: a LoRA that draws half of KOR's images like NGA shows 0.5 off KOR's own culture."""
+    from scoft.evaluate import retrieved_as, retrieved_as_markdown
+
+    prompted = np.array(["KOR", "KOR", "KOR", "KOR", "NGA", "NGA"])
+    labels = {"base": np.array(["KOR", "KOR", "KOR", "MEX", "NGA", "NGA"]),
+              "joint": np.array(["KOR", "NGA", "NGA", "KOR", "NGA", "KOR"])}
+    shares = retrieved_as(labels, prompted, ["KOR", "MEX", "NGA"])
+    assert shares["base"] == {"KOR": {"KOR": 0.75, "MEX": 0.25, "NGA": 0.0},
+                              "NGA": {"KOR": 0.0, "MEX": 0.0, "NGA": 1.0}}
+    assert shares["joint"] == {"KOR": {"KOR": 0.5, "MEX": 0.0, "NGA": 0.5},
+                               "NGA": {"KOR": 0.5, "MEX": 0.0, "NGA": 0.5}}
+    table = "\n".join(retrieved_as_markdown(shares))
+    assert "| joint | KOR | 0.50 | 0.00 | 0.50 |" in table and "| base | NGA | 0.00 | 0.00 | 1.00 |" in table
+
+
 def test_within_prompt_diversity_by_hand():
     import torch
 

@@ -51,6 +51,7 @@ def test_the_evaluation_report_shows_hostile_captions_as_text(tmp_path):
             "overall": summary,
             "per_culture": {"KOR": summary},
             "retrieval_accuracy": retrieval,
+            "retrieved_as": {"base": {"KOR": {"KOR": 1.0}}},
             "kid": {"base": {"overall": kid, "per_culture": {"KOR": kid}}},
             "diversity": {"base": per_culture},
             "memorisation": {"base": {"threshold": 0.2, **per_culture}},

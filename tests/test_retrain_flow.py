@@ -32,7 +32,7 @@ CHAIN = ("negatives", "train", "evaluate")
 
 
 def _stages(validate: bool, chains: dict[str, bool] | bool, base: bool = False, ingest: bool = True) -> dict[str, bool]:
-    """The flow's stages_run: ingest, validate, base, then each culture's chain."""
+    """The flow's stages_run: ingest, validate, base and each culture's chain."""
     chains = chains if isinstance(chains, dict) else dict.fromkeys(CULTURES, chains)
     return {"ingest": ingest, "validate": validate, "base": base,
             **{f"{stage}@{c}": chains[c] for c in CULTURES for stage in CHAIN}}
@@ -130,7 +130,7 @@ def test_a_change_to_the_training_code_reruns_train_and_evaluate_only(first_run)
     finally:
         losses.write_text(original)
     # ingest is always_changed (it polls its sources); evaluate follows once train's output changes
-    assert set(json.loads(status.stdout)) - {"ingest"} == {f"train@{c}" for c in CULTURES}
+    assert set(json.loads(status.stdout)) - {"ingest"} == {f"train@{c}" for c in CULTURES} | {"train_joint"}
 
 
 def test_lineage_ties_the_lora_to_data_checks_negatives_and_the_run(first_run):
@@ -428,3 +428,52 @@ def test_lineage_diff_names_each_changed_param_by_its_dotted_key():
     assert change["params_changed"] == {"train.lr": [1e-3, 2e-3]}
     assert change["records_added"] == ["c"] and change["records_removed"] == ["a"]
     assert change["metrics"] == {"overall.models.scoft": [0.5, 0.4]}
+
+
+def test_a_joint_lora_serves_every_culture_when_configured(first_run):
+    """train.lora_per_culture false: one LoRA on every culture's records and negatives serves each
+    culture's evaluation (with where its images land: the bleed) and promotion, and its lineage covers
+    every culture's data. Last in this module: the per-culture LoRA folders become markers."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from flows.retrain import retrain
+    from scoft.ccub import TRAIN, read_manifest
+
+    ws, _ = first_run
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"]["lora_per_culture"] = False
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    state = retrain(workdir=str(ws), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    ran = result["stages_run"]
+    assert ran["train_joint"] and all(ran[f"evaluate_joint@{c}"] for c in TRAINED)
+    assert not any(ran[f"negatives@{c}"] for c in CULTURES)  # the same negatives serve both layouts
+    joint = ws / "models/lora/joint/pytorch_lora_weights.safetensors"
+    training = json.loads((ws / "models/lora/joint/training.json").read_text())
+    train_records = [r for r in read_manifest(ws / "data/ccub") if r.split == TRAIN]
+    assert training["culture"] is None and training["train_records"] == len(train_records)
+    assert {r.culture for r in train_records} == set(TRAINED)
+    assert result["loras"] == {c: ws / "models/lora/joint" for c in TRAINED} and "CHN" in result["skipped"]
+    for culture in TRAINED:
+        marker = json.loads((ws / f"models/lora/{culture}/skipped.json").read_text())["skipped"]
+        assert "joint LoRA (models/lora/joint) serves " + culture in marker
+        decision = json.loads((ws / f"reports/promotion/{culture}.json").read_text())
+        assert decision["lora_dir"] == "models/lora/joint" and decision["lora_sha256"] == sha256_file(joint)
+        landed = json.loads((ws / f"reports/metrics_joint/{culture}.json").read_text())["retrieved_as"]
+        assert set(landed) == {"base", "scoft"} and set(landed["scoft"]) == {culture}
+        assert sum(landed["scoft"][culture].values()) == pytest.approx(1.0, abs=1e-3)
+        assert "Where each culture's images land" in (ws / f"reports/eval_joint/{culture}/report.md").read_text()
+        shown = json.loads(scoft("lineage", "show", "--json", "--culture", culture, cwd=ws).stdout)
+        assert shown["joint"] and shown["lora"]["sha256"] == sha256_file(joint)
+        assert set(shown["ccub"]["records"]) == {r.id for r in read_manifest(ws / "data/ccub")}  # every culture's
+        assert {p.split("/")[2] for p in shown["files"]["negatives"]} >= set(TRAINED)
+        assert set(shown["negatives"]["dvc_hashes"]) == {f"data/negatives/{c}" for c in CULTURES}
+        out = scoft("lineage", "verify", "--culture", culture, cwd=ws)
+        assert out.returncode == 0, out.stdout + out.stderr
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=ws, capture_output=True, text=True,
+                            check=True)
+    assert set(json.loads(status.stdout)) <= {"ingest"}  # every stage recorded in dvc.lock as it ran
