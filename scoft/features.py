@@ -134,7 +134,8 @@ class LpipsDistance(_Pairwise):
         self.lpips = _freeze(model)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.lpips(a.float(), b.float()).flatten()
+        dtype = next(self.lpips.parameters()).dtype  # float32, or bf16 under bf16 training
+        return self.lpips(a.to(dtype), b.to(dtype)).float().flatten()
 
 
 def device_of(distance: nn.Module) -> torch.device:

@@ -276,16 +276,31 @@ class Run:
             say(f"train: checkpoint at step {self.step} in {self.checkpoints}")
 
 
+def feature_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The loss networks' precision under the training's: bf16 halves their memory and runs them at the
+    GPU's bf16 rate; under fp16 they stay in float32, since LPIPS normalises each feature vector by its
+    norm + 1e-10, which underflows to 0 in fp16 and turns an all-zero (ReLU) vector into NaN."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _dtypes(*modules) -> list[str]:
+    """The parameter dtypes of the modules that are there, as training.json records them."""
+    return sorted({str(p.dtype).removeprefix("torch.") for m in modules if m is not None for p in m.parameters()})
+
+
 def _frozen_parts(pipe, params: Params, device, dtype: torch.dtype) -> Frozen:
     tp, f = params.train, params.features
+    features = feature_dtype(dtype)
     return Frozen(
         vae=_frozen_on(pipe.vae, device, dtype),
         text_encoder=_frozen_on(pipe.text_encoder, device, dtype),
         tokenizer=pipe.tokenizer,
         noise_scheduler=training_scheduler(pipe),
         # Built once per run (the reference re-created its perceptual network every step).
-        perceptual=build_distance(f.perceptual, f, tp.seed).to(device) if tp.uses("perceptual") else None,
-        distance=build_distance(f.contrastive, f, params.model.seed).to(device) if tp.uses("contrastive") else None,
+        perceptual=_frozen_on(build_distance(f.perceptual, f, tp.seed), device, features)
+        if tp.uses("perceptual") else None,
+        distance=_frozen_on(build_distance(f.contrastive, f, params.model.seed), device, features)
+        if tp.uses("contrastive") else None,
     )
 
 
@@ -345,7 +360,8 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
         raise FloatingPointError(f"training diverged: final losses {last}")
     summary = {"steps": run.step, "micro_steps": run.micro, "final_losses": last,
                "resumed_from": resumed["step"] if resumed else None, "seconds": round(time.monotonic() - started, 2),
-               "train_records": len(dataset), "processes": accelerator.num_processes, "culture": culture}
+               "train_records": len(dataset), "processes": accelerator.num_processes, "culture": culture,
+               "precision": {"mixed": tp.mixed_precision, "loss_networks": _dtypes(frozen.perceptual, frozen.distance)}}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
