@@ -21,11 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PIL import Image  # noqa: E402
-
 from bench.common import RESOLUTION, build_pipeline, machine, report, sample_workspace  # noqa: E402
 from scoft.models import model_fingerprint, pick_device  # noqa: E402
-from scoft.negatives import depth_guided_pipeline, plan_negatives, sample_negatives, simple_depth  # noqa: E402
+from scoft.negatives import (  # noqa: E402
+    DepthEstimator,
+    depth_control,
+    depth_guided_pipeline,
+    plan_negatives,
+    sample_negatives,
+)
 
 
 def _sync(device) -> None:
@@ -72,11 +76,7 @@ def main() -> None:
     control = None
     if args.depth:
         pipe = depth_guided_pipeline(pipe, "tiny").to(dtype=dtype)
-        files = {r.id: work / "ccub" / r.file for r in records}
-
-        def control(row):  # as scoft.negatives.make_negatives with depth_estimator "simple"
-            with Image.open(files[row["record_id"]]) as im:
-                return simple_depth(im.convert("RGB"), settings["resolution"])
+        control = depth_control(records, work / "ccub", DepthEstimator("simple", settings["resolution"]))
     scoft_batched(pipe, plan[: args.batch], settings, args.batch, work / "warm", device, control)  # warm-up
     plain_loop(pipe, plan[:2], settings, device, control)
     plain = plain_loop(pipe, plan, settings, device, control)

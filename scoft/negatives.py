@@ -125,6 +125,16 @@ def depth_guided_pipeline(pipe, controlnet: str, seed: int = 0):
     return guided
 
 
+def depth_control(records: list[Record], ccub_dir: Path, estimate):
+    """A plan row's control image for depth-guided sampling: the depth map of its CCUB record's image."""
+    files = {r.id: Path(ccub_dir) / r.file for r in records}
+
+    def control(row: dict) -> Image.Image:
+        with Image.open(files[row["record_id"]]) as im:
+            return estimate(im.convert("RGB"))
+    return control
+
+
 def sample_negatives(pipe, plan: list[dict], out_dir: str | Path, batch_size: int, settings: dict,
                      progress=print, control=None) -> dict:
     """Make the planned images that are missing in out_dir, drop the unplanned ones, write the index.
@@ -172,11 +182,6 @@ def make_negatives(params, ccub_dir, out_dir, pipe=None, progress=print, culture
         settings.update(depth_guided=True, controlnet=n.controlnet, depth_estimator=n.depth_estimator,
                         control_scale=n.control_scale)
         pipe = depth_guided_pipeline(pipe, n.controlnet, params.model.seed)
-        estimate = DepthEstimator(n.depth_estimator, params.model.resolution)
-        files = {r.id: ccub_dir / r.file for r in records}
-
-        def control(row):
-            with Image.open(files[row["record_id"]]) as im:
-                return estimate(im.convert("RGB"))
+        control = depth_control(records, ccub_dir, DepthEstimator(n.depth_estimator, params.model.resolution))
     plan = plan_negatives(records, fingerprint, settings, n.per_image, n.seed)
     return sample_negatives(pipe, plan, out_dir, n.batch_size, settings, progress=progress, control=control)

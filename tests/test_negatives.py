@@ -9,6 +9,8 @@ from scoft.ccub import read_manifest
 from scoft.config import ModelParams
 from scoft.models import load_pipeline, model_fingerprint
 from scoft.negatives import (
+    DepthEstimator,
+    depth_control,
     depth_guided_pipeline,
     generate,
     plan_negatives,
@@ -80,3 +82,14 @@ def test_depth_guided_negatives_follow_the_control_image(pipe, prepared):
     assert a.tobytes() != plain.tobytes() and a.tobytes() != b.tobytes()
     again = generate(guided, [record.caption], [1], SETTINGS, [depth])[0]
     assert again.tobytes() == a.tobytes()
+
+
+def test_each_negative_is_guided_by_its_own_records_depth(prepared):
+    """make_negatives' control: a plan row's control image is the depth map of its own record's image."""
+    records = [r for r in read_manifest(prepared[0]) if r.split == "train"][:2]
+    control = depth_control(records, prepared[0], DepthEstimator("simple", 32))
+    maps = [control({"record_id": r.id}).tobytes() for r in records]
+    for r, depth in zip(records, maps):
+        with Image.open(prepared[0] / r.file) as im:
+            assert depth == simple_depth(im.convert("RGB"), 32).tobytes()
+    assert maps[0] != maps[1]
