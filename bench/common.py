@@ -55,13 +55,13 @@ def build_pipeline(scale: str, device: torch.device):
     return pipe.to(device)
 
 
-def sample_workspace(per_category: int) -> tuple[Path, list]:
+def sample_workspace(per_category: int, heldout_per_category: int = 1) -> tuple[Path, list]:
     from scoft.captions import FallbackCaptioner
     from scoft.ccub import ingest, read_manifest
     from scoft.sample import write_sample
 
     work = Path(tempfile.mkdtemp(prefix="scoft-bench-"))
-    write_sample(work / "sample", per_category=per_category, size=64)
+    write_sample(work / "sample", per_category=per_category, heldout_per_category=heldout_per_category, size=64)
     ingest([str(work / "sample")], work / "ccub", heldout_fraction=0.25, max_pixels=10**8, max_rejected_fraction=0,
            captioner=FallbackCaptioner(), progress=lambda m: None)
     return work, read_manifest(work / "ccub")

@@ -9,9 +9,9 @@ and is scored twice:
 - by the oracle that knows the planted rule: the share of images nearer the culture's stereotype
   palette than its truth palette, the distance to the truth palette, and for the generic prompts the
   share drawn in the generic lean's stereotype.
-Per prompt, values are averaged over its sampling seeds, then over the training seeds; intervals are
-95% bootstrap over prompts, and each model's improvement over the base (and +MPC's over LDM) is
-paired by prompt. So the table says whether the generic metrics agree with the oracle.
+Per prompt, values are averaged over its sampling seeds; intervals are 95% bootstrap resampling the
+training seeds, the categories and the prompts within them together, and each model's improvement over
+the base (and +MPC's over LDM) is paired by prompt (and by training seed). So the table says whether the generic metrics agree with the oracle.
 
     .venv/bin/python -m bench.planted_bias --base models/base --seeds 3 [--steps 300] [--joint] \
         [--set train.lr=3e-4 ...] [--losses ldm,ldm+mem+perceptual+contrastive] [--json out.json] \
@@ -41,13 +41,14 @@ import torch
 from scoft.captions import FallbackCaptioner
 from scoft.ccub import ingest, read_manifest
 from scoft.config import LOSS_SETS, load_params, with_overrides
-from scoft.evaluate import BASE, bootstrap_ci, compare
+from scoft.evaluate import BASE, compare
 from scoft.features import build_distance
 from scoft.models import load_pipeline
 from scoft.negatives import make_negatives
 from scoft.paths import LORA_FILE
 from scoft.planted import GENERIC_LEAN, STEREOTYPES, palette_distance, stereotype_oracle
 from scoft.sample import CULTURES, write_sample
+from scoft.stats import hierarchical_bootstrap_ci
 from scoft.train import train
 
 NAMES = dict(zip(LOSS_SETS, ["LDM", "+M", "+MP", "+MPC"]))
@@ -85,17 +86,20 @@ def oracle_scores(images: list, held: list, per_prompt: int) -> dict[str, np.nda
             "other_culture_share": per_prompt_mean(other)}
 
 
-def cell(values: np.ndarray) -> str:
-    interval = bootstrap_ci(values, 2000, 0)
+def cell(values: np.ndarray, categories: np.ndarray) -> str:
+    """Mean of a [training seeds, prompts] table with its 95% interval resampling training seeds,
+    categories and prompts within them together (scoft.stats.hierarchical_bootstrap_ci)."""
+    clusters = categories if len(set(categories.tolist())) > 1 else None
+    interval = hierarchical_bootstrap_ci(values, clusters, 2000, 0)
     if interval is None:
-        return f"{values.mean():.3f} (n<2: no interval)"
+        return f"{values.mean():.3f} (no interval)"
     return f"{values.mean():.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
-def prepare(params, work: Path, per_category: int, cultures: list[str]):
+def prepare(params, work: Path, per_category: int, heldout_per_category: int, cultures: list[str]):
     """The CCUB sample ingested, the base's negatives of `cultures` sampled; returns the base pipe and
     the records."""
-    write_sample(work / "sample", per_category=per_category)
+    write_sample(work / "sample", per_category=per_category, heldout_per_category=heldout_per_category)
     ingest([str(work / "sample")], work / "ccub", heldout_fraction=params.ingest.heldout_fraction,
            max_pixels=10**8, max_rejected_fraction=0.0, captioner=FallbackCaptioner(), progress=lambda m: None)
     pipe = load_pipeline(params.model)
@@ -123,7 +127,7 @@ def train_models(params, losses: str, seed: int, work: Path, joint: bool, cultur
     return (folders[None] if joint else folders), time.monotonic() - started
 
 
-def table(per_model: dict[str, dict[str, np.ndarray]], cultures: np.ndarray) -> list[str]:
+def table(per_model: dict[str, dict[str, np.ndarray]], cultures: np.ndarray, categories: np.ndarray) -> list[str]:
     """One block per metric: per culture, each model's mean and interval, and its paired improvement
     over the base (sign so that positive is better), and +MPC against LDM where both ran."""
     lines = []
@@ -137,8 +141,10 @@ def table(per_model: dict[str, dict[str, np.ndarray]], cultures: np.ndarray) -> 
                   " | ".join(f"{a} vs {b}" for a, b in pairs) + " |", "|---" * (1 + len(names) + len(pairs)) + "|"]
         for culture in [*sorted(set(cultures)), "all"]:
             idx = np.ones(len(cultures), bool) if culture == "all" else cultures == culture
-            values = [cell(per_model[n][key][idx]) for n in names]
-            gains = [cell(sign * (per_model[b][key][idx] - per_model[a][key][idx])) for a, b in pairs]
+            values = [cell(per_model[n][key][:, idx], categories[idx]) for n in names]
+            # paired by prompt (and by training seed between two trained models; the base is one run)
+            gains = [cell(sign * (per_model[b][key][:, idx] - per_model[a][key][:, idx]), categories[idx])
+                     for a, b in pairs]
             lines.append(f"| {culture} | " + " | ".join(values + gains) + " |")
         lines.append("")
     return lines
@@ -197,7 +203,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default train.max_steps)")
     parser.add_argument("--losses", default=",".join(LOSS_SETS), help="comma-separated loss sets")
     parser.add_argument("--joint", action="store_true", help="one LoRA for all cultures instead of one per culture")
-    parser.add_argument("--per-category", type=int, default=6, help="sample images per culture and category")
+    parser.add_argument("--per-category", type=int, default=4, help="training images per culture and category")
+    parser.add_argument("--heldout-per-category", type=int, default=3, help="held-out images per culture and category")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="params override")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--json", default=None, help="also write the per-prompt results here")
@@ -213,7 +220,7 @@ def main():
     e = params.evaluate
     try:
         chosen = args.cultures.split(",")
-        pipe, records = prepare(params, work, args.per_category, chosen)
+        pipe, records = prepare(params, work, args.per_category, args.heldout_per_category, chosen)
         runs, seconds = {}, {}
         for losses in args.losses.split(","):
             for seed in range(args.seeds):
@@ -252,15 +259,15 @@ def main():
         name: {**oracle_scores(images, held, per_prompt), **{k: v[name] for k, v in result["per_prompt"].items()}}
         for name, images in result["images"].items()
     }
-    per_model = {
-        name: {k: np.mean([per_run[r][k] for r in rs], axis=0) for k in per_run[BASE]} for name, rs in models.items()
+    per_model = {  # [training seeds, prompts]: intervals resample both
+        name: {k: np.stack([per_run[r][k] for r in rs]) for k in per_run[BASE]} for name, rs in models.items()
     }
-    cultures = np.array([r.culture for r in held])
+    cultures, categories = np.array([r.culture for r in held]), np.array([r.category for r in held])
     print(f"base {args.base}; {'one joint LoRA' if args.joint else 'one LoRA per culture'}; held-out prompts: "
           f"{len(held)} ({', '.join(f'{c} {int((cultures == c).sum())}' for c in chosen)}), {per_prompt} sampling "
           f"seeds each, {args.seeds} training seed(s) per loss set; evaluation backbone {params.features.evaluation}; "
           f"overrides: {', '.join(overrides)}" + (f"; {FAST}: {args.fast}" if args.fast else ""))
-    print("\n".join(["", *table(per_model, cultures), *generic_lines(result, models), "",
+    print("\n".join(["", *table(per_model, cultures, categories), *generic_lines(result, models), "",
                      *quality_lines(result["metrics"], models), ""]))
     print("training seconds per loss set and seed: " + ", ".join(f"{n} {np.mean(v):.0f}" for n, v in seconds.items()))
     if args.json:

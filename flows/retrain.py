@@ -20,7 +20,7 @@ from scoft.registry import LORAS_DIR
 from scoft.remote import adopt_lock_entries, lock_entries
 from tasks.ccub import announce_new_version, pull_ccub_version, use_configured_remote
 from tasks.dvc import dvc, push, stage_task
-from tasks.promote import promote_culture
+from tasks.promote import promote_cultures
 from tasks.report import publish_lineage, publish_metrics, publish_validation, record_lineage
 
 SHARED_STAGES = ["ingest", "validate", "base"]
@@ -76,7 +76,7 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     trained = [c for c in cultures if (root / culture_paths(c, joint)["lora"] / LORA_FILE).is_file()
                and (not joint or read_manifest(root / CCUB_DIR, c))]  # the joint LoRA serves cultures it saw
     lineage = {c: record_lineage(workdir, validation, metrics[c], c) for c in trained}
-    decisions = {c: promote_culture(workdir, c, lineage[c], params.promotion) for c in trained}
+    decisions = promote_cultures(workdir, {c: lineage[c] for c in trained}, params.promotion)
     for c in trained:
         publish_lineage(lineage[c])
     if any(d["promote"] and "already_judged" not in d for d in decisions.values()):

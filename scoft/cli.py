@@ -71,12 +71,13 @@ def sample(
     out: Annotated[Path, typer.Option(help="Folder to write the built-in sample imagefolder to.")] = Path(
         "data/sample"
     ),
-    per_category: Annotated[int, typer.Option(min=1, help="Images per culture and category.")] = 4,
+    per_category: Annotated[int, typer.Option(min=1, help="Training images per culture and category.")] = 4,
+    heldout_per_category: Annotated[int, typer.Option(min=0, help="Held-out images per culture and category.")] = 3,
 ):
     """Write the built-in synthetic CCUB sample (SCoFT imagefolder format)."""
     from scoft.sample import write_sample
 
-    _say(f"sample CCUB written to {write_sample(out, per_category=per_category)}")
+    _say(f"sample CCUB written to {write_sample(out, per_category, heldout_per_category)}")
 
 
 @app.command()

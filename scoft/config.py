@@ -278,9 +278,16 @@ class OrchestrationParams(_Section):
 class PromotionParams(_Section):
     """The gate a culture's candidate LoRA must pass to become production (scoft/promotion.py)."""
 
-    min_distance_gain: float = 0.0  # the paired improvement over the base: its interval's low end above this
-    max_memorisation: float = Field(0.5, ge=0, le=1)  # share of images nearer a training image than held-out are
-    min_generic_entropy_ratio: float = Field(0.8, ge=0)  # generic prompts' entropy, at least this share of the base's
+    # The primary rule: a one-sided paired sign-flip test of the candidate's per-prompt gain over the
+    # base (H0: gain <= min_distance_gain), Holm-adjusted across the cultures judged in one retrain, at
+    # `alpha`: a no-effect LoRA reaches production in at most alpha of retrains (bench/gate_power.py).
+    alpha: float = Field(0.05, gt=0, le=0.2)
+    test_unit: Literal["prompt", "category"] = "prompt"  # category: flip a category's prompts together
+    min_distance_gain: float = Field(0.0, ge=0, le=1)  # absolute floor on the mean gain, in the backbone's units
+    # share of images nearer a training image than 90% of held-out images are (about 0.1 without copying)
+    max_memorisation: float = Field(0.3, gt=0, lt=1)
+    # prompts naming no culture: the share drawn as the candidate's culture may rise by at most this
+    max_generic_takeover: float = Field(0.25, ge=0, lt=1)
     # A candidate that passes every rule waits for a reviewer (the Prefect UI's Resume form: approve or
     # reject, with a comment) for at most approval_timeout_s; without an answer nothing is promoted.
     require_approval: bool = False

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from scoft import registry
 from scoft.config import Params, PromotionParams
 from scoft.evaluate import BASE
 from scoft.io import sha256_file, sha256_json, write_json
 from scoft.paths import CCUB_DIR, LORA_FILE, PROMOTION_DIR, culture_paths
 from scoft.render import markdown_text
+from scoft.stats import holm, sign_flip_p, sign_flip_units, smallest_p
 
 CANDIDATE = "scoft"  # the evaluate stage's name for the culture's new LoRA
 
@@ -29,26 +32,62 @@ def failed_rules(decision: dict) -> list[str]:
     return [o["rule"] for o in decision["rules"] if not o["passed"]]
 
 
+def _block(metrics: dict, culture: str) -> dict:
+    return metrics.get("per_culture", {}).get(culture, {})
+
+
 def _distance_gain(metrics: dict, culture: str) -> dict:
     """The candidate's paired improvement over the base in distance to the held-out images ({} if none)."""
-    return metrics.get("per_culture", {}).get(culture, {}).get("improvement", {}).get(CANDIDATE) or {}
+    return _block(metrics, culture).get("improvement", {}).get(CANDIDATE) or {}
 
 
-def _distance_rule(metrics: dict, culture: str, rules: PromotionParams) -> dict:
-    """The distance to the held-out images: the paired improvement over the base, interval above the bar."""
+SIGNIFICANCE = "distance to held-out images better than the base"
+
+
+def significance(metrics: dict, culture: str, rules: PromotionParams) -> dict:
+    """The primary test's inputs and one-sided p (H0: mean gain <= min_distance_gain), or why it has none."""
     gain = _distance_gain(metrics, culture)
-    name = "distance to held-out images better than the base"
-    if gain.get("ci95_low") is None:
-        why = (gain.get("insufficient") or metrics.get("per_culture", {}).get(culture, {}).get("insufficient")
-               or "no paired improvement measured")
-        return _rule(name, False, f"cannot be judged: {why}")
-    return _rule(name, gain["ci95_low"] > rules.min_distance_gain,
-                 f"improvement {gain['mean']:.4f} [{gain['ci95_low']:.4f}, {gain['ci95_high']:.4f}], "
-                 f"its interval's low end must exceed {rules.min_distance_gain}")
+    if not gain.get("gains"):
+        return {"p": None, "why": (gain.get("insufficient") or _block(metrics, culture).get("insufficient")
+                                   or "no per-prompt gains measured")}
+    gains = np.asarray(gain["gains"]) - rules.min_distance_gain
+    clusters = np.asarray(gain["categories"]) if rules.test_unit == "category" and "categories" in gain else None
+    units = sign_flip_units(clusters, len(gains))
+    p = sign_flip_p(gains, clusters)
+    return {"p": p, "units": units, "unit": rules.test_unit, "why": f"{units} {rules.test_unit}(s): a sign-flip "
+            "test needs 2", **{k: gain.get(k) for k in ("mean", "ci95_low", "ci95_high")}}
+
+
+def _significance_rule(sig: dict, rules: PromotionParams, family: int = 1, p_adjusted: float | None = None) -> dict:
+    """The primary rule: the one-sided sign-flip test of the per-prompt gains, Holm-adjusted over the
+    `family` of cultures judged together (p_adjusted; alone, the raw p)."""
+    if sig["p"] is None:
+        return _rule(SIGNIFICANCE, False, f"cannot be judged: {sig['why']}")
+    adjusted = sig["p"] if p_adjusted is None else p_adjusted
+    floor = smallest_p(sig["units"])
+    reachable = "" if floor <= rules.alpha / family else \
+        f"; {sig['units']} {sig['unit']}s cannot reach it (smallest p {floor:.3g})"
+    interval = "" if sig["ci95_low"] is None else f" [{sig['ci95_low']:.4f}, {sig['ci95_high']:.4f}]"
+    return _rule(SIGNIFICANCE, adjusted <= rules.alpha,
+                 f"gain {sig['mean']:.4f}{interval} over {sig['units']} {sig['unit']}s; one-sided p {sig['p']:.3g}, "
+                 f"Holm over {family} culture(s) {adjusted:.3g}, at most {rules.alpha} "
+                 f"(H0: gain <= {rules.min_distance_gain}){reachable}")
+
+
+def _coverage_rule(metrics: dict, culture: str) -> dict:
+    """Every category the culture trains on has held-out records: what is not judged is not passed."""
+    name = "every trained category judged"
+    coverage = metrics.get("coverage", {}).get(culture)
+    if coverage is None:
+        return _rule(name, False, "cannot be judged: the evaluation reports no category coverage")
+    unjudged = coverage["unjudged"]
+    return _rule(name, not unjudged, f"no held-out record for {', '.join(unjudged)}" if unjudged
+                 else f"held-out records in each of {', '.join(coverage['trained'])}")
 
 
 def _retrieval_rule(metrics: dict, culture: str) -> dict:
-    """Culture retrieval accuracy: not worse than the base beyond the interval of their paired difference."""
+    """Culture retrieval accuracy (secondary): not worse than the base beyond the interval of their
+    paired difference."""
     improvement = metrics.get("retrieval_accuracy", {}).get("improvement", {})
     name = "retrieval accuracy not worse than the base"
     gain = improvement.get("per_culture", {}).get(culture, {}).get(CANDIDATE)
@@ -65,49 +104,80 @@ def _memorisation_rule(metrics: dict, rules: PromotionParams) -> dict:
     if "overall" not in block:
         return _rule(name, False, f"cannot be judged: {block.get('insufficient', 'not measured')}")
     share = block["overall"]["mean"]
+    base = metrics.get("memorisation", {}).get(BASE, {}).get("overall", {}).get("mean")
+    against = "" if base is None else f" (base {base:.3f})"
     return _rule(name, share <= rules.max_memorisation,
-                 f"share of images nearer a training image than held-out images are: {share:.3f}, "
+                 f"share of images nearer a training image than 90% of held-out images are: {share:.3f}{against}, "
                  f"at most {rules.max_memorisation}")
 
 
-def _generic_rule(metrics: dict, rules: PromotionParams) -> dict:
-    """Prompts naming no culture: the spread of retrieved cultures must not collapse."""
+def _generic_rule(metrics: dict, culture: str, rules: PromotionParams) -> dict:
+    """Prompts naming no culture must not be taken over by the candidate's culture."""
     models = metrics.get("generic_prompts", {}).get("models", {})
-    name = "generic-prompt entropy not collapsed"
+    name = "generic prompts not taken over by the culture"
     if BASE not in models or CANDIDATE not in models:
         return _rule(name, False, "cannot be judged: no generic-prompt distribution")
-    base, candidate = models[BASE]["entropy_bits"], models[CANDIDATE]["entropy_bits"]
-    floor = rules.min_generic_entropy_ratio * base
-    return _rule(name, candidate >= floor,
-                 f"{candidate:.3f} bits against the base's {base:.3f} (at least {floor:.3f})")
+    base = models[BASE]["shares"].get(culture, 0.0)
+    candidate = models[CANDIDATE]["shares"].get(culture, 0.0)
+    return _rule(name, candidate - base <= rules.max_generic_takeover,
+                 f"generic images drawn as {culture}: {candidate:.2f} against the base's {base:.2f} (rise at most "
+                 f"{rules.max_generic_takeover}); entropy {models[CANDIDATE]['entropy_bits']:.3f} bits against "
+                 f"{models[BASE]['entropy_bits']:.3f}")
 
 
-def _production_rule(metrics: dict, culture: str, production: dict | None, evaluation_key: str) -> dict:
-    """Against the current production LoRA: its improvement over the same base, measured on the same
-    held-out records (same prompts and seeds), must be beaten beyond the candidate's interval."""
+def candidate_distances(metrics: dict, culture: str) -> dict[str, float]:
+    """The candidate's per-prompt distances by held-out record id ({} when not reported)."""
+    return (_block(metrics, culture).get("distances") or {}).get(CANDIDATE, {})
+
+
+def _production_rule(metrics: dict, culture: str, production: dict | None, production_distances: dict | None,
+                     rules: PromotionParams) -> dict:
+    """Against the current production LoRA, prompt by prompt on the current held-out records (production
+    measured again when it was judged on others): a one-sided sign-flip test at alpha."""
     name = "better than production"
     if production is None:
         return _rule(name, True, "no production LoRA yet")
-    if production.get("decision", {}).get("evaluation_key") != evaluation_key:
-        return _rule(name, True, "not comparable: production was evaluated on other held-out records (judged "
-                                 "against the base only)")
-    gain = _distance_gain(metrics, culture)
-    bar = production.get("decision", {}).get("distance_gain")
-    if gain.get("ci95_low") is None or bar is None:
-        return _rule(name, False, "cannot be judged: an improvement without an interval")
-    return _rule(name, gain["ci95_low"] > bar,
-                 f"candidate's improvement interval low end {gain['ci95_low']:.4f} against production's "
-                 f"improvement {bar:.4f} on the same held-out records")
+    candidate = candidate_distances(metrics, culture)
+    if not production_distances or not candidate:
+        return _rule(name, False, "cannot be judged: production has no distances on the current held-out records")
+    shared = sorted(set(candidate) & set(production_distances))
+    if set(shared) != set(candidate):
+        return _rule(name, False, "cannot be judged: production was measured on other held-out records")
+    gains = np.array([production_distances[k] - candidate[k] for k in shared])
+    p = sign_flip_p(gains)
+    if p is None:
+        return _rule(name, False, f"cannot be judged: {len(gains)} prompt(s)")
+    return _rule(name, p <= rules.alpha, f"candidate closer than production by {gains.mean():.4f} on {len(gains)} "
+                                         f"prompts, one-sided p {p:.3g}, at most {rules.alpha}")
 
 
 def decide(metrics: dict, culture: str, rules: PromotionParams, production: dict | None,
-           evaluation_key: str) -> dict:
-    """Every rule's outcome and the decision: promote only when all pass."""
-    outcomes = [_distance_rule(metrics, culture, rules), _retrieval_rule(metrics, culture),
-                _memorisation_rule(metrics, rules), _generic_rule(metrics, rules),
-                _production_rule(metrics, culture, production, evaluation_key)]
+           evaluation_key: str, production_distances: dict | None = None) -> dict:
+    """Every rule's outcome and the decision: promote only when all pass. Judged alone (a family of one);
+    `hold_family` then holds the primary test over the cultures of one retrain."""
+    sig = significance(metrics, culture, rules)
+    outcomes = [_significance_rule(sig, rules), _coverage_rule(metrics, culture),
+                _retrieval_rule(metrics, culture), _memorisation_rule(metrics, rules),
+                _generic_rule(metrics, culture, rules),
+                _production_rule(metrics, culture, production, production_distances, rules)]
     return {"culture": culture, "promote": all(o["passed"] for o in outcomes), "rules": outcomes,
-            "distance_gain": _distance_gain(metrics, culture).get("mean"), "evaluation_key": evaluation_key}
+            "distance_gain": _distance_gain(metrics, culture).get("mean"), "significance": sig,
+            "distances": candidate_distances(metrics, culture), "evaluation_key": evaluation_key}
+
+
+def hold_family(decisions: dict[str, dict], rules: PromotionParams) -> dict[str, dict]:
+    """The primary test over the cultures judged together (one retrain): Holm's step-down on their
+    p-values, so that the chance that any no-effect LoRA of the retrain reaches production stays at
+    most alpha. Decisions judged before (already_judged) keep their verdict and are not in the family."""
+    fresh = {c: d for c, d in decisions.items() if "already_judged" not in d}
+    adjusted = holm({c: d["significance"]["p"] for c, d in fresh.items()})
+    out = dict(decisions)
+    for culture, d in fresh.items():
+        rule = _significance_rule(d["significance"], rules, len(fresh), adjusted[culture])
+        outcomes = [rule, *d["rules"][1:]]
+        out[culture] = {**d, "rules": outcomes, "promote": all(o["passed"] for o in outcomes),
+                        "p_holm": adjusted[culture], "family": sorted(fresh)}
+    return out
 
 
 def decision_markdown(decision: dict, awaiting_review: bool = False) -> str:
@@ -152,10 +222,27 @@ def judge(root: str | Path, culture: str, params: Params, lineage_key: str) -> d
     if judged:
         return {**judged[-1]["decision"], "already_judged": judged[-1]["at"]}
     metrics = json.loads((root / paths["metrics"]).read_text(encoding="utf-8"))
-    decision = decide(metrics, culture, params.promotion, entry["production"],
-                      evaluation_key(params, root / CCUB_DIR, culture))
+    key = evaluation_key(params, root / CCUB_DIR, culture)
+    decision = decide(metrics, culture, params.promotion, entry["production"], key,
+                      production_distances(root, culture, params, entry["production"], key))
     decision["lora_sha256"], decision["lineage"], decision["lora_dir"] = digest, lineage_key, str(paths["lora"])
     return decision
+
+
+def production_distances(root: Path, culture: str, params: Params, production: dict | None,
+                         key: str) -> dict[str, float] | None:
+    """Production's per-prompt distances on the current held-out records: those it was judged on when
+    they are the current ones (same evaluation key), otherwise measured again now (scoft.evaluate)."""
+    if production is None:
+        return None
+    judged = production.get("decision") or {}
+    if judged.get("evaluation_key") == key and judged.get("distances"):
+        return judged["distances"]
+    if not (root / production["lora_dir"] / LORA_FILE).is_file():
+        return None  # the rule then says it cannot be judged: `dvc pull registry/loras.dvc` brings it
+    from scoft.evaluate import prompt_distances
+
+    return prompt_distances(params, root / production["lora_dir"], root / CCUB_DIR, culture)
 
 
 def with_review(decision: dict, approve: bool | None, reviewer: str, comment: str) -> dict:
@@ -189,6 +276,7 @@ def record_verdict(root: str | Path, culture: str, decision: dict) -> dict:
 
 
 def gate(root: str | Path, culture: str, params: Params, lineage_key: str) -> dict:
-    """The promote step of one culture without review: judge its candidate and record the verdict."""
+    """The promote step of one culture without review (a family of one): judge its candidate and record
+    the verdict."""
     decision = judge(root, culture, params, lineage_key)
     return decision if "already_judged" in decision else record_verdict(root, culture, decision)

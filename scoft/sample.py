@@ -49,19 +49,37 @@ def draw(category: str, primary, secondary, rng: np.random.Generator, size: int)
     return img
 
 
-def write_sample(out_dir: str | Path, per_category: int = 4, size: int = 48) -> Path:
-    """Write the sample imagefolder (train/images/*, train/metadata.jsonl); same bytes every time."""
+SAMPLE_HELDOUT_FRACTION = 0.25  # ingest.heldout_fraction the sample's split is drawn for
+
+
+def write_sample(out_dir: str | Path, per_category: int = 4, heldout_per_category: int = 3, size: int = 48,
+                 heldout_fraction: float = SAMPLE_HELDOUT_FRACTION) -> Path:
+    """Write the sample imagefolder (train/images/*, train/metadata.jsonl); same bytes every time.
+
+    Per culture and category, `per_category` training images and `heldout_per_category` held-out ones:
+    ingest splits by content hash alone (so a record never changes side), and each image is drawn
+    again until its hash lands on the side it is meant for. So every category a culture trains on is
+    judged, and each culture has enough held-out prompts for the gate's test to be able to pass
+    (9 prompts: a smallest one-sided p of 1/512)."""
+    from scoft.ccub import HELDOUT, TRAIN, split_for
+    from scoft.io import pixel_hash
+
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         rows = []
         for code, (adj, primary, secondary) in CULTURES.items():
             for cat, (caption, generic) in CATEGORIES.items():
-                for i in range(per_category):
-                    rng = np.random.default_rng([hash_str(code), hash_str(cat), i])
+                sides = [TRAIN] * per_category + [HELDOUT] * heldout_per_category
+                for i, side in enumerate(sides):
+                    for attempt in range(1000):
+                        rng = np.random.default_rng([hash_str(code), hash_str(cat), i, attempt])
+                        image = draw(cat, primary, secondary, rng, size)
+                        if split_for(pixel_hash(image), heldout_fraction) == side:
+                            break
                     name = f"images/{code.lower()}_{cat.lower()}_{i}.png"
                     path = tmp / "train" / name
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    draw(cat, primary, secondary, rng, size).save(path, format="PNG")
+                    image.save(path, format="PNG")
                     rows.append({
                         "file_name": name,
                         "text": caption.format(adj=adj) + f", view {i + 1}",

@@ -80,9 +80,15 @@ def scoft_losses(unet, frozen: Frozen, batch: dict, params: Params, pixel_step: 
         t = timesteps.to(device)
     z_t = sched.add_noise(z0, noise, t)
     captions = list(batch["caption"])
+    dropped = [False] * bsz
     if tp.empty_prompt_share:  # caption dropout: the unconditional prediction learns CCUB too
         dropped = (torch.rand(bsz, generator=generator) < tp.empty_prompt_share).tolist()
         captions = ["" if d else c for c, d in zip(captions, dropped)]
+    # A row whose caption was dropped trains the unconditional prediction through L_LDM only: L_M on it
+    # would be MSE(unconditional, generic), which is not the memorisation the loss guards against, and its
+    # guided image estimate would be the unconditional one with the guidance scale (4.5) multiplying the
+    # gradient through the first prediction. So L_M and the pixel losses average over captioned rows.
+    keep = torch.tensor([not d for d in dropped], device=device)
     text = frozen.encode_text(captions, device)
     unet_fn = lambda z, tt, emb: unet(z, tt, encoder_hidden_states=emb).sample.float()  # noqa: E731
 
@@ -90,29 +96,49 @@ def scoft_losses(unet, frozen: Frozen, batch: dict, params: Params, pixel_step: 
     target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
     out = {"ldm": ldm_loss(prediction, target)}
     total = w.ldm * out["ldm"]
+    nothing = torch.zeros((), device=device)
     if tp.uses("mem"):
-        with torch.no_grad():
-            generic = unet_fn(z_t, t, frozen.encode_text(batch["generic_caption"], device))
-        out["memorization"] = memorization_loss(prediction, generic)
+        out["memorization"] = nothing
+        if keep.any():
+            with torch.no_grad():
+                kept_generic = [g for g, k in zip(batch["generic_caption"], keep.tolist()) if k]
+                generic = unet_fn(z_t[keep], t[keep], frozen.encode_text(kept_generic, device))
+            out["memorization"] = memorization_loss(prediction[keep], generic)
         total = total + w.memorization * out["memorization"]
     if pixel_step and (tp.uses("perceptual") or tp.uses("contrastive")):
-        empty = frozen.encode_text([""], device).expand(bsz, -1, -1)
-        z0_hat = estimate_clean_latents(unet_fn, z_t, t, prediction, text, empty, sched.alphas_cumprod,
-                                        tp.sampler_steps, tp.sampler_guidance, sched.config.prediction_type,
-                                        tp.sampler, generator)
-        x_hat = vae.decode((z0_hat / vae.config.scaling_factor).to(vae.dtype)).sample.float()
-        if tp.uses("perceptual"):
-            out["perceptual"] = frozen.perceptual(x_hat, image).mean()
-            total = total + w.perceptual * out["perceptual"]
-        if tp.uses("contrastive"):
-            negatives, mask = batch["negatives"].to(device), batch["negative_mask"].to(device)
-            d = frozen.distance
-            terms = contrastive_loss(d(x_hat, image), d.pairwise(x_hat, negatives), mask,
-                                     tp.contrastive_form, tp.contrastive_margin)
-            out.update(contrastive=terms.loss, contrastive_positive=terms.positive, contrastive_negative=terms.negative)
-            total = total + w.contrastive * out["contrastive"]
+        total = total + _pixel_losses(unet_fn, frozen, batch, params, image[keep], z_t[keep], t[keep],
+                                      prediction[keep], text[keep], keep, out, device, generator)
     out["total"] = total
     return out
+
+
+def _pixel_losses(unet_fn, frozen: Frozen, batch: dict, params: Params, image, z_t, t, prediction, text, keep,
+                  out: dict, device, generator) -> torch.Tensor:
+    """L_P and L_C on the captioned rows (given already selected; `keep` selects the negatives), their
+    terms written into `out`; their weighted sum (0 when no row kept its caption)."""
+    tp, w, vae, sched = params.train, params.train.loss_weights, frozen.vae, frozen.noise_scheduler
+    total = torch.zeros((), device=device)
+    names = [n for n in ("perceptual", "contrastive") if tp.uses(n)]
+    names += ["contrastive_positive", "contrastive_negative"] if tp.uses("contrastive") else []
+    if len(image) == 0:
+        out.update({n: total for n in names})
+        return total
+    empty = frozen.encode_text([""], device).expand(len(image), -1, -1)
+    z0_hat = estimate_clean_latents(unet_fn, z_t, t, prediction, text, empty, sched.alphas_cumprod,
+                                    tp.sampler_steps, tp.sampler_guidance, sched.config.prediction_type,
+                                    tp.sampler, generator)
+    x_hat = vae.decode((z0_hat / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+    if tp.uses("perceptual"):
+        out["perceptual"] = frozen.perceptual(x_hat, image).mean()
+        total = total + w.perceptual * out["perceptual"]
+    if tp.uses("contrastive"):
+        negatives, mask = batch["negatives"].to(device)[keep], batch["negative_mask"].to(device)[keep]
+        d = frozen.distance
+        terms = contrastive_loss(d(x_hat, image), d.pairwise(x_hat, negatives), mask,
+                                 tp.contrastive_form, tp.contrastive_margin)
+        out.update(contrastive=terms.loss, contrastive_positive=terms.positive, contrastive_negative=terms.negative)
+        total = total + w.contrastive * out["contrastive"]
+    return total
 
 
 def batch_indices(micro: int, n: int, batch_size: int, rank: int, world: int, seed: int) -> list[int]:

@@ -21,7 +21,7 @@ from pydantic import Field
 from scoft.config import PromotionParams, load_params
 from scoft.io import write_json
 from scoft.lineage import add_promotion
-from scoft.promotion import decision_markdown, failed_rules, judge, record_verdict, with_review
+from scoft.promotion import decision_markdown, failed_rules, hold_family, judge, record_verdict, with_review
 
 PROMOTED, REJECTED = "scoft.model.promoted", "scoft.model.rejected"
 
@@ -95,10 +95,19 @@ def record_decision(workdir: str, culture: str, lineage_path: Path, decision: di
     return decision
 
 
+def promote_cultures(workdir: str, lineage_paths: dict[str, Path], rules: PromotionParams) -> dict[str, dict]:
+    """The promote step inside the retrain flow: judge every culture's candidate, hold the primary test
+    over them together (Holm: at most alpha of retrains ship a no-effect LoRA), ask a reviewer when
+    every rule passed and params.yaml asks for one, and record each verdict."""
+    decisions = {c: judge_candidate(workdir, c, path) for c, path in lineage_paths.items()}
+    decisions = hold_family(decisions, rules)
+    for culture, decision in decisions.items():
+        if rules.require_approval and decision["promote"] and "already_judged" not in decision:
+            decision = ask_reviewer(culture, decision, rules.approval_timeout_s, rules.approval_poll_s)
+        decisions[culture] = record_decision(workdir, culture, lineage_paths[culture], decision)
+    return decisions
+
+
 def promote_culture(workdir: str, culture: str, lineage_path: Path, rules: PromotionParams) -> dict:
-    """The promote step inside the retrain flow: judge the candidate, ask a reviewer when every rule
-    passed and params.yaml asks for one, record the verdict."""
-    decision = judge_candidate(workdir, culture, lineage_path)
-    if rules.require_approval and decision["promote"] and "already_judged" not in decision:
-        decision = ask_reviewer(culture, decision, rules.approval_timeout_s, rules.approval_poll_s)
-    return record_decision(workdir, culture, lineage_path, decision)
+    """One culture's promote step (a family of one)."""
+    return promote_cultures(workdir, {culture: lineage_path}, rules)[culture]

@@ -11,9 +11,9 @@ from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 
 from scoft.config import load_params
-from scoft.evaluate import holm
 from scoft.lineage import build_record, lineage_markdown, save_record
 from scoft.paths import LORA_FILE, culture_paths
+from scoft.stats import holm
 
 
 def _read(path: Path) -> dict:
@@ -66,7 +66,7 @@ def publish_metrics(workdir: str, cultures: list[str], joint: bool = False) -> d
     metrics = {c: _read(Path(workdir) / culture_paths(c, joint)["metrics"]) for c in cultures}
     blocks = {c: m["per_culture"][c] if "per_culture" in m else {"n": 0, "insufficient": m["insufficient"]}
               for c, m in metrics.items()}
-    p_raw = {c: b["improvement"]["scoft"].get("p_permutation") for c, b in blocks.items() if "models" in b}
+    p_raw = {c: b["improvement"]["scoft"].get("p_one_sided") for c, b in blocks.items() if "models" in b}
     p_holm = holm(p_raw)
     rows = [_metrics_row(c, b, p_holm.get(c)) for c, b in blocks.items()]
     for row, m in zip(rows, metrics.values()):

@@ -32,7 +32,7 @@ def _message(records, params, ccub):
 def test_sample_passes_every_check_and_data_docs_are_written(records, params, ccub, tmp_path):
     summary = check_into(tmp_path / "validation", records, params.validate_, ccub)
     assert summary["success"], failure_message(summary)
-    assert summary["statistics"]["records"] == 36 and summary["statistics"]["evaluated_expectations"] >= 30
+    assert summary["statistics"]["records"] == 63 and summary["statistics"]["evaluated_expectations"] >= 30
     assert {r["culture"] for r in summary["per_culture"]} == {"KOR", "MEX", "NGA"}
     assert all(r["heldout"] >= 1 for r in summary["per_culture"])
     assert (tmp_path / "validation/data_docs/index.html").is_file()

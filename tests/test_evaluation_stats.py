@@ -1,10 +1,12 @@
-"""The evaluation's statistics: intervals over prompts, paired permutation tests, Holm's correction,
-and cultures with too little held-out data named rather than shown with a zero-width interval."""
+"""The evaluation's statistics: intervals over prompts (and training seeds, clusters), one-sided paired
+sign-flip tests, Holm's correction, and cultures with too little held-out data named rather than shown
+with a zero-width interval."""
 
 import numpy as np
 import pytest
 
-from scoft.evaluate import NO_INTERVAL, bootstrap_ci, culture_metrics, holm, metrics_markdown, paired_permutation_p
+from scoft.evaluate import NO_INTERVAL, culture_metrics, metrics_markdown
+from scoft.stats import bootstrap_ci, hierarchical_bootstrap_ci, holm, sign_flip_p
 
 
 def test_no_interval_below_two_prompts():
@@ -13,13 +15,47 @@ def test_no_interval_below_two_prompts():
     assert 0.1 <= lo < 0.4 < hi <= 0.7
 
 
-def test_exact_paired_permutation_p_by_hand():
-    # 8 sign patterns of (1, 2, 3): |mean| >= 2 only for all + and all -: p = 2 / 8
-    assert paired_permutation_p(np.array([1.0, 2.0, 3.0])) == pytest.approx(0.25)
-    assert paired_permutation_p(np.array([1.0, -1.0])) == pytest.approx(1.0)
-    assert paired_permutation_p(np.array([0.5])) is None
-    many = np.full(20, 0.3)  # Monte Carlo above 12 prompts: only the two extreme patterns reach it
-    assert paired_permutation_p(many, rounds=2000) < 0.01
+def test_the_interval_is_95_percent_wide():
+    # the mean of 400 standard normal values: a 95% interval is +-1.96 / 20 wide (a 90% one: +-1.645 / 20)
+    values = np.random.default_rng(3).standard_normal(400)
+    values = (values - values.mean()) / values.std()
+    lo, hi = bootstrap_ci(values, 4000, 0)
+    assert (hi - lo) / 2 == pytest.approx(1.96 / 20, rel=0.06)
+
+
+def test_exact_one_sided_sign_flip_p_by_hand():
+    # 8 sign patterns of (1, 2, 3): a sum >= 6 only for all +: one-sided p = 1/8 (two-sided 2/8)
+    assert sign_flip_p(np.array([1.0, 2.0, 3.0])) == pytest.approx(0.125)
+    assert sign_flip_p(np.array([1.0, 2.0, 3.0]), alternative="two-sided") == pytest.approx(0.25)
+    assert sign_flip_p(np.array([-1.0, -2.0, -3.0])) == pytest.approx(1.0)  # worse is not evidence of better
+    assert sign_flip_p(np.array([1.0, -1.0])) == pytest.approx(0.75)  # sums >= 0: ++, +- and -+ (ties count)
+    assert sign_flip_p(np.array([0.5])) is None
+    many = np.full(20, 0.3)  # Monte Carlo above 16 units: only the all-+ pattern reaches it
+    assert sign_flip_p(many, rounds=2000) < 0.002
+
+
+def test_clustered_sign_flip_flips_a_category_together():
+    gains = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
+    assert sign_flip_p(gains) == pytest.approx(1 / 64)
+    # two categories of three prompts: 4 patterns, only ++ reaches the observed sum
+    assert sign_flip_p(gains, np.array(["A", "A", "A", "B", "B", "B"])) == pytest.approx(1 / 4)
+
+
+def test_the_interval_over_training_seeds_and_prompts_widens_with_either():
+    rng = np.random.default_rng(0)
+    prompts = rng.normal(0, 0.01, 12)
+    same_runs = np.tile(prompts, (5, 1))  # 5 training seeds that agree
+    spread_runs = same_runs + rng.normal(0, 0.05, (5, 1))  # 5 that disagree by run
+    narrow = hierarchical_bootstrap_ci(same_runs, None, 2000, 0)
+    wide = hierarchical_bootstrap_ci(spread_runs, None, 2000, 0)
+    assert (wide[1] - wide[0]) > 3 * (narrow[1] - narrow[0])
+    # prompts that cluster by category: resampling categories widens it too
+    clustered = prompts + np.repeat([-0.05, 0.0, 0.05], 4)
+    categories = np.repeat(["A", "B", "C"], 4)
+    flat = hierarchical_bootstrap_ci(clustered, None, 2000, 0)
+    by_category = hierarchical_bootstrap_ci(clustered, categories, 2000, 0)
+    assert (by_category[1] - by_category[0]) > 1.5 * (flat[1] - flat[0])
+    assert hierarchical_bootstrap_ci(clustered, np.repeat(["A"], 12), 100, 0) is None  # one cluster: none
 
 
 def test_holm_by_hand():
@@ -34,16 +70,16 @@ def test_per_culture_reports_missing_and_thin_cultures_and_tests_the_rest():
     metrics = culture_metrics(dist, cultures, ["CHN", "KOR", "MEX"], 500, 0)
     assert metrics["CHN"] == {"n": 0, "insufficient": "no held-out record for this culture"}
     mex = metrics["MEX"]["improvement"]["scoft"]
-    assert mex["insufficient"] == NO_INTERVAL and mex["ci95_low"] is None and mex["p_permutation"] is None
+    assert mex["insufficient"] == NO_INTERVAL and mex["ci95_low"] is None and mex["p_one_sided"] is None
     kor = metrics["KOR"]["improvement"]["scoft"]
-    assert kor["mean"] == pytest.approx(0.4) and kor["p_permutation"] == pytest.approx(0.25)  # 3 prompts, all +
-    assert kor["p_holm"] == pytest.approx(0.25)  # the only tested culture: Holm leaves it
+    assert kor["mean"] == pytest.approx(0.4) and kor["p_one_sided"] == pytest.approx(0.125)  # 3 prompts, all +
+    assert kor["p_holm"] == pytest.approx(0.125)  # the only tested culture: Holm leaves it
     overall = {"n": 4, "models": {"base": {"mean": 0.8, "ci95_low": 0.7, "ci95_high": 0.9},
                                   "scoft": {"mean": 0.5, "ci95_low": 0.4, "ci95_high": 0.6}},
                "improvement": {"scoft": {"mean": 0.3, "ci95_low": 0.1, "ci95_high": 0.5}}}
     table = "\n".join(metrics_markdown({"per_culture": metrics, "overall": overall}, "clip"))
     assert "| CHN | 0 | no held-out record for this culture |" in table
-    assert "fewer than 2 prompts: no interval" in table and "p 0.25 (Holm)" in table
+    assert "fewer than 2 prompts: no interval" in table and "p 0.125 (Holm)" in table
 
 
 def test_nearest_culture_by_mean_distance_to_held_out_references():
@@ -111,14 +147,19 @@ def test_within_prompt_diversity_by_hand():
     assert within_prompt_diversity(Gap(), images, 1) is None  # one seed per prompt: nothing to compare
 
 
-def test_memorisation_threshold_is_the_nearest_held_out_image():
+def test_memorisation_threshold_is_a_low_quantile_of_unseen_community_images():
     from scoft.evaluate import memorised
 
-    held_vs_train = np.array([[0.30, 0.50], [0.25, 0.60]])  # unseen community images come 0.25 near at best
-    gen_vs_train = np.array([[0.10, 0.90], [0.26, 0.40], [0.24, 0.80]])
-    flags, threshold = memorised(gen_vs_train, held_vs_train)
-    assert threshold == pytest.approx(0.25)
-    assert flags.tolist() == [True, False, True]
+    # ten unseen community images come 0.20 to 0.38 near a training image; the 10% quantile is 0.218
+    held_vs_train = np.linspace(0.20, 0.38, 10)[:, None] + np.array([[0.0, 0.3]])
+    gen_vs_train = np.array([[0.10, 0.90], [0.23, 0.40], [0.21, 0.80], [0.5, 0.6]])
+    flags, threshold = memorised(gen_vs_train, held_vs_train, 0.1)
+    assert threshold == pytest.approx(0.218)
+    assert flags.tolist() == [True, False, True, False]
+    # copies of training images: all flagged; images like the held-out ones: about 10%
+    copies = np.array([[0.0, 0.5]] * 10)
+    assert memorised(copies, held_vs_train, 0.1)[0].mean() == 1.0
+    assert memorised(held_vs_train, held_vs_train, 0.1)[0].mean() == pytest.approx(0.1)
 
 
 def test_kid_separates_a_copy_from_other_pictures_and_names_what_it_cannot_measure():

@@ -43,7 +43,7 @@ def test_sample_has_three_cultures_three_categories_and_scoft_columns(sample_dir
 def test_ingest_writes_images_and_one_manifest_with_every_field(sample_dir, tmp_path):
     out = tmp_path / "ccub"
     summary = run([sample_dir], out)
-    assert summary["added"] == summary["records"] == 36 and summary["rejected"] == []
+    assert summary["added"] == summary["records"] == 63 and summary["rejected"] == []
     rows = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
     assert set(rows[0]) == FIELDS
     records = read_manifest(out)
@@ -82,7 +82,7 @@ def test_second_ingest_of_the_same_source_changes_nothing_on_disk(sample_dir, tm
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     second = run([sample_dir], out)
     assert second["version"] == first["version"]
-    assert (second["added"], second["changed"], second["removed"], second["unchanged"]) == (0, 0, 0, 36)
+    assert (second["added"], second["changed"], second["removed"], second["unchanged"]) == (0, 0, 0, 63)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
 
 
@@ -156,7 +156,7 @@ def test_a_bad_row_is_rejected_by_name_and_the_good_rows_are_ingested(sample_dir
 
     _rewrite_rows(src, edit)
     summary = run([src], tmp_path / "ccub")
-    assert summary["records"] == 35 and len(summary["rejected"]) == 1
+    assert summary["records"] == 62 and len(summary["rejected"]) == 1
     rejected = summary["rejected"][0]
     assert named["reason"] in rejected["reason"] and "metadata.jsonl:" in rejected["row"]
     assert rejected["source_row"]["file_name"] == named["file"]
@@ -169,23 +169,23 @@ def test_too_many_bad_rows_fail_and_leave_the_previous_version_intact(sample_dir
     src = _copy(sample_dir, tmp_path)
 
     def break_many(rows):
-        for r in rows[:10]:
+        for r in rows[:17]:
             r["file_name"] = "../escape.png"
         return rows
 
     _rewrite_rows(src, break_many)
     with pytest.raises(IngestError) as err:
-        run([src], out)  # 10 of 36 rejected: 28% > 25%
-    assert "10 of 36 rows rejected" in str(err.value)
+        run([src], out)  # 17 of 63 rejected: 27% > 25%
+    assert "17 of 63 rows rejected" in str(err.value)
     assert "outside the dataset folder" in str(err.value) and "metadata.jsonl:1" in str(err.value)
     assert {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ccub")] == []
-    assert run([src], out, max_rejected_fraction=0.3)["records"] == 26  # under a looser limit it passes
+    assert run([src], out, max_rejected_fraction=0.3)["records"] == 46  # under a looser limit it passes
 
 
 def test_pixel_cap_refuses_a_decompression_bomb(sample_dir, tmp_path):
     summary = run([sample_dir], tmp_path / "ccub", max_pixels=48 * 48 - 1, max_rejected_fraction=1.0)
-    assert summary["records"] == 0 and len(summary["rejected"]) == 36
+    assert summary["records"] == 0 and len(summary["rejected"]) == 63
     assert all("exceeds the pixel cap" in r["reason"] for r in summary["rejected"])
 
 
@@ -267,7 +267,7 @@ def test_an_ingest_killed_between_its_two_renames_is_recovered_without_refetchin
     lines = []
     summary = run([sample_dir], out, progress=lines.append)
     assert any(f"restored {out}" in m for m in lines) and any("fetching 0" in m for m in lines), lines
-    assert (summary["added"], summary["changed"], summary["unchanged"]) == (0, 0, 36)
+    assert (summary["added"], summary["changed"], summary["unchanged"]) == (0, 0, 63)
     assert {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ccub")] == []
 
@@ -309,7 +309,7 @@ def test_rows_outside_the_validation_bounds_are_rejected_one_by_one(sample_dir, 
     _rewrite_rows(src, shrink)
     summary = run([src], tmp_path / "ccub", bounds=params.validate_)
     reasons = sorted(r["reason"] for r in summary["rejected"])
-    assert summary["records"] == 33 and len(reasons) == 3
+    assert summary["records"] == 60 and len(reasons) == 3
     assert reasons[0].startswith("caption of 1048575 characters outside validate.caption_min_chars")
     assert reasons[1:] == ["image 10000x10 outside validate.min_side..max_side (32..8192)",
                            "image 1x1 outside validate.min_side..max_side (32..8192)"]
@@ -350,7 +350,7 @@ def test_a_culture_nobody_configured_is_skipped_by_name_not_ingested(sample_dir,
 
     _rewrite_rows(src, to_japan)
     summary = run([src], tmp_path / "ccub", bounds=params.validate_)
-    assert summary["records"] == 35 and summary["rejected"] == []
+    assert summary["records"] == 62 and summary["rejected"] == []
     assert [s["culture"] for s in summary["skipped"]] == ["JPN"]
     assert summary["skipped"][0]["row"].endswith("metadata.jsonl:3")
     assert "not in validate.cultures" in summary["skipped"][0]["reason"]

@@ -39,7 +39,7 @@ def test_new_version_emits_one_event_and_an_unchanged_source_none(ingested):
     from flows.ingest import ingest
 
     ws, first, since = ingested
-    assert first["added"] == 36 and first["version"].endswith(".dir")
+    assert first["added"] == 63 and first["version"].endswith(".dir")
     events = _ccub_events(since, expected=1)
     assert len(events) == 1
     event = events[0]
@@ -48,7 +48,7 @@ def test_new_version_emits_one_event_and_an_unchanged_source_none(ingested):
         == first["version"]
         == json.loads((ws / "data/ingest/summary.json").read_text())["version"]
     )
-    assert (event.payload["added"], event.payload["removed"]) == (36, 0)
+    assert (event.payload["added"], event.payload["removed"]) == (63, 0)
     assert event.resource["scoft.emitter"] == "ingest"
     assert (ws.parent / "ws-remote").is_dir()  # the version was pushed
 

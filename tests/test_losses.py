@@ -278,3 +278,20 @@ def test_dpm_solver_with_4_calls_lands_nearer_the_exact_solution_than_ddim_with_
     assert dpm[20] < dpm[8] < dpm[4] < dpm[2]  # it converges to the exact solution
     assert dpm[20] < 0.01
     assert dpm[4] < 0.5 * error("ddim", 20) and dpm[4] < 0.2 * error("ddim", 4)
+
+
+def test_the_ddpm_step_draws_from_the_true_posterior():
+    """q(z_r | z_s, z0) by Gaussian conditioning, derived apart from the code: z_r = sqrt(a_r) z0 + sqrt(1 -
+    a_r) e1 and z_s = sqrt(a_s / a_r) z_r + sqrt(1 - a_s / a_r) e2 give the mean and the variance
+    (1 - a_r) - a_s / a_r (1 - a_r)^2 / (1 - a_s); the step's draws must match both (a variance of beta,
+    the DDPM 'fixed_large' choice, is 1.5 times wider here)."""
+    from scoft.losses import _ancestral_step
+
+    a_s, a_r = torch.tensor(0.3), torch.tensor(0.6)
+    z, z0 = torch.full((200_000,), 0.8), torch.full((200_000,), -0.5)
+    draws = _ancestral_step(z, z0, a_s, a_r, torch.Generator().manual_seed(0))
+    cov = (a_s / a_r).sqrt() * (1 - a_r)  # Cov(z_r, z_s | z0)
+    mean = a_r.sqrt() * z0[0] + cov / (1 - a_s) * (z[0] - a_s.sqrt() * z0[0])
+    variance = (1 - a_r) - cov**2 / (1 - a_s)
+    assert float(draws.mean()) == pytest.approx(float(mean), abs=0.005)
+    assert float(draws.var()) == pytest.approx(float(variance), rel=0.02)

@@ -11,66 +11,113 @@ from scoft.config import PromotionParams
 from scoft.evaluate import culture_metrics, generic_distribution, retrieval_metrics
 from scoft.io import sha256_file, write_json
 from scoft.paths import LORA_FILE
-from scoft.promotion import decide, gate
+from scoft.promotion import decide, gate, hold_family
 from scoft.promotion import failed_rules as failed
 from tests.conftest import scoft, unit_params, write_params
 from tests.helpers import ingest_offline
 
 RULES = PromotionParams()
 PROMPTS = 8
+SIGNIFICANCE = "distance to held-out images better than the base"
 
 
-def evaluation(gain: float, retrieval_drop: float = 0.0, memorised: float = 0.1, generic_collapse: bool = False,
-               prompts: int = PROMPTS) -> dict:
+def evaluation(gain: float | list[float], retrieval_drop: float = 0.0, memorised: float = 0.1, takeover: bool = False,
+               prompts: int = PROMPTS, ids: list[str] | None = None, unjudged: tuple[str, ...] = ()) -> dict:
     """A culture's metrics as the evaluate stage writes them, from per-prompt values: the candidate's
-    distance to the held-out images `gain` below the base's (with prompt-to-prompt noise)."""
+    distance to the held-out images `gain` below the base's (with prompt-to-prompt noise), or below it
+    by each of the given per-prompt gains."""
     rng = np.random.default_rng(0)
+    if isinstance(gain, list):
+        prompts = len(gain)
+    ids = ids or [f"kor-{i}" for i in range(prompts)]
+    prompts = len(ids)
     base = 0.5 + 0.05 * rng.standard_normal(prompts)
     noise = rng.standard_normal(prompts)
-    dist = {"base": base, "scoft": base - gain + 0.01 * (noise - noise.mean())}  # a mean gain of exactly `gain`
+    gains = np.array(gain) if isinstance(gain, list) else gain + 0.01 * (noise - noise.mean())  # mean exactly `gain`
+    dist = {"base": base, "scoft": base - gains}
     cultures = np.array(["KOR"] * prompts)
+    categories = np.array((["ARCH", "CLOTH", "FOOD"] * prompts)[:prompts])
     base_hits = np.clip(0.75 + 0.1 * rng.standard_normal(prompts), 0, 1)
     hits = {"base": base_hits, "scoft": np.clip(base_hits - retrieval_drop + 0.05 * rng.standard_normal(prompts), 0, 1)}
     spread = np.array(["KOR", "MEX", "NGA", "NGA"] * 2)
-    generic = {"base": spread, "scoft": np.array(["NGA"] * 8) if generic_collapse else spread}
-    return {"per_culture": culture_metrics(dist, cultures, ["KOR"], 500, 0),
+    generic = {"base": spread, "scoft": np.array(["KOR"] * 6 + ["NGA"] * 2) if takeover else spread}
+    return {"per_culture": culture_metrics(dist, cultures, ["KOR"], 500, 0, categories, np.array(ids)),
             "retrieval_accuracy": retrieval_metrics(hits, cultures, 500, 0, candidates=3),
             "memorisation": {"scoft": {"overall": {"mean": memorised}}},
-            "generic_prompts": generic_distribution(generic, ["KOR", "MEX", "NGA"], ["a house with a roof"])}
+            "generic_prompts": generic_distribution(generic, ["KOR", "MEX", "NGA"], ["a house with a roof"]),
+            "coverage": {"KOR": {"trained": ["ARCH", "CLOTH", "FOOD"], "unjudged": list(unjudged)}}}
 
 
 def test_a_candidate_measurably_better_than_the_base_passes_every_rule():
     decision = decide(evaluation(gain=0.05), "KOR", RULES, production=None, evaluation_key="k")
     assert decision["promote"] and failed(decision) == []
     assert decision["distance_gain"] == pytest.approx(0.05)
+    assert decision["significance"]["p"] == pytest.approx(1 / 256)  # every prompt better: the smallest p
 
 
 @pytest.mark.parametrize("metrics, rule", [
-    (evaluation(gain=0.0), "distance to held-out images better than the base"),
-    (evaluation(gain=-0.05), "distance to held-out images better than the base"),
+    (evaluation(gain=0.0), SIGNIFICANCE),
+    (evaluation(gain=-0.05), SIGNIFICANCE),
+    (evaluation(gain=0.05, unjudged=("ARCH",)), "every trained category judged"),
     (evaluation(gain=0.05, retrieval_drop=0.4), "retrieval accuracy not worse than the base"),
     (evaluation(gain=0.05, memorised=0.9), "memorisation under the threshold"),
-    (evaluation(gain=0.05, generic_collapse=True), "generic-prompt entropy not collapsed"),
+    (evaluation(gain=0.05, takeover=True), "generic prompts not taken over by the culture"),
 ])
 def test_each_rule_stops_a_candidate_on_its_own(metrics, rule):
     decision = decide(metrics, "KOR", RULES, production=None, evaluation_key="k")
     assert not decision["promote"] and failed(decision) == [rule]
 
 
-def test_one_prompt_is_not_judged_as_an_improvement():
-    decision = decide(evaluation(gain=0.05, prompts=1), "KOR", RULES, production=None, evaluation_key="k")
-    assert not decision["promote"]
-    distance = decision["rules"][0]["detail"]
-    assert "cannot be judged" in distance and "fewer than 2 prompts" in distance
+def test_a_gain_below_the_absolute_floor_is_not_enough():
+    floor = RULES.model_copy(update={"min_distance_gain": 0.06})
+    assert failed(decide(evaluation(gain=0.05), "KOR", floor, None, "k")) == [SIGNIFICANCE]
+    assert decide(evaluation(gain=0.08), "KOR", floor, None, "k")["promote"]
 
 
-def test_against_production_on_the_same_evaluation_the_candidate_must_do_better():
-    production = {"decision": {"evaluation_key": "k", "distance_gain": 0.05}}
-    assert failed(decide(evaluation(gain=0.05), "KOR", RULES, production, "k")) == ["better than production"]
-    assert decide(evaluation(gain=0.12), "KOR", RULES, production, "k")["promote"]
-    # evaluated on other held-out records: production's figure is not comparable; the base decides
-    other = decide(evaluation(gain=0.05), "KOR", RULES, production, "other")
-    assert other["promote"] and "not comparable" in other["rules"][-1]["detail"]
+def test_too_few_prompts_are_not_judged_as_an_improvement():
+    one = decide(evaluation(gain=0.05, prompts=1), "KOR", RULES, production=None, evaluation_key="k")
+    assert not one["promote"] and "cannot be judged" in one["rules"][0]["detail"]
+    # three prompts all better: p 1/8 can never reach 0.05, and the rule says so
+    three = decide(evaluation(gain=0.05, prompts=3), "KOR", RULES, production=None, evaluation_key="k")
+    assert failed(three) == [SIGNIFICANCE] and "cannot reach it" in three["rules"][0]["detail"]
+
+
+def test_the_test_is_one_sided_and_holm_holds_it_over_the_retrains_cultures():
+    clear = evaluation(gain=[0.05] * 8)  # p 1/256
+    borderline = evaluation(gain=[0.05] * 6 + [-0.03, -0.03])  # one-sided p 10/256 = 0.039; two-sided 0.078
+    alone = decide(borderline, "KOR", RULES, None, "k")
+    assert alone["significance"]["p"] == pytest.approx(10 / 256) and alone["promote"]
+    family = hold_family({c: decide(m, "KOR", RULES, None, "k") for c, m in
+                          {"KOR": borderline, "MEX": clear, "NGA": evaluation(gain=0.0)}.items()}, RULES)
+    # Holm: 1/256 x 3 passes; 0.039 x 2 = 0.078 does not; the no-effect culture stays out
+    assert [c for c, d in family.items() if d["promote"]] == ["MEX"]
+    assert family["KOR"]["p_holm"] == pytest.approx(2 * 10 / 256) and failed(family["KOR"]) == [SIGNIFICANCE]
+    assert "Holm over 3 culture(s)" in family["KOR"]["rules"][0]["detail"]
+
+
+def test_clustered_by_category_the_unit_is_the_category():
+    by_category = RULES.model_copy(update={"test_unit": "category"})
+    decision = decide(evaluation(gain=0.05, prompts=9), "KOR", by_category, None, "k")
+    # 9 prompts in 3 categories: 3 units, smallest p 1/8: the rule cannot pass, and says why
+    assert decision["significance"]["units"] == 3 and decision["significance"]["p"] == pytest.approx(1 / 8)
+    assert failed(decision) == [SIGNIFICANCE] and "3 categorys cannot reach it" in decision["rules"][0]["detail"]
+
+
+def test_against_production_the_candidate_must_be_measurably_better_prompt_by_prompt():
+    production = {"decision": {"evaluation_key": "k"}}
+    metrics = evaluation(gain=0.05)
+    candidate = metrics["per_culture"]["KOR"]["distances"]["scoft"]
+    same = dict(candidate)  # production exactly as good: not better
+    assert failed(decide(metrics, "KOR", RULES, production, "k", same)) == ["better than production"]
+    # better on average (by 0.002) but not on most prompts: the mean alone would pass, the test does not
+    mixed = {k: v + (0.03 if i % 2 else -0.026) for i, (k, v) in enumerate(candidate.items())}
+    assert failed(decide(metrics, "KOR", RULES, production, "k", mixed)) == ["better than production"]
+    worse = {k: v + 0.02 for k, v in candidate.items()}  # production farther on every prompt
+    assert decide(metrics, "KOR", RULES, production, "k", worse)["promote"]
+    # production never measured on these held-out records: not judged, not passed
+    other = decide(metrics, "KOR", RULES, production, "k", {"elsewhere": 0.1})
+    assert failed(other) == ["better than production"] and "cannot be judged" in other["rules"][-1]["detail"]
+    assert failed(decide(metrics, "KOR", RULES, production, "k", None)) == ["better than production"]
 
 
 def _lora(folder, payload: bytes):
@@ -109,14 +156,21 @@ def _candidate(ws, payload: bytes, metrics: dict):
     write_json(ws / "reports/metrics/KOR.json", metrics)
 
 
+def _kor_heldout(ws) -> list[str]:
+    from scoft.ccub import read_heldout
+
+    return [r.id for r in read_heldout(ws / "data/ccub") if r.culture == "KOR"]
+
+
 def test_the_gate_promotes_then_refuses_a_candidate_no_better_than_production(workspace):
     params = unit_params()
-    _candidate(workspace, b"good", evaluation(gain=0.08))
+    ids = _kor_heldout(workspace)
+    _candidate(workspace, b"good", evaluation(gain=0.08, ids=ids))
     first = gate(workspace, "KOR", params, "rec1")
     assert first["promote"] and json.loads((workspace / "reports/promotion/KOR.json").read_text()) == first
     production = registry.read(workspace, "KOR")["production"]
     assert production["lora_sha256"] == sha256_file(workspace / "models/lora/KOR" / LORA_FILE)
-    _candidate(workspace, b"as good", evaluation(gain=0.08))  # better than the base, not than production
+    _candidate(workspace, b"as good", evaluation(gain=0.08, ids=ids))  # better than the base, not than production
     second = gate(workspace, "KOR", params, "rec2")
     assert not second["promote"] and failed(second) == ["better than production"]
     assert registry.read(workspace, "KOR")["production"] == production  # production unchanged

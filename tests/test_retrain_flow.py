@@ -190,7 +190,7 @@ def test_training_curves_are_dvc_plots(first_run):
 def test_everything_was_pushed_to_the_dvc_remote(first_run):
     ws, _ = first_run
     remote = ws.parent / f"{ws.name}-remote"
-    assert sum(1 for p in remote.rglob("*") if p.is_file()) > 36
+    assert sum(1 for p in remote.rglob("*") if p.is_file()) > 63
 
 
 def test_rerun_with_nothing_changed_recomputes_nothing(first_run):

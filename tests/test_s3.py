@@ -33,11 +33,11 @@ def test_s3_prefix_source_is_ingested_and_reused_by_etag(s3_server, sample_dir, 
     messages = []
     options = dict(s3_endpoint_url=s3_server, progress=messages.append)
     first = ingest_offline(["s3://ccub-source/kor-2024"], tmp_path / "ccub", **options)
-    assert first["added"] == 36 and first["rejected"] == []
+    assert first["added"] == 63 and first["rejected"] == []
     records = read_manifest(tmp_path / "ccub")
     assert all(r.location.startswith("s3://ccub-source/kor-2024/images/") and r.etag for r in records)
     second = ingest_offline(["s3://ccub-source/kor-2024"], tmp_path / "ccub", **options)
-    assert second["version"] == first["version"] and second["unchanged"] == 36
+    assert second["version"] == first["version"] and second["unchanged"] == 63
     assert messages[-1].endswith("fetching 0")
 
 

@@ -81,6 +81,29 @@ def test_caption_dropout_replaces_captions_with_the_empty_prompt(model_parts, pr
     assert ldm(0.0, batch) != pytest.approx(ldm(0.0, empty), rel=1e-6)
 
 
+def test_rows_whose_caption_was_dropped_train_through_the_ldm_loss_only(model_parts, prepared):
+    """On a caption-dropped row, L_M would pull the unconditional prediction toward the generic
+    caption's and the pixel losses would see an unguided estimate with the guidance scale on its
+    gradient: every row dropped, only L_LDM is left; none dropped, the others count."""
+    from scoft.data import CCUBTrainSet
+
+    unet, frozen = model_parts
+    batch = collate([CCUBTrainSet(prepared[0], prepared[1], 32, 2)[i] for i in range(2)])
+    full = "ldm+mem+perceptual+contrastive"
+
+    def losses(share: float) -> dict:
+        params = _params(losses=full, empty_prompt_share=share)
+        with torch.no_grad():
+            return scoft_losses(unet, frozen, batch, params, True, "cpu", torch.Generator().manual_seed(0))
+
+    every = losses(0.999)
+    assert every["memorization"].item() == every["perceptual"].item() == every["contrastive"].item() == 0.0
+    w = _params().train.loss_weights
+    assert every["total"].item() == pytest.approx(w.ldm * every["ldm"].item(), rel=1e-6)
+    none = losses(0.0)
+    assert none["memorization"].item() > 0 and none["perceptual"].item() > 0
+
+
 @pytest.mark.parametrize("name", BACKBONES)
 def test_every_backbone_gives_a_differentiable_per_sample_distance(name):
     d = build_distance(name, FeatureParams())

@@ -1,0 +1,111 @@
+"""The statistics behind every claim and every promotion: intervals and paired tests.
+
+What varies in an evaluation is the prompts (and, in a benchmark, the training seeds); what a gate
+decides on is a paired, one-sided question ("is the candidate closer to the community's images than
+the base, on the same prompts and seeds?"). So:
+- intervals resample the units that vary, clusters first where units cluster (prompts by category),
+  and training seeds together with prompts when there are several training runs;
+- the gate's test flips the sign of each unit's paired gain (a prompt's, or a whole category's when
+  prompts cluster), one-sided, exact up to 2**16 sign patterns;
+- a family of such tests (the cultures of one retrain) is held together by Holm's step-down.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+LEVEL = 0.95  # every interval in the reports and the gate: two-sided 95%
+EXACT_UP_TO = 16  # units (prompts or clusters) whose 2**n sign patterns are enumerated
+
+
+def _percentile_interval(means: np.ndarray, level: float) -> tuple[float, float]:
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def bootstrap_ci(values: np.ndarray, n: int, seed: int, level: float = LEVEL) -> tuple[float, float] | None:
+    """Percentile interval of the mean, resampling the given units (prompts); None below 2 units,
+    where an interval would be a zero-width lie."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
+    return _percentile_interval(means, level)
+
+
+def hierarchical_bootstrap_ci(values: np.ndarray, clusters: np.ndarray | None, n: int, seed: int,
+                              level: float = LEVEL) -> tuple[float, float] | None:
+    """Percentile interval of the grand mean of a [runs, units] table (training seeds x prompts),
+    resampling runs, clusters of units (categories) and units within each drawn cluster, all in one
+    draw: the interval covers what varies between training runs and between prompts alike. A 1-D
+    `values` is one run. None when there are fewer than 2 units (or 2 clusters, when clustered)."""
+    table = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    runs, units = table.shape
+    groups = [np.arange(units)] if clusters is None else [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
+    if units < 2 or (clusters is not None and len(groups) < 2):
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.empty(n)
+    for b in range(n):
+        rows = table[rng.integers(0, runs, size=runs)] if runs > 1 else table
+        drawn = [groups[k] for k in rng.integers(0, len(groups), size=len(groups))] if clusters is not None else groups
+        cols = np.concatenate([g[rng.integers(0, len(g), size=len(g))] for g in drawn])
+        means[b] = rows[:, cols].mean()
+    return _percentile_interval(means, level)
+
+
+def _cluster_sums(differences: np.ndarray, clusters: np.ndarray | None) -> np.ndarray:
+    if clusters is None:
+        return differences
+    return np.array([differences[clusters == c].sum() for c in np.unique(clusters)])
+
+
+def sign_flip_units(clusters: np.ndarray | None, n: int) -> int:
+    """How many independent units a sign-flip test has: the prompts, or their clusters."""
+    return n if clusters is None else len(np.unique(clusters))
+
+
+def sign_flip_p(differences: np.ndarray, clusters: np.ndarray | None = None, alternative: str = "greater",
+                rounds: int = 20_000, seed: int = 0) -> float | None:
+    """p-value of "the mean paired difference is 0" against `alternative` ("greater": the candidate is
+    better; "two-sided"), flipping each unit's sign (a prompt's difference, or a cluster's differences
+    together). Exact up to EXACT_UP_TO units, Monte Carlo above; None below 2 units."""
+    d = np.asarray(differences, dtype=np.float64)
+    sums = _cluster_sums(d, None if clusters is None else np.asarray(clusters))
+    if len(sums) < 2:
+        return None
+    if len(sums) <= EXACT_UP_TO:
+        signs = np.array(list(itertools.product([1.0, -1.0], repeat=len(sums))))
+    else:
+        signs = np.random.default_rng(seed).choice([1.0, -1.0], size=(rounds, len(sums)))
+    null = signs @ sums
+    observed = sums.sum()
+    tol = 1e-12 * max(1.0, np.abs(sums).sum())
+    if alternative == "greater":
+        hits = np.sum(null >= observed - tol)
+    elif alternative == "two-sided":
+        hits = np.sum(np.abs(null) >= abs(observed) - tol)
+    else:
+        raise ValueError(f"alternative must be 'greater' or 'two-sided', not {alternative!r}")
+    if len(sums) <= EXACT_UP_TO:
+        return float(hits / len(signs))
+    return float((hits + 1) / (rounds + 1))
+
+
+def smallest_p(units: int) -> float:
+    """The smallest one-sided p a sign-flip test over `units` units can give: 2**-units."""
+    return 2.0 ** -units
+
+
+def holm(p_values: dict[str, float | None]) -> dict[str, float | None]:
+    """Holm-Bonferroni adjusted p-values over a family (the cultures), step-down, monotone."""
+    tested = sorted((p, k) for k, p in p_values.items() if p is not None)
+    adjusted, running = {k: None for k in p_values}, 0.0
+    for i, (p, k) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - i) * p))
+        adjusted[k] = running
+    return adjusted
