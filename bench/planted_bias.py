@@ -11,7 +11,8 @@ and is scored twice:
   share drawn in the generic lean's stereotype.
 Per prompt, values are averaged over its sampling seeds; intervals are 95% bootstrap resampling the
 training seeds, the categories and the prompts within them together, and each model's improvement over
-the base (and +MPC's over LDM) is paired by prompt (and by training seed). So the table says whether the generic metrics agree with the oracle.
+the base (and +MPC's over LDM) is paired by prompt (and by training seed). So the table says whether the
+generic metrics agree with the oracle.
 
     .venv/bin/python -m bench.planted_bias --base models/base --seeds 3 [--steps 300] [--joint] \
         [--set train.lr=3e-4 ...] [--losses ldm,ldm+mem+perceptual+contrastive] [--json out.json] \
