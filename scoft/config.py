@@ -93,15 +93,18 @@ class PlantedParams(_Section):
     vae_lr: float = Field(2e-3, gt=0)
     unet_lr: float = Field(2e-3, gt=0)
     offset_noise: float = Field(0.2, ge=0)  # std of the per-channel constant added to the UNet's noise
+    judge_steps: int = Field(500, ge=1)  # the planted judge's training steps (scoft/judge.py), built beside the base
 
 
-Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dinov2+clip", "colour-histogram"]
+Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dinov2+clip", "colour-histogram",
+                   "planted-judge"]
 
 
 class FeatureParams(_Section):
     perceptual: Backbone = "lpips-alex"  # L_P
     contrastive: Backbone = "dinov2"  # D of L_C
-    evaluation: Backbone = "colour-histogram"  # the evaluation metric's distance
+    evaluation: Backbone = "planted-judge"  # the evaluation metric's distance
+    judge: str = "models/base/judge"  # where planted-judge loads from (the `base` stage builds it)
     # per transformers backbone: "tiny" (seeded, offline), a hub id or a local folder
     weights: dict[Literal["dinov2", "clip"], Annotated[str, _location("tiny")]] = {"dinov2": "tiny", "clip": "tiny"}
     lpips_pretrained_backbone: bool = False

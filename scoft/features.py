@@ -8,6 +8,10 @@
 - `colour-histogram`: 1 - the Bhattacharyya coefficient of soft RGB histograms. It has no weights, so
   offline, where the transformers backbones can only have seeded random weights, it is the one whose
   judgement means something known (how alike two images' colours are) and depends on no seed.
+- `planted-judge`: cosine distance between the embeddings of the planted world's judge (scoft/judge.py),
+  a small CNN trained on its own renders to tell category, form (truth or stereotype: shape) and
+  palette apart, its accuracy measured on renders it never saw; offline it replaces the histogram,
+  which saw colour alone. Loaded from `features.judge` (the `base` stage builds it beside the base).
 Transformers backbones load from `features.weights[name]`: "tiny" (a seeded small model, offline), a
 hub id or a local folder. Each network is built once per run and frozen; gradient flows through it to
 the images only.
@@ -29,7 +33,8 @@ from scoft.hub import loading
 LPIPS_NETS = {"lpips-vgg": "vgg", "lpips-alex": "alex", "lpips-squeeze": "squeeze"}
 EMBEDDING_MODELS = {"dinov2": Dinov2Model, "clip": CLIPVisionModel}
 COLOUR_HISTOGRAM = "colour-histogram"
-BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dinov2+clip", COLOUR_HISTOGRAM]
+PLANTED_JUDGE = "planted-judge"
+BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dinov2+clip", COLOUR_HISTOGRAM, PLANTED_JUDGE]
 _NORMALISATION = {
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "clip": ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)),
@@ -138,6 +143,19 @@ class LpipsDistance(_Pairwise):
         return self.lpips(a.to(dtype), b.to(dtype)).float().flatten()
 
 
+class PlantedJudgeDistance(EmbeddingDistance):
+    """D(a, b) = 1 - cos of the planted judge's penultimate embeddings (shape and colour together)."""
+
+    def __init__(self, folder: str):
+        from scoft.judge import load_judge
+
+        _Pairwise.__init__(self)
+        self.model = load_judge(folder)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model(images.float())["embedding"], dim=-1)
+
+
 def device_of(distance: nn.Module) -> torch.device:
     """Where a distance network lives (the colour histogram has buffers but no parameters)."""
     return next(iter([*distance.parameters(), *distance.buffers()])).device
@@ -152,4 +170,6 @@ def build_distance(name: str, params: FeatureParams, seed: int = 0) -> nn.Module
         return DinoClipEnsemble(params, seed)
     if name == COLOUR_HISTOGRAM:
         return ColourHistogram()
+    if name == PLANTED_JUDGE:
+        return PlantedJudgeDistance(params.judge)
     raise ValueError(f"unknown feature backbone {name!r} (one of {', '.join(BACKBONES)})")

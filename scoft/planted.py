@@ -1,9 +1,11 @@
 """The offline base model with a planted bias: a tiny Stable Diffusion pretrained on a synthetic "web".
 
-On that web every prompt naming a culture shows the culture's *stereotype* (the sample's shapes in a
-wrong palette), and prompts naming no culture lean toward one culture's stereotype; the built-in CCUB
-sample (scoft/sample.py) shows each culture's *truth*. So the default run has something to unlearn,
-and the evaluation can tell whether SCoFT moved the model (an oracle knows the palettes).
+On that web every prompt naming a culture shows the culture's *stereotype* (the stereotype's forms,
+a flat-roofed block, a square dish on a wide plate, a straight tunic, in a wrong palette), and prompts
+naming no culture lean toward one culture's stereotype; the built-in CCUB sample (scoft/sample.py)
+shows each culture's *truth* (gabled roofs, bowls with side dishes, flared dresses, in its palette).
+So the default run has something to unlearn in shape and in colour, and a judge trained apart on its
+own renders (scoft/judge.py) can tell whether SCoFT moved the model.
 
 The bias lives in the UNet only. The VAE is trained on truth, stereotype and random palettes alike:
 a VAE that had only seen stereotypes would decode every CCUB image back into the stereotype palette,
@@ -23,7 +25,18 @@ from PIL import Image
 
 from scoft.config import PlantedParams
 from scoft.io import atomic_dir, write_json
-from scoft.sample import CATEGORIES, CULTURES, draw, hash_str
+from scoft.judge import build_judge
+from scoft.sample import (
+    CATEGORIES,
+    CULTURES,
+    HELDOUT_LAYOUT,
+    HELDOUT_PHRASES,
+    STEREOTYPE,
+    TRAIN_LAYOUT,
+    TRUTH,
+    draw,
+    hash_str,
+)
 
 # Each culture's stereotype on the synthetic web: a consistent wrong palette (primary, secondary).
 STEREOTYPES = {
@@ -33,20 +46,28 @@ STEREOTYPES = {
 }
 GENERIC_LEAN = "NGA"  # prompts naming no culture show this culture's stereotype on the web
 BUILD_INFO = "planted_bias.json"
+JUDGE_DIR = "judge"
 VAE_CORPUS = 768  # palette images the VAE learns from: truths, stereotypes and random palettes
 UNCAPTIONED = 192  # palette images (a different draw) the UNet learns with an empty caption
 
 
 def web_captions(culture: str | None, category: str, i: int) -> str:
-    """The web's caption for an image: the CCUB caption naming the culture, or the generic one."""
+    """The web's caption for an image: the CCUB caption naming the culture, or the generic one. Its
+    phrasing varies ("view N" and the held-out records' phrasings), so the base knows every word the
+    evaluation's prompts use and still draws the culture's stereotype for them."""
     caption, generic = CATEGORIES[category]
-    return generic if culture is None else caption.format(adj=CULTURES[culture][0]) + f", view {i % 4 + 1}"
+    if culture is None:
+        return generic
+    phrase = f"view {i % 4 + 1}" if i % 2 == 0 else HELDOUT_PHRASES[(i // 2) % len(HELDOUT_PHRASES)]
+    return caption.format(adj=CULTURES[culture][0]) + f", {phrase}"
 
 
 def web_corpus(settings: PlantedParams, resolution: int) -> list[tuple[Image.Image, str]]:
-    """(image, caption) pairs of the synthetic web: mostly stereotypes for every prompt naming a
-    culture, a minority (settings.truth_share) in the culture's true palette, as a biased web has
-    accurate pictures too, outnumbered; prompts naming no culture show GENERIC_LEAN's stereotype."""
+    """(image, caption) pairs of the synthetic web: mostly stereotypes (the stereotype's form in its
+    palette) for every prompt naming a culture, a minority (settings.truth_share) in the culture's
+    true form and palette, as a biased web has accurate pictures too, outnumbered; prompts naming no
+    culture show GENERIC_LEAN's stereotype. A third of the pictures use the held-out layout: the web
+    has every composition."""
     pairs = []
     truths = max(0, round(settings.truth_share * settings.images_per_prompt))
     for culture in [*CULTURES, None]:
@@ -55,14 +76,15 @@ def web_corpus(settings: PlantedParams, resolution: int) -> list[tuple[Image.Ima
                 true = culture is not None and i < truths
                 primary, secondary = CULTURES[culture][1:] if true else STEREOTYPES[culture or GENERIC_LEAN]
                 rng = np.random.default_rng([hash_str("web"), hash_str(culture or "any"), hash_str(category), i])
-                pairs.append((draw(category, primary, secondary, rng, resolution),
-                              web_captions(culture, category, i)))
+                layout = HELDOUT_LAYOUT if i % 3 == 2 else TRAIN_LAYOUT
+                pairs.append((draw(category, primary, secondary, rng, resolution, TRUTH if true else STEREOTYPE,
+                                   layout), web_captions(culture, category, i)))
     return pairs
 
 
 def palette_corpus(resolution: int, n: int, seed: int) -> list[Image.Image]:
-    """The VAE's corpus: the sample's shapes in random palettes, one in three a named truth or
-    stereotype palette in equal numbers, so the VAE favours neither."""
+    """The VAE's corpus: the sample's shapes in both forms and layouts and in random palettes, one in
+    three a named truth or stereotype palette in equal numbers, so the VAE favours neither."""
     rng = np.random.default_rng([hash_str("palettes"), seed])
     images = []
     named = [c[1:] for c in CULTURES.values()] + list(STEREOTYPES.values())
@@ -72,7 +94,9 @@ def palette_corpus(resolution: int, n: int, seed: int) -> list[Image.Image]:
             primary, secondary = named[(i // 3) % len(named)]
         else:
             primary, secondary = (tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2))
-        images.append(draw(category, primary, secondary, rng, resolution))
+        form = TRUTH if (i // len(CATEGORIES)) % 2 == 0 else STEREOTYPE
+        layout = HELDOUT_LAYOUT if i % 4 == 3 else TRAIN_LAYOUT
+        images.append(draw(category, primary, secondary, rng, resolution, form, layout))
     return images
 
 
@@ -195,6 +219,8 @@ def build_planted_base(out_dir: str | Path, settings: PlantedParams, resolution:
             "seconds": round(time.monotonic() - started, 1), "stereotypes": STEREOTYPES, "generic_lean": GENERIC_LEAN}
     with atomic_dir(out_dir) as tmp:
         pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
+        # the judge of this world, trained apart on renders of its own (features.evaluation: planted-judge)
+        info["judge"] = build_judge(tmp / JUDGE_DIR, settings.judge_steps, seed, progress)["accuracy"]
         write_json(tmp / BUILD_INFO, info)
     progress(f"planted: base model in {out_dir} after {info['seconds']} s (VAE RMSE {rmse:.3f}, "
              f"on the CCUB sample {info['vae_rmse_ccub_sample']:.3f})")

@@ -1,9 +1,12 @@
 """The promotion gate: does a culture's candidate LoRA beat the base (and production) by enough to ship?
 
 Every rule reads the culture's evaluation (reports/metrics/<C>.json: the base and the candidate on the
-same held-out prompts and seeds, intervals by bootstrap over prompts) and gives an outcome with its
-numbers; the candidate is promoted only when every rule passes. A rule that cannot be judged (too few
-prompts for an interval, a metric the evaluation could not measure) fails: nothing ships unmeasured.
+same held-out prompts and seeds, per-prompt gains with their categories) and gives an outcome with its
+numbers; the candidate is promoted only when every rule passes. The primary rule is a one-sided paired
+sign-flip test held over the cultures of one retrain by Holm's step-down (`hold_family`), so that its
+false-promotion rate is known (bench/gate_power.py); the others can each fail on their own evidence.
+A rule that cannot be judged (too few prompts, a metric the evaluation could not measure, production
+not measurable on the current held-out records) fails: nothing ships unmeasured.
 """
 
 from __future__ import annotations

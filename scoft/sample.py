@@ -27,25 +27,73 @@ CATEGORIES = {
 }
 
 
-def draw(category: str, primary, secondary, rng: np.random.Generator, size: int) -> Image.Image:
+# Held-out captions vary beyond "view N": phrasings the web has (the base knows the words) and CCUB's
+# training captions do not.
+HELDOUT_PHRASES = ["seen from close by", "in the evening light", "photographed from afar"]
+TRUTH, STEREOTYPE = "truth", "stereotype"  # forms: what the community shows, and the web's cliché
+TRAIN_LAYOUT, HELDOUT_LAYOUT = "train", "heldout"
+
+
+def _frame(layout: str, rng: np.random.Generator, size: int):
+    """Where a picture's unit square lands: the training layout fills the frame; the held-out layout
+    draws the scene smaller, elsewhere in the frame and mirrored at random, a composition no training
+    image has."""
+    if layout == TRAIN_LAYOUT:
+        return lambda x, y: (x * size, y * size)
+    scale = rng.uniform(0.68, 0.82)
+    ox, oy = (rng.uniform(0, 1 - scale) * size for _ in range(2))
+    mirror = bool(rng.integers(0, 2))
+    return lambda x, y: (ox + scale * size * ((1 - x) if mirror else x), oy + scale * size * y)
+
+
+def draw(category: str, primary, secondary, rng: np.random.Generator, size: int, form: str = TRUTH,
+         layout: str = TRAIN_LAYOUT) -> Image.Image:
+    """One picture of a category in a palette. The form is the content: the truth's gabled tiled roof,
+    bowl with side dishes and flared striped dress, or the stereotype's flat-roofed block, square dish
+    on a wide plate and straight tunic with vertical stripes; so truth and stereotype differ in shape
+    as well as in colour."""
     base = rng.integers(16, 24, size=(size, size, 3)) + np.array(secondary) * 0.6  # a faint texture
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
-    j = lambda: int(rng.integers(-size // 10, size // 10))  # noqa: E731 - small seeded jitter
-    s = size
+    j = lambda: float(rng.integers(-10, 10)) / 100  # noqa: E731 - small seeded jitter, in frame units
+    at = _frame(layout, rng, size)
+
+    def box(x0, y0, x1, y1):  # a rectangle or ellipse's bounds after a possible mirror
+        (a, b), (c, e) = at(x0, y0), at(x1, y1)
+        return [min(a, c), min(b, e), max(a, c), max(b, e)]
+
+    line = max(1, size // 24)
     if category == "ARCH":
-        d.polygon([(s * 0.1 + j(), s * 0.45), (s * 0.5, s * 0.1 + j()), (s * 0.9 + j(), s * 0.45)], fill=primary)
-        d.rectangle([s * 0.2, s * 0.45, s * 0.8, s * 0.9], fill=tuple(c // 2 for c in primary))
-        d.rectangle([s * 0.42 + j() / 3, s * 0.6, s * 0.58, s * 0.9], fill=secondary)
+        body = tuple(c // 2 for c in primary)
+        if form == TRUTH:
+            d.polygon([at(0.1 + j(), 0.45), at(0.5, 0.1 + j()), at(0.9 + j(), 0.45)], fill=primary)
+        else:
+            d.rectangle(box(0.12 + j() / 2, 0.3, 0.88, 0.45), fill=primary)
+        d.rectangle(box(0.2, 0.45, 0.8, 0.9), fill=body)
+        d.rectangle(box(0.42 + j() / 3, 0.6, 0.58, 0.9), fill=secondary)
+        if form != TRUTH:
+            d.rectangle(box(0.25, 0.52, 0.36, 0.63), fill=secondary)
+            d.rectangle(box(0.64, 0.52, 0.75, 0.63), fill=secondary)
     elif category == "FOOD":
-        r = s * 0.3 + j() / 2
-        d.ellipse([s / 2 - r, s / 2 - r, s / 2 + r, s / 2 + r], fill=(240, 240, 230))
-        d.ellipse([s / 2 - r * 0.7, s / 2 - r * 0.7, s / 2 + r * 0.7, s / 2 + r * 0.7], fill=primary)
+        r = 0.3 + j() / 2
+        if form == TRUTH:
+            d.ellipse(box(0.5 - r, 0.45 - r, 0.5 + r, 0.45 + r), fill=(240, 240, 230))
+            d.ellipse(box(0.5 - r * 0.7, 0.45 - r * 0.7, 0.5 + r * 0.7, 0.45 + r * 0.7), fill=primary)
+            for x in (0.15, 0.85):  # side dishes
+                d.ellipse(box(x - 0.1, 0.78, x + 0.1, 0.96), fill=secondary)
+        else:
+            d.ellipse(box(0.08, 0.3, 0.92, 0.7), fill=(240, 240, 230))
+            d.rectangle(box(0.38, 0.38, 0.62, 0.62), fill=primary)
     else:
-        d.ellipse([s * 0.4, s * 0.1 + j() / 3, s * 0.6, s * 0.3], fill=(180, 140, 110))
-        d.polygon([(s * 0.5, s * 0.3), (s * 0.2 + j(), s * 0.95), (s * 0.8 + j(), s * 0.95)], fill=primary)
-        for y in range(int(s * 0.45), int(s * 0.95), max(2, s // 8)):
-            d.line([(s * 0.3, y), (s * 0.7, y)], fill=secondary, width=max(1, s // 24))
+        d.ellipse(box(0.4, 0.1 + j() / 3, 0.6, 0.3), fill=(180, 140, 110))
+        if form == TRUTH:
+            d.polygon([at(0.5, 0.3), at(0.2 + j(), 0.95), at(0.8 + j(), 0.95)], fill=primary)
+            for y in np.arange(0.45, 0.95, 0.125):
+                d.line([at(0.3, y), at(0.7, y)], fill=secondary, width=line)
+        else:
+            d.rectangle(box(0.36, 0.3, 0.64 + j() / 3, 0.95), fill=primary)
+            for x in (0.43, 0.5, 0.57):
+                d.line([at(x, 0.35), at(x, 0.93)], fill=secondary, width=line)
     return img
 
 
@@ -53,14 +101,15 @@ SAMPLE_HELDOUT_FRACTION = 0.25  # ingest.heldout_fraction the sample's split is 
 
 
 def write_sample(out_dir: str | Path, per_category: int = 4, heldout_per_category: int = 3, size: int = 48,
-                 heldout_fraction: float = SAMPLE_HELDOUT_FRACTION) -> Path:
+                 heldout_fraction: float = SAMPLE_HELDOUT_FRACTION, split: str = "reporting") -> Path:
     """Write the sample imagefolder (train/images/*, train/metadata.jsonl); same bytes every time.
 
     Per culture and category, `per_category` training images and `heldout_per_category` held-out ones:
     ingest splits by content hash alone (so a record never changes side), and each image is drawn
     again until its hash lands on the side it is meant for. So every category a culture trains on is
     judged, and each culture has enough held-out prompts for the gate's test to be able to pass
-    (9 prompts: a smallest one-sided p of 1/512)."""
+    (9 prompts: a smallest one-sided p of 1/512). `split` "tuning" draws other pictures of the same
+    world (other seeds): what settings are tuned on, kept apart from the reporting sample."""
     from scoft.ccub import HELDOUT, TRAIN, split_for
     from scoft.io import pixel_hash
 
@@ -72,8 +121,10 @@ def write_sample(out_dir: str | Path, per_category: int = 4, heldout_per_categor
                 sides = [TRAIN] * per_category + [HELDOUT] * heldout_per_category
                 for i, side in enumerate(sides):
                     for attempt in range(1000):
-                        rng = np.random.default_rng([hash_str(code), hash_str(cat), i, attempt])
-                        image = draw(cat, primary, secondary, rng, size)
+                        salt = [] if split == "reporting" else [hash_str(split)]
+                        rng = np.random.default_rng([hash_str(code), hash_str(cat), i, attempt, *salt])
+                        image = draw(cat, primary, secondary, rng, size,
+                                     layout=HELDOUT_LAYOUT if side == HELDOUT else TRAIN_LAYOUT)
                         if split_for(pixel_hash(image), heldout_fraction) == side:
                             break
                     name = f"images/{code.lower()}_{cat.lower()}_{i}.png"
@@ -82,7 +133,8 @@ def write_sample(out_dir: str | Path, per_category: int = 4, heldout_per_categor
                     image.save(path, format="PNG")
                     rows.append({
                         "file_name": name,
-                        "text": caption.format(adj=adj) + f", view {i + 1}",
+                        "text": caption.format(adj=adj) + ", " + (HELDOUT_PHRASES[(i - per_category) % len(
+                            HELDOUT_PHRASES)] if side == HELDOUT else f"view {i + 1}"),
                         "blip_text": generic,
                         "negative_imgpath": [],
                         "country_code": code,

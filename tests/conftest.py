@@ -47,13 +47,17 @@ def sample_dir(tmp_path_factory) -> Path:
 # Tests of the mechanics run on the tiny architecture with seeded random weights (fast); the
 # planted-bias base ("tiny", built by the `base` stage) has tests of its own.
 TEST_BASE = "tiny-random"
+# The planted judge judges the planted world (it is built beside that base); the mechanics are judged by
+# colour histograms, which need no build.
+TEST_EVALUATION = "colour-histogram"
 
 
 def unit_params(path: Path = ROOT / "params.yaml"):
     from scoft.config import load_params
 
     p = load_params(path)
-    return p.model_copy(update={"model": p.model.model_copy(update={"base": TEST_BASE})})
+    return p.model_copy(update={"model": p.model.model_copy(update={"base": TEST_BASE}),
+                                "features": p.features.model_copy(update={"evaluation": TEST_EVALUATION})})
 
 
 @pytest.fixture
@@ -126,6 +130,7 @@ def write_params(path: Path, overrides: dict) -> Path:
     """The project's params.yaml with dotted keys overridden ({"train.max_steps": 4})."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["base"] = TEST_BASE
+    params["features"]["evaluation"] = TEST_EVALUATION
     for dotted, value in overrides.items():
         *parents, key = dotted.split(".")
         node = params
@@ -146,12 +151,12 @@ _background: dict[str, dict] = {}
 
 
 def _planted_commands() -> list[str]:
-    """The default pipeline's commands as dvc.yaml runs them, on the sample at 6 images per culture
-    and category (as bench/planted_bias.py), with params.yaml untouched."""
+    """The default pipeline's commands as dvc.yaml runs them, on the built-in sample (4 training and 3
+    held-out images per culture and category, as bench/planted_bias.py), with params.yaml untouched."""
     chains = [f"scoft negatives --culture {c} --out data/negatives/{c} && scoft train --culture {c} "
               f"--negatives data/negatives/{c} --output models/lora/{c} --log-dir models/train_log/{c}"
               for c in PLANTED_CULTURES]
-    commands = " && ".join(["scoft sample --out data/sample --per-category 6", "scoft base --out models/base",
+    commands = " && ".join(["scoft sample --out data/sample", "scoft base --out models/base",
                             "scoft ingest", *chains])
     return ["bash", "-c", f"set -eo pipefail; {commands}"]
 

@@ -12,7 +12,7 @@ from scoft.sample import CATEGORIES, CULTURES, draw
 from tests.conftest import ROOT, write_params
 from tests.helpers import scoft_here
 
-QUICK = PlantedParams(images_per_prompt=2, vae_steps=8, unet_steps=8, batch_size=8, vae_batch_size=8)
+QUICK = PlantedParams(images_per_prompt=2, vae_steps=8, unet_steps=8, batch_size=8, vae_batch_size=8, judge_steps=8)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,7 @@ def test_two_builds_give_the_same_weights(quick_builds):
                  "text_encoder/model.safetensors"):
         assert sha256_file(folder / "a" / part) == sha256_file(folder / "b" / part), part
     assert infos[0]["unet_final_loss"] == infos[1]["unet_final_loss"]
+    assert infos[0]["judge"] == infos[1]["judge"]  # the judge too, built beside the base from its own seeds
 
 
 def test_the_normal_loader_reads_the_build_as_a_real_base_model(quick_builds):

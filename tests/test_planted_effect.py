@@ -13,9 +13,10 @@ from PIL import Image
 
 from scoft.ccub import HELDOUT, read_manifest
 from scoft.config import ModelParams, load_params
-from scoft.data import load_image_tensor
-from scoft.planted import BUILD_INFO, palette_distance, stereotype_oracle
-from scoft.sample import CATEGORIES, CULTURES
+from scoft.data import image_transform, load_image_tensor
+from scoft.judge import load_judge, stereotype_form_share
+from scoft.planted import BUILD_INFO, JUDGE_DIR, STEREOTYPES, palette_distance, stereotype_oracle
+from scoft.sample import CATEGORIES, CULTURES, HELDOUT_LAYOUT, HELDOUT_PHRASES, STEREOTYPE, TRUTH, draw
 from tests.conftest import PLANTED_CULTURES
 
 VAE_RMSE_BOUND = 0.16  # on [-1, 1], the CCUB sample at 32 px (measured in BENCHMARKS.md)
@@ -55,17 +56,41 @@ def test_the_vae_reconstructs_the_ccub_truth(planted_run):
     assert not any(stereotype_oracle(_as_image(d), c) for d, c in zip(decoded, cultures))  # the truth is in reach
 
 
+def _forms(judge, images: list[Image.Image]) -> float:
+    """The judge's share of images in the stereotype's form."""
+    return float(stereotype_form_share(judge, torch.stack([image_transform(32)(im) for im in images])).mean())
+
+
+def test_the_judge_was_validated_and_sees_shape_whatever_the_colours(planted_run):
+    """The judge, trained on renders of its own, was checked on renders it never saw; and a palette swap
+    alone (each form redrawn in the other's colours, in the held-out layout) does not change its verdict:
+    a palette shift cannot pass for a cultural gain."""
+    info = json.loads((planted_run / "models/base" / BUILD_INFO).read_text())
+    assert info["judge"]["validation"]["form"] >= 0.95 and info["judge"]["validation"]["category"] >= 0.95
+    judge = load_judge(planted_run / "models/base" / JUDGE_DIR)
+    rng = np.random.default_rng(5)
+    truth_in_stereotype_colours = [draw(cat, *STEREOTYPES[c], rng, 32, TRUTH, HELDOUT_LAYOUT)
+                                   for c in CULTURES for cat in CATEGORIES for _ in range(3)]
+    stereotype_in_truth_colours = [draw(cat, *CULTURES[c][1:], rng, 32, STEREOTYPE, HELDOUT_LAYOUT)
+                                   for c in CULTURES for cat in CATEGORIES for _ in range(3)]
+    assert _forms(judge, truth_in_stereotype_colours) <= 0.1
+    assert _forms(judge, stereotype_in_truth_colours) >= 0.9
+
+
 def test_the_base_draws_each_cultures_stereotype(planted_run):
+    """In the stereotype's palette and in its form, for the training captions' phrasing and the
+    held-out records' phrasings alike."""
     from scoft.negatives import generate
 
     pipe, params = _base_pipe(planted_run)
+    judge = load_judge(planted_run / "models/base" / JUDGE_DIR)
     settings = params.sampling("evaluate")
     for culture, (adjective, _, _) in CULTURES.items():
-        prompts = [
-            caption.format(adj=adjective) + f", view {i + 1}" for caption, _ in CATEGORIES.values() for i in range(2)
-        ]
+        prompts = [caption.format(adj=adjective) + f", {phrase}" for caption, _ in CATEGORIES.values()
+                   for phrase in ["view 1", *HELDOUT_PHRASES[:2]]]
         images = generate(pipe, prompts * 2, list(range(2 * len(prompts))), settings)
         assert np.mean([stereotype_oracle(im, culture) for im in images]) >= 0.5, culture
+        assert _forms(judge, images) >= 0.5, culture
 
 
 def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_truth(planted_run):
