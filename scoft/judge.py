@@ -128,8 +128,8 @@ class JudgeUnavailable(FileNotFoundError):
 def load_judge(folder: str | Path) -> JudgeNet:
     folder = Path(folder)
     if not (folder / WEIGHTS).is_file():
-        raise JudgeUnavailable(f"features.judge: no planted judge in {folder}: run `dvc repro judge` "
-                               "(or `scoft judge`) first")
+        raise JudgeUnavailable(f"features.judge: no planted judge in {folder}: the `base` stage builds it beside "
+                               "the planted base (model.base: tiny): run `dvc repro base` first")
     info = json.loads((folder / INFO).read_text(encoding="utf-8"))
     model = JudgeNet(len(info["palettes"]))
     model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))

@@ -70,3 +70,10 @@ def test_tiny_tokenizer_has_one_token_per_caption_word_and_bytes_for_the_rest():
     assert (
         _word_merges(["abab", "ab"]) == _word_merges(["abab", "ab"]) == ["a b</w>", "a b", "ab ab</w>"]
     )  # most frequent first, ties by text
+
+
+def test_the_planted_judge_missing_is_an_error_naming_the_stage(tmp_path):
+    from scoft.judge import JudgeUnavailable
+
+    with pytest.raises(JudgeUnavailable, match="run `dvc repro base`"):
+        build_distance("planted-judge", FeatureParams(judge=str(tmp_path / "nowhere")))

@@ -104,9 +104,20 @@ def test_rows_whose_caption_was_dropped_train_through_the_ldm_loss_only(model_pa
     assert none["memorization"].item() > 0 and none["perceptual"].item() > 0
 
 
+@pytest.fixture(scope="module")
+def quick_judge(tmp_path_factory) -> str:
+    """A planted judge trained for a few steps: what planted-judge loads (the base stage builds the real one)."""
+    from scoft.judge import build_judge
+
+    folder = tmp_path_factory.mktemp("judge") / "judge"
+    build_judge(folder, steps=5, progress=lambda m: None)
+    return str(folder)
+
+
 @pytest.mark.parametrize("name", BACKBONES)
-def test_every_backbone_gives_a_differentiable_per_sample_distance(name):
-    d = build_distance(name, FeatureParams())
+def test_every_backbone_gives_a_differentiable_per_sample_distance(name, request):
+    judge = request.getfixturevalue("quick_judge") if name == "planted-judge" else "models/base/judge"
+    d = build_distance(name, FeatureParams(judge=judge))
     a = torch.rand(2, 3, 32, 32, requires_grad=True) * 2 - 1
     b = torch.rand(2, 3, 32, 32) * 2 - 1
     out = d(a, b)
