@@ -21,6 +21,9 @@ generic metrics agree with the oracle.
 --fast trains +MPC a second time with those overrides ("+MPC fast"), on the same data and seeds, and the
 tables add its paired difference from +MPC and from LDM: whether a cheaper setting keeps the effect.
 
+`--combine A.json B.json ... [--ccub DIR]` prints the metric tables of several runs' --json files as one
+(loss sets trained in parallel processes, one thread each, on the same sample and base).
+
 With --work, the sample, negatives and LoRAs stay in DIR and a rerun skips every LoRA already trained
 there (the full run takes about 45 minutes on 2 cores: a stopped run loses nothing finished).
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -284,10 +288,35 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps({
             "overrides": overrides, "fast": args.fast, "joint": args.joint, "cultures": cultures.tolist(),
-            "seconds": seconds,
+            "categories": categories.tolist(), "seconds": seconds,
             "models": {n: {k: v.tolist() for k, v in m.items()} for n, m in per_model.items()}}, indent=1))
+
+
+def combine(files: list[str], ccub: Path | None) -> None:
+    """The metric tables of several runs' --json files as one (each a loss set trained in a process of
+    its own, on the same sample, base, prompts and seeds: the base's values are the same in each)."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    per_model = {}
+    for run in runs:
+        for name, metrics in run["models"].items():
+            per_model.setdefault(name, {k: np.array(v) for k, v in metrics.items()})
+    cultures = np.array(runs[0]["cultures"])
+    if "categories" in runs[0]:
+        categories = np.array(runs[0]["categories"])
+    else:  # files written before categories were kept: the held-out records in the evaluation's order
+        held = [r for r in read_manifest(ccub) if r.split == "heldout"]
+        categories = np.array([r.category for r in held])
+        assert [r.culture for r in held] == cultures.tolist(), "the held-out records are not the runs' prompts"
+    seeds = {n: len(next(iter(m.values()))) for n, m in per_model.items()}
+    print(f"combined from {', '.join(files)}; training seeds per model: {seeds}; held-out prompts: {len(cultures)}")
+    print("\n".join(["", *table(per_model, cultures, categories)]))
 
 
 if __name__ == "__main__":
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--combine":  # --combine A.json B.json ... [--ccub DIR]
+        names = sys.argv[2:]
+        ccub_dir = Path(names[names.index("--ccub") + 1]) if "--ccub" in names else None
+        combine([n for i, n in enumerate(names) if n != "--ccub" and (i == 0 or names[i - 1] != "--ccub")], ccub_dir)
+    else:
+        main()
