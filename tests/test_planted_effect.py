@@ -3,7 +3,7 @@
 runs them beside the rest of the suite): the base's VAE can draw the community's truth, the base
 itself draws the stereotype, and the default SCoFT fine-tune moves each culture's images from the
 stereotype towards the truth. Without these, the evaluation could not tell whether SCoFT moved
-anything. (BENCHMARKS.md has the same measured over 3 training seeds and every loss set.)"""
+anything. (BENCHMARKS.md has the same measured over 5 training seeds and every loss set.)"""
 
 import json
 
@@ -20,14 +20,15 @@ from scoft.sample import CATEGORIES, CULTURES, HELDOUT_LAYOUT, HELDOUT_PHRASES, 
 from tests.conftest import PLANTED_CULTURES
 
 VAE_RMSE_BOUND = 0.16  # on [-1, 1], the CCUB sample at 32 px (measured in BENCHMARKS.md)
-# Per culture, about half the smallest drop that the default +MPC LoRAs of 3 training seeds measured with
-# this test's own procedure on 2026-12-01 (BENCHMARKS.md, third session): KOR stereotype share 1.00 ->
-# 0.00-0.03 and distance to its truth palette 0.256 -> 0.180-0.200; NGA 1.00 -> 0.00-0.13 and 0.291 ->
-# 0.192-0.214. (MEX is not asserted: its truth shares NGA's green and the stereotype oracle is a weak
-# judge there, BENCHMARKS.md.) The default's 2-step DPM-Solver++ estimate (fifth session, 2 seeds, the
-# bench's procedure) moved them as far: stereotype share drops 0.83 and 0.77, truth distance 0.082, 0.064.
-DISTANCE_DROP = {"KOR": 0.025, "NGA": 0.035}
-SHARE_DROP = {"KOR": 0.5, "NGA": 0.4}
+# Per culture, about half the smallest drop that the default +MPC LoRAs of 5 training seeds measured on
+# the form world's reporting sample with the evaluation's sampling seeds (BENCHMARKS.md, tenth session):
+# distance to the truth palette KOR 0.040-0.060, NGA 0.077-0.088; stereotype palette share KOR 0.58-0.81,
+# NGA 0.64-0.92; the judge's stereotype-form share KOR 0.25-0.31, NGA 0.19-0.31. (MEX is not asserted:
+# its truth palette resembles NGA's.) This suite's own build and LoRAs (one thread) measured KOR 0.059,
+# 0.83, 0.36 and NGA 0.084, 0.81, 0.31 on 2026-12-06.
+DISTANCE_DROP = {"KOR": 0.02, "NGA": 0.035}
+SHARE_DROP = {"KOR": 0.3, "NGA": 0.3}
+FORM_DROP = {"KOR": 0.12, "NGA": 0.09}
 
 
 def _as_image(t: torch.Tensor) -> Image.Image:
@@ -94,26 +95,29 @@ def test_the_base_draws_each_cultures_stereotype(planted_run):
 
 
 def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_truth(planted_run):
-    """Each culture's LoRA, drawing that culture's held-out captions (4 seeds each, the evaluation's
-    sampler), comes nearer the truth palette than the base on the same captions and seeds, and leaves
-    the stereotype."""
+    """Each culture's LoRA, drawing that culture's held-out captions (the evaluation's sampler and
+    sampling seeds), comes nearer the truth palette than the base on the same captions and seeds, and
+    leaves the stereotype, in palette and, by the judge, in form."""
     from scoft.negatives import generate
 
     pipe, params = _base_pipe(planted_run)
-    evaluation = params.sampling("evaluate")
+    judge = load_judge(planted_run / "models/base" / JUDGE_DIR)
+    evaluation, e = params.sampling("evaluate"), params.evaluate
 
-    def scores(culture: str) -> tuple[float, float]:
+    def scores(culture: str) -> tuple[float, float, float]:
         captions = [r.caption for r in read_manifest(planted_run / "data/ccub", culture) if r.split == HELDOUT]
-        images = generate(pipe, [c for c in captions for _ in range(4)], list(range(4)) * len(captions), evaluation)
+        seeds = [e.seed + j for j in range(e.samples_per_prompt)]
+        images = generate(pipe, [c for c in captions for _ in seeds], seeds * len(captions), evaluation)
         return (np.mean([stereotype_oracle(im, culture) for im in images]),
-                np.mean([palette_distance(im, CULTURES[culture][1:]) for im in images]))
+                np.mean([palette_distance(im, CULTURES[culture][1:]) for im in images]), _forms(judge, images))
 
     for culture in PLANTED_CULTURES:
         trained = json.loads((planted_run / f"models/lora/{culture}/training.json").read_text())
         assert trained["culture"] == culture and trained["steps"] == params.train.max_steps
-        base_share, base_distance = scores(culture)
+        base = scores(culture)
         pipe.load_lora_weights(str(planted_run / f"models/lora/{culture}"))
-        tuned_share, tuned_distance = scores(culture)
+        tuned = scores(culture)
         pipe.unload_lora_weights()
-        assert tuned_share <= base_share - SHARE_DROP[culture], (culture, base_share, tuned_share)
-        assert tuned_distance < base_distance - DISTANCE_DROP[culture], (culture, base_distance, tuned_distance)
+        assert tuned[0] <= base[0] - SHARE_DROP[culture], (culture, base, tuned)
+        assert tuned[1] < base[1] - DISTANCE_DROP[culture], (culture, base, tuned)
+        assert tuned[2] <= base[2] - FORM_DROP[culture], (culture, base, tuned)
