@@ -370,7 +370,8 @@ def _cell(s: dict) -> str:
 def metrics_markdown(metrics: dict, backbone: str) -> list[str]:
     names = list(metrics["overall"]["models"])
     tuned = [n for n in names if n != BASE]
-    lines = [f"Feature distance ({backbone}) between generated images and held-out CCUB images for the same "
+    lines = [f"Primary metric, named in advance (the promotion gate's): feature distance ({backbone}) between "
+             "generated images and held-out CCUB images for the same "
              "caption (lower is closer); improvement = base - model (higher is better). Same prompts and seeds "
              "for every model; 95% bootstrap intervals over prompts; p: one-sided paired sign-flip test "
              "against the base, Holm-corrected across cultures.", "",
@@ -549,6 +550,8 @@ def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: st
     names = list(result["images"])
     rows = [[ref, *(result["images"][n][i] for n in names)] for i, ref in enumerate(refs)]
     notes = [f"- {markdown_text(n)}" for n in result["metrics"].get("notes", [])]
+    notes += [f"- {c}: no held-out record of {', '.join(block['unjudged'])}, which it trains on: not judged here"
+              for c, block in result["metrics"].get("coverage", {}).items() if block["unjudged"]]
     tables = [*(["Notes:", "", *notes, ""] if notes else []), *metrics_markdown(result["metrics"], backbone), "",
               *retrieval_markdown(result["metrics"]["retrieval_accuracy"]), "",
               *retrieved_as_markdown(result["metrics"]["retrieved_as"]), "",
