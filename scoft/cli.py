@@ -341,6 +341,9 @@ def generate(
     if not base and (lora / SKIPPED_FILE).is_file():
         _fail(f"{lora}: no LoRA: {json.loads((lora / SKIPPED_FILE).read_text(encoding='utf-8'))['skipped']}")
     if not base and not (lora / LORA_FILE).is_file():
+        trained = sorted(f.parent.name for f in LORA_DIR.glob(f"*/{LORA_FILE}"))
+        if culture is None and trained:  # one LoRA per culture: which one is the question
+            _fail(f"a LoRA is trained per culture: pass --culture (trained: {', '.join(trained)}), --lora or --base")
         _fail(f"{lora}: no trained LoRA (run `scoft run` or `scoft train` first, or pass --base)")
     from scoft.models import load_pipeline, pick_device
     from scoft.negatives import generate as sample_images
@@ -521,10 +524,6 @@ def main():
         sys.exit(known[1])
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _registry_summary(culture: str) -> dict:
     from scoft import registry
 
@@ -617,3 +616,7 @@ def _track_registry() -> None:
 
     if Path(".dvc").is_dir() and LORAS_DIR.is_dir():
         subprocess.run([sys.executable, "-m", "dvc", "add", "-q", str(LORAS_DIR)], check=True)
+
+
+if __name__ == "__main__":  # last: every command above is registered before it runs
+    main()

@@ -197,3 +197,31 @@ def test_the_reference_profile_and_the_readmes_real_run_keys_validate(tmp_path):
     params["model"]["base"] = re.search(r"`model\.base` to a Hugging Face id \(e\.g\. `([^`]+)`", readme)[1]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert load_params(tmp_path / "params.yaml").features.weights["dinov2"] == "facebook/dinov2-small"
+
+
+def test_python_dash_m_reaches_every_command(tmp_path):
+    """`python -m scoft.cli models list` works as `scoft models list` does (issue 25: the module's
+    __main__ guard ran before the models commands were defined)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import write_params
+
+    write_params(tmp_path / "params.yaml", {})
+    out = subprocess.run([sys.executable, "-m", "scoft.cli", "models", "list", "--json"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert {row["culture"] for row in json.loads(out.stdout)} >= {"KOR", "MEX", "NGA"}
+
+
+def test_generate_without_a_culture_says_which_cultures_have_a_lora(tmp_path):
+    from scoft.paths import LORA_FILE
+    from tests.conftest import write_params
+
+    write_params(tmp_path / "params.yaml", {})
+    for culture in ("KOR", "NGA"):
+        (tmp_path / "models/lora" / culture).mkdir(parents=True)
+        (tmp_path / "models/lora" / culture / LORA_FILE).write_bytes(b"not read")
+    out = scoft("generate", "--prompt", "a house", "--out", "x.png", cwd=tmp_path)
+    assert out.returncode != 0 and "pass --culture (trained: KOR, NGA)" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
