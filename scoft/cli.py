@@ -328,7 +328,8 @@ def generate(
     """One image from the base model plus a LoRA: a culture's production one, its latest candidate, or
     a folder (or, with --base, the base model alone)."""
     p = _params(params)
-    if culture is not None and lora is not None:
+    named_lora = lora is not None
+    if culture is not None and named_lora:
         _fail("--culture and --lora name two LoRAs: pass one")
     if culture is not None and not candidate and not base:
         from scoft.registry import production_lora
@@ -342,7 +343,7 @@ def generate(
         _fail(f"{lora}: no LoRA: {json.loads((lora / SKIPPED_FILE).read_text(encoding='utf-8'))['skipped']}")
     if not base and not (lora / LORA_FILE).is_file():
         trained = sorted(f.parent.name for f in LORA_DIR.glob(f"*/{LORA_FILE}"))
-        if culture is None and trained:  # one LoRA per culture: which one is the question
+        if culture is None and not named_lora and trained:  # one LoRA per culture: which one is the question
             _fail(f"a LoRA is trained per culture: pass --culture (trained: {', '.join(trained)}), --lora or --base")
         _fail(f"{lora}: no trained LoRA (run `scoft run` or `scoft train` first, or pass --base)")
     from scoft.models import load_pipeline, pick_device
