@@ -33,6 +33,8 @@ BASE = "base"
 
 
 NO_INTERVAL = "fewer than 2 prompts: no interval"
+# memorisation: an image nearer a training image than 90% of unseen community images are is flagged
+MEMORISATION_QUANTILE = 0.1
 
 
 def _stats(values: np.ndarray, n: int, seed: int) -> dict:
@@ -224,6 +226,15 @@ def category_coverage(records: list[Record], cultures: list[str] | None = None) 
     return out
 
 
+def with_seeds(texts: list[str], per_prompt: int, seed: int) -> tuple[list[str], list[int]]:
+    """Each prompt repeated once per sampling seed, and those seeds (the same for every prompt and model)."""
+    return [t for t in texts for _ in range(per_prompt)], [seed + j for _ in texts for j in range(per_prompt)]
+
+
+def sample_in_batches(pipe, texts: list[str], seeds: list[int], settings: dict) -> list[Image.Image]:
+    return [im for i in range(0, len(texts), 8) for im in generate(pipe, texts[i:i + 8], seeds[i:i + 8], settings)]
+
+
 def heldout_records(records: list[Record]) -> list[Record]:
     return [r for r in records if r.split == HELDOUT]
 
@@ -242,8 +253,7 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
     if not held:
         raise ValueError(f"no held-out records{'' if cultures is None else ' of ' + ', '.join(cultures)} "
                          "to evaluate against")
-    prompts = [r.caption for r in held for _ in range(samples_per_prompt)]
-    seeds = [seed + j for _ in held for j in range(samples_per_prompt)]
+    prompts, seeds = with_seeds([r.caption for r in held], samples_per_prompt, seed)
     prompt_cultures = [r.culture for r in held for _ in range(samples_per_prompt)]
     device = device_of(distance)
     position = {r.id: i for i, r in enumerate(references)}
@@ -256,15 +266,10 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
 
     # prompts that name no culture (the generic captions): which culture does each model draw?
     generic = sorted({r.generic_caption for r in references})  # the same for every culture's evaluation
-    generic_prompts = [g for g in generic for _ in range(samples_per_prompt)]
-    generic_seeds = [seed + j for _ in generic for j in range(samples_per_prompt)]
+    generic_prompts, generic_seeds = with_seeds(generic, samples_per_prompt, seed)
 
     def sample(texts: list[str], text_seeds: list[int]) -> list[Image.Image]:
-        return [
-            im
-            for i in range(0, len(texts), 8)
-            for im in generate(pipe, texts[i : i + 8], text_seeds[i : i + 8], settings)
-        ]
+        return sample_in_batches(pipe, texts, text_seeds, settings)
 
     images, generic_images, notes = {BASE: sample(prompts, seeds)}, {BASE: sample(generic_prompts, generic_seeds)}, []
     for name, lora in loras.items():
@@ -325,8 +330,7 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
 
 
 def quality_metrics(distance, generated: dict[str, torch.Tensor], refs: torch.Tensor, train_refs: torch.Tensor | None,
-                    cultures: np.ndarray, per_prompt: int, bootstrap: int, seed: int,
-                    memorisation_quantile: float = 0.1) -> dict:
+                    cultures: np.ndarray, per_prompt: int, bootstrap: int, seed: int) -> dict:
     """KID, within-prompt diversity and memorisation per model, overall and per culture."""
     image_cultures = np.repeat(cultures, per_prompt)
     names = sorted(set(cultures.tolist()))
@@ -345,7 +349,7 @@ def quality_metrics(distance, generated: dict[str, torch.Tensor], refs: torch.Te
             out["memorisation"][name] = {"insufficient": "no training records to compare with"}
             continue
         flags, threshold = memorised(pairwise_distances(distance, images, train_refs), held_vs_train,
-                                     memorisation_quantile)
+                                     MEMORISATION_QUANTILE)
         share = flags.reshape(len(cultures), per_prompt).mean(axis=1)
         out["memorisation"][name] = {"threshold": threshold, "overall": _stats(share, bootstrap, seed),
                                      "per_culture": {c: _stats(share[cultures == c], bootstrap, seed) for c in names}}
@@ -611,11 +615,9 @@ def prompt_distances(params, lora_dir: str | Path, ccub_dir, culture: str) -> di
     e, settings, device = params.evaluate, params.sampling("evaluate"), pick_device()
     pipe = load_pipeline(params.model).to(device)
     distance = build_distance(params.features.evaluation, params.features, params.model.seed).to(device)
-    prompts = [r.caption for r in held for _ in range(e.samples_per_prompt)]
-    seeds = [e.seed + j for _ in held for j in range(e.samples_per_prompt)]
+    prompts, seeds = with_seeds([r.caption for r in held], e.samples_per_prompt, e.seed)
     pipe.load_lora_weights(str(lora_dir))
-    images = [im for i in range(0, len(prompts), 8)
-              for im in generate(pipe, prompts[i:i + 8], seeds[i:i + 8], settings)]
+    images = sample_in_batches(pipe, prompts, seeds, settings)
     refs = torch.stack([load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in held]).to(device)
     matrix = pairwise_distances(distance, as_tensors(images, settings["resolution"], device), refs)
     own = np.repeat(np.arange(len(held)), e.samples_per_prompt)
