@@ -122,7 +122,8 @@ def ingest(
         result = run_ingest(source or i.sources, out, heldout_fraction=i.heldout_fraction,
                             max_pixels=i.max_image_pixels, max_rejected_fraction=i.max_rejected_fraction,
                             captioner=make_captioner(i.captioner), policy=i.fetch_policy(), workers=i.workers,
-                            s3_endpoint_url=i.s3_endpoint_url, bounds=p.validate_, progress=say)
+                            s3_endpoint_url=i.s3_endpoint_url, bounds=p.validate_, progress=say,
+                            max_decoded_bytes=i.max_decoded_bytes)
     except IngestError as e:
         _fail(f"ingest failed:\n{e}", code=DATA_REJECTED)
     write_json(summary, result)

@@ -124,7 +124,9 @@ class IngestParams(_Section):
     retries: int = Field(3, ge=0)
     backoff_s: float = Field(0.5, ge=0)
     max_redirects: int = Field(5, ge=0)
+    download_deadline_s: float = Field(60, gt=0)
     workers: int = Field(8, ge=1)
+    max_decoded_bytes: int = Field(1 << 30, ge=1 << 20)
     captioner: Annotated[str, _location("fallback")] = "fallback"
     s3_endpoint_url: CredentialFreeURL | None = None
 
@@ -133,7 +135,7 @@ class IngestParams(_Section):
 
         return FetchPolicy(connect_timeout_s=self.connect_timeout_s, read_timeout_s=self.read_timeout_s,
                            retries=self.retries, backoff_s=self.backoff_s, max_redirects=self.max_redirects,
-                           max_bytes=self.max_image_bytes)
+                           max_bytes=self.max_image_bytes, deadline_s=self.download_deadline_s)
 
 
 def is_alpha3(code: str) -> bool:

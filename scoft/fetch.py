@@ -1,20 +1,20 @@
 """Fetching image bytes from where a CCUB row says they are: http(s), S3 or a local dataset folder.
 
 Every fetch is bounded: connect and read timeouts, retries with exponential backoff on transient
-failures only (connection errors, timeouts, 429 and 5xx), a redirect limit, and a byte cap.
+failures only (connection errors, timeouts, 429 and 5xx), a redirect limit, a byte cap, and a total
+deadline over all of it (a server dripping a chunk every 10 s never trips a read timeout).
 A failure raises FetchError with a reason a data team can act on.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 ALLOWED_SCHEMES = ("http", "https")
 
@@ -31,26 +31,30 @@ class FetchPolicy:
     backoff_s: float = 0.5
     max_redirects: int = 5
     max_bytes: int = 50 * 1024 * 1024
+    deadline_s: float = 60.0  # per download, retries and waits included
 
 
 _local = threading.local()
 
 
 def _session(policy: FetchPolicy) -> requests.Session:
-    """One session per thread and policy (requests sessions are not thread-safe)."""
+    """One session per thread and policy (requests sessions are not thread-safe). Retries are ours
+    (fetch_http), so that they stop at the download's deadline."""
     cached = getattr(_local, "sessions", {})
     _local.sessions = cached
     if policy not in cached:
         s = requests.Session()
-        retry = Retry(total=policy.retries, connect=policy.retries, read=policy.retries, status=policy.retries,
-                      backoff_factor=policy.backoff_s, status_forcelist=(429, 500, 502, 503, 504),
-                      allowed_methods=("GET",), redirect=False, raise_on_status=False)
-        s.mount("http://", HTTPAdapter(max_retries=retry))
-        s.mount("https://", HTTPAdapter(max_retries=retry))
         s.max_redirects = policy.max_redirects
         s.headers["User-Agent"] = "scoft-flows (CCUB ingestion)"
         cached[policy] = s
     return cached[policy]
+
+
+RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+class _Transient(Exception):
+    """A failure worth another try: connection refused or reset, a timeout, 429 or 5xx."""
 
 
 def check_url(url: str) -> None:
@@ -61,8 +65,28 @@ def check_url(url: str) -> None:
 
 def fetch_http(url: str, policy: FetchPolicy, expect_image: bool = True) -> bytes:
     check_url(url)
+    deadline = time.monotonic() + policy.deadline_s
+    for attempt in range(policy.retries + 1):
+        try:
+            return _get(url, policy, expect_image, deadline)
+        except _Transient as e:
+            wait = policy.backoff_s * 2 ** attempt
+            if attempt == policy.retries or time.monotonic() + wait >= deadline:
+                tries = f"after {attempt} retries" if attempt == policy.retries else (
+                    f"with no time left for another try (deadline {policy.deadline_s:g} s)")
+                raise FetchError(f"{url}: {e} {tries}") from e
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _get(url: str, policy: FetchPolicy, expect_image: bool, deadline: float) -> bytes:
+    """One try, within what is left of the deadline."""
+    left = deadline - time.monotonic()
     try:
-        with _session(policy).get(url, stream=True, timeout=(policy.connect_timeout_s, policy.read_timeout_s)) as r:
+        with _session(policy).get(url, stream=True, timeout=(min(policy.connect_timeout_s, left),
+                                                             min(policy.read_timeout_s, left))) as r:
+            if r.status_code in RETRY_STATUS:
+                raise _Transient(f"HTTP {r.status_code}")
             if r.status_code != 200:
                 raise FetchError(f"HTTP {r.status_code} for {url}")
             declared = r.headers.get("Content-Length")
@@ -71,26 +95,27 @@ def fetch_http(url: str, policy: FetchPolicy, expect_image: bool = True) -> byte
             kind = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if expect_image and (kind.startswith("text/") or kind in ("application/json", "application/xhtml+xml")):
                 raise FetchError(f"{url}: served {kind}, not an image")
-            return _read_capped(r.iter_content(64 * 1024), policy.max_bytes, url)
-    except FetchError:
+            return _read_capped(r.iter_content(64 * 1024), policy.max_bytes, url, deadline, policy.deadline_s)
+    except (FetchError, _Transient):
         raise
     except requests.TooManyRedirects as e:
         raise FetchError(f"{url}: too many redirects (limit {policy.max_redirects}; a redirect loop?)") from e
-    except requests.exceptions.RetryError as e:
-        raise FetchError(f"{url}: still failing after {policy.retries} retries ({e})") from e
     except (requests.ConnectionError, requests.Timeout) as e:
-        kind = "timed out" if "timed out" in str(e).lower() or isinstance(e, requests.Timeout) else "connection failed"
-        raise FetchError(f"{url}: {kind} after {policy.retries} retries") from e
+        timed_out = "timed out" in str(e).lower() or isinstance(e, requests.Timeout)
+        raise _Transient("timed out" if timed_out else "connection failed") from e
     except requests.RequestException as e:
         raise FetchError(f"{url}: {type(e).__name__}: {e}") from e
 
 
-def _read_capped(chunks, cap: int, where: str) -> bytes:
+def _read_capped(chunks, cap: int, where: str, deadline: float | None = None, deadline_s: float = 0) -> bytes:
     data = bytearray()
     for chunk in chunks:
         data += chunk
         if len(data) > cap:
             raise FetchError(f"{where}: more than {cap} bytes")
+        if deadline is not None and time.monotonic() > deadline:
+            raise FetchError(f"{where}: not finished within its deadline of {deadline_s:g} s "
+                             f"({len(data)} bytes had come)")
     return bytes(data)
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -67,15 +68,55 @@ def decode_rgb(data: bytes, max_pixels: int, where: str) -> Image.Image:
 
 def as_displayed_rgb(im: Image.Image) -> Image.Image:
     """RGB as a viewer shows the image: EXIF orientation applied, high bit depth scaled to 8 bits
-    (Pillow's convert("RGB") clips 16-bit values, so a 16-bit PNG would come out all white)."""
+    (Pillow's convert("RGB") clips 16-bit values, so a 16-bit PNG would come out all white).
+    Scaled in integers: a float64 copy of a large 16-bit image took 8 bytes a pixel, several times."""
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        values = np.asarray(im, dtype=np.float64)
-        # 16-bit files decode to I;16, or to I (32-bit) from some formats; F is taken as 0..255.
-        full_scale = 65535.0 if im.mode != "F" and (im.mode.startswith("I;16") or values.max() > 255) else 255.0
-        gray = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+        values = np.asarray(im)
+        if im.mode == "F":  # taken as 0..255
+            gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        else:
+            # 16-bit files decode to I;16, or to I (32-bit) from some formats
+            full_scale = 65535 if im.mode.startswith("I;16") or values.max() > 255 else 255
+            values = np.clip(values, 0, full_scale).astype(np.uint32)
+            gray = ((values * 255 + full_scale // 2) // full_scale).astype(np.uint8)  # rounded, in integers
         return Image.fromarray(gray, mode="L").convert("RGB")
     return im.convert("RGB")
+
+
+def decoded_bytes(data: bytes) -> int:
+    """What decoding `data` holds in memory at most (its source pixels and the RGB copy), read from the
+    header alone; 0 when the header is unreadable (decode_rgb then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.width * im.height * 8
+    except Exception:  # noqa: BLE001 - any unreadable header: the decode that follows names the problem
+        return 0
+
+
+class DecodeBudget:
+    """A bound on the bytes of decoded images that threads hold at once, so that an ingest's peak
+    memory follows the size of its largest images, never the number of its rows. An image larger than
+    the whole budget waits until it can have all of it."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used = capacity, 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int):
+        nbytes = min(nbytes, self.capacity)
+        with self._changed:
+            self._changed.wait_for(lambda: self.used + nbytes <= self.capacity)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= nbytes
+                self._changed.notify_all()
 
 
 def load_rgb(path: str | Path, max_pixels: int) -> Image.Image:
@@ -85,22 +126,58 @@ def load_rgb(path: str | Path, max_pixels: int) -> Image.Image:
     return decode_rgb(path.read_bytes(), max_pixels, str(path))
 
 
-def dvc_dir_hash(folder: str | Path) -> str:
+def dvc_dir_hash(folder: str | Path, known: dict[str, str] | None = None) -> str:
     """The hash DVC 3 gives a folder (its `.dir` md5): md5 of the sorted JSON list of file md5s.
 
     Computed here so `scoft ingest` can report the new version without a DVC call; the tests check
-    that it equals what dvc.lock records.
+    that it equals what dvc.lock records. `known`: md5s by relative path that the caller computed as it
+    wrote the files; the others come from file_md5s.
     """
-    folder = Path(folder)
-    entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h = hashlib.md5()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        entries.append({"md5": h.hexdigest(), "relpath": path.relative_to(folder).as_posix()})
-    entries.sort(key=lambda e: e["relpath"])
+    md5s = file_md5s(folder, known)
+    entries = [{"md5": md5s[rel], "relpath": rel} for rel in sorted(md5s)]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+def file_md5s(folder: str | Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """md5 of every file under `folder` by relative path: from `known`, else from DVC's state database
+    (the md5 DVC computed last time for the same inode, mtime and size: a file hard-linked into a new
+    version keeps all three), else read from disk. At 10,000 images, reading every file again for
+    the version's hash was half of an unchanged re-ingest."""
+    folder = Path(folder).resolve()
+    known = known or {}
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    recorded = _dvc_state_md5s([p for p in files if p.relative_to(folder).as_posix() not in known])
+    out = {}
+    for path in files:
+        rel = path.relative_to(folder).as_posix()
+        out[rel] = known.get(rel) or recorded.get(str(path)) or _md5_file(path)
+    return out
+
+
+def _md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dvc_state_md5s(paths: list[Path]) -> dict[str, str]:
+    """The md5s DVC's state database holds for these files, where they lie in a DVC repository."""
+    if not paths:
+        return {}
+    try:
+        from dvc.repo import Repo
+
+        with Repo(Repo.find_root(str(paths[0].parent))) as repo:
+            out = {}
+            for path in paths:
+                _, hash_info = repo.state.get(str(path), repo.fs)
+                if hash_info is not None and hash_info.name == "md5" and hash_info.value:
+                    out[str(path)] = hash_info.value
+            return out
+    except Exception:  # noqa: BLE001 - no repository, or its state unreadable: the files are read instead
+        return {}
 
 
 def process_umask() -> int:
@@ -177,13 +254,18 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         _as_created(fd, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from scoft.config import is_alpha3
+from scoft.config import is_alpha3, redact_credentials
 from scoft.fetch import FetchError, FetchPolicy, check_url, fetch_http, fetch_local, fetch_s3, split_s3_uri
 
 # Accepted column names, first the CCUB sheet's, then the SCoFT imagefolder's.
@@ -48,17 +48,44 @@ class SourceRow:
     fetch: Callable[[], bytes] = field(compare=False, hash=False, repr=False)
 
 
+EXCERPT_CHARS, EXCERPT_FIELDS = 200, 20
+
+
+def excerpt(raw: dict) -> dict:
+    """A bounded, credential-free copy of a source row for messages and summary.json: a rejected
+    200 MB caption was copied whole into a 209 MB summary. Long values keep their start and length."""
+    out = {}
+    for key, value in list(raw.items())[:EXCERPT_FIELDS]:
+        key = redact_credentials(str(key))[:EXCERPT_CHARS]
+        if isinstance(value, str):
+            text = redact_credentials(value[:EXCERPT_CHARS * 2])[:EXCERPT_CHARS]
+            value = text if len(value) <= EXCERPT_CHARS else f"{text}... ({len(value)} characters)"
+        elif not isinstance(value, (int, float, bool, type(None))):
+            value = f"({type(value).__name__})"
+        out[key] = value
+    if len(raw) > EXCERPT_FIELDS:
+        out["..."] = f"{len(raw) - EXCERPT_FIELDS} more fields"
+    return out
+
+
+def rejection(ref: str, raw: dict, reason: str) -> dict:
+    """A rejected row as summary.json and the log show it: where, a bounded excerpt, why."""
+    return {"row": redact_credentials(ref), "source_row": excerpt(raw), "reason": redact_credentials(reason)}
+
+
 @dataclass
 class SourceRows:
     rows: list[SourceRow] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # said once per source, e.g. credentials removed
 
     def reject(self, ref: str, raw: dict, reason: str) -> None:
-        self.rejected.append({"row": ref, "source_row": raw, "reason": reason})
+        self.rejected.append(rejection(ref, raw, reason))
 
     def extend(self, other: SourceRows) -> None:
         self.rows += other.rows
         self.rejected += other.rejected
+        self.notes += other.notes
 
 
 def _pick(raw: dict, name: str) -> str:
@@ -100,6 +127,7 @@ class _Builder:
     def __init__(self, locate: Callable[[str], tuple[str, Callable[[], bytes], str | None]], policy: FetchPolicy):
         self.locate, self.policy = locate, policy
         self.out = SourceRows()
+        self.credentials: list[str] = []  # refs of rows whose image URL held user:password@
 
     def add(self, ref: str, raw: dict) -> None:
         if _has_bad_text(raw):
@@ -123,7 +151,13 @@ class _Builder:
                 location, fetch, etag = self.locate(name)
             elif url:
                 check_url(url)
-                location, fetch, etag = url, (lambda u=url: fetch_http(u, self.policy)), None
+                # the image is fetched as the URL says, but its credentials are never stored or shown
+                # (the manifest, which DVC pushes, and the logs): location and source_url go without them
+                fetch, clean = (lambda u=url: fetch_http(u, self.policy)), redact_credentials(url)
+                if clean != url:
+                    self.credentials.append(ref)
+                    url, raw = clean, {**raw, **{k: redact_credentials(v) for k, v in raw.items() if isinstance(v, str)}}
+                location, etag = url, None
             else:
                 return self.out.reject(ref, raw, "neither url nor file_name given")
         except FetchError as e:
@@ -134,36 +168,61 @@ class _Builder:
             etag=etag, raw=raw, fetch=fetch))
 
 
+    def finish(self, name: str) -> SourceRows:
+        if self.credentials:
+            self.out.notes.append(
+                f"{redact_credentials(name)}: {len(self.credentials)} row(s) gave an image URL with credentials "
+                f"(user:password@), first {redact_credentials(self.credentials[0])}: they are used to fetch and "
+                "never stored (the manifest keeps the URL without them); give a sheet public or signed URLs")
+        return self.out
+
+
 def _printable(raw: dict) -> dict:
     return {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(v, str) else v
             for k, v in raw.items()}
 
 
 def _parse_table(text: str, name: str, builder: _Builder) -> SourceRows:
-    """metadata.jsonl (one JSON object per line) or CSV with a header row."""
+    """metadata.jsonl (one JSON object per line) or CSV with a header row. A line that cannot be parsed
+    is rejected with its reason like any other bad row, never the whole source."""
     if name.endswith(".jsonl"):
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
+            ref, shown = f"{name}:{lineno}", {"line": line}
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
-                builder.out.reject(f"{name}:{lineno}", {"line": line[:200]}, f"not valid JSON ({e.msg})")
+                builder.out.reject(ref, shown, f"not valid JSON ({e.msg})")
+                continue
+            except RecursionError:
+                builder.out.reject(ref, shown, "JSON nested too deep to read")
                 continue
             if not isinstance(raw, dict):
-                builder.out.reject(f"{name}:{lineno}", {"line": line[:200]}, "not a JSON object")
+                builder.out.reject(ref, shown, "not a JSON object")
                 continue
-            builder.add(f"{name}:{lineno}", raw)
-        return builder.out
+            builder.add(ref, raw)
+        return builder.finish(name)
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = _columns_missing(set(reader.fieldnames or []))
-    for raw in reader:
+    try:
+        missing = _columns_missing(set(reader.fieldnames or []))
+    except csv.Error as e:
+        raise FetchError(f"{redact_credentials(name)}: cannot read the CSV header ({e})") from e
+    while True:
+        start = reader.line_num + 1
+        try:
+            raw = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. a field over the csv module's limit of 131,072 characters
+            builder.out.reject(f"{name}:{start}", {}, f"cannot read this CSV row ({e})")
+            continue
         ref = f"{name}:{reader.line_num}"
         if missing:
             builder.out.reject(ref, _printable(raw), f"missing column(s): {', '.join(missing)}")
         else:
             builder.add(ref, {k: v for k, v in raw.items() if k is not None})
-    return builder.out
+    return builder.finish(name)
 
 
 def _decode(data: bytes) -> str:
@@ -205,7 +264,11 @@ def read_csv(spec: str, policy: FetchPolicy) -> SourceRows:
             raise FetchError(f"{spec}: no such file")
         text = _decode(path.read_bytes())
         builder = _Builder(_local_locator(path.parent, str(path.parent), policy), policy)
-    return _parse_table(text, spec, builder)
+    out = _parse_table(text, redact_credentials(spec), builder)
+    if redact_credentials(spec) != spec:
+        out.notes.append(f"{redact_credentials(spec)}: the credentials in this URL fetched the sheet and are "
+                         "never shown or stored")
+    return out
 
 
 def read_s3(uri: str, policy: FetchPolicy, client) -> SourceRows:

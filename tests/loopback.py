@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class LoopbackServer:
     def __init__(self):
-        self.routes: dict[str, tuple] = {}  # path -> (status, content_type, body) or ("slow",) or ("redirect", to)
+        # path -> (status, content_type, body), ("slow", seconds), ("redirect", to) or ("drip", body, seconds)
+        self.routes: dict[str, tuple] = {}
         self.hits: Counter = Counter()
         self.posted: list[tuple[str, bytes]] = []  # (path, body) of each POST, in order
         server = self
@@ -32,6 +33,15 @@ class LoopbackServer:
                     self.send_error(404)
                 elif route[0] == "slow":
                     time.sleep(route[1])  # never answers within the client's read timeout
+                elif route[0] == "drip":  # ("drip", body, seconds between chunks of 16 bytes)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(route[1])))
+                    self.end_headers()
+                    for start in range(0, len(route[1]), 16):
+                        self.wfile.write(route[1][start:start + 16])
+                        self.wfile.flush()
+                        time.sleep(route[2])
                 elif route[0] == "redirect":
                     self.send_response(302)
                     self.send_header("Location", route[1])

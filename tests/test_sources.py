@@ -171,3 +171,112 @@ def test_summary_json_from_the_command_line(server, tmp_path):
     assert summary["added"] == 5 and summary["version"].endswith(".dir")
     assert summary["rejected"][0]["source_row"]["url"] == "ftp://x/y.png" and "ftp" in summary["rejected"][0]["reason"]
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_a_row_the_parser_cannot_read_is_rejected_alone(server, tmp_path):
+    huge = "a caption " * 14_000  # 140,000 characters: over the csv module's field limit
+    rows = [row(server, i) for i in range(8)]
+    rows[3] = row(server, 3, caption=huge)
+    (tmp_path / "s.csv").write_bytes(sheet(rows))
+    summary = run([str(tmp_path / "s.csv")], tmp_path / "a", max_rejected_fraction=0.5)
+    assert summary["records"] == 7 and len(summary["rejected"]) == 1
+    assert "cannot read this CSV row" in summary["rejected"][0]["reason"] and "s.csv:5" in summary["rejected"][0]["row"]
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    lines = [json.dumps({"file_name": f"{i}.png", "text": f"a traditional house number {i}", "country_code": "KOR",
+                         "category_code": "ARCH"}) for i in range(8)]
+    for i in range(8):
+        (folder / f"{i}.png").write_bytes(png(i))
+    lines[2] = '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    summary = run([str(folder)], tmp_path / "b", max_rejected_fraction=0.5)
+    assert summary["records"] == 7 and summary["rejected"][0]["reason"] == "JSON nested too deep to read"
+    assert len(json.dumps(summary["rejected"])) < 1000  # a bounded excerpt, not the 200,000-character line
+
+
+def test_a_download_has_a_total_deadline(server, tmp_path):
+    # 640 bytes in 16-byte chunks every 0.1 s: no read ever waits past the 0.5 s read timeout, and the
+    # whole download takes 4 s
+    server.routes["/img/drip.png"] = ("drip", png(0, size=(200, 200)), 0.1)
+    server.routes["/s.csv"] = (200, "text/csv", sheet([row(server, i) for i in range(1, 8)]
+                                                      + [row(server, 0, url=f"{server.url}/img/drip.png")]))
+    policy = FetchPolicy(**{**FAST.__dict__, "deadline_s": 1.0})
+    summary = run([f"{server.url}/s.csv"], tmp_path / "ccub", policy=policy, max_rejected_fraction=0.2)
+    assert summary["records"] == 7
+    assert "not finished within its deadline of 1 s" in summary["rejected"][0]["reason"]
+
+
+def test_fetching_stops_once_too_many_rows_are_rejected(server, tmp_path):
+    for i in range(30):
+        server.routes[f"/img/hung{i}.png"] = ("slow", 2)
+    rows = [row(server, i, url=f"{server.url}/img/hung{i}.png") for i in range(30)] + [row(server, i) for i in range(10)]
+    server.routes["/s.csv"] = (200, "text/csv", sheet(rows))
+    with pytest.raises(IngestError) as err:
+        run([f"{server.url}/s.csv"], tmp_path / "ccub", workers=2)
+    assert "stopped fetching, as the run can no longer pass" in str(err.value)
+    # 11 rejections of 40 rows pass the limit of 25%: the other hung rows are never tried
+    assert sum(n for path, n in server.hits.items() if "hung" in path) <= 2 * (11 + 2)
+    assert len({path for path in server.hits if "hung" in path}) < 30
+
+
+def test_what_a_failed_ingest_fetched_is_not_fetched_again(server, tmp_path):
+    good = [row(server, i) for i in range(10)]
+    server.routes["/s.csv"] = (200, "text/csv", sheet(good + [row(server, 100 + i) for i in range(10)]))  # 404s
+    with pytest.raises(IngestError):
+        run([f"{server.url}/s.csv"], tmp_path / "ccub", workers=1)
+    assert all(server.hits[f"/img/{i}.png"] == 1 for i in range(10))
+    server.routes["/s.csv"] = (200, "text/csv", sheet(good))  # the data team fixed the sheet
+    summary = run([f"{server.url}/s.csv"], tmp_path / "ccub")
+    assert summary["added"] == 10 and all(server.hits[f"/img/{i}.png"] == 1 for i in range(10))
+    assert not (tmp_path / ".ccub.staging").exists()  # in data/ccub now, staging emptied
+
+
+def test_decoded_images_in_flight_stay_within_the_budget(server, tmp_path):
+    import threading
+
+    from scoft.captions import FallbackCaptioner
+
+    class Watching(FallbackCaptioner):
+        """Called while a worker holds its decoded image: counts how many are held at once."""
+        def __init__(self):
+            self.now, self.most, self.lock = 0, 0, threading.Lock()
+
+        def __call__(self, image, category):
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            threading.Event().wait(0.05)
+            with self.lock:
+                self.now -= 1
+            return super().__call__(image, category)
+
+    server.routes["/s.csv"] = (200, "text/csv", sheet([row(server, i) for i in range(16)]))
+    one_image = 40 * 40 * 8
+    watching = Watching()
+    run([f"{server.url}/s.csv"], tmp_path / "a", workers=8, captioner=watching, max_decoded_bytes=one_image)
+    assert watching.most == 1
+    watching = Watching()
+    run([f"{server.url}/s.csv"], tmp_path / "b", workers=8, captioner=watching, max_decoded_bytes=4 * one_image)
+    assert 1 < watching.most <= 4
+
+
+def test_credentials_in_urls_are_used_never_stored_or_shown(server, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    secret = "pa55-s3cret"
+    rows = [row(server, i, url=f"http://reader:{secret}@{server.url[7:]}/img/{i}.png") for i in range(8)]
+    rows.append(row(server, 99, url=f"http://reader:{secret}@{server.url[7:]}/img/missing.png"))
+    server.routes["/s.csv"] = (200, "text/csv", sheet(rows))
+    out = subprocess.run([sys.executable, "-m", "scoft.cli", "ingest", "--source",
+                          f"http://sheets:{secret}@{server.url[7:]}/s.csv", "--out", str(tmp_path / "ccub"),
+                          "--summary", str(tmp_path / "summary.json"), "--params", str(ROOT / "params.yaml")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "rejected" in out.stdout and "credentials" in out.stdout
+    stored = [(tmp_path / "summary.json").read_text(), (tmp_path / "ccub/manifest.jsonl").read_text()]
+    assert secret not in out.stdout + out.stderr and not any(secret in text for text in stored)
+    assert len(read_manifest(tmp_path / "ccub")) == 8  # fetched with them all the same
