@@ -7,8 +7,10 @@ record by id and file (or the culture or category). Data Docs (HTML) are built f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from PIL import Image  # noqa: E402
 
 from scoft.ccub import HELDOUT, Record  # noqa: E402
 from scoft.config import ValidateParams  # noqa: E402
-from scoft.io import atomic_dir, pixel_hash, sha256_json, write_json  # noqa: E402
+from scoft.io import atomic_dir, file_md5s, pixel_hash, sha256_json, write_json  # noqa: E402
 from scoft.render import html_text  # noqa: E402
 
 REQUIRED = [
@@ -81,9 +83,35 @@ def _image_facts(ccub_dir: Path, record: Record) -> dict:
         return {"decodes": False, "mode": None, "pixels_match_sha256": False}
 
 
-def _tables(records: list[Record], ccub_dir: Path) -> dict[str, pd.DataFrame]:
-    rows = [{**asdict(r), "aspect": r.width / max(r.height, 1), "caption_chars": len(r.caption),
-             **_image_facts(ccub_dir, r)} for r in records]
+def image_facts(records: list[Record], ccub_dir: Path, cache: Path | None = None) -> list[dict]:
+    """What each stored image is (decodes, mode, pixels match the record's sha256), read from the file
+    for new and changed records only: the facts of a file whose md5 (DVC's, see scoft.io.file_md5s) and
+    record sha256 were checked before are taken from `cache`, as those two hashes pin every fact.
+    Re-decoding every image was 84% of a one-row update's CPU at 10,000 records."""
+    md5s = file_md5s(ccub_dir) if cache is not None else {}
+    keys = [f"{md5s[r.file]}:{r.sha256}" if r.file in md5s else i for i, r in enumerate(records)]
+    known = _read_facts(cache)
+    todo = [i for i, key in enumerate(keys) if key not in known]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # decoding releases the GIL
+        for i, facts in zip(todo, pool.map(lambda i: _image_facts(ccub_dir, records[i]), todo)):
+            known[keys[i]] = facts
+    if cache is not None:
+        write_json(cache, {key: known[key] for key in keys if isinstance(key, str)})
+    return [known[key] for key in keys]
+
+
+def _read_facts(cache: Path | None) -> dict:
+    try:
+        facts = json.loads(cache.read_text(encoding="utf-8")) if cache is not None else {}
+        return facts if isinstance(facts, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no cache yet, or a damaged one: every image is read
+
+
+def _tables(records: list[Record], ccub_dir: Path, facts_cache: Path | None = None) -> dict[str, pd.DataFrame]:
+    facts = image_facts(records, ccub_dir, facts_cache)
+    rows = [{**asdict(r), "aspect": r.width / max(r.height, 1), "caption_chars": len(r.caption), **f}
+            for r, f in zip(records, facts)]
     manifest = pd.DataFrame(rows, columns=[*Record.__dataclass_fields__, "aspect", "caption_chars", "decodes", "mode",
                                            "pixels_match_sha256"])
 
@@ -129,13 +157,14 @@ def _failures(result, keys: list[str]) -> list[dict]:
 
 
 def validate_records(records: list[Record], params: ValidateParams, ccub_dir: str | Path,
-                     docs_dir: str | Path | None = None) -> dict:
+                     docs_dir: str | Path | None = None, facts_cache: Path | None = None) -> dict:
     """Run the suites; return a summary (success, statistics, counts, failures) and the raw results.
 
-    With docs_dir, Great Expectations writes its Data Docs site (index.html) there.
+    With docs_dir, Great Expectations writes its Data Docs site (index.html) there; with facts_cache,
+    only new and changed images are read (image_facts).
     """
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    tables = _tables(records, Path(ccub_dir))
+    tables = _tables(records, Path(ccub_dir), facts_cache)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     if docs_dir is not None:
@@ -187,9 +216,13 @@ def failure_message(summary: dict) -> str:
 
 def check_into(out_dir: str | Path, records: list[Record], params: ValidateParams, ccub_dir: str | Path) -> dict:
     """Validate and write out_dir whole (summary.json, gx_results.json, data_docs/) pass or fail:
-    auditors see the report of a failed run too. Returns the summary."""
+    auditors see the report of a failed run too. Returns the summary. The image facts of the checked
+    files are kept beside out_dir (`.validation.image-facts.json`, outside the DVC output, which DVC
+    removes before the stage runs) for the next run."""
+    out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        checked = validate_records(records, params, ccub_dir, docs_dir=tmp / "data_docs")
+        checked = validate_records(records, params, ccub_dir, docs_dir=tmp / "data_docs",
+                                   facts_cache=out_dir.parent / f".{out_dir.name}.image-facts.json")
         write_json(tmp / "summary.json", checked["summary"])
         write_json(tmp / "gx_results.json", checked["gx_results"])
         for culture in params.cultures:

@@ -93,3 +93,27 @@ def test_ccub_text_reaches_the_data_docs_escaped(records, params, ccub, tmp_path
     assert "&lt;img src=x onerror" in pages  # the bad category is shown to the auditor...
     assert "<script>alert(" not in pages and "<img src=x" not in pages  # ...as text, not as markup
     assert any(r["category"] == hostile[4].category for r in summary["per_category"])  # JSON keeps it as typed
+
+
+def test_a_second_validation_reads_only_changed_images(records, params, ccub, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ccub"
+    shutil.copytree(ccub, copy)
+    out = tmp_path / "validation"
+    assert check_into(out, records, params.validate_, copy)["success"]
+    cache = tmp_path / ".validation.image-facts.json"
+    facts = json.loads(cache.read_text())
+    assert len(facts) == 63 and all(f["pixels_match_sha256"] for f in facts.values())
+    # The next run takes unchanged files' facts from the cache (poisoned here to show it is read) ...
+    poisoned = next(key for key in facts if key.endswith(records[0].sha256))
+    facts[poisoned] = {"decodes": False, "mode": None, "pixels_match_sha256": False}
+    cache.write_text(json.dumps(facts))
+    summary = check_into(out, records, params.validate_, copy)
+    assert not summary["success"] and f"id={records[0].id}" in failure_message(summary)
+    # ... and reads a file whose bytes changed, whatever the cache says of its old bytes
+    cache.write_text(json.dumps({k: {"decodes": True, "mode": "RGB", "pixels_match_sha256": True} for k in facts}))
+    Image.new("RGB", (records[1].width, records[1].height), "white").save(copy / records[1].file)
+    summary = check_into(out, records, params.validate_, copy)
+    assert not summary["success"] and f"id={records[1].id}" in failure_message(summary)
+    assert f"id={records[0].id}" not in failure_message(summary)
