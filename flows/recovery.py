@@ -6,8 +6,8 @@ automations on the server that PREFECT_API_URL names (installing again replaces 
   for HEARTBEAT_TIMEOUT_S becomes Crashed (the gpu job templates send one every 30 s);
 - `scoft: retry crashed runs`: a crashed retrain or retrain-culture run is scheduled again, so the
   next free worker reruns it in the same workspace: DVC skips the stages that finished, training
-  resumes from its last checkpoint, and the workspace's DVC slot comes free when its lease (60 s)
-  runs out. A run that keeps crashing stops after orchestration.max_attempts starts (flows.retrain).
+  resumes from its last checkpoint, and the workspace's DVC slot is free as soon as the dead
+  run's processes are gone (tasks.dvc.workspace_slot). A run that keeps crashing stops after orchestration.max_attempts starts (flows.retrain).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import fcntl
+import json
+import logging
 import os
 import re
 import signal
@@ -11,14 +13,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
-from prefect import get_client, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import MissingContextError
 
 from scoft.config import load_params
 from scoft.paths import CONFIG_ERROR, DATA_REJECTED
@@ -48,6 +49,22 @@ class StageTimedOut(StageFailed):
 
 
 INTERRUPT_GRACE_S = 10  # after SIGINT, time for DVC to release its locks before SIGKILL
+
+
+# The DVC commands running now, by label: what `scoft run` stops and names when it is interrupted.
+RUNNING: dict[subprocess.Popen, str] = {}
+
+
+def stop_running_stages() -> list[str]:
+    """Stop every DVC command this process started (SIGINT, so that DVC releases its locks, then
+    SIGKILL); return their labels."""
+    stopping = dict(RUNNING)
+    threads = [threading.Thread(target=_stop, args=(proc,)) for proc in stopping]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return list(stopping.values())
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -87,67 +104,93 @@ class _Progress:
         self.shown = percent
 
 
-def workspace_lock(workdir: str) -> str:
-    """The Prefect global concurrency limit (one slot) that lets one DVC command at a time into a
-    workspace. Without it a second command either fails on DVC's locks or runs alongside the first,
-    both rewriting dvc.lock; with it, the second waits (visible in the UI's concurrency page)."""
-    place = f"{socket.gethostname()}:{Path(workdir).resolve()}"
-    name = "dvc-workspace-" + hashlib.sha256(place.encode()).hexdigest()[:12]
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:  # an operator may later raise or disable it in the UI: create it, never overwrite it
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:
-                pass
-    return name
+SLOT_FILE = Path(".dvc/tmp/scoft-slot.lock")
+SLOT_NOTICE_S = 2  # a wait longer than this is logged, so a silent run page has its reason
+SLOT_POLL_S = 0.5
 
 
 def dvc(args: list[str], workdir: str, label: str, timeout_s: float | None = None) -> list[str]:
     """Run a dvc command, one at a time per workspace, logging each line as it comes; raise with the
     last lines on failure."""
-    with _workspace_slot(workdir, label):
-        return _run_dvc(args, workdir, label, timeout_s)
+    with workspace_slot(workdir, label) as slot:
+        return _run_dvc(args, workdir, label, timeout_s, slot)
 
 
-SLOT_NOTICE_S = 2  # a wait longer than this is logged, so a silent run page has its reason
-# The slot's lease, renewed while the command runs: a flow process killed outright (SIGKILL, a lost
-# machine) frees the workspace within this, not Prefect's default 300 s. The server's minimum.
-SLOT_LEASE_S = 60
+def _logger():
+    try:
+        return get_run_logger()
+    except MissingContextError:  # outside a flow run (a bench, a test): the module's own logger
+        return logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _workspace_slot(workdir: str, label: str):
-    """Hold the workspace's DVC slot; when another DVC command holds it, say so in the run's log.
-    (A watcher thread, not a time-out on the acquisition: Prefect logs every timed-out acquisition
-    as an error.)"""
-    slot, logger, acquired = workspace_lock(workdir), get_run_logger(), threading.Event()
-
-    def notice():
-        if not acquired.wait(SLOT_NOTICE_S):
-            logger.info("%s: waiting for the workspace's DVC slot %s (another DVC command is running in %s; "
-                        "one at a time, see Concurrency in the UI)", label, slot, Path(workdir).resolve())
-
-    threading.Thread(target=notice, daemon=True).start()
+def workspace_slot(workdir: str, label: str):
+    """Hold the workspace's DVC slot: an exclusive lock (flock) on .dvc/tmp/scoft-slot.lock, which lets
+    one DVC command at a time into the workspace. Without it a second command either fails on DVC's
+    locks or runs alongside the first, both rewriting dvc.lock. The kernel releases the lock the
+    moment its holders are gone, however they end (SIGKILL, a lost server): the Prefect concurrency
+    limit it replaces leaked for good when a holder died under the temporary server, which never
+    expires leases, or across a server restart. The file says who holds it, for the waiting message.
+    Yields the lock's file descriptor, for the DVC command to inherit and hold with its holder."""
+    path = Path(workdir).resolve() / SLOT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        with concurrency(slot, occupy=1, strict=True, lease_duration=SLOT_LEASE_S):
-            acquired.set()
-            yield
+        waited, noticed = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not noticed and time.monotonic() - waited > SLOT_NOTICE_S:
+                    noticed = True
+                    _logger().info("%s: waiting for the workspace's DVC slot (another DVC command is running in "
+                                   "%s: %s)", label, Path(workdir).resolve(), _holder(path))
+                time.sleep(SLOT_POLL_S)
+        _claim(fd, label)
+        yield fd
     finally:
-        acquired.set()
+        os.close(fd)
 
 
-def _run_dvc(args: list[str], workdir: str, label: str, timeout_s: float | None) -> list[str]:
+def _claim(fd: int, label: str, command_pid: int | None = None) -> None:
+    run = os.environ.get("PREFECT__FLOW_RUN_ID")
+    with contextlib.suppress(Exception):
+        from prefect.runtime import flow_run
+
+        run = flow_run.id or run
+    holder = {"label": label, "pid": os.getpid(), "command_pid": command_pid, "host": socket.gethostname(),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "flow_run": run}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+
+def _holder(path: Path) -> str:
+    """Who holds the slot, and how to free it by hand."""
+    try:
+        h = json.loads(path.read_text(encoding="utf-8"))
+        pids = " ".join(str(p) for p in (h["command_pid"], h["pid"]) if p)
+        run = f", flow run {h['flow_run']}" if h.get("flow_run") else ""
+        return (f"{h['label']} holds it, process {pids} on {h['host']} since {h['since']}{run}. It comes free the "
+                f"moment those processes end, killed or not; to free it by hand, stop them (kill {pids})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"see {path}; it comes free the moment its holder's process ends"
+
+
+def _run_dvc(args: list[str], workdir: str, label: str, timeout_s: float | None, slot: int) -> list[str]:
     """The time limit is enforced here, not by Prefect: a Prefect timeout cannot interrupt a task
-    thread blocked on a pipe, and would leave a hung GPU stage running."""
-    logger = get_run_logger()
+    thread blocked on a pipe, and would leave a hung GPU stage running. The command inherits the
+    workspace slot's lock, so the slot stays taken while it runs, even if this process is killed."""
+    logger = _logger()
     progress = _Progress(label)
     tail: deque[str] = deque(maxlen=30)
     env = dvc_environment({"PYTHONUNBUFFERED": "1", "GX_ANALYTICS_ENABLED": "false"})
     # Its own process group, so that stopping it reaches the stage command under DVC's shell too.
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workdir, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, start_new_session=True,
+                            pass_fds=(slot,))
+    _claim(slot, label, proc.pid)
+    RUNNING[proc] = label
     timed_out = threading.Event()
     watchdog = threading.Timer(timeout_s or 0, lambda: (timed_out.set(), _stop(proc)))
     try:
@@ -164,6 +207,7 @@ def _run_dvc(args: list[str], workdir: str, label: str, timeout_s: float | None)
         watchdog.cancel()
         if proc.poll() is None:  # the flow is going down (cancelled, crashed): take the stage with it
             _stop(proc)
+        RUNNING.pop(proc, None)
         proc.stdout.close()
     if timed_out.is_set():
         raise StageTimedOut(f"`dvc {' '.join(args)}` ran past its {timeout_s:g} s limit and was stopped:\n"

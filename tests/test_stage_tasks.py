@@ -118,3 +118,35 @@ def test_the_deployments_pull_step_names_a_missing_scoft_workspace(tmp_path, mon
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     monkeypatch.chdir(ROOT)
     assert asyncio.run(run_steps(pull))["directory"] == str(tmp_path) and os.getcwd() == str(tmp_path)
+
+
+def test_the_dvc_slot_comes_free_the_moment_its_holder_is_killed(project, caplog):
+    """In every mode: no server is involved, so neither the temporary server (which never expired
+    Prefect's leases) nor a server restart can leak it."""
+    import logging
+    import threading
+
+    from tasks.dvc import workspace_slot
+    from tests.conftest import ROOT
+
+    hold = "import sys, time\nfrom tasks.dvc import workspace_slot\nwith workspace_slot(sys.argv[1], 'train@KOR'):\n" \
+           "    print('held', flush=True)\n    time.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(project)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        acquired = threading.Event()
+
+        def take():
+            with workspace_slot(str(project), "ingest"):
+                acquired.set()
+
+        with caplog.at_level(logging.INFO, logger="tasks.dvc"):
+            threading.Thread(target=take, daemon=True).start()
+            assert not acquired.wait(3)
+            holder.kill()  # SIGKILL: nothing of the holder runs any more, no clean-up of its own
+            holder.wait()
+            assert acquired.wait(5)
+    finally:
+        holder.kill()
+    waiting = [r.getMessage() for r in caplog.records if "waiting for the workspace's DVC slot" in r.getMessage()]
+    assert len(waiting) == 1 and "train@KOR holds it" in waiting[0] and f"kill {holder.pid}" in waiting[0]

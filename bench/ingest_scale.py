@@ -1,0 +1,157 @@
+"""What ingest and validate cost at CCUB's scale: a first ingest and a one-row update of N rows.
+
+A sheet of N synthetic 512x384 JPEG photos (each one distinct) is served over loopback HTTP, and a
+DVC workspace with this checkout's dvc.yaml runs `dvc repro validate` (ingest, then validate, then
+DVC hashing and caching the outputs) twice: first with every row new, then with one row added. For
+each run: wall time, CPU seconds of the whole process tree, and the peak resident memory of its
+largest process (ingest's own, in practice), read from wait4.
+
+    .venv/bin/python -m bench.ingest_scale --rows 300 3000 10000 [--workers 8]
+
+The photos are written to disk once per size before anything is timed (a cache folder reused across
+runs, --images); the server reads them from there, so its own CPU stays small and outside the
+measured tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CULTURES, CATEGORIES = ("KOR", "MEX", "NGA"), ("ARCH", "FOOD", "CLOTH")
+
+
+def photo(i: int) -> bytes:
+    """A distinct photo-like JPEG: smooth colour gradients with noise, seeded by its index."""
+    rng = np.random.default_rng(i)
+    y, x = np.mgrid[0:384, 0:512].astype(np.float32)
+    base = rng.uniform(0, 255, 3) + np.stack([x / 4, y / 3, (x + y) / 6], -1) * rng.uniform(-1, 1, 3)
+    pixels = np.clip(base + rng.normal(0, 12, (384, 512, 3)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def _write_photo(folder: Path, i: int) -> None:
+    path = folder / f"{i}.jpg"
+    if not path.is_file():
+        path.write_bytes(photo(i))
+
+
+def photos(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in range(n) if not (folder / f"{i}.jpg").is_file()]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(partial(_write_photo, folder), missing, chunksize=64))
+
+
+class Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def serve(folder: Path) -> tuple[ThreadingHTTPServer, str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def sheet(path: Path, url: str, n: int) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["country_code", "category_code", "url", "caption", "created_at"])
+        for i in range(n):
+            writer.writerow([CULTURES[i % 3], CATEGORIES[(i // 3) % 3], f"{url}/{i}.jpg",
+                             f"community photo number {i} of a traditional scene", "2026-01-01T00:00:00Z"])
+
+
+def workspace(folder: Path, source: Path, workers: int, code: Path) -> Path:
+    """A DVC workspace whose `scoft` is the one in `code` (this checkout, or a baseline's)."""
+    folder.mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
+    shutil.copytree(code / "scoft", folder / "scoft", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["ingest"].update(sources=[str(source)], workers=workers)
+    params["validate"]["cultures"] = list(CULTURES)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["init", "--no-scm", "-q"], ["config", "core.analytics", "false"]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=folder, check=True, capture_output=True)
+    return folder
+
+
+def measured(cmd: list[str], cwd: Path) -> dict:
+    """Wall seconds, CPU seconds (user + system, the process and every child it waited for) and
+    peak RSS in MB of the largest process in the tree."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               GX_ANALYTICS_ENABLED="false", PYTHONPATH=str(cwd))  # the workspace's scoft
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.decode(errors='replace')[-3000:]}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_mb": usage.ru_maxrss / 1024,
+            "log": out.decode(errors="replace")}
+
+
+def stage_seconds(log: str) -> str:
+    ran = [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")]
+    return "+".join(ran)
+
+
+def bench(n: int, images: Path, workers: int, code: Path) -> list[dict]:
+    photos(images, n + 1)
+    httpd, url = serve(images)
+    folder = Path(tempfile.mkdtemp(prefix="scoft-ingest-scale-"))
+    try:
+        ws = workspace(folder / "ws", folder / "sheet.csv", workers, code)
+        sheet(folder / "sheet.csv", url, n)
+        first = measured([sys.executable, "-m", "dvc", "repro", "validate"], ws)
+        sheet(folder / "sheet.csv", url, n + 1)
+        update = measured([sys.executable, "-m", "dvc", "repro", "validate"], ws)
+        alone = measured([sys.executable, "-m", "scoft.cli", "ingest", "--out", "data/ccub", "--summary",
+                          str(folder / "again.json")], ws)
+    finally:
+        httpd.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+    return [dict(rows=n, run="first ingest + validate", **first), dict(rows=n, run="+1 row", **update),
+            dict(rows=n, run="unchanged ingest alone", **alone)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[300, 3000, 10000])
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--code", type=Path, default=ROOT, help="a checkout whose scoft/ runs (a baseline's)")
+    parser.add_argument("--images", type=Path, default=Path(tempfile.gettempdir()) / "scoft-bench-photos")
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs; ingest.workers {args.workers}; 512x384 JPEG photos over loopback; "
+          f"code: {args.code}", flush=True)
+    print("| rows | run | stages | wall s | CPU s | peak RSS MB |\n|---|---|---|---|---|---|", flush=True)
+    for n in args.rows:
+        for r in bench(n, args.images, args.workers, args.code):
+            print(f"| {r['rows']} | {r['run']} | {stage_seconds(r['log']) or 'scoft ingest'} | {r['wall_s']:.1f} | "
+                  f"{r['cpu_s']:.1f} | {r['peak_mb']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
