@@ -7,7 +7,8 @@ automations on the server that PREFECT_API_URL names (installing again replaces 
 - `scoft: retry crashed runs`: a crashed retrain or retrain-culture run is scheduled again, so the
   next free worker reruns it in the same workspace: DVC skips the stages that finished, training
   resumes from its last checkpoint, and the workspace's DVC slot is free as soon as the dead
-  run's processes are gone (tasks.dvc.workspace_slot). A run that keeps crashing stops after orchestration.max_attempts starts (flows.retrain).
+  run's processes are gone (tasks.dvc.workspace_slot). A run that keeps crashing stops after
+  orchestration.max_attempts starts (flows.retrain).
 """
 
 from __future__ import annotations

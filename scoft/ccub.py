@@ -21,8 +21,20 @@ from PIL import Image
 
 from scoft.config import redact_credentials
 from scoft.fetch import FetchError, FetchPolicy
-from scoft.io import (BadImage, DecodeBudget, atomic_dir, atomic_write_bytes, decode_rgb, decoded_bytes, dvc_dir_hash,
-                      pixel_hash, read_jsonl, recover_swap, write_json, write_jsonl)
+from scoft.io import (
+    BadImage,
+    DecodeBudget,
+    atomic_dir,
+    atomic_write_bytes,
+    decode_rgb,
+    decoded_bytes,
+    dvc_dir_hash,
+    pixel_hash,
+    read_jsonl,
+    recover_swap,
+    write_json,
+    write_jsonl,
+)
 from scoft.sources import SourceRow, read_sources, rejection
 
 MANIFEST = "manifest.jsonl"

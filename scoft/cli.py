@@ -365,9 +365,19 @@ def run(
         help="Train on this CCUB version (a DVC hash, as `scoft ingest --json` and `ccub.updated` give it) "
              "pulled from the DVC remote, instead of ingesting from the sources.")] = None,
     params: ParamsOpt = Path("params.yaml"),
+    in_process: Annotated[bool, typer.Option(hidden=True, help="Run the flow here (what the supervisor starts).")]
+    = False,
 ):
-    """Run the retrain flow (ingest, validate, negatives, train, evaluate, lineage) through Prefect."""
-    _params(params)  # fail on a bad value before Prefect starts
+    """Run the retrain flow (ingest, validate, negatives, train, evaluate, lineage) through Prefect.
+    Ctrl-C or SIGTERM stop it and everything it started within seconds, saying what was left; so does
+    a Prefect API that stops answering (orchestration.api_lost_after_s)."""
+    p = _params(params)  # fail on a bad value before Prefect starts
+    if not in_process:
+        from flows.supervise import run_supervised
+
+        child = ["run", "--in-process", "--params", str(params), *(["--ccub-version", ccub_version] if ccub_version
+                                                                    else [])]
+        raise typer.Exit(run_supervised(child, Path("."), p.orchestration.api_lost_after_s, _say))
     from flows.retrain import retrain
 
     result = retrain(ccub_version=ccub_version)

@@ -278,6 +278,8 @@ class OrchestrationParams(_Section):
     # A retrain run started this many times (its retries and `scoft recovery`'s restarts after crashes
     # together) fails at its next start instead of running: a run that crashes every time stops.
     max_attempts: int = Field(4, ge=1)
+    # `scoft run` ends the run (exit 1) when the Prefect API has not answered for this long
+    api_lost_after_s: float = Field(30, gt=0, le=3600)
 
 
 class PromotionParams(_Section):

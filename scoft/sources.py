@@ -156,7 +156,8 @@ class _Builder:
                 fetch, clean = (lambda u=url: fetch_http(u, self.policy)), redact_credentials(url)
                 if clean != url:
                     self.credentials.append(ref)
-                    url, raw = clean, {**raw, **{k: redact_credentials(v) for k, v in raw.items() if isinstance(v, str)}}
+                    raw = {k: redact_credentials(v) if isinstance(v, str) else v for k, v in raw.items()}
+                    url = clean
                 location, etag = url, None
             else:
                 return self.out.reject(ref, raw, "neither url nor file_name given")

@@ -210,7 +210,8 @@ def test_a_download_has_a_total_deadline(server, tmp_path):
 def test_fetching_stops_once_too_many_rows_are_rejected(server, tmp_path):
     for i in range(30):
         server.routes[f"/img/hung{i}.png"] = ("slow", 2)
-    rows = [row(server, i, url=f"{server.url}/img/hung{i}.png") for i in range(30)] + [row(server, i) for i in range(10)]
+    rows = [row(server, i, url=f"{server.url}/img/hung{i}.png") for i in range(30)]
+    rows += [row(server, i) for i in range(10)]
     server.routes["/s.csv"] = (200, "text/csv", sheet(rows))
     with pytest.raises(IngestError) as err:
         run([f"{server.url}/s.csv"], tmp_path / "ccub", workers=2)

@@ -1,0 +1,164 @@
+"""`scoft run` in the foreground, supervised: Ctrl-C, SIGTERM or a lost Prefect API end the run and
+everything it started within seconds, with one line saying what was left.
+
+The retrain flow runs in a child process, in a session of its own; this process only watches. Run in
+one process, a Ctrl-C reached Prefect's temporary server first (the terminal signals the whole
+foreground group), and the flow then retried the dead API for good, deaf to a second Ctrl-C and to
+SIGTERM (Prefect swaps in its own SIGTERM handler while a flow runs). From outside, the flow process
+and its DVC commands (each in a session of its own, tasks/dvc.py) can always be stopped: DVC first
+gets SIGINT, so that it releases its locks, then everything left gets SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from scoft.paths import JOINT, LORA_DIR
+
+CHECKPOINTS = "checkpoints"  # scoft.train.CHECKPOINTS, not imported: it would load torch here
+GRACE_S = 10  # for the flow process to report its end and for DVC to release its locks
+HEALTH_POLL_S = 2
+
+
+def run_supervised(child_args: list[str], workdir: Path, api_lost_after_s: float, say) -> int:
+    """Run `scoft <child_args>` (the flow, in this process's place) and return its exit status, or
+    130 / 143 after SIGINT / SIGTERM, or 1 when the Prefect API stopped answering."""
+    stop_reason: list[tuple[str, int]] = []
+    woken = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop_reason:  # a second Ctrl-C while stopping: the operator means now
+            os._exit(128 + signum)
+        stop_reason.append((f"{signal.Signals(signum).name} received", 128 + signum))
+        woken.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    server, env = None, dict(os.environ)
+    try:
+        if not _configured_api_url():
+            server = _temporary_server()
+            env["PREFECT_API_URL"] = server.api_url
+        api = env.get("PREFECT_API_URL") or _configured_api_url()
+        child = subprocess.Popen([sys.executable, "-m", "scoft.cli", *child_args], env=env, start_new_session=True)
+        health = _Health(api, server, api_lost_after_s)
+        while child.poll() is None and not stop_reason:
+            woken.wait(HEALTH_POLL_S)
+            if (lost := health.lost()) and not stop_reason:
+                stop_reason.append((lost, 1))
+        if not stop_reason:
+            return child.returncode
+        reason, status = stop_reason[0]
+        say(f"scoft run: {reason}; {_stop_tree(child, workdir)}")
+        return status
+    finally:
+        if server is not None:
+            server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _configured_api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or ""
+
+
+def _temporary_server():
+    """Prefect's temporary server, started here so that this process can stop it last."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server
+
+
+class _Health:
+    """Whether the Prefect API still answers: the temporary server's process is alive and /health says
+    so at least once every `after_s` seconds."""
+
+    def __init__(self, api_url: str, server, after_s: float):
+        self.api_url, self.server, self.after_s = api_url.rstrip("/"), server, after_s
+        self.last_ok = time.monotonic()
+
+    def lost(self) -> str | None:
+        if self.server is not None and self.server.server_process is not None \
+                and self.server.server_process.poll() is not None:
+            return f"the temporary Prefect server ({self.api_url}) exited with {self.server.server_process.returncode}"
+        try:
+            ok = httpx.get(f"{self.api_url}/health", timeout=HEALTH_POLL_S).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        now = time.monotonic()
+        if ok:
+            self.last_ok = now
+        elif now - self.last_ok > self.after_s:
+            return (f"the Prefect API at {self.api_url} has not answered for {now - self.last_ok:.0f} s "
+                    "(orchestration.api_lost_after_s)")
+        return None
+
+
+def _stop_tree(child: subprocess.Popen, workdir: Path) -> str:
+    """Stop the flow process and every process under it (its DVC commands run in sessions of their
+    own); say which stages were stopped and where a retry resumes."""
+    try:
+        tree = psutil.Process(child.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    stages = {}
+    for proc in tree:
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            continue
+        if "dvc" in cmdline and "repro" in cmdline:
+            stages[proc] = cmdline[-1]
+            _signal_group(proc.pid, signal.SIGINT)  # DVC releases its locks on SIGINT
+    _signal(child.pid, signal.SIGTERM)  # Prefect marks its run crashed, if its API still answers
+    everything = [*tree, psutil.Process(child.pid)] if psutil.pid_exists(child.pid) else tree
+    _, alive = psutil.wait_procs(everything, timeout=GRACE_S)
+    for proc in alive:
+        _signal(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=GRACE_S)
+    with_descendants = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for proc in with_descendants:  # what a stage command started under DVC's shell
+        _signal(proc.pid, signal.SIGKILL)
+    child.wait()
+    if not stages:
+        return "no stage was running; nothing is left running"
+    return "stopped " + "; ".join(_left(stage, workdir) for stage in stages.values()) + "; nothing is left running"
+
+
+def _left(stage: str, workdir: Path) -> str:
+    """What a stopped stage leaves to the next `scoft run`."""
+    if stage.startswith("train"):
+        folder = workdir / LORA_DIR / (stage.partition("@")[2] or JOINT) / CHECKPOINTS
+        saved = sorted(folder.rglob("step-*.pt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        if saved:
+            return f"stage {stage}, whose next run resumes from its checkpoint {saved[-1].relative_to(workdir)}"
+        return f"stage {stage}, before its first checkpoint: its next run starts it again"
+    if stage == "ingest":
+        return "stage ingest: the images it wrote are kept (data/.ccub.staging) and not fetched again"
+    return f"stage {stage}: its next run does it again"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        _signal(pid, sig)
