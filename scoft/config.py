@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -329,11 +330,19 @@ class Params(_Section):
         return {"steps": s.steps, "guidance_scale": s.guidance_scale, "resolution": self.model.resolution}
 
 
+SHOWN_ERRORS = 20
+# A value is echoed in a bounded form: the whole repr of a YAML alias bomb was a 53 MB message.
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxdict, _ECHO.maxlist, _ECHO.maxstring, _ECHO.maxlong, _ECHO.maxother = 2, 4, 4, 80, 40, 80
+
+
 def _describe(err: ValidationError, path: Path) -> str:
     lines = [f"{path}: {err.error_count()} bad value(s)"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        lines.append(redact_credentials(f"  {key}: {e['msg']} (got {e.get('input')!r})"))
+    for e in err.errors()[:SHOWN_ERRORS]:
+        key = ".".join(str(p) for p in e["loc"])[:200]
+        lines.append(redact_credentials(f"  {key}: {e['msg'][:300]} (got {_ECHO.repr(e.get('input'))})"))
+    if err.error_count() > SHOWN_ERRORS:
+        lines.append(f"  ... and {err.error_count() - SHOWN_ERRORS} more")
     return "\n".join(lines)
 
 
@@ -346,7 +355,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {str(e)[:500]}") from e
+    except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4,300 digits
+        raise ConfigError(f"{path}: a value cannot be read: {str(e)[:300]}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     try:

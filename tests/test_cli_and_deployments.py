@@ -91,6 +91,23 @@ def test_a_params_file_that_is_not_utf8_exits_2(tmp_path):
     assert out.returncode == 2 and "not UTF-8 text" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("name,edit", [
+    ("alias bomb", lambda text: "\n".join(["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]) + "\n"
+        + text.replace("sources: [data/sample]", "sources: *a9")),
+    ("5,000-digit integer", lambda text: text.replace("seed: 0 ", "seed: " + "9" * 5000 + " ")),
+])
+def test_a_monstrous_value_gets_a_short_message_and_exit_2(tmp_path, name, edit):
+    from tests.helpers import scoft_here
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text(edit((ROOT / "params.yaml").read_text()))
+    out = scoft_here("validate", "--params", str(bad), cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr) < 5000, (name, len(out.stderr))
+    assert ("ingest.sources.0: Input should be a valid string" if name == "alias bomb" else
+            "a value cannot be read") in out.stderr
+
+
 def test_credentials_in_a_url_are_refused_and_never_printed(tmp_path):
     params = _params_with(tmp_path, "remote", "url", "s3://bucket/prefix")
     out = scoft("remote", "--endpoint-url", "http://AKIDKEY:s3cr3t-value@127.0.0.1:9000", "--params", str(params),
