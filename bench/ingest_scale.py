@@ -86,9 +86,9 @@ def sheet(path: Path, url: str, n: int) -> None:
 def workspace(folder: Path, source: Path, workers: int, code: Path) -> Path:
     """A DVC workspace whose `scoft` is the one in `code` (this checkout, or a baseline's)."""
     folder.mkdir(parents=True)
-    shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
+    shutil.copy(code / "dvc.yaml", folder / "dvc.yaml")
     shutil.copytree(code / "scoft", folder / "scoft", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((code / "params.yaml").read_text())
     params["ingest"].update(sources=[str(source)], workers=workers)
     params["validate"]["cultures"] = list(CULTURES)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
