@@ -514,6 +514,10 @@ def _one_line_failure(error: BaseException) -> tuple[str, int] | None:
         return str(error), CONFIG_ERROR
     if isinstance(error, HubUnreachable):
         return str(error), 1
+    from scoft.registry import RegistryError
+
+    if isinstance(error, RegistryError):  # a damaged registry file, a production LoRA not matching its hash
+        return str(error), 1
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         import shutil
 
@@ -549,19 +553,33 @@ def _registry_summary(culture: str) -> dict:
 @models_app.command("list")
 def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
                 params: ParamsOpt = Path("params.yaml")):
-    """Each configured culture's production LoRA (or none) and its latest registry event."""
+    """Each configured culture's production LoRA (or none) and its latest registry event. A damaged
+    registry file is named on its culture's line (exit 1 at the end); the other cultures are listed."""
     p = _params(params)
     from scoft import registry
+    from scoft.text import visible
 
-    rows = [_registry_summary(c) for c in sorted(set(p.validate_.cultures) | set(registry.cultures(Path("."))))]
+    rows, damaged = [], []
+    for culture in sorted(set(p.validate_.cultures) | set(registry.cultures(Path(".")))):
+        try:
+            rows.append(_registry_summary(culture))
+        except registry.RegistryError as e:
+            damaged.append(culture)
+            rows.append({"culture": culture, "error": str(e)})
     if as_json:
         _say(json.dumps(rows, indent=2))
-        return
-    for row in rows:
+    for row in [] if as_json else rows:
+        if "error" in row:
+            _say(f"{row['culture']}: {visible(row['error'])}")
+            continue
         current, last = row["production"], row["last_event"]
-        shown = "none" if current is None else f"{current['lora_sha256'][:12]} since {current['at']} ({current['by']})"
-        latest = "" if last is None else f"; last event: {last['action']} {last['lora_sha256'][:12]}: {last['reason']}"
+        shown = "none" if current is None else (f"{current['lora_sha256'][:12]} since {visible(current['at'], 40)} "
+                                                f"({visible(current['by'], 80)})")
+        latest = "" if last is None else (f"; last event: {visible(last['action'], 20)} {last['lora_sha256'][:12]}: "
+                                          f"{visible(last['reason'], 200)}")
         _say(f"{row['culture']}: production {shown}{latest}")
+    if damaged:
+        raise typer.Exit(1)
 
 
 @models_app.command("show")
@@ -570,7 +588,43 @@ def models_show(culture: str, params: ParamsOpt = Path("params.yaml")):
     _params(params)
     from scoft import registry
 
-    _say(json.dumps(registry.read(Path("."), culture), indent=2))
+    try:
+        _say(json.dumps(registry.read(Path("."), culture), indent=2))  # JSON escapes every control character
+    except registry.RegistryError as e:
+        _fail(str(e))
+
+
+LINEAGE_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+def _candidate_of(culture: str, key: str, p) -> dict:
+    """The lineage record `key` of `culture`, whose LoRA is still the one it records; else a one-line
+    failure: a culture not configured, a key that is not a record's name, a record of another culture."""
+    import re
+
+    from scoft.io import sha256_file
+    from scoft.lineage import LINEAGE_DIR
+    from scoft.paths import LORA_DIR
+
+    if culture not in p.validate_.cultures:
+        _fail(f"{culture!r} is not a configured culture (validate.cultures: {', '.join(p.validate_.cultures)})")
+    if not re.match(LINEAGE_KEY, key):
+        _fail(f"{key!r} is not a lineage record's key (letters, digits, '.', '_', '-'; see `scoft lineage show`)")
+    path = LINEAGE_DIR / f"{key}.json"
+    if not path.is_file():
+        _fail(f"no lineage record {path}")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        lora, digest = Path(record["lora"]["path"]), record["lora"]["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        _fail(f"{path}: not a lineage record ({type(e).__name__})")
+    if record.get("culture") != culture:
+        _fail(f"lineage record {key} is of culture {str(record.get('culture'))[:20]!r}, not {culture!r}")
+    if lora.is_absolute() or not lora.resolve().is_relative_to(LORA_DIR.resolve()):
+        _fail(f"lineage record {key}: its LoRA {str(lora)[:200]!r} is not under {LORA_DIR}/")
+    if not lora.is_file() or sha256_file(lora) != digest:
+        _fail(f"{lora}: not the LoRA of record {key} any more (retrained since): nothing promoted")
+    return record
 
 
 @models_app.command("promote")
@@ -579,27 +633,22 @@ def models_promote(culture: str,
                    reason: Annotated[str, typer.Option(help="Why, for the history.")],
                    by: Annotated[str, typer.Option(help="Who decides.")] = os.environ.get("USER", "operator"),
                    params: ParamsOpt = Path("params.yaml")):
-    """Make the LoRA of a lineage record the culture's production model, whatever the rules said."""
-    _params(params)
+    """Make the LoRA of a lineage record the culture's production model, whatever the rules said. The
+    decision recorded names the person, the reason and the evaluation the record holds."""
+    p = _params(params)
     from scoft import registry
-    from scoft.io import sha256_file
-    from scoft.lineage import LINEAGE_DIR
     from scoft.registry import RegistryError
 
-    path = LINEAGE_DIR / f"{key}.json"
-    if not path.is_file():
-        _fail(f"no lineage record {path}")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("culture") != culture:
-        _fail(f"lineage record {key} is of culture {record.get('culture')!r}, not {culture!r}")
+    record = _candidate_of(culture, key, p)
     lora = Path(record["lora"]["path"])
-    if not lora.is_file() or sha256_file(lora) != record["lora"]["sha256"]:
-        _fail(f"{lora}: not the LoRA of record {key} any more (retrained since): nothing promoted")
+    decision = {"promote": True, "manual": True, "by": by, "reason": reason, "lora_sha256": record["lora"]["sha256"],
+                "lineage": key, "lora_dir": str(lora.parent), "metrics": record.get("metrics")}
     try:
-        registry.promote(Path("."), culture, lora.parent, key, by=by, reason=reason)
+        with registry.transaction(Path("."), culture):  # the pointer and its tracking, whole or not at all
+            registry.promote(Path("."), culture, lora.parent, key, by=by, reason=reason, decision=decision)
+            _track_registry()
     except RegistryError as e:
         _fail(str(e))
-    _track_registry()
     _say(f"{culture}: production is now {record['lora']['sha256'][:12]} (lineage {key})")
 
 
@@ -607,27 +656,35 @@ def models_promote(culture: str,
 def models_rollback(culture: str, reason: Annotated[str, typer.Option(help="Why, for the history.")] = "rollback",
                     by: Annotated[str, typer.Option(help="Who decides.")] = os.environ.get("USER", "operator"),
                     params: ParamsOpt = Path("params.yaml")):
-    """Production goes back to the culture's previous production LoRA."""
-    _params(params)
+    """Production goes back to the LoRA that was production before the current one."""
+    p = _params(params)
     from scoft import registry
     from scoft.registry import RegistryError
 
+    if culture not in p.validate_.cultures:
+        _fail(f"{culture!r} is not a configured culture (validate.cultures: {', '.join(p.validate_.cultures)})")
     try:
-        entry = registry.rollback(Path("."), culture, by=by, reason=reason)
+        with registry.transaction(Path("."), culture):
+            entry = registry.rollback(Path("."), culture, by=by, reason=reason)
+            _track_registry()
     except RegistryError as e:
         _fail(str(e))
-    _track_registry()
     _say(f"{culture}: production rolled back to {entry['production']['lora_sha256'][:12]}")
 
 
 def _track_registry() -> None:
-    """`dvc add` the registry's LoRAs where this is a DVC workspace, so `dvc push` sends them."""
+    """`dvc add` the registry's LoRAs where this is a DVC workspace, so `dvc push` sends them; a failure
+    is a RegistryError (the transaction then puts the registry file back)."""
     import subprocess
 
-    from scoft.registry import LORAS_DIR
+    from scoft.registry import LORAS_DIR, RegistryError
 
     if Path(".dvc").is_dir() and LORAS_DIR.is_dir():
-        subprocess.run([sys.executable, "-m", "dvc", "add", "-q", str(LORAS_DIR)], check=True)
+        out = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", str(LORAS_DIR)], capture_output=True,
+                             text=True)
+        if out.returncode:
+            tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise RegistryError(f"`dvc add {LORAS_DIR}` failed ({tail[0][:300]}): the registry is as it was")
 
 
 if __name__ == "__main__":  # last: every command above is registered before it runs

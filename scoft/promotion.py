@@ -23,6 +23,7 @@ from scoft.io import sha256_file, sha256_json, write_json
 from scoft.paths import CCUB_DIR, LORA_FILE, PROMOTION_DIR, culture_paths
 from scoft.render import markdown_text
 from scoft.stats import holm, sign_flip_p, sign_flip_units, smallest_p
+from scoft.text import visible
 
 CANDIDATE = "scoft"  # the evaluate stage's name for the culture's new LoRA
 
@@ -245,13 +246,17 @@ def production_distances(root: Path, culture: str, params: Params, production: d
         return None  # the rule then says it cannot be judged: `dvc pull registry/loras.dvc` brings it
     from scoft.evaluate import prompt_distances
 
-    return prompt_distances(params, root / production["lora_dir"], root / CCUB_DIR, culture)
+    # loaded through the registry, which refuses a LoRA that is not the one it recorded
+    return prompt_distances(params, registry.production_lora(root, culture), root / CCUB_DIR, culture)
 
 
 def with_review(decision: dict, approve: bool | None, reviewer: str, comment: str) -> dict:
     """The decision after a reviewer's answer (`approve` None: none came in time). The rules' verdict
     stands in `rules`; `promote` is the outcome: every rule passed and the reviewer approved."""
-    review = {"approve": approve, "reviewer": reviewer, "comment": comment}
+    # typed in the Prefect UI's form: kept whole in meaning, bounded and with controls made visible, so
+    # that recording it cannot fail after the decision (the registry refuses the raw forms)
+    review = {"approve": approve, "reviewer": visible(reviewer, registry.MAX_BY - 40),
+              "comment": visible(comment, registry.MAX_REASON - 40)}
     return {**decision, "promote": bool(decision["promote"] and approve), "review": review}
 
 

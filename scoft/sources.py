@@ -11,7 +11,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from urllib.parse import urlparse
 
 from scoft.config import is_alpha3, redact_credentials
 from scoft.fetch import FetchError, FetchPolicy, check_url, fetch_http, fetch_local, fetch_s3, split_s3_uri
+from scoft.text import first_control
 
 # Accepted column names, first the CCUB sheet's, then the SCoFT imagefolder's.
 ALIASES = {
@@ -101,16 +101,12 @@ def _has_bad_text(raw: dict) -> bool:
     return any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in raw.values())
 
 
-# C0/C1 controls (NUL among them) other than tab and line breaks, and the bidirectional embeddings,
-# overrides and isolates that reorder how the rest of a line is displayed ("Trojan Source").
-# Rows holding one are rejected, not stripped: the sheet's author should see and fix the text.
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
 def _control_character(raw: dict) -> str | None:
+    """Rows holding a control character (scoft.text) are rejected, not stripped: the sheet's author
+    should see and fix the text."""
     for key, value in raw.items():
-        if isinstance(value, str) and (m := _CONTROL.search(value)):
-            return f"{key} holds control character U+{ord(m[0]):04X} at position {m.start()}"
+        if isinstance(value, str) and (where := first_control(value)):
+            return f"{key} holds {where}"
     return None
 
 

@@ -129,7 +129,7 @@ def _lora(folder, payload: bytes):
 def test_registry_keeps_production_history_and_rolls_back(tmp_path):
     first = registry.promote(tmp_path, "KOR", _lora(tmp_path / "a", b"lora one"), "rec1", by="rules", reason="r1")
     assert registry.production_lora(tmp_path, "KOR").joinpath(LORA_FILE).read_bytes() == b"lora one"
-    with pytest.raises(registry.RegistryError, match="no other LoRA"):
+    with pytest.raises(registry.RegistryError, match="no earlier LoRA"):
         registry.rollback(tmp_path, "KOR", by="ops", reason="x")
     registry.reject(tmp_path, "KOR", "feed", "rec2", by="rules", reason="failed: memorisation")
     assert registry.read(tmp_path, "KOR")["production"] == first["production"]  # a rejection changes nothing
@@ -319,3 +319,133 @@ def test_a_rejected_model_and_a_failed_retrain_reach_the_webhook(prefect_server,
         failed = _posted(receiver, "retrain failed")
         assert failed["flow_run_id"] == str(failed_state.state_details.flow_run_id)
         assert all(path == "/hook" for path, _ in receiver.posted)
+
+
+def test_rollback_walks_back_through_productions_history(tmp_path):
+    for name in ("A", "B", "C"):
+        registry.promote(tmp_path, "KOR", _lora(tmp_path / name, name.encode()), f"rec{name}", by="rules", reason=name)
+    now = lambda: registry.production_lora(tmp_path, "KOR").joinpath(LORA_FILE).read_bytes()  # noqa: E731
+    registry.rollback(tmp_path, "KOR", by="ops", reason="one back")
+    assert now() == b"B"
+    registry.rollback(tmp_path, "KOR", by="ops", reason="two back")
+    assert now() == b"A"  # not C again
+    with pytest.raises(registry.RegistryError, match="no earlier LoRA"):
+        registry.rollback(tmp_path, "KOR", by="ops", reason="three back")
+
+
+def test_concurrent_promotions_keep_every_history_entry(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    _lora(tmp_path / "a", b"one")
+    _lora(tmp_path / "b", b"two")
+    loop = ("import sys\nfrom pathlib import Path\nfrom scoft import registry\nfor i in range(40):\n"
+            "    registry.promote(Path(sys.argv[1]), 'KOR', Path(sys.argv[2]), f'rec{i}',"
+            " by=sys.argv[3], reason='r')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", loop, str(tmp_path), str(tmp_path / lora), lora], cwd=ROOT)
+             for lora in ("a", "b")]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    history = registry.read(tmp_path, "KOR")["history"]
+    assert len(history) == 80 and sorted({e["by"] for e in history}) == ["a", "b"]
+
+
+def test_a_production_lora_that_is_not_the_registrys_is_never_loaded(tmp_path):
+    registry.promote(tmp_path, "KOR", _lora(tmp_path / "a", b"kor"), "rec1", by="rules", reason="r")
+    registry.promote(tmp_path, "NGA", _lora(tmp_path / "b", b"nga"), "rec2", by="rules", reason="r")
+    kor = registry.production_lora(tmp_path, "KOR")
+    (kor / LORA_FILE).write_bytes(b"nga")  # another culture's LoRA swapped into the folder
+    with pytest.raises(registry.RegistryError, match="refusing to load it"):
+        registry.production_lora(tmp_path, "KOR")
+    entry = json.loads((tmp_path / "registry/NGA.json").read_text())
+    entry["production"]["lora_dir"] = "models/lora/NGA"  # pointed outside registry/loras by hand
+    (tmp_path / "registry/NGA.json").write_text(json.dumps(entry))
+    with pytest.raises(registry.RegistryError, match="outside registry/loras/NGA"):
+        registry.production_lora(tmp_path, "NGA")
+
+
+def test_generate_refuses_a_swapped_production_lora_in_one_line(workspace):
+    from tests.helpers import scoft_here
+
+    registry.promote(workspace, "KOR", _lora(workspace / "a", b"kor"), "rec1", by="rules", reason="r")
+    (registry.production_lora(workspace, "KOR") / LORA_FILE).write_bytes(b"swapped")
+    out = scoft_here("generate", "--prompt", "a house", "--culture", "KOR", "--out", "x.png", cwd=workspace)
+    assert out.returncode == 1 and "refusing to load it" in out.stderr and not (workspace / "x.png").exists()
+
+
+def test_models_promote_takes_only_a_configured_culture_and_a_lineage_record(workspace):
+    from tests.helpers import scoft_here
+
+    evil = workspace.parent / "evil"
+    (evil / "rec").mkdir(parents=True)
+    (evil / "rec.json").write_text(json.dumps({"culture": "KOR", "lora": {"path": "/etc/hostname", "sha256": "0"}}))
+    out = scoft_here("models", "promote", "KOR", "../../../evil/rec", "--reason", "x", cwd=workspace)
+    assert out.returncode == 1 and "is not a lineage record's key" in out.stderr
+    out = scoft_here("models", "promote", "../../../evil/out", "key", "--reason", "x", cwd=workspace)
+    assert out.returncode == 1 and "is not a configured culture" in out.stderr
+    (workspace / "lineage").mkdir()
+    (workspace / "lineage/outside.json").write_text(json.dumps(
+        {"culture": "KOR", "lora": {"path": "/etc/hostname", "sha256": sha256_file("/etc/hostname")}}))
+    out = scoft_here("models", "promote", "KOR", "outside", "--reason", "x", cwd=workspace)
+    assert out.returncode == 1 and "is not under models/lora/" in out.stderr
+    assert not (workspace / "registry").exists() and sorted(p.name for p in evil.iterdir()) == ["rec", "rec.json"]
+
+
+def test_a_damaged_registry_file_is_named_and_the_other_cultures_listed(workspace):
+    from tests.helpers import scoft_here
+
+    registry.promote(workspace, "NGA", _lora(workspace / "b", b"nga"), "rec2", by="rules", reason="fine")
+    (workspace / "registry/KOR.json").write_text('{"culture": "KOR", "history": [')  # truncated
+    out = scoft_here("models", "list", cwd=workspace)
+    assert out.returncode == 1
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    assert lines["KOR"].startswith(f"{workspace / 'registry/KOR.json'}: damaged, not JSON") or \
+        lines["KOR"].startswith("registry/KOR.json: damaged, not JSON"), out.stdout
+    assert lines["NGA"].startswith("production ") and "Traceback" not in out.stderr
+
+
+def test_reasons_are_bounded_and_terminal_controls_refused_or_shown_escaped(workspace):
+    from scoft.promotion import with_review
+    from tests.helpers import scoft_here
+
+    lora = _lora(workspace / "a", b"kor")
+    for reason, problem in [("x" * 1_600_000, "more than the 2000 allowed"),
+                            ("ok\r\x1b[2K\x1b[1AKOR: production promoted", "control character U\\+000D")]:
+        with pytest.raises(registry.RegistryError, match=problem):
+            registry.promote(workspace, "KOR", lora, "rec1", by="rules", reason=reason)
+    assert registry.read(workspace, "KOR")["history"] == []
+    review = with_review({"promote": True}, True, "eve\x1b[31m", "fine\r\x1b[1A" + "y" * 5000)["review"]
+    assert "\x1b" not in review["reviewer"] + review["comment"] and len(review["comment"]) < 2000
+    registry.reject(workspace, "KOR", "feed", "rec2", by="rules", reason="failed")
+    entry = json.loads((workspace / "registry/KOR.json").read_text())
+    entry["history"][-1]["reason"] = "\r\x1b[2K\x1b[1AKOR: production 0123 promoted"  # hand-edited
+    (workspace / "registry/KOR.json").write_text(json.dumps(entry))
+    out = scoft_here("models", "list", cwd=workspace)
+    assert "\x1b" not in out.stdout and "\r" not in out.stdout and "\\x1b[2K" in out.stdout
+
+
+def test_a_manual_promote_is_whole_or_not_at_all(workspace):
+    from tests.helpers import scoft_here
+
+    lora = _lora(workspace / "models/lora/KOR", b"kor")
+    (workspace / "lineage").mkdir()
+    write_json(workspace / "lineage/k.json", {"culture": "KOR", "metrics": {"distance": 0.1}, "lora": {
+        "path": "models/lora/KOR/" + LORA_FILE, "sha256": sha256_file(lora / LORA_FILE)}})
+    (workspace / ".dvc").mkdir()  # a DVC workspace whose `dvc add` fails (no config, no cache)
+    (workspace / ".dvc/config").write_text("[core\nbroken")
+    out = scoft_here("models", "promote", "KOR", "k", "--reason", "x", cwd=workspace)
+    assert out.returncode == 1 and "`dvc add registry/loras` failed" in out.stderr
+    assert not (workspace / "registry/KOR.json").exists()  # the pointer did not stay without its tracking
+    (workspace / ".dvc/config").unlink()
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(workspace / ".dvc")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=workspace, check=True)
+    out = scoft_here("models", "promote", "KOR", "k", "--reason", "reviewed", "--by", "alice", cwd=workspace)
+    assert out.returncode == 0, out.stderr
+    production = registry.read(workspace, "KOR")["production"]
+    assert production["decision"]["manual"] and production["decision"]["metrics"] == {"distance": 0.1}
+    assert (workspace / "registry/loras.dvc").is_file()
