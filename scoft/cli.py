@@ -465,17 +465,43 @@ def lineage_show(as_json: Annotated[bool, typer.Option("--json", help="Print the
 
 
 @lineage_app.command("verify")
-def lineage_verify(culture: Annotated[str | None, typer.Option(help="The latest of this culture's LoRA.")] = None):
-    """Recompute the hashes of the latest lineage record; exit 1 on any mismatch."""
-    from scoft.lineage import latest_record, verify
+def lineage_verify(culture: Annotated[str | None, typer.Option(help="Only this culture's records.")] = None,
+                   as_json: Annotated[bool, typer.Option("--json", help="One JSON list, for tooling.")] = False,
+                   params: ParamsOpt = Path("params.yaml")):
+    """Recompute the hashes of every current lineage record (each culture's latest and each production
+    LoRA's), one line per record; exit 1 on any mismatch."""
+    p = _params(params)
+    from scoft.lineage import BadRecord, current_records, read_record, superseded, verify, verify_superseded
+    from scoft.text import visible
 
-    path, record = _found(lambda: latest_record(culture=culture))
-    problems = verify(record)
-    if problems:
-        _fail(f"{path}: {len(problems)} mismatch(es)\n  " + "\n  ".join(problems))
-    files = sum(len(v) for v in record.get("files", {}).values())
-    _say(f"{path}: the LoRA, {files} files of its chain (CCUB, checks, negatives, promotion), the CCUB pixels, "
-         "the DVC hash and the params the stages used match the record")
+    results = []
+    for item in current_records(Path("."), [culture] if culture else p.validate_.cultures):
+        problems = [item["problem"]] if "problem" in item else []
+        if not problems:
+            try:
+                record = read_record(str(item["path"]))
+                partial = item["roles"] == ["production"] and superseded(record)
+                problems = verify_superseded(record) if partial else verify(record)
+                if partial:
+                    commit = str(record.get("git_commit"))[:12]
+                    item["roles"] = ["production, data superseded here: its LoRA and fields checked; "
+                                     f"`git checkout {commit} && dvc checkout` checks the rest"]
+            except BadRecord as e:
+                problems = [str(e)]
+        results.append({"record": str(item["path"]) if item["path"] else None, "culture": item["culture"],
+                        "roles": item["roles"], "ok": not problems, "problems": problems})
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            roles = f" ({r['culture']}: {', '.join(r['roles'])})" if r["roles"] else ""
+            head = f"{'ok  ' if r['ok'] else 'FAIL'} {visible(r['record'] or 'registry')}{roles}"
+            _say(head + ("" if r["ok"] else f": {len(r['problems'])} problem(s)\n      " +
+                         "\n      ".join(visible(x) for x in r["problems"])))
+        if not results:
+            _say("no lineage record to verify (run `scoft run` first)")
+    if not all(r["ok"] for r in results) or not results:
+        raise typer.Exit(1)
 
 
 @lineage_app.command("diff")
@@ -483,25 +509,35 @@ def lineage_diff(a: Annotated[str, typer.Argument(help="A record: its key (linea
                  b: Annotated[str, typer.Argument(help="The record to compare it with.")],
                  as_json: Annotated[bool, typer.Option("--json", help="Print the difference as JSON.")] = False):
     """What changed from record A to record B: CCUB records, params, metrics side by side."""
-    from scoft.lineage import diff, read_record
+    from scoft.lineage import BadRecord, diff, read_record
+    from scoft.text import visible
 
-    change = diff(*_found(lambda: (read_record(a), read_record(b))))
+    try:
+        change = diff(*_found(lambda: (read_record(a), read_record(b))))
+    except BadRecord as e:
+        _fail(str(e))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        _fail(f"{visible(a, 200)} or {visible(b, 200)}: a malformed lineage record ({type(e).__name__}: "
+              f"{visible(e, 200)})")
     if as_json:
-        print(json.dumps(change, indent=2, sort_keys=True))
+        print(json.dumps(change, indent=2, sort_keys=True))  # JSON escapes every control character
         return
-    lines = [f"data version {change['data_version'][0]} -> {change['data_version'][1]}",
-             f"lora         {change['lora_sha256'][0][:16]} -> {change['lora_sha256'][1][:16]}",
+    v = visible
+    lines = [f"data version {v(change['data_version'][0], 80)} -> {v(change['data_version'][1], 80)}",
+             f"lora         {v(change['lora_sha256'][0], 16)} -> {v(change['lora_sha256'][1], 16)}",
              f"records      {len(change['records_added'])} added, {len(change['records_removed'])} removed"]
-    lines += [f"  + {r}" for r in change["records_added"]] + [f"  - {r}" for r in change["records_removed"]]
+    lines += [f"  + {v(r, 80)}" for r in change["records_added"]]
+    lines += [f"  - {v(r, 80)}" for r in change["records_removed"]]
     lines.append(f"params       {len(change['params_changed'])} changed")
-    lines += [f"  {k}: {old!r} -> {new!r}" for k, (old, new) in change["params_changed"].items()]
+    lines += [f"  {v(k, 100)}: {v(repr(old), 200)} -> {v(repr(new), 200)}"
+              for k, (old, new) in change["params_changed"].items()]
     lines.append(f"metrics      {'A':>10} {'B':>10}")
-    lines += [f"  {k}: {_number(x):>10} {_number(y):>10}" for k, (x, y) in change["metrics"].items()]
+    lines += [f"  {v(k, 100)}: {_number(x):>10} {_number(y):>10}" for k, (x, y) in change["metrics"].items()]
     _say("\n".join(lines))
 
 
 def _number(value) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return "-" if not isinstance(value, int | float) else f"{value:.4g}"
 
 
 def _one_line_failure(error: BaseException) -> tuple[str, int] | None:

@@ -19,6 +19,7 @@ import yaml
 from scoft.ccub import CULTURES_DIR, HELDOUT_MANIFEST, MANIFEST, read_heldout, read_manifest
 from scoft.io import pixel_hash, sha256_file, sha256_json, write_json
 from scoft.paths import PROMOTION_DIR, VALIDATION_DIR
+from scoft.text import visible
 
 LINEAGE_DIR = Path("lineage")
 PACKAGES = ["scoft-flows", "torch", "diffusers", "transformers", "accelerate", "peft", "lpips", "prefect", "dvc",
@@ -83,7 +84,8 @@ def chain_files(root: str | Path, ccub_dir: str | Path, negatives_dir: str | Pat
 
 
 def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lora_file, params: dict,
-                 metrics: dict, flow_run_id: str | None, culture: str | None = None, joint: bool = False) -> dict:
+                 metrics: dict, flow_run_id: str | None, culture: str | None = None, joint: bool = False,
+                 evaluation: dict[str, list[str]] | None = None) -> dict:
     """Paths are relative to the workspace `root` (the folder with dvc.yaml). `culture`: the culture a
     per-culture LoRA was trained on (None: a joint LoRA of every culture); with `joint`, the culture the
     joint LoRA serves, whose chain is then every culture's data."""
@@ -105,18 +107,38 @@ def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lor
         "params": params,
         "packages": package_versions(),
         "lora": {"path": str(lora_file), "sha256": sha256_file(root / lora_file)},
-        "files": chain_files(root, ccub_dir, negatives_dir, scope),
+        "files": {**chain_files(root, ccub_dir, negatives_dir, scope),
+                  **{link: _hashed(root, paths) for link, paths in (evaluation or {}).items()}},
         "metrics": metrics,
         "prefect_flow_run_id": flow_run_id,
     }
+
+
+def _hashed(root: Path, paths) -> dict[str, str]:
+    """{path: sha256} of these files, and of every file under these folders (the base model's)."""
+    files = []
+    for p in map(Path, paths):
+        files += sorted(q.relative_to(root) for q in (root / p).rglob("*") if q.is_file()) if (root / p).is_dir() \
+            else [p]
+    return {str(p): sha256_file(root / p) for p in sorted(files, key=str)}
+
+
+SELF = "record_sha256"
+
+
+def sealed(record: dict) -> dict:
+    """The record with the hash of all its other fields: a field edited afterwards (metrics, decision,
+    commit, record ids) no longer matches it."""
+    body = {k: v for k, v in record.items() if k != SELF}
+    return {**body, SELF: sha256_json(body)}
 
 
 def add_promotion(record: dict, decision: dict, root: str | Path = ".") -> dict:
     """The record with its promotion verdict, and the decision file's hash as the chain's last link."""
     path = PROMOTION_DIR / f"{record['culture']}.json"
     files = {**record.get("files", {}), "promotion": {str(path): sha256_file(Path(root) / path)}}
-    verdict = {k: decision[k] for k in ("promote", "rules", "evaluation_key", "review") if k in decision}
-    return {**record, "promotion": verdict, "files": files}
+    verdict = {k: decision[k] for k in ("promote", "rules", "evaluation_key", "review", "thresholds") if k in decision}
+    return sealed({**record, "promotion": verdict, "files": files})
 
 
 def record_key(record: dict) -> str:
@@ -137,8 +159,12 @@ def save_record(record: dict, root: str | Path = ".") -> Path:
     a rerun that changed nothing keeps the record of the run that made the LoRA."""
     path = Path(root) / LINEAGE_DIR / f"{record_key(record)}.json"
     if not path.exists():
-        write_json(path, record)
+        write_json(path, sealed(record))
     return path
+
+
+class BadRecord(ValueError):
+    """A lineage record that cannot be read as one (not JSON, missing fields, crafted types)."""
 
 
 def read_record(key_or_path: str, root: str | Path = ".") -> dict:
@@ -147,19 +173,87 @@ def read_record(key_or_path: str, root: str | Path = ".") -> dict:
     if not path.is_file():
         path = Path(root) / LINEAGE_DIR / f"{key_or_path}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no lineage record {key_or_path!r} (neither a file nor a key in {LINEAGE_DIR}/)")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise FileNotFoundError(f"no lineage record {visible(key_or_path, 200)!r} (neither a file nor a key in "
+                                f"{LINEAGE_DIR}/)")
+    return _parsed(path)
+
+
+def _parsed(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BadRecord(f"{visible(path, 300)}: not a lineage record (not JSON: {visible(e, 200)})") from e
+    shapes = {"created_at": str, "ccub": dict, "lora": dict, "params": dict, "metrics": dict}
+    wrong = [k for k, kind in shapes.items() if not isinstance(record.get(k) if isinstance(record, dict) else None,
+                                                                kind)]
+    if wrong:
+        raise BadRecord(f"{visible(path, 300)}: not a lineage record (missing or malformed: {', '.join(wrong)})")
+    return record
+
+
+FUTURE_SLACK = dt.timedelta(minutes=5)  # clocks of workers differ a little, never by more
 
 
 def latest_record(root: str | Path = ".", culture: str | None = None) -> tuple[Path, dict]:
-    """The newest record (of one culture's LoRA, when given)."""
+    """The newest record (of one culture's LoRA, when given). A record dated in the future, or one that
+    is not a record, never becomes "latest" (verify_all names them)."""
     folder = Path(root) / LINEAGE_DIR
-    records = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in folder.glob("*.json")]
-    records = [(p, r) for p, r in records if culture is None or r.get("culture") == culture]
+    records = []
+    for p in folder.glob("*.json"):
+        try:
+            records.append((p, _parsed(p)))
+        except BadRecord:
+            continue
+    now = dt.datetime.now(dt.UTC) + FUTURE_SLACK
+    records = [(p, r) for p, r in records if (culture is None or r.get("culture") == culture)
+               and _when(r) is not None and _when(r) <= now]
     if not records:
         which = f" of culture {culture}" if culture else ""
         raise FileNotFoundError(f"no lineage record{which} in {folder}/ (run `scoft run` first)")
-    return max(records, key=lambda pr: pr[1]["created_at"])
+    return max(records, key=lambda pr: _when(pr[1]))
+
+
+def _when(record: dict) -> dt.datetime | None:
+    try:
+        when = dt.datetime.fromisoformat(record["created_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def current_records(root: str | Path, cultures: list[str]) -> list[dict]:
+    """What an auditor checks by default: each culture's latest record and each production LoRA's
+    record (the registry's), once each, with the roles it plays; records dated in the future and files
+    that are not records are listed with their problem."""
+    from scoft import registry
+
+    root, found = Path(root), {}
+    for culture in cultures:
+        try:
+            path, _ = latest_record(root, culture)
+            found.setdefault(path, {"path": path, "culture": culture, "roles": []})["roles"].append("latest")
+        except FileNotFoundError:
+            pass
+        try:
+            production = registry.read(root, culture)["production"]
+        except registry.RegistryError as e:
+            found[Path(f"registry/{culture}.json")] = {"path": None, "culture": culture, "roles": ["production"],
+                                                       "problem": str(e)}
+            continue
+        if production is not None:
+            path = root / LINEAGE_DIR / f"{production['lineage']}.json"
+            found.setdefault(path, {"path": path, "culture": culture, "roles": []})["roles"].append("production")
+    now = dt.datetime.now(dt.UTC) + FUTURE_SLACK
+    for path in sorted((root / LINEAGE_DIR).glob("*.json")):
+        try:
+            when = _when(_parsed(path))
+        except BadRecord as e:
+            found.setdefault(path, {"path": path, "culture": None, "roles": [], "problem": str(e)})
+            continue
+        if when is None or when > now:
+            found.setdefault(path, {"path": path, "culture": None, "roles": [],
+                                    "problem": "created_at is missing or in the future: never taken as latest"})
+    return list(found.values())
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -198,6 +292,8 @@ def verify(record: dict, root: str | Path = ".") -> list[str]:
     used; return one line per mismatch, naming the link and the file or key (empty when intact)."""
     root = Path(root)
     problems = []
+    if SELF in record and sha256_json({k: v for k, v in record.items() if k != SELF}) != record[SELF]:
+        problems.append("record: its fields were changed after it was written (record_sha256 differs)")
     lora = root / record["lora"]["path"]
     if not lora.is_file():
         problems.append(f"lora: {record['lora']['path']}: missing")
@@ -209,6 +305,13 @@ def verify(record: dict, root: str | Path = ".") -> list[str]:
                 problems.append(f"{link}: {path}: missing")
             elif sha256_file(root / path) != digest:
                 problems.append(f"{link}: {path}: sha256 differs from the record")
+    negatives = record.get("negatives", {}).get("path")
+    listed = set(record.get("files", {}).get("negatives", {}))
+    if negatives and (root / negatives).is_dir():
+        for extra in sorted(str(p.relative_to(root)) for p in (root / negatives).rglob("*") if p.is_file()):
+            if extra not in listed:
+                problems.append(f"negatives: {extra}: not in the record (a file added since)")
+    problems += _registry_problems(record, root)
     problems += _pixel_problems(record, root)
     current = dvc_out_hashes(root).get(record["ccub"]["path"])
     if current != record["ccub"]["dvc_hash"]:
@@ -220,6 +323,45 @@ def verify(record: dict, root: str | Path = ".") -> list[str]:
             problems.append(f"params: {key} is {value!r} in dvc.lock (what the stages used), {recorded[key]!r} in "
                             "the record")
     return problems
+
+
+def superseded(record: dict, root: str | Path = ".") -> bool:
+    """Whether the workspace holds other data than the record's (a later retrain of the culture): its
+    chain's files are then those of the later run, and only its LoRA and its own fields are here."""
+    return dvc_out_hashes(Path(root)).get(record["ccub"]["path"]) != record["ccub"]["dvc_hash"]
+
+
+def verify_superseded(record: dict, root: str | Path = ".") -> list[str]:
+    """What can be checked of a production LoRA's record once the workspace moved on: its own fields,
+    the registry's copy of its LoRA, and the registry's promotion of it."""
+    from scoft import registry
+
+    root, problems = Path(root), []
+    if SELF in record and sha256_json({k: v for k, v in record.items() if k != SELF}) != record[SELF]:
+        problems.append("record: its fields were changed after it was written (record_sha256 differs)")
+    try:
+        folder = registry.production_lora(root, record["culture"])
+        if folder is None or sha256_file(folder / "pytorch_lora_weights.safetensors") != record["lora"]["sha256"]:
+            problems.append(f"lora: production's LoRA is not the record's {record['lora']['sha256'][:16]}")
+    except registry.RegistryError as e:
+        problems.append(f"lora: {e}")
+    return problems + _registry_problems(record, root)
+
+
+def _registry_problems(record: dict, root: Path) -> list[str]:
+    """A record that says its LoRA was promoted has that promotion in the registry's history."""
+    from scoft import registry
+
+    promotion = record.get("promotion") or {}
+    if not promotion.get("promote") or not record.get("culture"):
+        return []
+    try:
+        history = registry.read(root, record["culture"])["history"]
+    except registry.RegistryError as e:
+        return [f"registry: {e}"]
+    if not any(e["action"] == "promote" and e["lora_sha256"] == record["lora"]["sha256"] for e in history):
+        return [f"registry: registry/{record['culture']}.json has no promotion of LoRA {record['lora']['sha256'][:16]}"]
+    return []
 
 
 def _pixel_problems(record: dict, root: Path) -> list[str]:

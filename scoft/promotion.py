@@ -166,7 +166,8 @@ def decide(metrics: dict, culture: str, rules: PromotionParams, production: dict
                 _production_rule(metrics, culture, production, production_distances, rules)]
     return {"culture": culture, "promote": all(o["passed"] for o in outcomes), "rules": outcomes,
             "distance_gain": _distance_gain(metrics, culture).get("mean"), "significance": sig,
-            "distances": candidate_distances(metrics, culture), "evaluation_key": evaluation_key}
+            "distances": candidate_distances(metrics, culture), "evaluation_key": evaluation_key,
+            "thresholds": rules.model_dump()}
 
 
 def hold_family(decisions: dict[str, dict], rules: PromotionParams) -> dict[str, dict]:

@@ -12,7 +12,7 @@ from prefect.settings import get_current_settings
 
 from scoft.config import load_params
 from scoft.lineage import build_record, lineage_markdown, save_record
-from scoft.paths import LORA_FILE, culture_paths
+from scoft.paths import BASE_DIR, LORA_FILE, culture_paths
 from scoft.stats import holm
 
 
@@ -97,11 +97,16 @@ def record_lineage(workdir: str, validation: dict, metrics: dict, culture: str) 
         validation_summary=validation,
         negatives_dir=str(paths["negatives"]),
         lora_file=str(paths["lora"] / LORA_FILE),
-        params={k: params[k] for k in ("model", "features", "negatives", "train")},
+        params={k: params[k] for k in ("model", "features", "negatives", "train", "evaluate", "promotion")},
         metrics=metrics,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         culture=culture,
         joint=joint,
+        # what the gate read, and the base model when it is a folder here (a hub model: its id and
+        # revision are in params.model)
+        evaluation={"metrics": [str(paths["metrics"])],
+                    "evaluation report": [str(p.relative_to(root)) for p in (root / paths["eval"]).glob("report.*")],
+                    **({"base model": [str(BASE_DIR)]} if (root / BASE_DIR).is_dir() else {})},
     )
     path = save_record(record, root)
     stored = _read(path)

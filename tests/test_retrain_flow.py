@@ -223,6 +223,9 @@ CHAIN_LINKS = {
     "negatives image": lambda ws: _first_file(ws, "data/negatives/KOR/*.png"),
     "lora": lambda ws: LORA.format("KOR"),
     "promotion": lambda ws: "reports/promotion/KOR.json",
+    "metrics": lambda ws: "reports/metrics/KOR.json",  # what the gate read
+    "evaluation report": lambda ws: "reports/eval/KOR/report.html",
+    "base model": lambda ws: "models/base/NOT_USED",
 }
 
 
@@ -240,7 +243,7 @@ def test_lineage_verify_names_a_one_byte_change_in_each_link(first_run, link):
         assert any(p.startswith(f"{named}: {path.relative_to(ws)}: sha256 differs") for p in problems), problems
         if link == "lora":
             out = scoft("lineage", "verify", "--culture", "KOR", cwd=ws)
-            assert out.returncode == 1 and f"lora: {LORA.format('KOR')}: sha256 differs" in out.stderr
+            assert out.returncode == 1 and f"lora: {LORA.format('KOR')}: sha256 differs" in out.stdout
     finally:
         path.write_bytes(original)
     assert verify(record, ws) == []
@@ -267,6 +270,53 @@ def test_lineage_verify_names_a_param_the_stages_did_not_use(first_run):
     finally:
         lock_file.write_bytes(original)
     assert scoft("lineage", "verify", "--culture", "KOR", cwd=ws).returncode == 0
+
+
+def test_lineage_verify_checks_every_current_record_and_what_the_chain_did_not_cover(first_run):
+    ws, _ = first_run
+    out = scoft_here("lineage", "verify", "--json", cwd=ws)
+    results = json.loads(out.stdout)
+    assert out.returncode == 0 and {r["culture"] for r in results} == set(TRAINED) and all(r["ok"] for r in results)
+    path, record = latest_record(ws, "KOR")
+    index, planted, future = ws / "data/negatives/NGA/index.jsonl", ws / "data/negatives/KOR/extra.png", \
+        ws / "lineage/future.json"
+    originals = {index: index.read_bytes(), path: path.read_bytes()}
+    try:
+        index.write_bytes(originals[index] + b"\n")  # another culture than the one asked about before
+        planted.write_bytes(b"planted")
+        path.write_text(json.dumps({**record, "metrics": {**record["metrics"], "forged": 1.0}}))
+        future.write_text(json.dumps({**record, "created_at": "2999-01-01T00:00:00+00:00"}))
+        out = scoft_here("lineage", "verify", cwd=ws)
+        lines = out.stdout.splitlines()
+        assert out.returncode == 1
+        assert any(line.startswith("FAIL") and "(NGA: latest" in line for line in lines), out.stdout
+        assert "negatives: data/negatives/NGA/index.jsonl: sha256 differs" in out.stdout
+        assert "negatives: data/negatives/KOR/extra.png: not in the record" in out.stdout
+        assert "record: its fields were changed after it was written" in out.stdout
+        assert "future.json: 1 problem(s)" in out.stdout and "in the future" in out.stdout
+        assert latest_record(ws, "KOR")[0] == path  # the record dated 2999 never became the latest
+    finally:
+        for p, data in originals.items():
+            p.write_bytes(data)
+        planted.unlink()
+        future.unlink()
+    assert scoft_here("lineage", "verify", cwd=ws).returncode == 0
+
+
+def test_lineage_diff_of_malformed_or_crafted_records_is_one_safe_line(first_run, tmp_path):
+    ws, _ = first_run
+    path, record = latest_record(ws, "KOR")
+    (tmp_path / "cut.json").write_text('{"created_at": "20')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for other in ("cut.json", "list.json"):
+        out = scoft_here("lineage", "diff", str(path), str(tmp_path / other), cwd=ws)
+        assert out.returncode == 1 and "not a lineage record" in out.stderr and len(out.stderr.splitlines()) == 1
+    crafted = {**record, "params": {"train": {"lr\x1b[2J": "\x1b]0;owned\x07"}},
+               "ccub": {**record["ccub"], "records": ["\x1b[31mred"]}}
+    (tmp_path / "crafted.json").write_text(json.dumps(crafted))
+    out = scoft_here("lineage", "diff", str(path), str(tmp_path / "crafted.json"), cwd=ws)
+    assert out.returncode == 0 and "\x1b" not in out.stdout
+    assert "\\x1b[2J" in out.stdout and "\\x1b[31mred" in out.stdout
 
 
 def test_the_lineage_artifact_is_a_summary_linked_to_the_full_record(first_run):
