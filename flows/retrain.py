@@ -17,7 +17,7 @@ from scoft.ccub import read_manifest
 from scoft.config import load_params
 from scoft.paths import CCUB_DIR, LORA_FILE, culture_paths
 from scoft.registry import LORAS_DIR
-from scoft.remote import adopt_lock_entries, lock_entries
+from scoft.remote import BadLockEntry, adopt_lock_entries, culture_lock_entries, lock_entries
 from tasks.ccub import announce_new_version, pull_ccub_version, use_configured_remote
 from tasks.dvc import dvc, push, stage_task
 from tasks.promote import promote_cultures
@@ -137,6 +137,11 @@ def fan_out(workdir: str, cultures: list[str], deployment: str, timeout_s: float
         except CultureRunFailed as e:
             outcomes[culture] = str(e)
             continue
+        try:
+            entries = culture_lock_entries(workdir, culture, entries)
+        except BadLockEntry as e:
+            outcomes[culture] = str(e)
+            continue
         adopt_lock_entries(workdir, entries)
         dvc(["pull", *entries], workdir, f"pull {culture}")
         outcomes[culture] = ran
@@ -158,14 +163,26 @@ def run_culture(deployment: str, culture: str, shared: dict, timeout_s: float) -
     if not run.state or not run.state.is_completed():
         state = f"{run.state.name}: {run.state.message or 'no message'}" if run.state else "never started"
         raise CultureRunFailed(f"flow run {run.name} ({run.id}) is {state}")
+    return published_lock_entries(run, culture)
+
+
+def published_lock_entries(run, culture: str) -> tuple[dict, dict]:
+    """The dvc.lock entries (and whether each stage ran) that the culture's own flow run published, as
+    its one `dvc-lock-<c>` artifact: none, several (which would win was random) or an unreadable one
+    fail the culture."""
     key = ArtifactFilterKey(any_=[_lock_artifact_key(culture)])
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=key))
-    if not artifacts:
-        raise CultureRunFailed(f"flow run {run.name} ({run.id}) completed without its dvc.lock artifact")
-    rows = json.loads(artifacts[-1].data)
-    return {r["stage"]: json.loads(r["lock_entry"]) for r in rows}, {r["stage"]: r["ran"] for r in rows}
+    if len(artifacts) != 1:
+        raise CultureRunFailed(f"flow run {run.name} ({run.id}) published {len(artifacts)} dvc.lock artifacts "
+                               f"({_lock_artifact_key(culture)}), not one: nothing of it is taken")
+    try:
+        rows = json.loads(artifacts[0].data)
+        return {r["stage"]: json.loads(r["lock_entry"]) for r in rows}, {r["stage"]: bool(r["ran"]) for r in rows}
+    except (ValueError, TypeError, KeyError) as e:
+        raise CultureRunFailed(f"flow run {run.name} ({run.id}): its dvc.lock artifact is unreadable "
+                               f"({type(e).__name__})") from e
 
 
 CRASH_GRACE_S = 180  # how long a crashed culture run is given to be restarted by `scoft recovery` (90 s + margin)

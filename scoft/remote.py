@@ -94,6 +94,67 @@ def lock_entries(root: str | Path, stages: list[str]) -> dict[str, dict]:
     return {s: json.loads(json.dumps(lock["stages"][s])) for s in stages}
 
 
+CULTURE_STAGES = ("negatives", "train", "evaluate")  # what one culture's own run (fan-out) reproduces
+_MD5 = re.compile(r"[0-9a-f]{32}(\.dir)?")
+_FILE_KEYS = {"path", "hash", "md5", "size", "nfiles"}
+
+
+class BadLockEntry(ValueError):
+    """A culture run handed back dvc.lock entries the parent must not write."""
+
+
+def culture_lock_entries(root: str | Path, culture: str, entries) -> dict[str, dict]:
+    """The entries a culture's run published, accepted only as exactly its own chain: negatives@C,
+    train@C and evaluate@C, each with the command, deps and outs dvc.yaml declares for C and
+    well-formed hashes. Anything else would be written into the parent's dvc.lock and reach DVC: an
+    `ingest` entry with another hash made `dvc pull` delete data/ccub, a stage named `--force` became
+    a flag, a malformed entry broke every later DVC command."""
+    from scoft.text import visible
+
+    if not isinstance(entries, dict):
+        raise BadLockEntry(f"{culture}: its run's dvc.lock entries are not a mapping")
+    expected = {f"{s}@{culture}" for s in CULTURE_STAGES}
+    if set(entries) != expected:
+        others = sorted(visible(str(k), 60) for k in set(entries) ^ expected)
+        raise BadLockEntry(f"{culture}: its run published entries for {', '.join(others)}; only "
+                           f"{', '.join(sorted(expected))} are taken, all three")
+    spec = YAML(typ="safe").load((Path(root) / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for stage, entry in entries.items():
+        declared = _declared(spec[stage.partition("@")[0]]["do"], culture)
+        if problem := _entry_problem(entry, declared):
+            raise BadLockEntry(f"{culture}: its run's dvc.lock entry for {stage}: {problem}")
+    return entries
+
+
+def _declared(do: dict, item: str) -> dict:
+    """A foreach stage's command, deps and outs (outs, metrics and plots) for one item."""
+    def paths(entries) -> list[str]:
+        return sorted((next(iter(e)) if isinstance(e, dict) else e).replace("${item}", item) for e in entries or [])
+
+    return {"cmd": " ".join(str(do["cmd"]).replace("${item}", item).split()), "deps": paths(do.get("deps")),
+            "outs": paths([*(do.get("outs") or []), *(do.get("metrics") or []), *(do.get("plots") or [])])}
+
+
+def _entry_problem(entry, declared: dict) -> str | None:
+    if not isinstance(entry, dict) or not set(entry) <= {"cmd", "deps", "params", "outs"}:
+        return "not a dvc.lock stage entry (cmd, deps, params, outs)"
+    if " ".join(str(entry.get("cmd", "")).split()) != declared["cmd"]:
+        return "its command is not the one dvc.yaml declares"
+    if not isinstance(entry.get("params", {}), dict):
+        return "its params are not a mapping"
+    for kind in ("deps", "outs"):
+        files = entry.get(kind)
+        if not isinstance(files, list) or not all(isinstance(f, dict) and set(f) <= _FILE_KEYS for f in files):
+            return f"its {kind} are not a list of files"
+        if sorted(str(f.get("path")) for f in files) != declared[kind]:
+            return f"its {kind} are not exactly the {kind} dvc.yaml declares ({', '.join(declared[kind])})"
+        for f in files:
+            if f.get("hash") != "md5" or not isinstance(f.get("md5"), str) or not _MD5.fullmatch(f["md5"]) or \
+                    not all(isinstance(f.get(k, 0), int) and f.get(k, 0) >= 0 for k in ("size", "nfiles")):
+                return f"{kind[:-1]} {f.get('path')}: not a well-formed md5 hash, size and file count"
+    return None
+
+
 def adopt_lock_entries(root: str | Path, entries: dict[str, dict]) -> None:
     """Write these stages' entries into dvc.lock as another workspace recorded them, leaving every
     other entry as it is (round-trip YAML, written whole or not at all): `dvc pull` then brings
