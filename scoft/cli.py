@@ -391,12 +391,18 @@ def run(
 
 
 @app.command()
-def alerts(webhook: Annotated[str, typer.Option(help="The URL the alerts are POSTed to (JSON).")]):
+def alerts(webhook: Annotated[str, typer.Option(help="The http(s) URL the alerts are POSTed to (JSON).")],
+           allow_private: Annotated[bool, typer.Option(
+               help="Also a private, loopback or link-local address (refused otherwise).")] = False):
     """Install the Prefect automations that call WEBHOOK when a candidate LoRA is rejected or a
     retrain run fails or crashes (on the server PREFECT_API_URL names; again: replaced)."""
-    from flows.alerts import install_alerts
+    from flows.alerts import BadWebhook, check_webhook, install_alerts
 
-    for automation in install_alerts(webhook):
+    try:
+        check_webhook(webhook, allow_private)
+    except BadWebhook as e:
+        _fail(str(e), code=CONFIG_ERROR)
+    for automation in install_alerts(webhook, allow_private):
         _say(f"automation {automation.name!r} ({automation.id}) calls the webhook block 'scoft-alerts'")
 
 

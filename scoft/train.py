@@ -28,7 +28,7 @@ from scoft.ccub import CULTURES_DIR, MANIFEST
 from scoft.config import Params
 from scoft.data import CCUBTrainSet
 from scoft.features import build_distance
-from scoft.io import sha256_file, sha256_json, write_json
+from scoft.io import _as_created, sha256_file, sha256_json, write_json
 from scoft.losses import contrastive_loss, estimate_clean_latents, ldm_loss, memorization_loss
 from scoft.models import encode_prompts, load_pipeline, training_scheduler
 from scoft.negatives import read_negative_index
@@ -228,6 +228,7 @@ def save_lora(unet, output_dir: Path, summary: dict) -> Path:
     )
     write_json(staging / "training.json", summary)
     for f in staging.iterdir():
+        _as_created(f, 0o666)  # safetensors creates its file 0600: the umask decides, as for every file here
         os.replace(f, output_dir / f.name)
     staging.rmdir()
     # The folder persists between runs (dvc.yaml: persist, for resuming): a marker left by an earlier run

@@ -304,8 +304,9 @@ def test_a_rejected_model_and_a_failed_retrain_reach_the_webhook(prefect_server,
     from tests.loopback import LoopbackServer
 
     with LoopbackServer() as receiver:
-        install_alerts(f"{receiver.url}/hook")
-        assert len(install_alerts(f"{receiver.url}/hook")) == 2  # installing again replaces, never doubles
+        install_alerts(f"{receiver.url}/hook", allow_private=True)  # a loopback receiver: asked for explicitly
+        # installing again replaces, never doubles
+        assert len(install_alerts(f"{receiver.url}/hook", allow_private=True)) == 2
         _candidate(workspace, b"no better", evaluation(gain=0.0))
         run = _review_run(workspace, "alerted-rejection", PromotionParams())
         run["thread"].join(120)
@@ -449,3 +450,35 @@ def test_a_manual_promote_is_whole_or_not_at_all(workspace):
     production = registry.read(workspace, "KOR")["production"]
     assert production["decision"]["manual"] and production["decision"]["metrics"] == {"distance": 0.1}
     assert (workspace / "registry/loras.dvc").is_file()
+
+
+@pytest.mark.parametrize("url,said", [
+    ("file:///etc/passwd", "not an http(s) URL"),
+    ("not a url", "not an http(s) URL"),
+    ("http://127.0.0.1:4200/api/admin", "loopback"),
+    ("http://169.254.169.254/latest/meta-data", "link-local"),
+    ("http://10.0.0.8/hook", "private"),
+])
+def test_alerts_call_only_public_http_urls_unless_asked(tmp_path, url, said):
+    from tests.helpers import scoft_here
+
+    out = scoft_here("alerts", "--webhook", url, cwd=tmp_path)
+    assert out.returncode == 2 and said.split()[0] in out.stderr, out.stderr
+    if "127.0.0.1" in url:
+        from flows.alerts import check_webhook
+
+        assert check_webhook(url, allow_private=True) == url
+
+
+def test_the_registrys_copy_of_a_0600_lora_follows_the_umask(tmp_path):
+    import os
+
+    lora = _lora(tmp_path / "a", b"kor")
+    os.chmod(lora / LORA_FILE, 0o600)  # as safetensors writes it
+    old = os.umask(0o022)
+    try:
+        registry.promote(tmp_path, "KOR", lora, "rec1", by="rules", reason="r")
+    finally:
+        os.umask(old)
+    copy = registry.production_lora(tmp_path, "KOR") / LORA_FILE
+    assert copy.stat().st_mode & 0o777 == 0o644 and (tmp_path / "registry/KOR.json").stat().st_mode & 0o777 == 0o644

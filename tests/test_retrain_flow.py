@@ -319,6 +319,19 @@ def test_lineage_diff_of_malformed_or_crafted_records_is_one_safe_line(first_run
     assert "\\x1b[2J" in out.stdout and "\\x1b[31mred" in out.stdout
 
 
+def test_every_file_the_stages_and_the_registry_write_follows_the_umask(first_run):
+    import os
+
+    ws, _ = first_run
+    mask = os.umask(0o022)
+    os.umask(mask)
+    folders = ["data/ccub", "data/validation", "data/negatives", "models/lora", "models/train_log", "reports",
+               "lineage", "registry"]
+    private = [str(p.relative_to(ws)) for folder in folders for p in (ws / folder).rglob("*")
+               if p.is_file() and p.stat().st_mode & 0o666 & ~mask != 0o666 & ~mask]
+    assert private == []  # the LoRA files were 0600 (safetensors creates them so)
+
+
 def test_the_lineage_artifact_is_a_summary_linked_to_the_full_record(first_run):
     ws, state = first_run
     with get_client(sync_client=True) as client:
