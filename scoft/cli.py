@@ -335,7 +335,7 @@ def generate(
     if culture is not None and not candidate and not base:
         from scoft.registry import production_lora
 
-        lora = production_lora(Path("."), culture)
+        lora = production_lora(Path("."), culture, p.lineage.verify_key)
         if lora is None:
             _fail(f"{culture}: no production LoRA yet (`scoft models show {culture}` says why); "
                   f"--candidate draws with its latest trained one")
@@ -488,6 +488,7 @@ def lineage_verify(culture: Annotated[str | None, typer.Option(help="Only this c
                 record = read_record(str(item["path"]))
                 partial = item["roles"] == ["production"] and superseded(record)
                 problems = verify_superseded(record) if partial else verify(record)
+                problems += _signature_problems(item, p.lineage.verify_key)
                 if partial:
                     commit = str(record.get("git_commit"))[:12]
                     item["roles"] = ["production, data superseded here: its LoRA and fields checked; "
@@ -508,6 +509,22 @@ def lineage_verify(culture: Annotated[str | None, typer.Option(help="Only this c
             _say("no lineage record to verify (run `scoft run` first)")
     if not all(r["ok"] for r in results) or not results:
         raise typer.Exit(1)
+
+
+def _signature_problems(item: dict, verify_key: str | None) -> list[str]:
+    """With lineage.verify_key: the record's signature, and the production LoRA's when it is production's."""
+    if verify_key is None:
+        return []
+    from scoft import registry
+    from scoft.signing import signature_problem
+
+    problems = [f"signature: {x}" for x in [signature_problem(item["path"], verify_key)] if x]
+    if any(role.startswith("production") for role in item["roles"]):
+        try:
+            registry.production_lora(Path("."), item["culture"], verify_key)
+        except registry.RegistryError as e:
+            problems.append(f"signature: {e}")
+    return problems
 
 
 @lineage_app.command("diff")
@@ -679,7 +696,9 @@ def models_promote(culture: str,
     decision recorded names the person, the reason and the evaluation the record holds."""
     p = _params(params)
     from scoft import registry
+    from scoft.lineage import LINEAGE_DIR
     from scoft.registry import RegistryError
+    from scoft.signing import SigningError, sign
 
     record = _candidate_of(culture, key, p)
     lora = Path(record["lora"]["path"])
@@ -687,10 +706,15 @@ def models_promote(culture: str,
                 "lineage": key, "lora_dir": str(lora.parent), "metrics": record.get("metrics")}
     try:
         with registry.transaction(Path("."), culture):  # the pointer and its tracking, whole or not at all
-            registry.promote(Path("."), culture, lora.parent, key, by=by, reason=reason, decision=decision)
+            entry = registry.promote(Path("."), culture, lora.parent, key, by=by, reason=reason, decision=decision)
+            if p.lineage.signing_key:
+                sign(Path(entry["production"]["lora_dir"]), p.lineage.signing_key)
+                sign(LINEAGE_DIR / f"{key}.json", p.lineage.signing_key)
             _track_registry()
     except RegistryError as e:
         _fail(str(e))
+    except SigningError as e:
+        _fail(f"{e}: nothing promoted", code=CONFIG_ERROR)
     _say(f"{culture}: production is now {record['lora']['sha256'][:12]} (lineage {key})")
 
 

@@ -303,6 +303,16 @@ class PromotionParams(_Section):
     approval_poll_s: int = Field(10, ge=1)  # how often the paused run looks for the answer
 
 
+class LineageParams(_Section):
+    # Signing (scoft/signing.py, OpenSSF model-signing with an elliptic-curve key pair, offline): at each
+    # promotion step the lineage record, and a promoted LoRA, are signed with signing_key, a PEM private
+    # key kept outside the repository (a path inside the project folder is refused). verify_key, the
+    # PEM public key (it may be committed), makes `scoft lineage verify` and every load of a production
+    # LoRA check the signatures. null: nothing is signed, nothing is checked.
+    signing_key: str | None = None
+    verify_key: str | None = None
+
+
 class Params(_Section):
     model: ModelParams = ModelParams()
     planted: PlantedParams = PlantedParams()
@@ -314,6 +324,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     remote: RemoteParams = RemoteParams()
     orchestration: OrchestrationParams = OrchestrationParams()
+    lineage: LineageParams = LineageParams()
     promotion: PromotionParams = PromotionParams()
 
     @model_validator(mode="after")

@@ -248,7 +248,8 @@ def production_distances(root: Path, culture: str, params: Params, production: d
     from scoft.evaluate import prompt_distances
 
     # loaded through the registry, which refuses a LoRA that is not the one it recorded
-    return prompt_distances(params, registry.production_lora(root, culture), root / CCUB_DIR, culture)
+    return prompt_distances(params, registry.production_lora(root, culture, params.lineage.verify_key),
+                            root / CCUB_DIR, culture)
 
 
 def with_review(decision: dict, approve: bool | None, reviewer: str, comment: str) -> dict:
@@ -261,7 +262,7 @@ def with_review(decision: dict, approve: bool | None, reviewer: str, comment: st
     return {**decision, "promote": bool(decision["promote"] and approve), "review": review}
 
 
-def record_verdict(root: str | Path, culture: str, decision: dict) -> dict:
+def record_verdict(root: str | Path, culture: str, decision: dict, signing_key: str | None = None) -> dict:
     """Promote the judged candidate or record its rejection in the registry (by the rules, or by the
     reviewer when the decision has a review), and write reports/promotion/<C>.json."""
     root = Path(root)
@@ -275,8 +276,12 @@ def record_verdict(root: str | Path, culture: str, decision: dict) -> dict:
         verdict = "approved" if review["approve"] else "rejected"
         by, reason = review["reviewer"] or "reviewer", review["comment"] or verdict
     if decision["promote"]:
-        registry.promote(root, culture, root / decision["lora_dir"], decision["lineage"], by=by,
-                         reason=reason, decision=decision)
+        entry = registry.promote(root, culture, root / decision["lora_dir"], decision["lineage"], by=by,
+                                 reason=reason, decision=decision)
+        if signing_key:  # lineage.signing_key: the production LoRA as the registry holds it
+            from scoft.signing import sign
+
+            sign(root / entry["production"]["lora_dir"], signing_key, root)
     else:
         registry.reject(root, culture, decision["lora_sha256"], decision["lineage"], by=by, reason=reason,
                         decision=decision)
@@ -288,4 +293,5 @@ def gate(root: str | Path, culture: str, params: Params, lineage_key: str) -> di
     """The promote step of one culture without review (a family of one): judge its candidate and record
     the verdict."""
     decision = judge(root, culture, params, lineage_key)
-    return decision if "already_judged" in decision else record_verdict(root, culture, decision)
+    return decision if "already_judged" in decision else record_verdict(root, culture, decision,
+                                                                        params.lineage.signing_key)

@@ -77,7 +77,7 @@ def cultures(root: str | Path) -> list[str]:
     return sorted(p.stem for p in (Path(root) / REGISTRY_DIR).glob("*.json") if is_alpha3(p.stem))
 
 
-def production_lora(root: str | Path, culture: str) -> Path | None:
+def production_lora(root: str | Path, culture: str, verify_key: str | None = None) -> Path | None:
     """The folder of the culture's production LoRA (diffusers format), or None when it has none; checked
     first: inside registry/loras/<culture>/, and its file's sha256 the registry's. A LoRA swapped in
     the folder (another culture's, a tampered one) is refused by name, never loaded."""
@@ -96,6 +96,11 @@ def production_lora(root: str | Path, culture: str) -> Path | None:
     if actual != current["lora_sha256"]:
         raise RegistryError(f"{culture}: {current['lora_dir']}/{LORA_FILE} has sha256 {actual[:16]}, the registry "
                             f"says {current['lora_sha256'][:16]}: refusing to load it (replaced or damaged)")
+    if verify_key is not None:  # lineage.verify_key: a LoRA rewritten together with its hashes fails here
+        from scoft.signing import signature_problem
+
+        if problem := signature_problem(folder, verify_key, root):
+            raise RegistryError(f"{culture}: refusing to load the production LoRA: {problem}")
     return folder
 
 

@@ -22,6 +22,7 @@ from scoft.config import PromotionParams, load_params
 from scoft.io import write_json
 from scoft.lineage import add_promotion
 from scoft.promotion import decision_markdown, failed_rules, hold_family, judge, record_verdict, with_review
+from scoft.signing import sign
 
 PROMOTED, REJECTED = "scoft.model.promoted", "scoft.model.rejected"
 
@@ -77,9 +78,12 @@ def record_decision(workdir: str, culture: str, lineage_path: Path, decision: di
     if "already_judged" in decision:
         return decision
     root = Path(workdir)
-    decision = record_verdict(root, culture, decision)
+    signing_key = load_params(root / "params.yaml").lineage.signing_key
+    decision = record_verdict(root, culture, decision, signing_key)
     record = json.loads(Path(lineage_path).read_text(encoding="utf-8"))
     write_json(lineage_path, add_promotion(record, decision, root))
+    if signing_key:  # lineage.signing_key: the record with its verdict
+        sign(Path(lineage_path), signing_key, root)
     create_markdown_artifact(key=_artifact_key(culture), markdown=decision_markdown(decision),
                              description=f"{culture}: the candidate LoRA against the promotion rules")
     failed = failed_rules(decision)

@@ -482,3 +482,67 @@ def test_the_registrys_copy_of_a_0600_lora_follows_the_umask(tmp_path):
         os.umask(old)
     copy = registry.production_lora(tmp_path, "KOR") / LORA_FILE
     assert copy.stat().st_mode & 0o777 == 0o644 and (tmp_path / "registry/KOR.json").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.fixture(scope="module")
+def key_pair(tmp_path_factory):
+    """An elliptic-curve key pair kept outside every workspace, as the private key must be."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = tmp_path_factory.mktemp("keys")
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = serialization.Encoding.PEM
+    (folder / "signing.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    (folder / "verify.pem").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    return folder / "signing.pem", folder / "verify.pem"
+
+
+def _signed_workspace(ws, key_pair):
+    lora = _lora(ws / "models/lora/KOR", b"kor")
+    (ws / "lineage").mkdir()
+    write_json(ws / "lineage/k.json", {"culture": "KOR", "lora": {"path": "models/lora/KOR/" + LORA_FILE,
+                                                                  "sha256": sha256_file(lora / LORA_FILE)}})
+    write_params(ws / "params.yaml", {"lineage.signing_key": str(key_pair[0]), "lineage.verify_key": str(key_pair[1])})
+
+
+def test_a_lora_rewritten_with_its_hashes_is_caught_by_its_signature(workspace, key_pair):
+    from scoft.signing import signature_problem
+    from tests.helpers import scoft_here
+
+    _signed_workspace(workspace, key_pair)
+    out = scoft_here("models", "promote", "KOR", "k", "--reason", "reviewed", cwd=workspace)
+    assert out.returncode == 0, out.stderr
+    folder = registry.production_lora(workspace, "KOR", str(key_pair[1]))  # signed, and it verifies
+    assert signature_problem(workspace / "lineage/k.json", str(key_pair[1])) is None
+    # Someone with write access but not the key: a new LoRA, and every hash that names it rewritten.
+    (folder / LORA_FILE).write_bytes(b"backdoored")
+    entry = json.loads((workspace / "registry/KOR.json").read_text())
+    for event in (entry["production"], entry["history"][-1]):
+        event["lora_sha256"] = sha256_file(folder / LORA_FILE)
+    (workspace / "registry/KOR.json").write_text(json.dumps(entry))
+    assert registry.production_lora(workspace, "KOR") == folder  # the hashes agree...
+    with pytest.raises(registry.RegistryError, match="signature does not verify"):
+        registry.production_lora(workspace, "KOR", str(key_pair[1]))  # ... the signature does not
+    out = scoft_here("generate", "--prompt", "a house", "--culture", "KOR", "--out", "x.png", cwd=workspace)
+    assert out.returncode == 1 and "signature does not verify" in out.stderr
+    record = json.loads((workspace / "lineage/k.json").read_text())
+    (workspace / "lineage/k.json").write_text(json.dumps({**record, "metrics": {"forged": 1}}))
+    assert "signature does not verify" in signature_problem(workspace / "lineage/k.json", str(key_pair[1]))
+
+
+def test_signing_without_its_key_is_a_clear_error_and_promotes_nothing(workspace, key_pair, tmp_path):
+    from tests.helpers import scoft_here
+
+    _signed_workspace(workspace, key_pair)
+    write_params(workspace / "params.yaml", {"lineage.signing_key": str(tmp_path / "nowhere.pem")})
+    out = scoft_here("models", "promote", "KOR", "k", "--reason", "x", cwd=workspace)
+    assert out.returncode == 2 and "lineage.signing_key" in out.stderr and "no such key file" in out.stderr
+    inside = workspace / "signing.pem"
+    inside.write_bytes(key_pair[0].read_bytes())
+    write_params(workspace / "params.yaml", {"lineage.signing_key": "signing.pem"})
+    out = scoft_here("models", "promote", "KOR", "k", "--reason", "x", cwd=workspace)
+    assert out.returncode == 2 and "outside the repository" in out.stderr
+    assert registry.read(workspace, "KOR")["production"] is None
