@@ -325,8 +325,8 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
                                        prompt_ids=np.array([r.id for r in held])),
         "coverage": category_coverage(records, cultures),
     }
-    return {"metrics": metrics, "images": images, "held": held, "prompts": prompts, "generic_images": generic_images,
-            "per_prompt": {"distance": dist, "retrieval": hits}}
+    return {"metrics": metrics, "images": images, "held": held, "prompts": prompts, "seeds": seeds,
+            "generic_images": generic_images, "per_prompt": {"distance": dist, "retrieval": hits}}
 
 
 def quality_metrics(distance, generated: dict[str, torch.Tensor], refs: torch.Tensor, train_refs: torch.Tensor | None,
@@ -541,6 +541,24 @@ def html_report(
     return "\n".join([*parts, "</body></html>"])
 
 
+IMAGES_DIR = "images"  # every image the evaluation judged, for the insiders' review (scoft/review)
+
+
+def write_judged_images(folder: Path, result: dict) -> None:
+    """images/<model>/<i>.png for each held-out prompt and seed, and images/index.json saying, for each i,
+    the prompt, its seed, and the held-out record and culture it stands for: a review campaign pairs these
+    images (same prompt and seed, candidate against base) without any new sampling."""
+    per_prompt = len(result["prompts"]) // len(result["held"])
+    index = [{"i": i, "prompt": prompt, "seed": int(seed), "record": result["held"][i // per_prompt].id,
+              "culture": result["held"][i // per_prompt].culture}
+             for i, (prompt, seed) in enumerate(zip(result["prompts"], result["seeds"]))]
+    for model, images in result["images"].items():
+        (folder / model).mkdir(parents=True)
+        for i, image in enumerate(images):
+            image.save(folder / model / f"{i:04d}.png")
+    write_json(folder / "index.json", {"models": sorted(result["images"]), "images": index})
+
+
 def grid_file(culture: str) -> str:
     return "grid-" + re.sub(r"[^A-Za-z0-9_-]", "_", culture) + ".png"  # a file name whatever the manifest holds
 
@@ -567,6 +585,7 @@ def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: st
     grids = culture_grids(result, ccub_dir, size)
     prompts = {c: [r.caption for r in result["held"] if r.culture == c] for c in grids}
     with atomic_dir(out_dir) as tmp:
+        write_judged_images(tmp / IMAGES_DIR, result)
         image_grid(rows, size).save(tmp / "grid.png")
         for culture, grid in grids.items():
             grid.save(tmp / grid_file(culture))

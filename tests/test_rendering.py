@@ -1,5 +1,7 @@
 """Text that came from CCUB renders as text: no markup, links, remote images or headings."""
 
+import json
+
 import numpy as np
 import pytest
 from markdown_it import MarkdownIt
@@ -64,6 +66,7 @@ def test_the_evaluation_report_shows_hostile_captions_as_text(tmp_path):
         "images": {"base": [Image.fromarray(np.zeros((32, 32, 3), np.uint8))] * len(held)},
         "held": held,
         "prompts": [r.caption for r in held],
+        "seeds": list(range(len(held))),
     }
     log = tmp_path / "train_log" / "plots" / "metrics" / "train"
     log.mkdir(parents=True)
@@ -71,6 +74,9 @@ def test_the_evaluation_report_shows_hostile_captions_as_text(tmp_path):
     write_evaluation(
         tmp_path / "eval", tmp_path / "metrics.json", result, ccub, "clip", train_log=tmp_path / "train_log"
     )
+    index = json.loads((tmp_path / "eval/images/index.json").read_text())  # every judged image, for review
+    assert index["models"] == ["base"] and [e["prompt"] for e in index["images"]] == [r.caption for r in held]
+    assert all((tmp_path / f"eval/images/base/{e['i']:04d}.png").is_file() for e in index["images"])
     page = (tmp_path / "eval/report.html").read_text()
     assert 'src="grid-KOR.png"' in page and (tmp_path / "eval/grid-KOR.png").is_file()  # a grid per culture
     assert "<svg" in page and "max 0.5" in page and "min 0.125" in page  # the loss curve, its range
