@@ -39,6 +39,8 @@ lineage_app = typer.Typer(no_args_is_help=True, help="Lineage records of trained
 app.add_typer(lineage_app, name="lineage")
 models_app = typer.Typer(no_args_is_help=True, help="The registry: each culture's production LoRA and its history.")
 app.add_typer(models_app, name="models")
+review_app = typer.Typer(no_args_is_help=True, help="Cultural insiders' blind review of candidate LoRAs.")
+app.add_typer(review_app, name="review")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
 CultureOpt = Annotated[
@@ -736,6 +738,75 @@ def models_rollback(culture: str, reason: Annotated[str, typer.Option(help="Why,
     except RegistryError as e:
         _fail(str(e))
     _say(f"{culture}: production rolled back to {entry['production']['lora_sha256'][:12]}")
+
+
+def _review_store(p):
+    """Sessions on review.database_url; unreachable: one line naming it without its password (exit 1)."""
+    from scoft.review.store import StoreUnavailable, open_store
+
+    try:
+        return open_store(p.review.database_url)
+    except StoreUnavailable as e:
+        _fail(str(e))
+
+
+@review_app.command("open")
+def review_open(culture: Annotated[str, typer.Option(help="The culture whose latest candidate is reviewed.")],
+                as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+                params: ParamsOpt = Path("params.yaml")):
+    """Open a review campaign for the culture's latest candidate LoRA: pairs of the evaluation's own
+    images (candidate against base, same prompt and seed), each in a random order."""
+    p = _params(params)
+    from scoft.review.campaigns import CampaignError, open_campaign
+
+    if culture not in p.validate_.cultures:
+        _fail(f"{culture!r} is not a configured culture (validate.cultures: {', '.join(p.validate_.cultures)})")
+    with _review_store(p)() as session:
+        try:
+            campaign, pairs = open_campaign(session, Path("."), culture, joint=not p.train.lora_per_culture)
+        except CampaignError as e:
+            _fail(str(e))
+    if as_json:
+        print(json.dumps({"campaign": campaign.id, "culture": culture, "pairs": pairs}))
+    else:
+        _say(f"{culture}: campaign {campaign.id}, {pairs} pairs (candidate {campaign.candidate_sha256[:12]} against "
+             f"the base model); invite reviewers with `scoft review invite --culture {culture} --count N`")
+
+
+@review_app.command("invite")
+def review_invite(culture: Annotated[str, typer.Option(help="The culture of the open campaign.")],
+                  count: Annotated[int, typer.Option(help="How many invitations.")],
+                  as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+                  params: ParamsOpt = Path("params.yaml")):
+    """Make COUNT invitations to the culture's open campaign: a pseudonymous reviewer id and a link with a
+    secret token each (printed once, stored only as a hash)."""
+    p = _params(params)
+    from scoft.review.campaigns import CampaignError, invite, open_campaign_of
+
+    with _review_store(p)() as session:
+        try:
+            links = invite(session, open_campaign_of(session, culture), count, p.review.public_url)
+        except CampaignError as e:
+            _fail(str(e))
+    if as_json:
+        print(json.dumps(links))
+    for link in [] if as_json else links:
+        _say(f"{link['reviewer']}: {link['url']}")
+
+
+@review_app.command("revoke")
+def review_revoke(reviewer: Annotated[str, typer.Argument(help="The reviewer id (r-...).")],
+                  params: ParamsOpt = Path("params.yaml")):
+    """The reviewer's link opens nothing from now on; the ratings already given stay."""
+    p = _params(params)
+    from scoft.review.campaigns import CampaignError, revoke
+
+    with _review_store(p)() as session:
+        try:
+            revoked = revoke(session, reviewer)
+        except CampaignError as e:
+            _fail(str(e))
+        _say(f"{revoked.id}: revoked at {revoked.revoked_at.isoformat()}")
 
 
 def _track_registry() -> None:

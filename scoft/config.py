@@ -313,6 +313,27 @@ class LineageParams(_Section):
     verify_key: str | None = None
 
 
+def _no_database_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception as e:  # noqa: BLE001 - any unparsable URL: said without echoing it
+        raise ValueError("not a database URL (e.g. sqlite:///data/review/review.db, "
+                         "postgresql+psycopg://user@host/db)") from e
+    if parsed.password is not None:
+        raise ValueError("holds a password: give it through the environment (PGPASSWORD) or ~/.pgpass, never here")
+    return url
+
+
+class ReviewParams(_Section):
+    # Cultural insiders' review (scoft/review): the database of campaigns and ratings (an SQLite file in
+    # the workspace, or postgresql+psycopg://user@host/db for a team's deployment; a password comes from
+    # the environment's PGPASSWORD or ~/.pgpass, never this file), and the base of the reviewers' links.
+    database_url: Annotated[str, AfterValidator(_no_database_password)] = "sqlite:///data/review/review.db"
+    public_url: CredentialFreeURL = Field("http://127.0.0.1:8700", pattern=r"^https?://[^\s/]+")
+
+
 class Params(_Section):
     model: ModelParams = ModelParams()
     planted: PlantedParams = PlantedParams()
@@ -325,6 +346,7 @@ class Params(_Section):
     remote: RemoteParams = RemoteParams()
     orchestration: OrchestrationParams = OrchestrationParams()
     lineage: LineageParams = LineageParams()
+    review: ReviewParams = ReviewParams()
     promotion: PromotionParams = PromotionParams()
 
     @model_validator(mode="after")

@@ -61,6 +61,8 @@ def test_params_yaml_ships_the_codes_defaults():
     ("validate", "caption_min_chars", 500, "caption_min_chars (500) is above caption_max_chars (400)"),
     ("train", "seed", 2**64, "train.seed: Input should be less than 4294967296"),
     ("negatives", "seed", -1, "negatives.seed: Input should be greater than or equal to 0"),
+    ("review", "database_url", "postgresql+psycopg://u:pw@db/reviews", "review.database_url: Value error, holds a "
+     "password"),
 ])
 def test_bad_value_is_named_with_its_key(tmp_path, section, key, value, expected):
     with pytest.raises(ConfigError) as err:

@@ -1,0 +1,116 @@
+"""Opening a campaign for a culture's candidate LoRA, and inviting or revoking its reviewers.
+
+A campaign pairs, for each of the culture's held-out prompts and seeds, the candidate's image with
+the base model's, both taken from the evaluation's own images (reports/eval/<C>/images: no new GPU
+work). Each pair's order is drawn at random once; every image is shown under an opaque random id.
+Each invitation is a secret token of 192 random bits, stored only as its sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from scoft.evaluate import BASE, IMAGES_DIR
+from scoft.io import sha256_file
+from scoft.paths import LORA_FILE, culture_paths
+from scoft.review.store import Campaign, Image, Pair, Reviewer, _now
+
+CANDIDATE = "scoft"  # the evaluate stage's name for the culture's new LoRA (scoft.promotion.CANDIDATE)
+
+
+class CampaignError(ValueError):
+    """A campaign that cannot be opened or an invitation that cannot be made, with the reason."""
+
+
+def open_campaign(session: Session, root: str | Path, culture: str, joint: bool = False) -> tuple[Campaign, int]:
+    """The open campaign for the culture's current candidate (opened now if there is none) and its
+    number of pairs."""
+    from scoft.lineage import latest_record
+
+    root = Path(root)
+    paths = culture_paths(culture, joint)
+    lora, images = root / paths["lora"] / LORA_FILE, root / paths["eval"] / IMAGES_DIR
+    if not lora.is_file():
+        raise CampaignError(f"{culture}: no candidate LoRA in {paths['lora']} (run `scoft run` first)")
+    if not (images / "index.json").is_file():
+        raise CampaignError(f"{culture}: the evaluation kept no images ({images}/index.json): evaluate again")
+    digest = sha256_file(lora)
+    existing = session.scalars(select(Campaign).where(Campaign.culture == culture, Campaign.status == "open",
+                                                      Campaign.candidate_sha256 == digest)).first()
+    if existing is not None:
+        return existing, _pair_count(session, existing)
+    index = json.loads((images / "index.json").read_text(encoding="utf-8"))
+    if not {CANDIDATE, BASE} <= set(index["models"]):
+        raise CampaignError(f"{culture}: the evaluation's images hold {index['models']}, not {CANDIDATE} and {BASE}")
+    entries = [e for e in index["images"] if e["culture"] == culture]
+    if not entries:
+        raise CampaignError(f"{culture}: the evaluation judged no held-out prompt of {culture}")
+    try:
+        lineage = latest_record(root, culture)[0].stem
+    except FileNotFoundError:
+        lineage = ""  # evaluated outside a retrain run: the campaign names no record
+    campaign = Campaign(id=secrets.token_hex(8), culture=culture, candidate_sha256=digest, opened_at=_now(),
+                        lineage=lineage, status="open", evaluation=str(paths["eval"]))
+    session.add(campaign)
+    for e in entries:
+        shown = {model: Image(id=secrets.token_urlsafe(16), campaign_id=campaign.id, model=model,
+                              path=str(paths["eval"] / IMAGES_DIR / model / f"{e['i']:04d}.png"))
+                 for model in (CANDIDATE, BASE)}
+        session.add_all(shown.values())
+        candidate_first = secrets.randbelow(2) == 1
+        first, second = (shown[CANDIDATE], shown[BASE]) if candidate_first else (shown[BASE], shown[CANDIDATE])
+        session.add(Pair(id=secrets.token_urlsafe(12), campaign_id=campaign.id, comparison=BASE, prompt=e["prompt"],
+                         seed=e["seed"], record=e["record"], first_image=first.id, second_image=second.id,
+                         candidate_first=candidate_first))
+    session.commit()
+    return campaign, len(entries)
+
+
+def _pair_count(session: Session, campaign: Campaign) -> int:
+    return len(session.scalars(select(Pair.id).where(Pair.campaign_id == campaign.id)).all())
+
+
+def open_campaign_of(session: Session, culture: str) -> Campaign:
+    """The culture's open campaign; none is a CampaignError saying how to open one."""
+    campaign = session.scalars(select(Campaign).where(Campaign.culture == culture, Campaign.status == "open")
+                               .order_by(Campaign.opened_at.desc())).first()
+    if campaign is None:
+        raise CampaignError(f"{culture}: no open review campaign (`scoft review open --culture {culture}`)")
+    return campaign
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def invite(session: Session, campaign: Campaign, count: int, public_url: str) -> list[dict]:
+    """`count` invitations to the campaign: their pseudonymous reviewer ids and links (the only place
+    the tokens appear)."""
+    if not 1 <= count <= 1000:
+        raise CampaignError(f"--count {count}: between 1 and 1000 invitations at a time")
+    out = []
+    for _ in range(count):
+        token = secrets.token_urlsafe(24)  # 192 random bits
+        reviewer = Reviewer(id="r-" + secrets.token_hex(4), campaign_id=campaign.id, token_sha256=token_hash(token),
+                            invited_at=_now())
+        session.add(reviewer)
+        out.append({"reviewer": reviewer.id, "url": f"{public_url.rstrip('/')}/r/{token}"})
+    session.commit()
+    return out
+
+
+def revoke(session: Session, reviewer_id: str) -> Reviewer:
+    """The reviewer's token opens nothing from now on; the ratings already given stay."""
+    reviewer = session.get(Reviewer, reviewer_id)
+    if reviewer is None:
+        raise CampaignError(f"no reviewer {reviewer_id!r}")
+    if reviewer.revoked_at is None:
+        reviewer.revoked_at = _now()
+        session.commit()
+    return reviewer
