@@ -809,6 +809,21 @@ def review_revoke(reviewer: Annotated[str, typer.Argument(help="The reviewer id 
         _say(f"{revoked.id}: revoked at {revoked.revoked_at.isoformat()}")
 
 
+@review_app.command("serve")
+def review_serve(host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+                 port: Annotated[int, typer.Option(min=1, max=65535)] = 8700,
+                 params: ParamsOpt = Path("params.yaml")):
+    """The reviewers' app (pages at their links, and the JSON API) on the review store."""
+    p = _params(params)
+    import uvicorn
+
+    from scoft.review.app import create_app
+
+    _say(f"review app on http://{host}:{port} (links: {p.review.public_url}/r/<token>)")
+    uvicorn.run(create_app(_review_store(p), Path(".")), host=host, port=port, log_level="warning",
+                server_header=False)
+
+
 def _track_registry() -> None:
     """`dvc add` the registry's LoRAs where this is a DVC workspace, so `dvc push` sends them; a failure
     is a RegistryError (the transaction then puts the registry file back)."""

@@ -76,3 +76,82 @@ def test_an_unreachable_database_is_one_line_naming_it(tmp_path, monkeypatch):
     out = scoft_here("review", "open", "--culture", "KOR", cwd=ws)
     assert out.returncode == 1 and "review database postgresql+psycopg://scoft@127.0.0.1:9/reviews" in out.stderr
     assert "s3cret-pg" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def _app(ws, invited: int = 2):
+    from fastapi.testclient import TestClient
+
+    from scoft.review.app import create_app
+    from scoft.review.store import open_store
+
+    scoft_here("review", "open", "--culture", "KOR", cwd=ws)
+    links = json.loads(scoft_here("review", "invite", "--culture", "KOR", "--count", str(invited), "--json",
+                                  cwd=ws).stdout)
+    sessions = open_store(f"sqlite:///{ws / 'data/review/review.db'}")
+    return TestClient(create_app(sessions, ws)), [link["url"].rsplit("/", 1)[1] for link in links], links
+
+
+def test_a_reviewer_rates_every_pair_through_the_api_and_the_last_answer_is_kept(tmp_path):
+    client, tokens, links = _app(_workspace(tmp_path))
+    auth = {"Authorization": f"Bearer {tokens[0]}"}
+    seen = []
+    while (r := client.get("/api/v1/next", headers=auth)).status_code == 200:
+        shown = r.json()
+        assert shown["prompt"].startswith("a photo of k") and len(shown["images"]) == 2
+        for url in shown["images"]:
+            image = client.get(url, headers=auth)
+            assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+            assert not {"etag", "last-modified", "content-disposition"} & set(image.headers)
+        body = {"pair": shown["pair"], "better": 0, "more_stereotyped": None, "offensive": [False, True]}
+        assert client.post("/api/v1/ratings", json=body, headers=auth).status_code == 201
+        seen.append(shown["pair"])
+    assert r.status_code == 204 and len(seen) == 4 == len(set(seen))
+    again = {"pair": seen[0], "better": 1, "more_stereotyped": 1, "offensive": [False, False]}
+    assert client.post("/api/v1/ratings", json=again, headers=auth).status_code == 201
+    db = sqlite3.connect(tmp_path / "data/review/review.db")
+    kept = db.execute("select better from ratings where pair_id = ? order by id", (seen[0],)).fetchall()
+    assert kept == [(0,), (1,)]  # never deleted; the last one is the answer
+
+
+def test_tokens_pairs_and_bodies_that_do_not_belong_are_refused_and_store_nothing(tmp_path):
+    ws = _workspace(tmp_path)
+    client, tokens, links = _app(ws)
+    assert client.get("/api/v1/next").status_code == 401
+    assert client.get("/api/v1/next", headers={"Authorization": "Bearer not-a-token"}).status_code == 401
+    assert client.get("/r/%3Cscript%3E").status_code == 401 and "opens nothing" in client.get("/r/x").text
+    scoft_here("review", "revoke", links[1]["reviewer"], cwd=ws)
+    assert client.get("/api/v1/next", headers={"Authorization": f"Bearer {tokens[1]}"}).status_code == 403
+    auth = {"Authorization": f"Bearer {tokens[0]}"}
+    pair = client.get("/api/v1/next", headers=auth).json()["pair"]
+    for body, status in [({"pair": "someone-elses", "better": 0, "more_stereotyped": 0, "offensive": [False, False]},
+                          404), ({"pair": pair, "better": 2, "more_stereotyped": 0, "offensive": [False, False]}, 422),
+                         ({"pair": pair, "better": 0, "more_stereotyped": 0, "offensive": "no"}, 422), ([1, 2], 422)]:
+        r = client.post("/api/v1/ratings", json=body, headers=auth)
+        assert r.status_code == status and r.json()["error"]
+    assert client.post("/api/v1/ratings", content=b"{", headers=auth).status_code == 400
+    assert client.get("/img/" + "x" * 22, headers=auth).status_code == 404
+    assert sqlite3.connect(ws / "data/review/review.db").execute("select count(*) from ratings").fetchone() == (0,)
+
+
+def test_the_page_is_blind_escapes_captions_and_refuses_cross_site_posts(tmp_path):
+    ws = _workspace(tmp_path)
+    index = json.loads((ws / "reports/eval/KOR/images/index.json").read_text())
+    for entry in index["images"]:
+        entry["prompt"] = "<script>alert(1)</script> a house"
+    (ws / "reports/eval/KOR/images/index.json").write_text(json.dumps(index))
+    client, tokens, _ = _app(ws)
+    page = client.get(f"/r/{tokens[0]}")
+    assert page.status_code == 200 and "1 of 4" in page.text
+    assert "<script>alert(1)</script>" not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+    for word in ("scoft", "base", "candidate", ".png", "images/"):
+        assert word not in page.text.lower().replace("scoft_review", "")
+    pair = page.text.split('name="pair" value="')[1].split('"')[0]
+    form = {"pair": pair, "better": "1", "more_stereotyped": "", "offensive_0": "1"}
+    assert client.post(f"/r/{tokens[0]}/rate", data=form, follow_redirects=False).status_code == 403  # no csrf
+    form["csrf"] = page.text.split('name="csrf" value="')[1].split('"')[0]
+    sent = client.post(f"/r/{tokens[0]}/rate", data=form, follow_redirects=False)
+    assert sent.status_code == 303 and "2 of 4" in client.get(f"/r/{tokens[0]}").text
+    img = page.text.split('<img src="')[1].split('"')[0]
+    assert client.get(img).status_code == 200  # with the page's cookie
+    db = sqlite3.connect(ws / "data/review/review.db")
+    assert db.execute("select better, more_stereotyped, offensive_first from ratings").fetchall() == [(1, None, 1)]

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from scoft.evaluate import BASE, IMAGES_DIR
 from scoft.io import sha256_file
 from scoft.paths import LORA_FILE, culture_paths
-from scoft.review.store import Campaign, Image, Pair, Reviewer, _now
+from scoft.review.store import Campaign, Image, Pair, Rating, Reviewer, _now
 
 CANDIDATE = "scoft"  # the evaluate stage's name for the culture's new LoRA (scoft.promotion.CANDIDATE)
 
@@ -114,3 +114,76 @@ def revoke(session: Session, reviewer_id: str) -> Reviewer:
         reviewer.revoked_at = _now()
         session.commit()
     return reviewer
+
+
+class NotInvited(PermissionError):
+    """A token that opens nothing: unknown or malformed (status 401), revoked or of a closed campaign (403)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+TOKEN_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def reviewer_for(session: Session, token: str | None) -> Reviewer:
+    """The reviewer a token belongs to, if it opens anything now."""
+    if not token or len(token) > 64 or not set(token) <= TOKEN_CHARS:
+        raise NotInvited("not a valid invitation link", 401)
+    reviewer = session.scalars(select(Reviewer).where(Reviewer.token_sha256 == token_hash(token))).first()
+    if reviewer is None:
+        raise NotInvited("not a valid invitation link", 401)
+    if reviewer.revoked_at is not None:
+        raise NotInvited("this invitation was withdrawn", 403)
+    if session.get(Campaign, reviewer.campaign_id).status != "open":
+        raise NotInvited("this review has closed; thank you", 403)
+    return reviewer
+
+
+def _pairs_in_order(session: Session, reviewer: Reviewer) -> list[Pair]:
+    """The campaign's pairs in an order of the reviewer's own (so reviewers do not all start alike)."""
+    pairs = session.scalars(select(Pair).where(Pair.campaign_id == reviewer.campaign_id)).all()
+    return sorted(pairs, key=lambda p: hashlib.sha256(f"{reviewer.id}:{p.id}".encode()).hexdigest())
+
+
+def next_pair(session: Session, reviewer: Reviewer) -> tuple[Pair | None, int, int]:
+    """The reviewer's next unrated pair (None when done), how many they rated and how many there are."""
+    pairs = _pairs_in_order(session, reviewer)
+    rated = set(session.scalars(select(Rating.pair_id).where(Rating.reviewer_id == reviewer.id)).all())
+    left = [p for p in pairs if p.id not in rated]
+    return (left[0] if left else None), len(pairs) - len(left), len(pairs)
+
+
+class BadRating(ValueError):
+    """A rating that is not stored, with the reason (status 404: not the reviewer's pair; 422: malformed)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def rate(session: Session, reviewer: Reviewer, pair_id, better, more_stereotyped, offensive) -> Rating:
+    """Store one answer to one of the reviewer's pairs (0 and 1: positions as shown; None: can't tell)."""
+    pair = session.get(Pair, pair_id) if isinstance(pair_id, str) else None
+    if pair is None or pair.campaign_id != reviewer.campaign_id:
+        raise BadRating("no such pair in your review", 404)
+    for name, value in (("better", better), ("more_stereotyped", more_stereotyped)):
+        if value is not None and (isinstance(value, bool) or value not in (0, 1)):
+            raise BadRating(f"{name} must be 0, 1 or null (positions of the two images)")
+    two_flags = isinstance(offensive, list | tuple) and len(offensive) == 2
+    if not (two_flags and all(isinstance(x, bool) for x in offensive)):
+        raise BadRating("offensive must be two booleans, one per image")
+    rating = Rating(pair_id=pair.id, reviewer_id=reviewer.id, better=better, more_stereotyped=more_stereotyped,
+                    offensive_first=offensive[0], offensive_second=offensive[1], at=_now())
+    session.add(rating)
+    session.commit()
+    return rating
+
+
+def image_for(session: Session, reviewer: Reviewer, image_id: str) -> Path:
+    """The file of an image of the reviewer's campaign (relative to the workspace)."""
+    image = session.get(Image, image_id) if isinstance(image_id, str) else None
+    if image is None or image.campaign_id != reviewer.campaign_id:
+        raise BadRating("no such image in your review", 404)
+    return Path(image.path)

@@ -1,0 +1,165 @@
+"""The reviewers' app: one pair at a time at a reviewer's link, and the same through a JSON API.
+
+Pages work without JavaScript (plain form posts, protected against cross-site requests by a per-reviewer
+token in the form and a SameSite cookie) and, with it, from the keyboard (1 / 2 / 0 choose the better
+image or "can't tell", Enter sends). Images are served under opaque random ids to a reviewer of their
+campaign only, with nothing in the URL, headers or page that tells the models apart. The JSON API
+authenticates by the invitation token as a bearer header: GET /api/v1/next, POST /api/v1/ratings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from pathlib import Path
+
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from jinja2 import DictLoader, Environment, select_autoescape
+from sqlalchemy.orm import sessionmaker
+
+from scoft.review.campaigns import BadRating, NotInvited, image_for, next_pair, rate, reviewer_for
+
+COOKIE = "scoft_review"
+_PAGES = {
+    "pair.html": """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Review</title>
+<style>body{font-family:sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem}
+.pair{display:flex;gap:1rem;flex-wrap:wrap}.pair figure{flex:1 1 14rem;margin:0}
+.pair img{width:100%;image-rendering:pixelated;border:1px solid #ccc}fieldset{margin:.8rem 0}</style></head>
+<body><p>{{ done + 1 }} of {{ total }}</p><h1>{{ prompt }}</h1>
+<form method="post" action="/r/{{ token }}/rate"><input type="hidden" name="pair" value="{{ pair }}">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<div class="pair">{% for src in images %}<figure><img src="{{ src }}" alt="image {{ loop.index }}">
+<figcaption><label><input type="checkbox" name="offensive_{{ loop.index0 }}" value="1"> image {{ loop.index }}
+is offensive</label></figcaption></figure>{% endfor %}</div>
+<fieldset><legend>Which image better depicts the culture for this prompt?</legend>
+<label><input type="radio" name="better" value="0" required> image 1</label>
+<label><input type="radio" name="better" value="1"> image 2</label>
+<label><input type="radio" name="better" value=""> can't tell</label></fieldset>
+<fieldset><legend>Which is more stereotyped?</legend>
+<label><input type="radio" name="more_stereotyped" value="0" required> image 1</label>
+<label><input type="radio" name="more_stereotyped" value="1"> image 2</label>
+<label><input type="radio" name="more_stereotyped" value=""> can't tell</label></fieldset>
+<button type="submit">Send</button></form>
+<script>document.addEventListener("keydown", e => {const k = {"1": "0", "2": "1", "0": ""}[e.key];
+if (k !== undefined) {document.querySelector(`input[name=better][value="${k}"]`).checked = true;}});</script>
+</body></html>""",
+    "message.html": """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Review</title></head>
+<body><h1>{{ title }}</h1><p>{{ text }}</p></body></html>""",
+}
+_TEMPLATES = Environment(loader=DictLoader(_PAGES), autoescape=select_autoescape(default=True))
+# Nothing of the app's own in the headers; no caching or sniffing of what a reviewer sees.
+_HEADERS = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+            "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
+                                       "script-src 'unsafe-inline'; form-action 'self'"}
+
+
+def create_app(sessions: sessionmaker, root: str | Path) -> FastAPI:
+    """The app on the review store `sessions`, serving images from the workspace `root`."""
+    app = FastAPI(title="scoft review", docs_url=None, redoc_url=None, openapi_url=None)
+    root, secret = Path(root), secrets.token_bytes(32)
+
+    def csrf(reviewer_id: str) -> str:
+        return hmac.new(secret, reviewer_id.encode(), hashlib.sha256).hexdigest()
+
+    def page(name: str, status: int = 200, **values) -> HTMLResponse:
+        return HTMLResponse(_TEMPLATES.get_template(name).render(**values), status_code=status, headers=_HEADERS)
+
+    def refused(e: NotInvited) -> HTMLResponse:
+        return page("message.html", e.status, title="This link opens nothing", text=str(e))
+
+    @app.get("/r/{token}")
+    def review_page(token: str):
+        with sessions() as session:
+            try:
+                reviewer = reviewer_for(session, token)
+            except NotInvited as e:
+                return refused(e)
+            pair, done, total = next_pair(session, reviewer)
+            if pair is None:
+                return page("message.html", title="Thank you", text=f"You rated all {total} pairs.")
+            response = page("pair.html", token=token, pair=pair.id, prompt=pair.prompt, done=done, total=total,
+                            images=[f"/img/{pair.first_image}", f"/img/{pair.second_image}"], csrf=csrf(reviewer.id))
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")  # for its images
+        return response
+
+    @app.post("/r/{token}/rate")
+    def rate_form(token: str, pair: str = Form(""), csrf_field: str = Form("", alias="csrf"),
+                  better: str = Form(""), more_stereotyped: str = Form(""), offensive_0: str = Form(""),
+                  offensive_1: str = Form("")):
+        with sessions() as session:
+            try:
+                reviewer = reviewer_for(session, token)
+            except NotInvited as e:
+                return refused(e)
+            if not hmac.compare_digest(csrf_field, csrf(reviewer.id)):
+                return page("message.html", 403, title="Not sent", text="this form did not come from your review page")
+            try:
+                rate(session, reviewer, pair, _position(better), _position(more_stereotyped),
+                     [offensive_0 == "1", offensive_1 == "1"])
+            except BadRating as e:
+                return page("message.html", e.status, title="Not stored", text=str(e))
+        return RedirectResponse(f"/r/{token}", status_code=303, headers=_HEADERS)
+
+    @app.get("/img/{image_id}")
+    def image(image_id: str, request: Request):
+        with sessions() as session:
+            try:
+                reviewer = reviewer_for(session, _bearer(request) or request.cookies.get(COOKIE))
+                path = image_for(session, reviewer, image_id)
+            except NotInvited as e:
+                return Response(status_code=e.status, headers=_HEADERS)
+            except BadRating as e:
+                return Response(status_code=e.status, headers=_HEADERS)
+        # the bytes under the opaque id: no file name, date or ETag that could tell the models apart
+        return Response((root / path).read_bytes(), media_type="image/png", headers=_HEADERS)
+
+    @app.get("/api/v1/next")
+    def api_next(request: Request):
+        with sessions() as session:
+            try:
+                reviewer = reviewer_for(session, _bearer(request))
+            except NotInvited as e:
+                return JSONResponse({"error": str(e)}, status_code=e.status, headers=_HEADERS)
+            pair, done, total = next_pair(session, reviewer)
+        if pair is None:
+            return Response(status_code=204, headers=_HEADERS)
+        base = str(request.base_url).rstrip("/")
+        return JSONResponse({"pair": pair.id, "prompt": pair.prompt, "progress": {"done": done, "total": total},
+                             "images": [f"{base}/img/{pair.first_image}", f"{base}/img/{pair.second_image}"]},
+                            headers=_HEADERS)
+
+    @app.post("/api/v1/ratings")
+    async def api_rate(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the body is not JSON"}, status_code=400, headers=_HEADERS)
+        with sessions() as session:
+            try:
+                reviewer = reviewer_for(session, _bearer(request))
+            except NotInvited as e:
+                return JSONResponse({"error": str(e)}, status_code=e.status, headers=_HEADERS)
+            if not isinstance(body, dict):
+                return JSONResponse({"error": "the body must be a JSON object"}, status_code=422, headers=_HEADERS)
+            try:
+                rate(session, reviewer, body.get("pair"), body.get("better"), body.get("more_stereotyped"),
+                     body.get("offensive", [False, False]))
+            except BadRating as e:
+                return JSONResponse({"error": str(e)}, status_code=e.status, headers=_HEADERS)
+        return JSONResponse({"stored": True}, status_code=201, headers=_HEADERS)
+
+    return app
+
+
+def _position(value: str) -> int | None:
+    """A form's radio value: "0" or "1" (the image's position), anything else "can't tell"."""
+    return int(value) if value in ("0", "1") else None
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
