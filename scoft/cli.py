@@ -809,6 +809,61 @@ def review_revoke(reviewer: Annotated[str, typer.Argument(help="The reviewer id 
         _say(f"{revoked.id}: revoked at {revoked.revoked_at.isoformat()}")
 
 
+@review_app.command("results")
+def review_results(culture: Annotated[str, typer.Option(help="The culture of the campaign.")],
+                   as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+                   params: ParamsOpt = Path("params.yaml")):
+    """The culture's latest campaign: the share of ratings preferring the candidate with its 95% interval
+    (clustered by reviewer and prompt), reviewers, ratings, agreement, stereotype answers, offensive flags."""
+    p = _params(params)
+    from sqlalchemy import select
+
+    from scoft.review.results import campaign_results
+    from scoft.review.store import Campaign
+    from scoft.text import visible
+
+    with _review_store(p)() as session:
+        campaign = session.scalars(select(Campaign).where(Campaign.culture == culture)
+                                   .order_by(Campaign.opened_at.desc())).first()
+        if campaign is None:
+            _fail(f"{culture}: no review campaign (`scoft review open --culture {culture}`)")
+        results = campaign_results(session, campaign)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    c = results["candidate_vs_base"]
+    shown = "no ratings yet" if c["preference"] is None else (
+        f"{c['preference']:.2f}" + (f" [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c["interval"] else ""))
+    _say(f"{culture}: campaign {results['campaign']} ({results['status']}), candidate preferred over the base: "
+         f"{shown}; "
+         f"{c['reviewers']} of {results['invited']} reviewers, {c['ratings']} ratings; agreement (Krippendorff's "
+         f"alpha) {c['agreement_alpha'] if c['agreement_alpha'] is not None else 'undefined'}")
+    for flag in results["offensive"]["flags"]:
+        _say(f"  offensive ({flag['model']}): {visible(flag['prompt'], 200)}")
+
+
+@review_app.command("close")
+def review_close(culture: Annotated[str, typer.Option(help="The culture of the open campaign.")],
+                 params: ParamsOpt = Path("params.yaml")):
+    """Judge the culture's open campaign now (promotion.min_insider_preference, min_reviewers,
+    max_offensive_flags): promote or reject through the registry, or say what it still waits for."""
+    p = _params(params)
+    from scoft import registry
+    from scoft.review.campaigns import CampaignError
+    from scoft.review.results import close_campaign
+
+    with _review_store(p)() as session:
+        try:
+            with registry.transaction(Path("."), culture):
+                verdict = close_campaign(session, Path("."), culture, p)
+                if verdict["decided"] and verdict["promote"]:
+                    _track_registry()
+        except (CampaignError, registry.RegistryError) as e:
+            _fail(str(e))
+    outcome = "still open" if not verdict["decided"] else "promoted" if verdict["promote"] else "rejected"
+    _say(f"{culture}: {outcome}: {verdict['reason']}")
+
+
 @review_app.command("serve")
 def review_serve(host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
                  port: Annotated[int, typer.Option(min=1, max=65535)] = 8700,

@@ -298,6 +298,13 @@ class PromotionParams(_Section):
     max_generic_takeover: float = Field(0.25, ge=0, lt=1)
     # A candidate that passes every rule waits for a reviewer (the Prefect UI's Resume form: approve or
     # reject, with a comment) for at most approval_timeout_s; without an answer nothing is promoted.
+    # The insiders' gate (`scoft review close`, scoft/review/results.py): the lower bound of the 95% interval
+    # of the share of ratings preferring the candidate over the base (clustered by reviewer and by prompt)
+    # must be above min_insider_preference (0.5: insiders prefer it, beyond chance), from at least
+    # min_reviewers reviewers, with at most max_offensive_flags flags on the candidate's images.
+    min_insider_preference: float = Field(0.5, ge=0.5, lt=1)
+    min_reviewers: int = Field(5, ge=2, le=1000)
+    max_offensive_flags: int = Field(0, ge=0)
     require_approval: bool = False
     approval_timeout_s: int = Field(86400, ge=1)
     approval_poll_s: int = Field(10, ge=1)  # how often the paused run looks for the answer
@@ -332,6 +339,8 @@ class ReviewParams(_Section):
     # the environment's PGPASSWORD or ~/.pgpass, never this file), and the base of the reviewers' links.
     database_url: Annotated[str, AfterValidator(_no_database_password)] = "sqlite:///data/review/review.db"
     public_url: CredentialFreeURL = Field("http://127.0.0.1:8700", pattern=r"^https?://[^\s/]+")
+    # A campaign without enough reviews (promotion.min_reviewers) this long after it opened is rejected.
+    deadline_days: float = Field(14, gt=0, le=365)
 
 
 class Params(_Section):

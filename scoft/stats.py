@@ -115,3 +115,22 @@ def holm(p_values: dict[str, float | None]) -> dict[str, float | None]:
         running = max(running, min(1.0, (len(tested) - i) * p))
         adjusted[k] = running
     return adjusted
+
+
+def two_way_cluster_bootstrap_ci(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int, seed: int,
+                                 level: float = LEVEL) -> tuple[float, float] | None:
+    """Percentile interval of the mean of `values` when they cluster two ways at once (ratings by reviewer
+    and by prompt): each replicate draws reviewers and prompts with replacement, independently, and
+    weighs each value by how often its reviewer and its prompt were drawn. None below 2 of either."""
+    values = np.asarray(values, dtype=np.float64)
+    row_ids, row_of = np.unique(rows, return_inverse=True)
+    col_ids, col_of = np.unique(cols, return_inverse=True)
+    if len(row_ids) < 2 or len(col_ids) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.empty(n)
+    for b in range(n):
+        weight = (np.bincount(rng.integers(0, len(row_ids), len(row_ids)), minlength=len(row_ids))[row_of]
+                  * np.bincount(rng.integers(0, len(col_ids), len(col_ids)), minlength=len(col_ids))[col_of])
+        means[b] = (weight * values).sum() / weight.sum() if weight.sum() else np.nan
+    return _percentile_interval(means[~np.isnan(means)], level)

@@ -6,6 +6,7 @@ import sqlite3
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from scoft.evaluate import write_judged_images
@@ -19,16 +20,17 @@ class Held:
     culture: str
 
 
-def _workspace(ws):
-    """A candidate LoRA for KOR and the evaluation's images: 3 held-out prompts (2 KOR, 1 NGA) x 2 seeds."""
+def _workspace(ws, kor_prompts: int = 2):
+    """A candidate LoRA for KOR and the evaluation's images: KOR's held-out prompts and one NGA prompt,
+    2 seeds each."""
     write_params(ws / "params.yaml", {})
     (ws / "models/lora/KOR").mkdir(parents=True)
     (ws / "models/lora/KOR/pytorch_lora_weights.safetensors").write_bytes(b"candidate")
-    held = [Held("k1", "KOR"), Held("k2", "KOR"), Held("n1", "NGA")]
+    held = [*(Held(f"k{i + 1}", "KOR") for i in range(kor_prompts)), Held("n1", "NGA")]
     prompts = [f"a photo of {h.id}" for h in held for _ in range(2)]
     image = lambda v: Image.fromarray(np.full((8, 8, 3), v, np.uint8))  # noqa: E731
-    result = {"held": held, "prompts": prompts, "seeds": [7, 8] * 3,
-              "images": {"base": [image(10)] * 6, "scoft": [image(200)] * 6}}
+    result = {"held": held, "prompts": prompts, "seeds": [7, 8] * len(held),
+              "images": {"base": [image(10)] * len(prompts), "scoft": [image(200)] * len(prompts)}}
     write_judged_images(ws / "reports/eval/KOR/images", result)
     return ws
 
@@ -155,3 +157,71 @@ def test_the_page_is_blind_escapes_captions_and_refuses_cross_site_posts(tmp_pat
     assert client.get(img).status_code == 200  # with the page's cookie
     db = sqlite3.connect(ws / "data/review/review.db")
     assert db.execute("select better, more_stereotyped, offensive_first from ratings").fetchall() == [(1, None, 1)]
+
+
+def _reviews(client, tokens, choose):
+    """Each reviewer rates every pair through the API: choose(reviewer, position of the candidate) gives
+    the position it calls better. The test knows the candidate's position from the store."""
+    import sqlite3 as db
+
+    for k, token in enumerate(tokens):
+        auth = {"Authorization": f"Bearer {token}"}
+        while (r := client.get("/api/v1/next", headers=auth)).status_code == 200:
+            pair = r.json()["pair"]
+            first = db.connect(client.ws / "data/review/review.db").execute(
+                "select candidate_first from pairs where id = ?", (pair,)).fetchone()[0]
+            body = {"pair": pair, "better": choose(k, 0 if first else 1), "more_stereotyped": None,
+                    "offensive": [False, False]}
+            assert client.post("/api/v1/ratings", json=body, headers=auth).status_code == 201
+
+
+def _balanced(ws):
+    """The candidate first in every other pair (the drawn order, made exactly balanced for the test)."""
+    db = sqlite3.connect(ws / "data/review/review.db")
+    for k, (pair,) in enumerate(db.execute("select id from pairs order by id").fetchall()):
+        db.execute("update pairs set candidate_first = ? where id = ?", (k % 2, pair))
+    db.commit()
+
+
+@pytest.mark.parametrize("who,choose,promoted", [
+    ("insiders who prefer the candidate", lambda k, cand: cand if (k + hash(cand)) % 10 else 1 - cand, True),
+    ("reviewers who always pick the left image", lambda k, cand: 0, False),
+    ("reviewers who answer at random", lambda k, cand: int(np.random.default_rng(k).integers(2)), False),
+])
+def test_only_insiders_preference_beyond_chance_promotes(tmp_path, who, choose, promoted):
+    from scoft import registry
+
+    ws = _workspace(tmp_path, kor_prompts=10)
+    client, tokens, _ = _app(ws, invited=6)
+    client.ws = ws
+    _balanced(ws)
+    rng = np.random.default_rng(0)
+    if "random" in who:
+        choose = lambda k, cand: int(rng.integers(2))  # noqa: E731
+    _reviews(client, tokens, choose)
+    out = scoft_here("review", "close", "--culture", "KOR", cwd=ws)
+    assert out.returncode == 0, out.stderr
+    production = registry.read(ws, "KOR")["production"]
+    last = registry.read(ws, "KOR")["history"][-1]
+    assert (production is not None) == promoted, (who, out.stdout)
+    assert last["reason"].startswith("insiders: ") and ", 6 reviewers, 120 ratings" in last["reason"]
+    assert last["by"].startswith("insiders (review campaign ")
+    results = json.loads(scoft_here("review", "results", "--culture", "KOR", "--json", cwd=ws).stdout)
+    assert results["status"] == "closed" and results["candidate_vs_base"]["ratings"] == 120
+
+
+def test_a_campaign_waits_for_reviewers_then_its_deadline_rejects_it(tmp_path):
+    from scoft import registry
+
+    ws = _workspace(tmp_path, kor_prompts=3)
+    client, tokens, _ = _app(ws, invited=2)
+    client.ws = ws
+    _reviews(client, tokens, lambda k, cand: cand)
+    out = scoft_here("review", "close", "--culture", "KOR", cwd=ws)
+    assert out.returncode == 0 and "still open" in out.stdout and "waiting for promotion.min_reviewers" in out.stdout
+    db = sqlite3.connect(ws / "data/review/review.db")
+    db.execute("update campaigns set opened_at = '2020-01-01 00:00:00'")
+    db.commit()
+    out = scoft_here("review", "close", "--culture", "KOR", cwd=ws)
+    assert "rejected: not enough reviews by the deadline" in out.stdout
+    assert registry.read(ws, "KOR")["production"] is None

@@ -1,0 +1,146 @@
+"""What insiders said about a campaign: the share of ratings preferring the candidate, with an interval
+that respects how ratings cluster (by reviewer and by prompt), agreement between reviewers, and the
+stereotype answers and offensive flags with their prompts.
+
+A rating's positions (0, 1) are turned into "the candidate" or "the other model" through the pair's
+drawn order; "can't tell" counts as half a preference (a tie). A pair rated twice by one reviewer
+counts once, by its last answer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from scoft.review.store import Campaign, Pair, Rating, Reviewer
+from scoft.stats import two_way_cluster_bootstrap_ci
+
+BOOTSTRAP, SEED = 2000, 0
+
+
+def last_answers(session: Session, campaign: Campaign) -> list[tuple[Rating, Pair]]:
+    """Each reviewer's last answer to each pair of the campaign, revoked reviewers' included (what they
+    said before being revoked was said)."""
+    rows = session.execute(select(Rating, Pair).join(Pair, Rating.pair_id == Pair.id)
+                           .where(Pair.campaign_id == campaign.id).order_by(Rating.id)).all()
+    last = {(r.reviewer_id, p.id): (r, p) for r, p in rows}
+    return list(last.values())
+
+
+def _for_candidate(position: int | None, candidate_first: bool) -> float:
+    """1 when the position is the candidate's, 0 the other's, 0.5 for can't tell."""
+    if position is None:
+        return 0.5
+    return 1.0 if (position == 0) == candidate_first else 0.0
+
+
+def campaign_results(session: Session, campaign: Campaign) -> dict:
+    answers = last_answers(session, campaign)
+    reviewers = sorted({r.reviewer_id for r, _ in answers})
+    preference = np.array([_for_candidate(r.better, p.candidate_first) for r, p in answers])
+    stereotyped = np.array([_for_candidate(r.more_stereotyped, p.candidate_first) for r, p in answers])
+    interval = two_way_cluster_bootstrap_ci(preference, np.array([r.reviewer_id for r, _ in answers]),
+                                            np.array([p.record for _, p in answers]), BOOTSTRAP, SEED) \
+        if answers else None
+    flags = [{"prompt": p.prompt, "model": "candidate" if (first == p.candidate_first) else "other",
+              "reviewer": r.reviewer_id}
+             for r, p in answers for first, flagged in ((True, r.offensive_first), (False, r.offensive_second))
+             if flagged]
+    return {
+        "campaign": campaign.id, "culture": campaign.culture, "status": campaign.status,
+        "candidate_sha256": campaign.candidate_sha256, "lineage": campaign.lineage,
+        "candidate_vs_base": {
+            "preference": float(preference.mean()) if answers else None,
+            "interval": list(interval) if interval else None,
+            "reviewers": len(reviewers), "ratings": len(answers),
+            "agreement_alpha": _agreement(answers, reviewers),
+            "candidate_more_stereotyped": float(stereotyped.mean()) if answers else None,
+        },
+        "offensive": {"candidate": sum(f["model"] == "candidate" for f in flags),
+                      "other": sum(f["model"] == "other" for f in flags), "flags": flags},
+        "invited": len(session.scalars(select(Reviewer.id).where(Reviewer.campaign_id == campaign.id)).all()),
+    }
+
+
+def _agreement(answers: list[tuple[Rating, Pair]], reviewers: list[str]) -> float | None:
+    """Krippendorff's alpha (nominal) on which image each reviewer preferred (candidate, other, can't
+    tell), pairs rated by two or more reviewers; None where it is undefined."""
+    import krippendorff
+
+    pairs = sorted({p.id for _, p in answers})
+    table = np.full((len(reviewers), len(pairs)), np.nan)
+    row, col = {r: i for i, r in enumerate(reviewers)}, {p: j for j, p in enumerate(pairs)}
+    for r, p in answers:
+        table[row[r.reviewer_id], col[p.id]] = _for_candidate(r.better, p.candidate_first) * 2  # 0, 1, 2
+    rated_twice = (~np.isnan(table)).sum(axis=0) >= 2
+    if len(reviewers) < 2 or rated_twice.sum() < 1 or len(np.unique(table[:, rated_twice][~np.isnan(
+            table[:, rated_twice])])) < 2:
+        return None
+    return float(krippendorff.alpha(reliability_data=table[:, rated_twice], level_of_measurement="nominal"))
+
+
+def insiders_verdict(results: dict, rules, deadline_passed: bool) -> dict:
+    """The insiders' gate on a campaign's results (review.* rules): `decided` False while it waits for
+    reviews before its deadline; otherwise `promote` and the reason the registry's history keeps."""
+    c = results["candidate_vs_base"]
+    said = (f"insiders: {c['preference']:.2f} [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}], "
+            if c["interval"] else "insiders: no interval, ") + f"{c['reviewers']} reviewers, {c['ratings']} ratings"
+    if c["reviewers"] < rules.min_reviewers or c["interval"] is None:
+        if not deadline_passed:
+            return {"decided": False, "promote": False, "reason": f"{said}; waiting for promotion.min_reviewers "
+                                                                  f"({rules.min_reviewers})"}
+        return {"decided": True, "promote": False, "reason": f"not enough reviews by the deadline ({said})"}
+    outcomes = [
+        {"rule": "insiders prefer it", "passed": c["interval"][0] > rules.min_insider_preference,
+         "detail": f"lower bound {c['interval'][0]:.3f}, promotion.min_insider_preference "
+                   f"{rules.min_insider_preference}"},
+        {"rule": "offensive flags", "passed": results["offensive"]["candidate"] <= rules.max_offensive_flags,
+         "detail": f"{results['offensive']['candidate']} on the candidate's images, at most "
+                   f"{rules.max_offensive_flags}"},
+    ]
+    failed = [o["rule"] for o in outcomes if not o["passed"]]
+    return {"decided": True, "promote": not failed, "rules": outcomes,
+            "reason": said + (f"; failed: {', '.join(failed)}" if failed else "")}
+
+
+def close_campaign(session: Session, root, culture: str, params) -> dict:
+    """Judge the culture's open campaign now: enough reviews (or its deadline passed) decide, through the
+    registry like the automatic gate (promote or reject, the history saying why); the campaign closes.
+    Otherwise it stays open and the verdict says what it waits for."""
+    import datetime as dt
+    from pathlib import Path
+
+    from scoft import registry
+    from scoft.io import sha256_file
+    from scoft.paths import LORA_FILE, culture_paths
+    from scoft.review.campaigns import open_campaign_of
+
+    campaign = open_campaign_of(session, culture)
+    results = campaign_results(session, campaign)
+    opened = campaign.opened_at if campaign.opened_at.tzinfo else campaign.opened_at.replace(tzinfo=dt.UTC)
+    deadline_passed = dt.datetime.now(dt.UTC) > opened + dt.timedelta(days=params.review.deadline_days)
+    verdict = insiders_verdict(results, params.promotion, deadline_passed)
+    if not verdict["decided"]:
+        return {**verdict, "results": results}
+    root = Path(root)
+    lora_dir = culture_paths(culture, not params.train.lora_per_culture)["lora"]
+    current = root / lora_dir / LORA_FILE
+    by = f"insiders (review campaign {campaign.id})"
+    decision = {"promote": verdict["promote"], "insiders": {**results["candidate_vs_base"],
+                "offensive": {k: results["offensive"][k] for k in ("candidate", "other")}},
+                "rules": verdict.get("rules", []), "lineage": campaign.lineage,
+                "lora_sha256": campaign.candidate_sha256, "lora_dir": str(lora_dir)}
+    if verdict["promote"] and (not current.is_file() or sha256_file(current) != campaign.candidate_sha256):
+        verdict = {**verdict, "promote": False, "reason": f"{verdict['reason']}; but {lora_dir} is no longer the "
+                                                          "reviewed LoRA (retrained since): nothing promoted"}
+        decision["promote"] = False
+    if verdict["promote"]:
+        registry.promote(root, culture, root / lora_dir, campaign.lineage, by=by, reason=verdict["reason"],
+                         decision=decision)
+    else:
+        registry.reject(root, culture, campaign.candidate_sha256, campaign.lineage, by=by, reason=verdict["reason"],
+                        decision=decision)
+    campaign.status = "closed"
+    session.commit()
+    return {**verdict, "results": results}
