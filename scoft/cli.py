@@ -864,6 +864,28 @@ def review_close(culture: Annotated[str, typer.Option(help="The culture of the o
     _say(f"{culture}: {outcome}: {verdict['reason']}")
 
 
+@review_app.command("export")
+def review_export(culture: Annotated[str, typer.Option(help="The culture of the campaign.")],
+                  out: Annotated[Path | None, typer.Option(help="The CSV file (default reports/review/C/ID.csv).")]
+                  = None, params: ParamsOpt = Path("params.yaml")):
+    """Every rating of the culture's latest campaign as CSV, reviewers by pseudonymous ids (what the
+    lineage record hashes when the campaign closes)."""
+    p = _params(params)
+    from sqlalchemy import select
+
+    from scoft.review.results import REVIEW_DIR, export_csv
+    from scoft.review.store import Campaign
+
+    with _review_store(p)() as session:
+        campaign = session.scalars(select(Campaign).where(Campaign.culture == culture)
+                                   .order_by(Campaign.opened_at.desc())).first()
+        if campaign is None:
+            _fail(f"{culture}: no review campaign (`scoft review open --culture {culture}`)")
+        out = out or REVIEW_DIR / culture / f"{campaign.id}.csv"
+        digest = export_csv(session, campaign, out)
+    _say(f"{out}: sha256 {digest}")
+
+
 @review_app.command("serve")
 def review_serve(host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
                  port: Annotated[int, typer.Option(min=1, max=65535)] = 8700,

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from scoft.evaluate import write_judged_images
+from scoft.io import sha256_file
 from tests.conftest import write_params
 from tests.helpers import scoft_here
 
@@ -208,6 +209,36 @@ def test_only_insiders_preference_beyond_chance_promotes(tmp_path, who, choose, 
     assert last["by"].startswith("insiders (review campaign ")
     results = json.loads(scoft_here("review", "results", "--culture", "KOR", "--json", cwd=ws).stdout)
     assert results["status"] == "closed" and results["candidate_vs_base"]["ratings"] == 120
+    (export, digest), = last["decision"]["insiders"]["export"].items()
+    rows = (ws / export).read_text().splitlines()
+    assert len(rows) == 121 and all(line.split(",")[1].startswith("r-") for line in rows[1:])
+    assert sha256_file(ws / export) == digest
+
+
+def test_the_export_enters_the_lineage_record_and_verify_checks_it(tmp_path):
+    from scoft.io import write_json
+    from scoft.lineage import sealed, verify
+
+    ws = _workspace(tmp_path, kor_prompts=3)
+    write_json(ws / "lineage/rec1.json", sealed({"created_at": "2026-01-01T00:00:00+00:00", "culture": "KOR",
+                                                  "ccub": {"path": "data/ccub", "dvc_hash": None}, "params": {},
+                                                  "metrics": {}, "lora": {"path": "models/lora/KOR/"
+                                                  "pytorch_lora_weights.safetensors",
+                                                  "sha256": sha256_file(ws / "models/lora/KOR/"
+                                                                        "pytorch_lora_weights.safetensors")}}))
+    client, tokens, _ = _app(ws, invited=2)
+    client.ws = ws
+    _reviews(client, tokens, lambda k, cand: cand)
+    db = sqlite3.connect(ws / "data/review/review.db")
+    db.execute("update campaigns set opened_at = '2020-01-01 00:00:00'")
+    db.commit()
+    assert "rejected" in scoft_here("review", "close", "--culture", "KOR", cwd=ws).stdout
+    record = json.loads((ws / "lineage/rec1.json").read_text())
+    (export, digest), = record["files"]["insiders review"].items()
+    assert record["insiders"]["promote"] is False and sha256_file(ws / export) == digest
+    assert not [p for p in verify(record, ws) if p.startswith("insiders review") or p.startswith("record:")]
+    (ws / export).write_text((ws / export).read_text().replace(",1,", ",0,", 1))  # one answer changed
+    assert any(p.startswith(f"insiders review: {export}: sha256 differs") for p in verify(record, ws))
 
 
 def test_a_campaign_waits_for_reviewers_then_its_deadline_rejects_it(tmp_path):

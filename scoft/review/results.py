@@ -9,6 +9,8 @@ counts once, by its last answer.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -104,12 +106,34 @@ def insiders_verdict(results: dict, rules, deadline_passed: bool) -> dict:
             "reason": said + (f"; failed: {', '.join(failed)}" if failed else "")}
 
 
+REVIEW_DIR = Path("reports/review")  # the campaigns' exports, by culture
+
+
+def _into_lineage(root, key: str, decision: dict, signing_key: str | None) -> None:
+    """The insiders' decision, results and the export's hash into the candidate's lineage record (resealed,
+    and signed again where signing is configured), so that `scoft lineage verify` checks the export."""
+    from scoft.io import write_json
+    from scoft.lineage import LINEAGE_DIR, read_record, sealed
+
+    path = root / LINEAGE_DIR / f"{key}.json"
+    if not key or not path.is_file():
+        return
+    record = read_record(str(path))
+    files = {**record.get("files", {}), "insiders review": decision["insiders"]["export"]}
+    write_json(path, sealed({**record, "insiders": {k: decision[k] for k in ("promote", "rules")} |
+                             {"results": {k: v for k, v in decision["insiders"].items() if k != "export"}},
+                             "files": files}))
+    if signing_key:
+        from scoft.signing import sign
+
+        sign(path, signing_key, root)
+
+
 def close_campaign(session: Session, root, culture: str, params) -> dict:
     """Judge the culture's open campaign now: enough reviews (or its deadline passed) decide, through the
     registry like the automatic gate (promote or reject, the history saying why); the campaign closes.
     Otherwise it stays open and the verdict says what it waits for."""
     import datetime as dt
-    from pathlib import Path
 
     from scoft import registry
     from scoft.io import sha256_file
@@ -135,6 +159,9 @@ def close_campaign(session: Session, root, culture: str, params) -> dict:
         verdict = {**verdict, "promote": False, "reason": f"{verdict['reason']}; but {lora_dir} is no longer the "
                                                           "reviewed LoRA (retrained since): nothing promoted"}
         decision["promote"] = False
+    export = REVIEW_DIR / culture / f"{campaign.id}.csv"
+    decision["insiders"]["export"] = {str(export): export_csv(session, campaign, root / export)}
+    _into_lineage(root, campaign.lineage, decision, params.lineage.signing_key)
     if verdict["promote"]:
         registry.promote(root, culture, root / lora_dir, campaign.lineage, by=by, reason=verdict["reason"],
                          decision=decision)
@@ -144,3 +171,29 @@ def close_campaign(session: Session, root, culture: str, params) -> dict:
     campaign.status = "closed"
     session.commit()
     return {**verdict, "results": results}
+
+
+EXPORT_COLUMNS = ["campaign", "reviewer", "pair", "record", "prompt", "seed", "comparison", "candidate_position",
+                  "better", "more_stereotyped", "offensive_first", "offensive_second", "at"]
+
+
+def export_csv(session: Session, campaign: Campaign, path) -> str:
+    """Every rating of the campaign (none is ever deleted), reviewers by their pseudonymous ids, as CSV
+    written whole; returns its sha256, which the lineage record keeps."""
+    import csv
+    import io
+
+    from scoft.io import atomic_write_text, sha256_file
+
+    rows = session.execute(select(Rating, Pair).join(Pair, Rating.pair_id == Pair.id)
+                           .where(Pair.campaign_id == campaign.id).order_by(Rating.id)).all()
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(EXPORT_COLUMNS)
+    for r, p in rows:
+        writer.writerow([campaign.id, r.reviewer_id, p.id, p.record, p.prompt, p.seed, p.comparison,
+                         0 if p.candidate_first else 1, "" if r.better is None else r.better,
+                         "" if r.more_stereotyped is None else r.more_stereotyped, int(r.offensive_first),
+                         int(r.offensive_second), r.at.isoformat()])
+    atomic_write_text(path, out.getvalue())
+    return sha256_file(path)
