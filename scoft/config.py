@@ -305,6 +305,10 @@ class PromotionParams(_Section):
     min_insider_preference: float = Field(0.5, ge=0.5, lt=1)
     min_reviewers: int = Field(5, ge=2, le=1000)
     max_offensive_flags: int = Field(0, ge=0)
+    # true: a candidate that passes every automatic rule goes before cultural insiders: the retrain run
+    # opens a review campaign (scoft/review), records the candidate as awaiting insider review and ends;
+    # `scoft review close` (or the review-close deployment) then promotes or rejects it.
+    insider_review: bool = False
     require_approval: bool = False
     approval_timeout_s: int = Field(86400, ge=1)
     approval_poll_s: int = Field(10, ge=1)  # how often the paused run looks for the answer

@@ -203,6 +203,18 @@ def reject(root: str | Path, culture: str, lora_sha256: str, lineage_key: str, b
     return _record(Path(root), culture, event)
 
 
+def await_review(root: str | Path, culture: str, lora_sha256: str, lineage_key: str, by: str, reason: str,
+                 decision: dict | None = None) -> dict:
+    """Record that a candidate passed the rules and waits for insiders (a review campaign); production is
+    unchanged until the campaign closes."""
+    _checked_event_text(by, reason)
+    event = {"action": "await", "at": _now(), "lora_sha256": lora_sha256, "lineage": lineage_key, "by": by,
+             "reason": reason}
+    if decision is not None:
+        event["decision"] = decision
+    return _record(Path(root), culture, event)
+
+
 def rollback(root: str | Path, culture: str, by: str, reason: str) -> dict:
     """Production goes back to the LoRA that was production before the current one came, walking back
     through production's history: promote A, B, C; rollback gives B, a second rollback A."""

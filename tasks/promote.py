@@ -18,10 +18,12 @@ from prefect.runtime import flow_run
 from prefect.states import Running
 from pydantic import Field
 
+from scoft import registry
 from scoft.config import PromotionParams, load_params
 from scoft.io import write_json
 from scoft.lineage import add_promotion
-from scoft.promotion import decision_markdown, failed_rules, hold_family, judge, record_verdict, with_review
+from scoft.paths import PROMOTION_DIR
+from scoft.promotion import RULES_BY, decision_markdown, failed_rules, hold_family, judge, record_verdict, with_review
 from scoft.signing import sign
 
 PROMOTED, REJECTED = "scoft.model.promoted", "scoft.model.rejected"
@@ -99,6 +101,34 @@ def record_decision(workdir: str, culture: str, lineage_path: Path, decision: di
     return decision
 
 
+@task(name="insider-review")
+def send_to_insiders(workdir: str, culture: str, lineage_path: Path, decision: dict) -> dict:
+    """promotion.insider_review: open the review campaign for a candidate that passed every rule, record
+    it as awaiting insider review (registry, lineage, artifact) and return: no run waits for people."""
+    from scoft.review.campaigns import open_campaign
+    from scoft.review.store import open_store
+
+    root = Path(workdir)
+    params = load_params(root / "params.yaml")
+    with open_store(params.review.database_url, root)() as session:
+        campaign, pairs = open_campaign(session, root, culture, joint=not params.train.lora_per_culture)
+    decision = {**decision, "promote": False, "awaiting_insiders": campaign.id}
+    reason = f"awaiting insider review: campaign {campaign.id}, {pairs} pairs (scoft review invite/close)"
+    registry.await_review(root, culture, decision["lora_sha256"], decision["lineage"], by=RULES_BY, reason=reason,
+                          decision=decision)
+    write_json(root / PROMOTION_DIR / f"{culture}.json", decision)
+    record = json.loads(Path(lineage_path).read_text(encoding="utf-8"))
+    write_json(lineage_path, add_promotion(record, decision, root))
+    create_markdown_artifact(key=f"scoft-review-{culture.lower()}", description=f"{culture}: insiders' review",
+                             markdown=f"# {culture}: awaiting insider review\n\nCampaign `{campaign.id}`, {pairs} "
+                             f"pairs of the candidate `{decision['lora_sha256'][:16]}` against the base model. "
+                             f"Invite reviewers with `scoft review invite --culture {culture} --count N` (links "
+                             f"under {params.review.public_url}); `scoft review close --culture {culture}` "
+                             "decides once they have rated.\n")
+    get_run_logger().info("%s: %s", culture, reason)
+    return decision
+
+
 def promote_cultures(workdir: str, lineage_paths: dict[str, Path], rules: PromotionParams) -> dict[str, dict]:
     """The promote step inside the retrain flow: judge every culture's candidate, hold the primary test
     over them together (Holm: at most alpha of retrains ship a no-effect LoRA), ask a reviewer when
@@ -106,6 +136,9 @@ def promote_cultures(workdir: str, lineage_paths: dict[str, Path], rules: Promot
     decisions = {c: judge_candidate(workdir, c, path) for c, path in lineage_paths.items()}
     decisions = hold_family(decisions, rules)
     for culture, decision in decisions.items():
+        if rules.insider_review and decision["promote"] and "already_judged" not in decision:
+            decisions[culture] = send_to_insiders(workdir, culture, lineage_paths[culture], decision)
+            continue
         if rules.require_approval and decision["promote"] and "already_judged" not in decision:
             decision = ask_reviewer(culture, decision, rules.approval_timeout_s, rules.approval_poll_s)
         decisions[culture] = record_decision(workdir, culture, lineage_paths[culture], decision)

@@ -283,6 +283,32 @@ def test_a_reviewer_approves_or_rejects_through_the_api_and_no_answer_promotes_n
     assert entry["production"] == production and "no reviewer answered" in entry["history"][-1]["reason"]
 
 
+def test_with_insider_review_a_passing_candidate_awaits_insiders_and_the_run_ends(prefect_server, workspace):
+    import numpy as np
+    from PIL import Image
+
+    from scoft.evaluate import write_judged_images
+    from scoft.review.store import Campaign, open_store
+
+    ids = _kor_heldout(workspace)
+    _candidate(workspace, b"first", evaluation(gain=0.08, ids=ids))
+    held = [type("Held", (), {"id": i, "culture": "KOR"})() for i in ids]
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    write_judged_images(workspace / "reports/eval/KOR/images", {
+        "held": held, "prompts": [f"p{i}" for i in ids], "seeds": [1] * len(ids),
+        "images": {"base": [image] * len(ids), "scoft": [image] * len(ids)}})
+    run = _review_run(workspace, "insiders", PromotionParams(insider_review=True))
+    run["thread"].join(120)
+    assert run["state"].is_completed() and not run["state"].result()["promote"]  # ended, nothing shipped
+    entry = registry.read(workspace, "KOR")
+    assert entry["production"] is None and entry["history"][-1]["action"] == "await"
+    assert entry["history"][-1]["reason"].startswith("awaiting insider review: campaign ")
+    with open_store("sqlite:///data/review/review.db", workspace)() as session:
+        campaigns = session.query(Campaign).all()
+    assert [c.culture for c in campaigns] == ["KOR"] and campaigns[0].status == "open"
+    assert (workspace / "data/review/review.db").is_file()  # in the workspace, not where the test runs
+
+
 def _posted(receiver, what: str, timeout: float = 90) -> dict:
     import time
 

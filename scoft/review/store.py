@@ -102,12 +102,15 @@ def shown_url(url: str) -> str:
         return "(an unparsable database URL)"
 
 
-def open_store(url: str) -> sessionmaker:
-    """Sessions on the review database at `url`, its schema migrated to the current version first."""
+def open_store(url: str, root: str | Path = ".") -> sessionmaker:
+    """Sessions on the review database at `url` (an SQLite file relative to the workspace `root`), its
+    schema migrated to the current version first."""
     from alembic import command
     from alembic.config import Config
 
     try:
+        if url.startswith("sqlite:///") and not Path(make_url(url).database).is_absolute():
+            url = f"sqlite:///{Path(root).resolve() / make_url(url).database}"
         if url.startswith("sqlite:///"):
             Path(make_url(url).database).parent.mkdir(parents=True, exist_ok=True)
         engine: Engine = create_engine(url)
