@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make serve`: the whole loop on this machine, for a newcomer. A Prefect server on loopback, the cpu
-# and gpu work pools, every deployment of deployments/prefect.yaml, the recovery automations, and one
-# worker per pool running flows in this checkout. Ctrl-C stops all of it (each started in a process
+# and gpu work pools, every deployment of deployments/prefect.yaml, the recovery automations, one
+# worker per pool running flows in this checkout, and the insiders' review app. Ctrl-C stops all of it (each started in a process
 # group of its own, flow runs included), leaving nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,5 +45,7 @@ scoft recovery
 [ -d data/sample ] || scoft sample --out data/sample
 start prefect worker start --pool cpu > .prefect/worker-cpu.log 2>&1
 start prefect worker start --pool gpu --limit 1 > .prefect/worker-gpu.log 2>&1
-echo "serve: Prefect UI at http://127.0.0.1:$PORT (workers' logs in .prefect/), Ctrl-C to stop"
+REVIEW_PORT="${SCOFT_REVIEW_PORT:-8700}"
+start scoft review serve --host 127.0.0.1 --port "$REVIEW_PORT" > .prefect/review.log 2>&1
+echo "serve: Prefect UI at http://127.0.0.1:$PORT, insiders' review app at http://127.0.0.1:$REVIEW_PORT (logs in .prefect/), Ctrl-C to stop"
 wait
