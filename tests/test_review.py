@@ -256,3 +256,22 @@ def test_a_campaign_waits_for_reviewers_then_its_deadline_rejects_it(tmp_path):
     out = scoft_here("review", "close", "--culture", "KOR", cwd=ws)
     assert "rejected: not enough reviews by the deadline" in out.stdout
     assert registry.read(ws, "KOR")["production"] is None
+
+
+def test_the_review_close_flow_judges_every_open_campaign(prefect_server, tmp_path):
+    from flows.review import review_close
+    from scoft import registry
+
+    ws = _workspace(tmp_path, kor_prompts=3)
+    client, tokens, _ = _app(ws, invited=2)
+    client.ws = ws
+    _reviews(client, tokens, lambda k, cand: cand)
+    waiting = review_close(workdir=str(ws))
+    assert list(waiting) == ["KOR"] and not waiting["KOR"]["decided"]
+    db = sqlite3.connect(ws / "data/review/review.db")
+    db.execute("update campaigns set opened_at = '2020-01-01 00:00:00'")
+    db.commit()
+    closed = review_close(workdir=str(ws))
+    assert closed["KOR"]["decided"] and "not enough reviews" in closed["KOR"]["reason"]
+    assert registry.read(ws, "KOR")["history"][-1]["action"] == "reject"
+    assert review_close(workdir=str(ws)) == {}  # nothing open any more

@@ -102,6 +102,7 @@ def create_app(sessions: sessionmaker, root: str | Path) -> FastAPI:
                      [offensive_0 == "1", offensive_1 == "1"])
             except BadRating as e:
                 return page("message.html", e.status, title="Not stored", text=str(e))
+            _announce_if_done(session, reviewer)
         return RedirectResponse(f"/r/{token}", status_code=303, headers=_HEADERS)
 
     @app.get("/img/{image_id}")
@@ -150,9 +151,23 @@ def create_app(sessions: sessionmaker, root: str | Path) -> FastAPI:
                      body.get("offensive", [False, False]))
             except BadRating as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status, headers=_HEADERS)
+            _announce_if_done(session, reviewer)
         return JSONResponse({"stored": True}, status_code=201, headers=_HEADERS)
 
     return app
+
+
+def _announce_if_done(session, reviewer) -> None:
+    """When a reviewer has rated every pair, tell Prefect (`scoft.review.completed`), whose review-close
+    deployment then judges the campaign; only where a Prefect server is configured (PREFECT_API_URL)."""
+    import os
+
+    if next_pair(session, reviewer)[0] is not None or not os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.events import emit_event
+
+    emit_event(event="scoft.review.completed", resource={"prefect.resource.id": f"scoft.review.{reviewer.campaign_id}"},
+               payload={"campaign": reviewer.campaign_id, "reviewer": reviewer.id})
 
 
 def _position(value: str) -> int | None:
