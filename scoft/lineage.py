@@ -18,7 +18,7 @@ import yaml
 
 from scoft.ccub import CULTURES_DIR, HELDOUT_MANIFEST, MANIFEST, read_heldout, read_manifest
 from scoft.io import pixel_hash, sha256_file, sha256_json, write_json
-from scoft.paths import PROMOTION_DIR, VALIDATION_DIR
+from scoft.paths import LORA_FILE, PROMOTION_DIR, VALIDATION_DIR
 from scoft.text import visible
 
 LINEAGE_DIR = Path("lineage")
@@ -124,6 +124,13 @@ def _hashed(root: Path, paths) -> dict[str, str]:
 
 
 SELF = "record_sha256"
+
+
+def _seal_problems(record: dict) -> list[str]:
+    """A sealed record whose fields no longer hash to its seal (records made before sealing have none)."""
+    if SELF in record and sealed(record)[SELF] != record[SELF]:
+        return ["record: its fields were changed after it was written (record_sha256 differs)"]
+    return []
 
 
 def sealed(record: dict) -> dict:
@@ -291,9 +298,7 @@ def verify(record: dict, root: str | Path = ".") -> list[str]:
     """Recompute every hash of the record's chain and compare its params with the ones the stages
     used; return one line per mismatch, naming the link and the file or key (empty when intact)."""
     root = Path(root)
-    problems = []
-    if SELF in record and sha256_json({k: v for k, v in record.items() if k != SELF}) != record[SELF]:
-        problems.append("record: its fields were changed after it was written (record_sha256 differs)")
+    problems = _seal_problems(record)
     lora = root / record["lora"]["path"]
     if not lora.is_file():
         problems.append(f"lora: {record['lora']['path']}: missing")
@@ -336,12 +341,10 @@ def verify_superseded(record: dict, root: str | Path = ".") -> list[str]:
     the registry's copy of its LoRA, and the registry's promotion of it."""
     from scoft import registry
 
-    root, problems = Path(root), []
-    if SELF in record and sha256_json({k: v for k, v in record.items() if k != SELF}) != record[SELF]:
-        problems.append("record: its fields were changed after it was written (record_sha256 differs)")
+    root, problems = Path(root), _seal_problems(record)
     try:
         folder = registry.production_lora(root, record["culture"])
-        if folder is None or sha256_file(folder / "pytorch_lora_weights.safetensors") != record["lora"]["sha256"]:
+        if folder is None or sha256_file(folder / LORA_FILE) != record["lora"]["sha256"]:
             problems.append(f"lora: production's LoRA is not the record's {record['lora']['sha256'][:16]}")
     except registry.RegistryError as e:
         problems.append(f"lora: {e}")

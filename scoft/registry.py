@@ -195,20 +195,21 @@ def promote(root: str | Path, culture: str, lora_dir: str | Path, lineage_key: s
 def reject(root: str | Path, culture: str, lora_sha256: str, lineage_key: str, by: str, reason: str,
            decision: dict | None = None) -> dict:
     """Record that a candidate was refused; production is unchanged."""
-    _checked_event_text(by, reason)
-    event = {"action": "reject", "at": _now(), "lora_sha256": lora_sha256, "lineage": lineage_key, "by": by,
-             "reason": reason}
-    if decision is not None:
-        event["decision"] = decision
-    return _record(Path(root), culture, event)
+    return _candidate_event("reject", root, culture, lora_sha256, lineage_key, by, reason, decision)
 
 
 def await_review(root: str | Path, culture: str, lora_sha256: str, lineage_key: str, by: str, reason: str,
                  decision: dict | None = None) -> dict:
     """Record that a candidate passed the rules and waits for insiders (a review campaign); production is
     unchanged until the campaign closes."""
+    return _candidate_event("await", root, culture, lora_sha256, lineage_key, by, reason, decision)
+
+
+def _candidate_event(action: str, root, culture: str, lora_sha256: str, lineage_key: str, by: str, reason: str,
+                     decision: dict | None) -> dict:
+    """A history event about a candidate that leaves production as it is."""
     _checked_event_text(by, reason)
-    event = {"action": "await", "at": _now(), "lora_sha256": lora_sha256, "lineage": lineage_key, "by": by,
+    event = {"action": action, "at": _now(), "lora_sha256": lora_sha256, "lineage": lineage_key, "by": by,
              "reason": reason}
     if decision is not None:
         event["decision"] = decision
