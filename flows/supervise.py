@@ -22,9 +22,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from scoft.paths import JOINT, LORA_DIR
+from scoft.paths import CHECKPOINTS, JOINT, LORA_DIR
 
-CHECKPOINTS = "checkpoints"  # scoft.train.CHECKPOINTS, not imported: it would load torch here
 GRACE_S = 10  # for the flow process to report its end and for DVC to release its locks
 HEALTH_POLL_S = 2
 
@@ -47,7 +46,7 @@ def run_supervised(child_args: list[str], workdir: Path, api_lost_after_s: float
         if not _configured_api_url():
             server = _temporary_server()
             env["PREFECT_API_URL"] = server.api_url
-        api = env.get("PREFECT_API_URL") or _configured_api_url()
+        api = server.api_url if server is not None else _configured_api_url()
         child = subprocess.Popen([sys.executable, "-m", "scoft.cli", *child_args], env=env, start_new_session=True)
         health = _Health(api, server, api_lost_after_s)
         while child.poll() is None and not stop_reason:
@@ -113,14 +112,14 @@ def _stop_tree(child: subprocess.Popen, workdir: Path) -> str:
         tree = psutil.Process(child.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
-    stages = {}
+    stages = []
     for proc in tree:
         try:
             cmdline = proc.cmdline()
         except psutil.Error:
             continue
         if "dvc" in cmdline and "repro" in cmdline:
-            stages[proc] = cmdline[-1]
+            stages.append(cmdline[-1])
             _signal_group(proc.pid, signal.SIGINT)  # DVC releases its locks on SIGINT
     _signal(child.pid, signal.SIGTERM)  # Prefect marks its run crashed, if its API still answers
     everything = [*tree, psutil.Process(child.pid)] if psutil.pid_exists(child.pid) else tree
@@ -128,13 +127,10 @@ def _stop_tree(child: subprocess.Popen, workdir: Path) -> str:
     for proc in alive:
         _signal(proc.pid, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=GRACE_S)
-    with_descendants = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for proc in with_descendants:  # what a stage command started under DVC's shell
-        _signal(proc.pid, signal.SIGKILL)
     child.wait()
     if not stages:
         return "no stage was running; nothing is left running"
-    return "stopped " + "; ".join(_left(stage, workdir) for stage in stages.values()) + "; nothing is left running"
+    return "stopped " + "; ".join(_left(stage, workdir) for stage in stages) + "; nothing is left running"
 
 
 def _left(stage: str, workdir: Path) -> str:

@@ -658,6 +658,12 @@ def models_show(culture: str, params: ParamsOpt = Path("params.yaml")):
 LINEAGE_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
+def _configured(culture: str, p) -> None:
+    """A one-line failure unless `culture` is one of validate.cultures."""
+    if culture not in p.validate_.cultures:
+        _fail(f"{culture!r} is not a configured culture (validate.cultures: {', '.join(p.validate_.cultures)})")
+
+
 def _candidate_of(culture: str, key: str, p) -> dict:
     """The lineage record `key` of `culture`, whose LoRA is still the one it records; else a one-line
     failure: a culture not configured, a key that is not a record's name, a record of another culture."""
@@ -667,8 +673,7 @@ def _candidate_of(culture: str, key: str, p) -> dict:
     from scoft.lineage import LINEAGE_DIR
     from scoft.paths import LORA_DIR
 
-    if culture not in p.validate_.cultures:
-        _fail(f"{culture!r} is not a configured culture (validate.cultures: {', '.join(p.validate_.cultures)})")
+    _configured(culture, p)
     if not re.match(LINEAGE_KEY, key):
         _fail(f"{key!r} is not a lineage record's key (letters, digits, '.', '_', '-'; see `scoft lineage show`)")
     path = LINEAGE_DIR / f"{key}.json"
@@ -729,8 +734,7 @@ def models_rollback(culture: str, reason: Annotated[str, typer.Option(help="Why,
     from scoft import registry
     from scoft.registry import RegistryError
 
-    if culture not in p.validate_.cultures:
-        _fail(f"{culture!r} is not a configured culture (validate.cultures: {', '.join(p.validate_.cultures)})")
+    _configured(culture, p)
     try:
         with registry.transaction(Path("."), culture):
             entry = registry.rollback(Path("."), culture, by=by, reason=reason)
@@ -759,8 +763,7 @@ def review_open(culture: Annotated[str, typer.Option(help="The culture whose lat
     p = _params(params)
     from scoft.review.campaigns import CampaignError, open_campaign
 
-    if culture not in p.validate_.cultures:
-        _fail(f"{culture!r} is not a configured culture (validate.cultures: {', '.join(p.validate_.cultures)})")
+    _configured(culture, p)
     with _review_store(p)() as session:
         try:
             campaign, pairs = open_campaign(session, Path("."), culture, joint=not p.train.lora_per_culture)
@@ -809,6 +812,16 @@ def review_revoke(reviewer: Annotated[str, typer.Argument(help="The reviewer id 
         _say(f"{revoked.id}: revoked at {revoked.revoked_at.isoformat()}")
 
 
+def _latest_campaign(session, culture: str):
+    """The culture's latest campaign, open or closed; none is a one-line failure."""
+    from scoft.review.campaigns import CampaignError, latest_campaign
+
+    try:
+        return latest_campaign(session, culture)
+    except CampaignError as e:
+        _fail(str(e))
+
+
 @review_app.command("results")
 def review_results(culture: Annotated[str, typer.Option(help="The culture of the campaign.")],
                    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -816,17 +829,12 @@ def review_results(culture: Annotated[str, typer.Option(help="The culture of the
     """The culture's latest campaign: the share of ratings preferring the candidate with its 95% interval
     (clustered by reviewer and prompt), reviewers, ratings, agreement, stereotype answers, offensive flags."""
     p = _params(params)
-    from sqlalchemy import select
 
     from scoft.review.results import campaign_results
-    from scoft.review.store import Campaign
     from scoft.text import visible
 
     with _review_store(p)() as session:
-        campaign = session.scalars(select(Campaign).where(Campaign.culture == culture)
-                                   .order_by(Campaign.opened_at.desc())).first()
-        if campaign is None:
-            _fail(f"{culture}: no review campaign (`scoft review open --culture {culture}`)")
+        campaign = _latest_campaign(session, culture)
         results = campaign_results(session, campaign)
     if as_json:
         print(json.dumps(results, indent=2))
@@ -871,16 +879,11 @@ def review_export(culture: Annotated[str, typer.Option(help="The culture of the 
     """Every rating of the culture's latest campaign as CSV, reviewers by pseudonymous ids (what the
     lineage record hashes when the campaign closes)."""
     p = _params(params)
-    from sqlalchemy import select
 
     from scoft.review.results import REVIEW_DIR, export_csv
-    from scoft.review.store import Campaign
 
     with _review_store(p)() as session:
-        campaign = session.scalars(select(Campaign).where(Campaign.culture == culture)
-                                   .order_by(Campaign.opened_at.desc())).first()
-        if campaign is None:
-            _fail(f"{culture}: no review campaign (`scoft review open --culture {culture}`)")
+        campaign = _latest_campaign(session, culture)
         out = out or REVIEW_DIR / culture / f"{campaign.id}.csv"
         digest = export_csv(session, campaign, out)
     _say(f"{out}: sha256 {digest}")

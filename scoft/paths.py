@@ -14,6 +14,7 @@ JOINT_EVAL_DIR, JOINT_METRICS_DIR = Path("reports/eval_joint"), Path("reports/me
 PROMOTION_DIR = Path("reports/promotion")  # each culture's promotion decision, rule by rule
 METRICS_FILE = Path("reports/metrics.json")  # a joint LoRA's evaluation (scoft evaluate without --culture)
 LORA_FILE = "pytorch_lora_weights.safetensors"
+CHECKPOINTS = "checkpoints"  # in a LoRA folder: the resumable training checkpoints (scoft/train.py)
 SKIPPED_FILE = "skipped.json"  # in a culture's LoRA folder when it had nothing to train on: why
 
 

@@ -32,9 +32,8 @@ from scoft.io import _as_created, sha256_file, sha256_json, write_json
 from scoft.losses import contrastive_loss, estimate_clean_latents, ldm_loss, memorization_loss
 from scoft.models import encode_prompts, load_pipeline, training_scheduler
 from scoft.negatives import read_negative_index
-from scoft.paths import LORA_FILE, SKIPPED_FILE
+from scoft.paths import CHECKPOINTS, LORA_FILE, SKIPPED_FILE
 
-CHECKPOINTS = "checkpoints"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

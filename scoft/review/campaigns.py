@@ -78,10 +78,19 @@ def _pair_count(session: Session, campaign: Campaign) -> int:
 
 def open_campaign_of(session: Session, culture: str) -> Campaign:
     """The culture's open campaign; none is a CampaignError saying how to open one."""
-    campaign = session.scalars(select(Campaign).where(Campaign.culture == culture, Campaign.status == "open")
-                               .order_by(Campaign.opened_at.desc())).first()
+    return latest_campaign(session, culture, only_open=True)
+
+
+def latest_campaign(session: Session, culture: str, only_open: bool = False) -> Campaign:
+    """The culture's latest campaign (open or closed, or open only); none is a CampaignError saying how
+    to open one."""
+    query = select(Campaign).where(Campaign.culture == culture)
+    if only_open:
+        query = query.where(Campaign.status == "open")
+    campaign = session.scalars(query.order_by(Campaign.opened_at.desc())).first()
     if campaign is None:
-        raise CampaignError(f"{culture}: no open review campaign (`scoft review open --culture {culture}`)")
+        kind = "open review campaign" if only_open else "review campaign"
+        raise CampaignError(f"{culture}: no {kind} (`scoft review open --culture {culture}`)")
     return campaign
 
 
