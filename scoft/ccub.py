@@ -142,13 +142,13 @@ def ingest(sources: list[str], out_dir: str | Path, *, heldout_fraction: float, 
         progress(f"ingest: skipped {row['row']}: {row['reason']}")
     staging = Staging(out_dir)
     to_fetch = [row for row in rows if not _reusable(row, previous.get(row.location))]
-    staged_before = sum(staging.lookup(row) is not None for row in to_fetch)
-    progress(f"ingest: {len(rows)} rows, {len(rows) - len(to_fetch)} reused, {staged_before} written by an "
-             f"earlier try, fetching {len(to_fetch) - staged_before}")
+    staged = {row.location: facts for row in to_fetch if (facts := staging.lookup(row)) is not None}
+    progress(f"ingest: {len(rows)} rows, {len(rows) - len(to_fetch)} reused, {len(staged)} written by an "
+             f"earlier try, fetching {len(to_fetch) - len(staged)}")
     limit = _RejectionLimit(len(rows) + len(rejected), max_rejected_fraction, out_dir)
-    limit.count(len(rejected), rejected)
-    staged = _stage_all(to_fetch, staging, max_pixels, captioner, workers, DecodeBudget(max_decoded_bytes),
-                        limit, rejected)
+    limit.check(rejected, fetching=True)
+    staged |= _stage_all([row for row in to_fetch if row.location not in staged], staging, max_pixels, captioner,
+                         workers, DecodeBudget(max_decoded_bytes), limit, rejected)
 
     records, by_hash = [], {}
     for row in rows:
@@ -183,22 +183,16 @@ class _RejectionLimit:
     whose server never answers cost 83 s a row)."""
 
     def __init__(self, total: int, fraction: float, out_dir: Path):
-        self.total, self.fraction, self.out_dir, self.rejected = total, fraction, out_dir, 0
+        self.total, self.fraction, self.out_dir = total, fraction, out_dir
 
-    def count(self, n: int, rejected: list[dict]) -> None:
-        self.rejected += n
-        if self.total and self.rejected / self.total > self.fraction:
-            raise self._error(rejected, stopped=True)
-
-    def check(self, rejected: list[dict]) -> None:
-        if self.total and len(rejected) / self.total > self.fraction:
-            raise self._error(rejected, stopped=False)
-
-    def _error(self, rejected: list[dict], stopped: bool) -> IngestError:
+    def check(self, rejected: list[dict], fetching: bool = False) -> None:
+        """Raise when `rejected` (every rejection so far) is over the limit; `fetching`: it stops the fetch."""
+        if not (self.total and len(rejected) / self.total > self.fraction):
+            return
         shown = "\n  ".join(f"{r['row']}: {r['reason']}" for r in rejected[:50])
-        when = "; stopped fetching, as the run can no longer pass" if stopped else ""
-        return IngestError(f"{len(rejected)} of {self.total} rows rejected, over the limit of "
-                           f"{self.fraction:.0%}{when}; {self.out_dir} unchanged:\n  {shown}")
+        when = "; stopped fetching, as the run can no longer pass" if fetching else ""
+        raise IngestError(f"{len(rejected)} of {self.total} rows rejected, over the limit of "
+                          f"{self.fraction:.0%}{when}; {self.out_dir} unchanged:\n  {shown}")
 
 
 def _stage_all(rows: list[SourceRow], staging: Staging, max_pixels: int, captioner, workers: int,
@@ -212,7 +206,7 @@ def _stage_all(rows: list[SourceRow], staging: Staging, max_pixels: int, caption
             row, (facts, reason) = futures[future], future.result()
             if reason:
                 rejected.append(rejection(row.ref, row.raw, reason))
-                limit.count(1, rejected)
+                limit.check(rejected, fetching=True)
             else:
                 staged[row.location] = facts
     finally:
@@ -222,8 +216,6 @@ def _stage_all(rows: list[SourceRow], staging: Staging, max_pixels: int, caption
 
 def _stage_row(row: SourceRow, staging: Staging, max_pixels: int, captioner, budget: DecodeBudget):
     """(facts, None) once the row's image is in staging, or (None, reason)."""
-    if (facts := staging.lookup(row)) is not None:
-        return facts, None
     try:
         data = row.fetch()
         with budget.hold(decoded_bytes(data)):
