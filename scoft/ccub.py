@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,9 +186,12 @@ class _RejectionLimit:
     def __init__(self, total: int, fraction: float, out_dir: Path):
         self.total, self.fraction, self.out_dir = total, fraction, out_dir
 
+    def exceeded(self, rejected: list[dict]) -> bool:
+        return bool(self.total and len(rejected) / self.total > self.fraction)
+
     def check(self, rejected: list[dict], fetching: bool = False) -> None:
         """Raise when `rejected` (every rejection so far) is over the limit; `fetching`: it stops the fetch."""
-        if not (self.total and len(rejected) / self.total > self.fraction):
+        if not self.exceeded(rejected):
             return
         shown = "\n  ".join(f"{r['row']}: {r['reason']}" for r in rejected[:50])
         when = "; stopped fetching, as the run can no longer pass" if fetching else ""
@@ -197,20 +201,32 @@ class _RejectionLimit:
 
 def _stage_all(rows: list[SourceRow], staging: Staging, max_pixels: int, captioner, workers: int,
                budget: DecodeBudget, limit: _RejectionLimit, rejected: list[dict]) -> dict[str, dict]:
-    """Each row's staged facts by location; a row that fails goes to `rejected` with its reason."""
-    staged = {}
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        futures = {pool.submit(_stage_row, row, staging, max_pixels, captioner, budget): row for row in rows}
-        for future in as_completed(futures):
-            row, (facts, reason) = futures[future], future.result()
+    """Each row's staged facts by location; a row that fails goes to `rejected` with its reason. The
+    workers count rejections themselves, so that once the run cannot pass no worker starts another
+    row (a main thread slow to hear of it would let each worker start one more)."""
+    staged, lock, hopeless = {}, threading.Lock(), threading.Event()
+
+    def stage(row: SourceRow) -> None:
+        if hopeless.is_set():
+            return
+        facts, reason = _stage_row(row, staging, max_pixels, captioner, budget)
+        with lock:
             if reason:
                 rejected.append(rejection(row.ref, row.raw, reason))
-                limit.check(rejected, fetching=True)
+                if limit.exceeded(rejected):
+                    hopeless.set()
             else:
                 staged[row.location] = facts
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for future in as_completed([pool.submit(stage, row) for row in rows]):
+            future.result()
+            if hopeless.is_set():
+                break
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # those running finish within their deadline
+    limit.check(rejected, fetching=True)
     return staged
 
 

@@ -216,9 +216,10 @@ def test_fetching_stops_once_too_many_rows_are_rejected(server, tmp_path):
     with pytest.raises(IngestError) as err:
         run([f"{server.url}/s.csv"], tmp_path / "ccub", workers=2)
     assert "stopped fetching, as the run can no longer pass" in str(err.value)
-    # 11 rejections of 40 rows pass the limit of 25%: the other hung rows are never tried
-    assert sum(n for path, n in server.hits.items() if "hung" in path) <= 2 * (11 + 2)
-    assert len({path for path in server.hits if "hung" in path}) < 30
+    # 11 rejections of 40 rows pass the limit of 25%: besides those 11, only the row the other worker
+    # was fetching then is tried (two attempts each), however slow the main thread is to hear of it
+    assert len({path for path in server.hits if "hung" in path}) <= 11 + 1
+    assert sum(n for path, n in server.hits.items() if "hung" in path) <= 2 * (11 + 1)
 
 
 def test_what_a_failed_ingest_fetched_is_not_fetched_again(server, tmp_path):
