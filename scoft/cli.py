@@ -839,13 +839,19 @@ def review_results(culture: Annotated[str, typer.Option(help="The culture of the
     if as_json:
         print(json.dumps(results, indent=2))
         return
-    c = results["candidate_vs_base"]
-    shown = "no ratings yet" if c["preference"] is None else (
-        f"{c['preference']:.2f}" + (f" [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c["interval"] else ""))
-    _say(f"{culture}: campaign {results['campaign']} ({results['status']}), candidate preferred over the base: "
-         f"{shown}; "
-         f"{c['reviewers']} of {results['invited']} reviewers, {c['ratings']} ratings; agreement (Krippendorff's "
-         f"alpha) {c['agreement_alpha'] if c['agreement_alpha'] is not None else 'undefined'}")
+    _say(f"{culture}: campaign {results['campaign']} ({results['status']}), {results['invited']} reviewers invited")
+    for name in ("candidate_vs_base", "candidate_vs_production"):
+        if (c := results.get(name)) is None:
+            continue
+        shown = "no ratings yet" if c["preference"] is None else (
+            f"{c['preference']:.2f}" + (f" [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c["interval"] else ""))
+        alpha = c["agreement_alpha"]
+        _say(f"  candidate preferred over {name.rsplit('_', 1)[1]}: {shown}; {c['reviewers']} reviewers, "
+             f"{c['ratings']} ratings; agreement (Krippendorff's alpha) "
+             f"{f'{alpha:.2f}' if alpha is not None else 'undefined'}")
+    consistent = results["self_consistency"]["reviewers"]
+    _say(f"  self-consistent on their repeated pair: {sum(consistent.values())} of {len(consistent)} reviewers"
+         + "".join(f"\n    {r}: {'same answer' if same else 'changed answer'}" for r, same in consistent.items()))
     for flag in results["offensive"]["flags"]:
         _say(f"  offensive ({flag['model']}): {visible(flag['prompt'], 200)}")
 
@@ -880,7 +886,8 @@ def review_export(culture: Annotated[str, typer.Option(help="The culture of the 
     lineage record hashes when the campaign closes)."""
     p = _params(params)
 
-    from scoft.review.results import REVIEW_DIR, export_csv
+    from scoft.review.campaigns import REVIEW_DIR
+    from scoft.review.results import export_csv
 
     with _review_store(p)() as session:
         campaign = _latest_campaign(session, culture)

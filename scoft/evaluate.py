@@ -30,6 +30,7 @@ from scoft.render import html_text, markdown_text
 from scoft.stats import bootstrap_ci, hierarchical_bootstrap_ci, holm, sign_flip_p
 
 BASE = "base"
+PRODUCTION = "production"  # the culture's production LoRA, where the promote step samples it again
 
 
 NO_INTERVAL = "fewer than 2 prompts: no interval"
@@ -622,10 +623,12 @@ def evaluate_loras(params, loras: dict[str, Path | dict[str, Path]], ccub_dir, o
     return result["metrics"]
 
 
-def prompt_distances(params, lora_dir: str | Path, ccub_dir, culture: str) -> dict[str, float]:
+def prompt_distances(params, lora_dir: str | Path, ccub_dir, culture: str,
+                     keep: Path | None = None) -> dict[str, float]:
     """One LoRA's distance to each held-out image of `culture` (by record id), on the evaluation's own
     prompts, seeds, sampler and backbone: how production is measured again on the current held-out
-    records when it was judged on others, so that a candidate is always compared with it."""
+    records when it was judged on others, so that a candidate is always compared with it. `keep`: a
+    folder to hold its images (as write_judged_images lays them out, the model named PRODUCTION)."""
     from scoft.models import load_pipeline, pick_device
 
     held = [r for r in read_heldout(ccub_dir) if r.culture == culture]
@@ -638,6 +641,10 @@ def prompt_distances(params, lora_dir: str | Path, ccub_dir, culture: str) -> di
     pipe.load_lora_weights(str(lora_dir))
     images = sample_in_batches(pipe, prompts, seeds, settings)
     refs = torch.stack([load_image_tensor(Path(ccub_dir) / r.file, settings["resolution"]) for r in held]).to(device)
+    if keep is not None:
+        with atomic_dir(keep) as tmp:
+            judged = {"held": held, "prompts": prompts, "seeds": seeds, "images": {PRODUCTION: images}}
+            write_judged_images(tmp, judged)
     matrix = pairwise_distances(distance, as_tensors(images, settings["resolution"], device), refs)
     own = np.repeat(np.arange(len(held)), e.samples_per_prompt)
     per_prompt = matrix[np.arange(len(own)), own].reshape(len(held), e.samples_per_prompt).mean(axis=1)

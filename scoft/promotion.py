@@ -231,6 +231,7 @@ def judge(root: str | Path, culture: str, params: Params, lineage_key: str) -> d
     decision = decide(metrics, culture, params.promotion, entry["production"], key,
                       production_distances(root, culture, params, entry["production"], key))
     decision["lora_sha256"], decision["lineage"], decision["lora_dir"] = digest, lineage_key, str(paths["lora"])
+    decision["evaluation_dir"] = str(paths["eval"])  # its judged images become production's when it ships
     return decision
 
 
@@ -246,10 +247,13 @@ def production_distances(root: Path, culture: str, params: Params, production: d
     if not (root / production["lora_dir"] / LORA_FILE).is_file():
         return None  # the rule then says it cannot be judged: `dvc pull registry/loras.dvc` brings it
     from scoft.evaluate import prompt_distances
+    from scoft.review.campaigns import production_images_dir
 
-    # loaded through the registry, which refuses a LoRA that is not the one it recorded
+    # loaded through the registry, which refuses a LoRA that is not the one it recorded; its images are
+    # kept for the insiders' review pairs against production
     return prompt_distances(params, registry.production_lora(root, culture, params.lineage.verify_key),
-                            root / CCUB_DIR, culture)
+                            root / CCUB_DIR, culture, keep=root / production_images_dir(culture,
+                                                                                        production["lora_sha256"]))
 
 
 def with_review(decision: dict, approve: bool | None, reviewer: str, comment: str) -> dict:
@@ -260,6 +264,23 @@ def with_review(decision: dict, approve: bool | None, reviewer: str, comment: st
     review = {"approve": approve, "reviewer": visible(reviewer, registry.MAX_BY - 40),
               "comment": visible(comment, registry.MAX_REASON - 40)}
     return {**decision, "promote": bool(decision["promote"] and approve), "review": review}
+
+
+def promote_judged(root: Path, culture: str, lora_dir: str, lineage_key: str, by: str, reason: str, decision: dict,
+                   signing_key: str | None, evaluation_dir: str | None) -> dict:
+    """Make a judged candidate (the one in lora_dir, evaluated in its culture's evaluation folder) the
+    production model: the registry's copy, signed where lineage.signing_key is set, and the images it
+    was judged on kept as production's, for the next candidate's review pairs against it."""
+    from scoft.review.campaigns import keep_as_production
+
+    entry = registry.promote(root, culture, root / lora_dir, lineage_key, by=by, reason=reason, decision=decision)
+    if signing_key:  # lineage.signing_key: the production LoRA as the registry holds it
+        from scoft.signing import sign
+
+        sign(root / entry["production"]["lora_dir"], signing_key, root)
+    if evaluation_dir:
+        keep_as_production(root, culture, entry["production"]["lora_sha256"], evaluation_dir)
+    return entry
 
 
 def record_verdict(root: str | Path, culture: str, decision: dict, signing_key: str | None = None) -> dict:
@@ -276,12 +297,8 @@ def record_verdict(root: str | Path, culture: str, decision: dict, signing_key: 
         verdict = "approved" if review["approve"] else "rejected"
         by, reason = review["reviewer"] or "reviewer", review["comment"] or verdict
     if decision["promote"]:
-        entry = registry.promote(root, culture, root / decision["lora_dir"], decision["lineage"], by=by,
-                                 reason=reason, decision=decision)
-        if signing_key:  # lineage.signing_key: the production LoRA as the registry holds it
-            from scoft.signing import sign
-
-            sign(root / entry["production"]["lora_dir"], signing_key, root)
+        promote_judged(root, culture, decision["lora_dir"], decision["lineage"], by, reason, decision, signing_key,
+                       decision.get("evaluation_dir"))
     else:
         registry.reject(root, culture, decision["lora_sha256"], decision["lineage"], by=by, reason=reason,
                         decision=decision)

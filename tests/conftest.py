@@ -109,6 +109,21 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's packages) for the session; skipped, saying why, where none starts."""
+    from tests.postgres import LocalPostgres, PostgresUnavailable
+
+    server = LocalPostgres()
+    try:
+        server.__enter__()
+    except PostgresUnavailable as e:
+        server.__exit__(None, None, None)
+        pytest.skip(f"no PostgreSQL server could be started here: {e}")
+    yield server
+    server.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
 def prepared(sample_dir, tmp_path_factory):
     """The sample ingested, with 2 negatives per training record: (ccub dir, negatives dir)."""
     from scoft.ccub import read_manifest

@@ -30,6 +30,7 @@ import psutil
 
 from scoft import registry
 from scoft.io import sha256_file
+from scoft.review.campaigns import production_images_dir
 from scoft.sample import add_sample_image, write_sample
 from tests.conftest import BIN, ROOT, make_workspace, write_params
 
@@ -262,6 +263,11 @@ def run(tmp: Path) -> dict:
                 write_params(ws / "params.yaml", {**FAST, **NO_EFFECT})
             add_sample_image(serve / "data/sample", "KOR", split="train")
             rejected = _ingest_and_follow_the_retrain(client, serve, env, 2, start_culture_workers)
+            # production sampled again by the promote step: its images kept for the insiders' pairs
+            rejected["production_images"] = {
+                c: json.loads(index.read_text())["images"] if (index := serve / production_images_dir(
+                    c, promoted["production"][c]["production"]["lora_sha256"]) / "index.json").is_file() else None
+                for c in CULTURES}
         for name in list(workers):
             _stop_tree(workers.pop(name))
         left = _stop_serve(serve_proc)

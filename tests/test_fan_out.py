@@ -104,6 +104,8 @@ def test_a_no_effect_lora_goes_through_the_same_loop_and_is_rejected(fanned_out)
         assert decision["distance_gain"] == 0.0 and decision["significance"]["p"] == 1.0
         production_rule = next(r for r in decision["rules"] if r["rule"] == "better than production")
         assert "cannot be judged" not in production_rule["detail"], production_rule  # measured again
+        kept = second["production_images"][culture]  # and its images kept for the insiders' pairs against it
+        assert kept and {e["culture"] for e in kept} == {culture}
         entry = second["production"][culture]
         assert entry["production"] == first["production"][culture]["production"]  # unchanged
         assert entry["history"][-1]["action"] == "reject"

@@ -45,7 +45,7 @@ def test_a_campaign_pairs_the_evaluations_own_images_blind(tmp_path):
     again = json.loads(scoft_here("review", "open", "--culture", "KOR", "--json", cwd=ws).stdout)
     assert again == opened  # the same candidate: the same campaign
     db = sqlite3.connect(ws / "data/review/review.db")
-    assert db.execute("select version_num from alembic_version").fetchone() == ("0001",)
+    assert db.execute("select version_num from alembic_version").fetchone() == ("0002",)
     pairs = db.execute("select id, prompt, seed, first_image, second_image, candidate_first from pairs").fetchall()
     assert sorted((p[1], p[2]) for p in pairs) == [("a photo of k1", 7), ("a photo of k1", 8), ("a photo of k2", 7),
                                                    ("a photo of k2", 8)]
@@ -81,7 +81,7 @@ def test_an_unreachable_database_is_one_line_naming_it(tmp_path, monkeypatch):
     assert "s3cret-pg" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def _app(ws, invited: int = 2):
+def _app(ws, invited: int = 2, url: str | None = None):
     from fastapi.testclient import TestClient
 
     from scoft.review.app import create_app
@@ -90,8 +90,19 @@ def _app(ws, invited: int = 2):
     scoft_here("review", "open", "--culture", "KOR", cwd=ws)
     links = json.loads(scoft_here("review", "invite", "--culture", "KOR", "--count", str(invited), "--json",
                                   cwd=ws).stdout)
-    sessions = open_store(f"sqlite:///{ws / 'data/review/review.db'}")
-    return TestClient(create_app(sessions, ws)), [link["url"].rsplit("/", 1)[1] for link in links], links
+    url = url or f"sqlite:///{ws / 'data/review/review.db'}"
+    client = TestClient(create_app(open_store(url), ws))
+    client.ws, client.url = ws, url
+    return client, [link["url"].rsplit("/", 1)[1] for link in links], links
+
+
+def _sql(url: str, query: str, **values) -> list:
+    """A query on the review store behind the app (the test's own look at what was stored)."""
+    import sqlalchemy
+
+    with sqlalchemy.create_engine(url).begin() as connection:
+        result = connection.execute(sqlalchemy.text(query), values)
+        return result.all() if result.returns_rows else []
 
 
 def test_a_reviewer_rates_every_pair_through_the_api_and_the_last_answer_is_kept(tmp_path):
@@ -108,7 +119,7 @@ def test_a_reviewer_rates_every_pair_through_the_api_and_the_last_answer_is_kept
         body = {"pair": shown["pair"], "better": 0, "more_stereotyped": None, "offensive": [False, True]}
         assert client.post("/api/v1/ratings", json=body, headers=auth).status_code == 201
         seen.append(shown["pair"])
-    assert r.status_code == 204 and len(seen) == 4 == len(set(seen))
+    assert r.status_code == 204 and len(seen) == 5 == len(set(seen))  # 4 pairs, then one of them again
     again = {"pair": seen[0], "better": 1, "more_stereotyped": 1, "offensive": [False, False]}
     assert client.post("/api/v1/ratings", json=again, headers=auth).status_code == 201
     db = sqlite3.connect(tmp_path / "data/review/review.db")
@@ -144,7 +155,7 @@ def test_the_page_is_blind_escapes_captions_and_refuses_cross_site_posts(tmp_pat
     (ws / "reports/eval/KOR/images/index.json").write_text(json.dumps(index))
     client, tokens, _ = _app(ws)
     page = client.get(f"/r/{tokens[0]}")
-    assert page.status_code == 200 and "1 of 4" in page.text
+    assert page.status_code == 200 and "1 of 5" in page.text
     assert "<script>alert(1)</script>" not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
     for word in ("scoft", "base", "candidate", ".png", "images/"):
         assert word not in page.text.lower().replace("scoft_review", "")
@@ -153,7 +164,7 @@ def test_the_page_is_blind_escapes_captions_and_refuses_cross_site_posts(tmp_pat
     assert client.post(f"/r/{tokens[0]}/rate", data=form, follow_redirects=False).status_code == 403  # no csrf
     form["csrf"] = page.text.split('name="csrf" value="')[1].split('"')[0]
     sent = client.post(f"/r/{tokens[0]}/rate", data=form, follow_redirects=False)
-    assert sent.status_code == 303 and "2 of 4" in client.get(f"/r/{tokens[0]}").text
+    assert sent.status_code == 303 and "2 of 5" in client.get(f"/r/{tokens[0]}").text
     img = page.text.split('<img src="')[1].split('"')[0]
     assert client.get(img).status_code == 200  # with the page's cookie
     db = sqlite3.connect(ws / "data/review/review.db")
@@ -161,44 +172,39 @@ def test_the_page_is_blind_escapes_captions_and_refuses_cross_site_posts(tmp_pat
 
 
 def _reviews(client, tokens, choose):
-    """Each reviewer rates every pair through the API: choose(reviewer, position of the candidate) gives
-    the position it calls better. The test knows the candidate's position from the store."""
-    import sqlite3 as db
-
+    """Each reviewer rates every pair through the API: choose(reviewer, position of the candidate,
+    the candidate's opponent) gives the position it calls better. The test knows the candidate's
+    position from the store."""
     for k, token in enumerate(tokens):
         auth = {"Authorization": f"Bearer {token}"}
         while (r := client.get("/api/v1/next", headers=auth)).status_code == 200:
             pair = r.json()["pair"]
-            first = db.connect(client.ws / "data/review/review.db").execute(
-                "select candidate_first from pairs where id = ?", (pair,)).fetchone()[0]
-            body = {"pair": pair, "better": choose(k, 0 if first else 1), "more_stereotyped": None,
+            (first, versus), = _sql(client.url, "select candidate_first, comparison from pairs where id = :p", p=pair)
+            body = {"pair": pair, "better": choose(k, 0 if first else 1, versus), "more_stereotyped": None,
                     "offensive": [False, False]}
             assert client.post("/api/v1/ratings", json=body, headers=auth).status_code == 201
 
 
-def _balanced(ws):
+def _balanced(url: str):
     """The candidate first in every other pair (the drawn order, made exactly balanced for the test)."""
-    db = sqlite3.connect(ws / "data/review/review.db")
-    for k, (pair,) in enumerate(db.execute("select id from pairs order by id").fetchall()):
-        db.execute("update pairs set candidate_first = ? where id = ?", (k % 2, pair))
-    db.commit()
+    for k, (pair,) in enumerate(_sql(url, "select id from pairs where repeat_of is null order by id")):
+        _sql(url, "update pairs set candidate_first = :first where id = :p", first=bool(k % 2), p=pair)
 
 
 @pytest.mark.parametrize("who,choose,promoted", [
-    ("insiders who prefer the candidate", lambda k, cand: cand if (k + hash(cand)) % 10 else 1 - cand, True),
-    ("reviewers who always pick the left image", lambda k, cand: 0, False),
-    ("reviewers who answer at random", lambda k, cand: int(np.random.default_rng(k).integers(2)), False),
+    ("insiders who prefer the candidate", lambda k, cand, _: cand if (k + hash(cand)) % 10 else 1 - cand, True),
+    ("reviewers who always pick the left image", lambda k, cand, _: 0, False),
+    ("reviewers who answer at random", lambda k, cand, _: int(np.random.default_rng(k).integers(2)), False),
 ])
 def test_only_insiders_preference_beyond_chance_promotes(tmp_path, who, choose, promoted):
     from scoft import registry
 
     ws = _workspace(tmp_path, kor_prompts=10)
     client, tokens, _ = _app(ws, invited=6)
-    client.ws = ws
-    _balanced(ws)
+    _balanced(client.url)
     rng = np.random.default_rng(0)
     if "random" in who:
-        choose = lambda k, cand: int(rng.integers(2))  # noqa: E731
+        choose = lambda k, cand, _: int(rng.integers(2))  # noqa: E731
     _reviews(client, tokens, choose)
     out = scoft_here("review", "close", "--culture", "KOR", cwd=ws)
     assert out.returncode == 0, out.stderr
@@ -211,7 +217,7 @@ def test_only_insiders_preference_beyond_chance_promotes(tmp_path, who, choose, 
     assert results["status"] == "closed" and results["candidate_vs_base"]["ratings"] == 120
     (export, digest), = last["decision"]["insiders"]["export"].items()
     rows = (ws / export).read_text().splitlines()
-    assert len(rows) == 121 and all(line.split(",")[1].startswith("r-") for line in rows[1:])
+    assert len(rows) == 1 + 120 + 6 and all(line.split(",")[1].startswith("r-") for line in rows[1:])  # + repeats
     assert sha256_file(ws / export) == digest
 
 
@@ -227,8 +233,7 @@ def test_the_export_enters_the_lineage_record_and_verify_checks_it(tmp_path):
                                                   "sha256": sha256_file(ws / "models/lora/KOR/"
                                                                         "pytorch_lora_weights.safetensors")}}))
     client, tokens, _ = _app(ws, invited=2)
-    client.ws = ws
-    _reviews(client, tokens, lambda k, cand: cand)
+    _reviews(client, tokens, lambda k, cand, _: cand)
     db = sqlite3.connect(ws / "data/review/review.db")
     db.execute("update campaigns set opened_at = '2020-01-01 00:00:00'")
     db.commit()
@@ -246,8 +251,7 @@ def test_a_campaign_waits_for_reviewers_then_its_deadline_rejects_it(tmp_path):
 
     ws = _workspace(tmp_path, kor_prompts=3)
     client, tokens, _ = _app(ws, invited=2)
-    client.ws = ws
-    _reviews(client, tokens, lambda k, cand: cand)
+    _reviews(client, tokens, lambda k, cand, _: cand)
     out = scoft_here("review", "close", "--culture", "KOR", cwd=ws)
     assert out.returncode == 0 and "still open" in out.stdout and "waiting for promotion.min_reviewers" in out.stdout
     db = sqlite3.connect(ws / "data/review/review.db")
@@ -264,8 +268,7 @@ def test_the_review_close_flow_judges_every_open_campaign(prefect_server, tmp_pa
 
     ws = _workspace(tmp_path, kor_prompts=3)
     client, tokens, _ = _app(ws, invited=2)
-    client.ws = ws
-    _reviews(client, tokens, lambda k, cand: cand)
+    _reviews(client, tokens, lambda k, cand, _: cand)
     waiting = review_close(workdir=str(ws))
     assert list(waiting) == ["KOR"] and not waiting["KOR"]["decided"]
     db = sqlite3.connect(ws / "data/review/review.db")
@@ -275,3 +278,106 @@ def test_the_review_close_flow_judges_every_open_campaign(prefect_server, tmp_pa
     assert closed["KOR"]["decided"] and "not enough reviews" in closed["KOR"]["reason"]
     assert registry.read(ws, "KOR")["history"][-1]["action"] == "reject"
     assert review_close(workdir=str(ws)) == {}  # nothing open any more
+
+
+def test_each_reviewer_sees_one_pair_again_swapped_and_the_results_say_who_answered_alike(tmp_path):
+    ws = _workspace(tmp_path, kor_prompts=3)
+    client, tokens, links = _app(ws, invited=2)
+    db = sqlite3.connect(ws / "data/review/review.db")
+    repeats = db.execute("select id, reviewer_id, repeat_of, first_image, second_image, candidate_first from pairs "
+                         "where repeat_of is not null").fetchall()
+    assert sorted(r[1] for r in repeats) == sorted(link["reviewer"] for link in links)
+    for _, _, original, first, second, candidate_first in repeats:
+        shown = db.execute("select first_image, second_image, candidate_first from pairs where id = ?",
+                           (original,)).fetchone()
+        assert (first, second, bool(candidate_first)) == (shown[1], shown[0], not shown[2])  # the same, swapped
+    theirs = next(r[0] for r in repeats if r[1] == links[1]["reviewer"])
+    refused = client.post("/api/v1/ratings", json={"pair": theirs, "better": 0, "more_stereotyped": None,
+                                                    "offensive": [False, False]},
+                          headers={"Authorization": f"Bearer {tokens[0]}"})
+    assert refused.status_code == 404  # another reviewer's repeat is not yours to rate
+    # the first reviewer names the candidate every time; the second always the left image, which the
+    # swapped repeat shows up
+    _reviews(client, tokens, lambda k, cand, _: cand if k == 0 else 0)
+    results = json.loads(scoft_here("review", "results", "--culture", "KOR", "--json", cwd=ws).stdout)
+    assert results["self_consistency"]["reviewers"] == {links[0]["reviewer"]: True, links[1]["reviewer"]: False}
+    assert results["candidate_vs_base"]["ratings"] == 2 * 6  # the repeats count towards consistency only
+    out = scoft_here("review", "results", "--culture", "KOR", cwd=ws).stdout
+    assert "self-consistent on their repeated pair: 1 of 2 reviewers" in out
+
+
+@pytest.mark.parametrize("insiders_prefer,promoted", [("production", False), ("candidate", True)])
+def test_a_candidate_faces_production_on_the_same_prompts_and_must_not_lose_to_it(tmp_path, insiders_prefer,
+                                                                                   promoted):
+    from scoft import registry
+    from scoft.review.campaigns import keep_as_production, production_images_dir
+
+    ws = _workspace(tmp_path, kor_prompts=10)
+    earlier = ws / "earlier"
+    earlier.mkdir()
+    (earlier / "pytorch_lora_weights.safetensors").write_bytes(b"production")
+    production = registry.promote(ws, "KOR", earlier, "rec0", by="test", reason="earlier")["production"]
+    keep_as_production(ws, "KOR", production["lora_sha256"], "reports/eval/KOR")  # as at its promotion
+    opened = json.loads(scoft_here("review", "open", "--culture", "KOR", "--json", cwd=ws).stdout)
+    assert opened["pairs"] == 2 * 20  # each prompt and seed against the base and against production
+    client, tokens, _ = _app(ws, invited=6)
+    _balanced(client.url)
+    _reviews(client, tokens, lambda k, cand, versus: cand if versus == "base" or insiders_prefer == "candidate"
+             else 1 - cand)
+    results = json.loads(scoft_here("review", "results", "--culture", "KOR", "--json", cwd=ws).stdout)
+    assert results["candidate_vs_base"]["preference"] == 1.0 and results["candidate_vs_base"]["ratings"] == 120
+    assert results["candidate_vs_production"]["preference"] == (1.0 if promoted else 0.0)
+    out = scoft_here("review", "close", "--culture", "KOR", cwd=ws)
+    entry = registry.read(ws, "KOR")
+    assert (entry["production"]["lora_sha256"] != production["lora_sha256"]) == promoted, out.stdout
+    if promoted:  # the new production's judged images are kept for the next candidate's campaign
+        assert (ws / production_images_dir("KOR", entry["production"]["lora_sha256"]) / "index.json").is_file()
+    else:
+        assert "failed: not worse than production" in entry["history"][-1]["reason"]
+
+
+def test_a_teams_review_store_on_postgresql_decides_the_same_way(tmp_path, postgres):
+    """The whole campaign on a real PostgreSQL server (Debian's packages): schema, blind pairs, invitations,
+    ratings through the API, the repeated pair, results and the gate."""
+    from scoft import registry
+
+    url = postgres.database("review_gate")
+    ws = _workspace(tmp_path, kor_prompts=10)
+    write_params(ws / "params.yaml", {"review.database_url": url})
+    client, tokens, links = _app(ws, invited=6, url=url)
+    assert _sql(url, "select version_num from alembic_version") == [("0002",)]
+    assert len(_sql(url, "select id from pairs where repeat_of is null")) == 20
+    _balanced(url)
+    _reviews(client, tokens, lambda k, cand, _: cand if (k + cand) % 7 else 1 - cand)
+    results = json.loads(scoft_here("review", "results", "--culture", "KOR", "--json", cwd=ws).stdout)
+    assert results["candidate_vs_base"]["ratings"] == 120 and results["candidate_vs_base"]["reviewers"] == 6
+    assert set(results["self_consistency"]["reviewers"]) == {link["reviewer"] for link in links}
+    out = scoft_here("review", "close", "--culture", "KOR", cwd=ws)
+    assert out.returncode == 0 and "promoted" in out.stdout, out.stdout + out.stderr
+    assert registry.read(ws, "KOR")["production"]["by"].startswith("insiders (review campaign ")
+    assert _sql(url, "select count(*) from ratings") == [(126,)]  # never deleted: 120 + 6 repeats
+
+
+def test_a_store_of_the_first_schema_is_brought_up_to_date_with_its_ratings_kept(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    from scoft.review.store import MIGRATIONS, open_store
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with create_engine(url).begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    for query in ["insert into campaigns values ('c1', 'KOR', 'ab', '', 'e', '2026-01-01 00:00:00', 'open')",
+                  "insert into images values ('i1', 'c1', 'scoft', 'a.png'), ('i2', 'c1', 'base', 'b.png')",
+                  "insert into pairs values ('p1', 'c1', 'base', 'a prompt', 7, 'k1', 'i1', 'i2', 1)",
+                  "insert into reviewers values ('r-1', 'c1', 'f00', '2026-01-01 00:00:00', null)",
+                  "insert into ratings values (1, 'p1', 'r-1', 0, null, 0, 0, '2026-01-02 00:00:00')"]:
+        _sql(url, query)
+    open_store(url)
+    assert _sql(url, "select version_num from alembic_version") == [("0002",)]
+    assert _sql(url, "select pair_id, better from ratings") == [("p1", 0)]
+    assert _sql(url, "select repeat_of, reviewer_id from pairs") == [(None, None)]

@@ -2,8 +2,12 @@
 
 A campaign pairs, for each of the culture's held-out prompts and seeds, the candidate's image with
 the base model's, both taken from the evaluation's own images (reports/eval/<C>/images: no new GPU
-work). Each pair's order is drawn at random once; every image is shown under an opaque random id.
-Each invitation is a secret token of 192 random bits, stored only as its sha256.
+work), and with production's where the culture has a production LoRA: the images it was judged on
+when it shipped, or sampled again by the promote step on the current prompts (kept under
+reports/review/<C>/production/<sha>). Each pair's order is drawn at random once; every image is shown
+under an opaque random id. Each invitation is a secret token of 192 random bits, stored only as its
+sha256, and comes with one of the campaign's pairs shown again at the end, images swapped: how
+consistent the reviewer is with themself.
 """
 
 from __future__ import annotations
@@ -11,17 +15,54 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import shutil
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from scoft.evaluate import BASE, IMAGES_DIR
-from scoft.io import sha256_file
+from scoft.evaluate import BASE, IMAGES_DIR, PRODUCTION
+from scoft.io import atomic_dir, sha256_file, write_json
 from scoft.paths import LORA_FILE, culture_paths
 from scoft.review.store import Campaign, Image, Pair, Rating, Reviewer, _now
 
 CANDIDATE = "scoft"  # the evaluate stage's name for the culture's new LoRA (scoft.promotion.CANDIDATE)
+REVIEW_DIR = Path("reports/review")  # by culture: the campaigns' exports and production's kept images
+
+
+def production_images_dir(culture: str, lora_sha256: str) -> Path:
+    """Where the images a production LoRA was judged on are kept (write_judged_images' layout)."""
+    return REVIEW_DIR / culture / "production" / lora_sha256[:16]
+
+
+def keep_as_production(root: Path, culture: str, lora_sha256: str, evaluation_dir: str | Path) -> None:
+    """A candidate just promoted: its judged images of `culture` (in evaluation_dir) kept as production's,
+    so that the next candidate's campaign pairs against them on the same prompts and seeds."""
+    source = root / evaluation_dir / IMAGES_DIR
+    if not (source / "index.json").is_file():
+        return  # evaluated before images were kept: the next campaign says it has no production pairs
+    entries = [e for e in json.loads((source / "index.json").read_text(encoding="utf-8"))["images"]
+               if e["culture"] == culture]
+    with atomic_dir(root / production_images_dir(culture, lora_sha256)) as tmp:
+        (tmp / PRODUCTION).mkdir()
+        for e in entries:
+            shutil.copyfile(source / CANDIDATE / f"{e['i']:04d}.png", tmp / PRODUCTION / f"{e['i']:04d}.png")
+        write_json(tmp / "index.json", {"models": [PRODUCTION], "images": entries})
+
+
+def _production_entries(root: Path, culture: str, candidate_sha256: str) -> tuple[Path, dict] | None:
+    """Production's kept images by (record, prompt, seed), and their folder; None when the culture has
+    no production LoRA, the candidate is production itself, or no images of it were kept."""
+    from scoft import registry
+
+    production = registry.read(root, culture)["production"]
+    if production is None or production["lora_sha256"] == candidate_sha256:
+        return None
+    folder = production_images_dir(culture, production["lora_sha256"])
+    if not (root / folder / "index.json").is_file():
+        return None
+    index = json.loads((root / folder / "index.json").read_text(encoding="utf-8"))
+    return folder, {(e["record"], e["prompt"], e["seed"]): e for e in index["images"]}
 
 
 class CampaignError(ValueError):
@@ -58,22 +99,39 @@ def open_campaign(session: Session, root: str | Path, culture: str, joint: bool 
     campaign = Campaign(id=secrets.token_hex(8), culture=culture, candidate_sha256=digest, opened_at=_now(),
                         lineage=lineage, status="open", evaluation=str(paths["eval"]))
     session.add(campaign)
+    production = _production_entries(root, culture, digest)
+    pairs = 0
     for e in entries:
-        shown = {model: Image(id=secrets.token_urlsafe(16), campaign_id=campaign.id, model=model,
-                              path=str(paths["eval"] / IMAGES_DIR / model / f"{e['i']:04d}.png"))
-                 for model in (CANDIDATE, BASE)}
-        session.add_all(shown.values())
-        candidate_first = secrets.randbelow(2) == 1
-        first, second = (shown[CANDIDATE], shown[BASE]) if candidate_first else (shown[BASE], shown[CANDIDATE])
-        session.add(Pair(id=secrets.token_urlsafe(12), campaign_id=campaign.id, comparison=BASE, prompt=e["prompt"],
-                         seed=e["seed"], record=e["record"], first_image=first.id, second_image=second.id,
-                         candidate_first=candidate_first))
+        candidate = _image(session, campaign, CANDIDATE, paths["eval"] / IMAGES_DIR / CANDIDATE / f"{e['i']:04d}.png")
+        base = _image(session, campaign, BASE, paths["eval"] / IMAGES_DIR / BASE / f"{e['i']:04d}.png")
+        _pair(session, campaign, e, candidate, base, BASE)
+        pairs += 1
+        if production and (theirs := production[1].get((e["record"], e["prompt"], e["seed"]))):
+            shown = _image(session, campaign, PRODUCTION, production[0] / PRODUCTION / f"{theirs['i']:04d}.png")
+            _pair(session, campaign, e, candidate, shown, PRODUCTION)
+            pairs += 1
     session.commit()
-    return campaign, len(entries)
+    return campaign, pairs
+
+
+def _image(session: Session, campaign: Campaign, model: str, path: Path) -> Image:
+    image = Image(id=secrets.token_urlsafe(16), campaign_id=campaign.id, model=model, path=str(path))
+    session.add(image)
+    return image
+
+
+def _pair(session: Session, campaign: Campaign, entry: dict, candidate: Image, other: Image, comparison: str) -> None:
+    """The candidate's image against the other model's for one prompt and seed, in an order drawn now."""
+    candidate_first = secrets.randbelow(2) == 1
+    first, second = (candidate, other) if candidate_first else (other, candidate)
+    session.add(Pair(id=secrets.token_urlsafe(12), campaign_id=campaign.id, comparison=comparison,
+                     prompt=entry["prompt"], seed=entry["seed"], record=entry["record"], first_image=first.id,
+                     second_image=second.id, candidate_first=candidate_first))
 
 
 def _pair_count(session: Session, campaign: Campaign) -> int:
-    return len(session.scalars(select(Pair.id).where(Pair.campaign_id == campaign.id)).all())
+    return len(session.scalars(select(Pair.id).where(Pair.campaign_id == campaign.id,
+                                                     Pair.repeat_of.is_(None))).all())
 
 
 def open_campaign_of(session: Session, culture: str) -> Campaign:
@@ -100,15 +158,21 @@ def token_hash(token: str) -> str:
 
 def invite(session: Session, campaign: Campaign, count: int, public_url: str) -> list[dict]:
     """`count` invitations to the campaign: their pseudonymous reviewer ids and links (the only place
-    the tokens appear)."""
+    the tokens appear). Each reviewer also gets one pair drawn at random to see again, images swapped."""
     if not 1 <= count <= 1000:
         raise CampaignError(f"--count {count}: between 1 and 1000 invitations at a time")
+    pairs = session.scalars(select(Pair).where(Pair.campaign_id == campaign.id, Pair.repeat_of.is_(None))).all()
     out = []
     for _ in range(count):
         token = secrets.token_urlsafe(24)  # 192 random bits
         reviewer = Reviewer(id="r-" + secrets.token_hex(4), campaign_id=campaign.id, token_sha256=token_hash(token),
                             invited_at=_now())
         session.add(reviewer)
+        again = pairs[secrets.randbelow(len(pairs))]
+        session.add(Pair(id=secrets.token_urlsafe(12), campaign_id=campaign.id, comparison=again.comparison,
+                         prompt=again.prompt, seed=again.seed, record=again.record, first_image=again.second_image,
+                         second_image=again.first_image, candidate_first=not again.candidate_first,
+                         repeat_of=again.id, reviewer_id=reviewer.id))
         out.append({"reviewer": reviewer.id, "url": f"{public_url.rstrip('/')}/r/{token}"})
     session.commit()
     return out
@@ -151,9 +215,12 @@ def reviewer_for(session: Session, token: str | None) -> Reviewer:
 
 
 def _pairs_in_order(session: Session, reviewer: Reviewer) -> list[Pair]:
-    """The campaign's pairs in an order of the reviewer's own (so reviewers do not all start alike)."""
-    pairs = session.scalars(select(Pair).where(Pair.campaign_id == reviewer.campaign_id)).all()
-    return sorted(pairs, key=lambda p: hashlib.sha256(f"{reviewer.id}:{p.id}".encode()).hexdigest())
+    """The campaign's pairs in an order of the reviewer's own (so reviewers do not all start alike), then
+    the reviewer's repeated pair, last so that it comes well after its first showing."""
+    pairs = session.scalars(select(Pair).where(Pair.campaign_id == reviewer.campaign_id, or_(
+        Pair.reviewer_id.is_(None), Pair.reviewer_id == reviewer.id))).all()
+    return sorted(pairs, key=lambda p: (p.repeat_of is not None,
+                                        hashlib.sha256(f"{reviewer.id}:{p.id}".encode()).hexdigest()))
 
 
 def next_pair(session: Session, reviewer: Reviewer) -> tuple[Pair | None, int, int]:
@@ -175,7 +242,7 @@ class BadRating(ValueError):
 def rate(session: Session, reviewer: Reviewer, pair_id, better, more_stereotyped, offensive) -> Rating:
     """Store one answer to one of the reviewer's pairs (0 and 1: positions as shown; None: can't tell)."""
     pair = session.get(Pair, pair_id) if isinstance(pair_id, str) else None
-    if pair is None or pair.campaign_id != reviewer.campaign_id:
+    if pair is None or pair.campaign_id != reviewer.campaign_id or pair.reviewer_id not in (None, reviewer.id):
         raise BadRating("no such pair in your review", 404)
     for name, value in (("better", better), ("more_stereotyped", more_stereotyped)):
         if value is not None and (isinstance(value, bool) or value not in (0, 1)):

@@ -4,7 +4,8 @@ stereotype answers and offensive flags with their prompts.
 
 A rating's positions (0, 1) are turned into "the candidate" or "the other model" through the pair's
 drawn order; "can't tell" counts as half a preference (a tie). A pair rated twice by one reviewer
-counts once, by its last answer.
+counts once, by its last answer. Each reviewer's repeated pair (shown again, images swapped) counts
+only towards their self-consistency: whether they said the same of it both times.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from scoft.evaluate import BASE, PRODUCTION
+from scoft.review.campaigns import REVIEW_DIR
 from scoft.review.store import Campaign, Pair, Rating, Reviewer
 from scoft.stats import two_way_cluster_bootstrap_ci
 
@@ -38,31 +41,49 @@ def _for_candidate(position: int | None, candidate_first: bool) -> float:
 
 
 def campaign_results(session: Session, campaign: Campaign) -> dict:
+    """What insiders said, by comparison (`candidate_vs_base`, and `candidate_vs_production` where the
+    campaign has pairs against production), with each reviewer's self-consistency and the offensive flags."""
     answers = last_answers(session, campaign)
+    shown = [(r, p) for r, p in answers if p.repeat_of is None]
+    flags = [{"prompt": p.prompt, "model": "candidate" if (first == p.candidate_first) else "other",
+              "reviewer": r.reviewer_id}
+             for r, p in shown for first, flagged in ((True, r.offensive_first), (False, r.offensive_second))
+             if flagged]
+    comparisons = {f"candidate_vs_{other}": _comparison([(r, p) for r, p in shown if p.comparison == other])
+                   for other in (BASE, PRODUCTION) if other == BASE or any(p.comparison == other for _, p in shown)}
+    return {
+        "campaign": campaign.id, "culture": campaign.culture, "status": campaign.status,
+        "candidate_sha256": campaign.candidate_sha256, "lineage": campaign.lineage, **comparisons,
+        "self_consistency": _self_consistency(answers),
+        "offensive": {"candidate": sum(f["model"] == "candidate" for f in flags),
+                      "other": sum(f["model"] == "other" for f in flags), "flags": flags},
+        "invited": len(session.scalars(select(Reviewer.id).where(Reviewer.campaign_id == campaign.id)).all()),
+    }
+
+
+def _comparison(answers: list[tuple[Rating, Pair]]) -> dict:
+    """The share of answers preferring the candidate, its interval clustered by reviewer and by prompt
+    (the held-out record), reviewers, ratings, agreement and the stereotype answers."""
     reviewers = sorted({r.reviewer_id for r, _ in answers})
     preference = np.array([_for_candidate(r.better, p.candidate_first) for r, p in answers])
     stereotyped = np.array([_for_candidate(r.more_stereotyped, p.candidate_first) for r, p in answers])
     interval = two_way_cluster_bootstrap_ci(preference, np.array([r.reviewer_id for r, _ in answers]),
                                             np.array([p.record for _, p in answers]), BOOTSTRAP, SEED) \
         if answers else None
-    flags = [{"prompt": p.prompt, "model": "candidate" if (first == p.candidate_first) else "other",
-              "reviewer": r.reviewer_id}
-             for r, p in answers for first, flagged in ((True, r.offensive_first), (False, r.offensive_second))
-             if flagged]
-    return {
-        "campaign": campaign.id, "culture": campaign.culture, "status": campaign.status,
-        "candidate_sha256": campaign.candidate_sha256, "lineage": campaign.lineage,
-        "candidate_vs_base": {
-            "preference": float(preference.mean()) if answers else None,
-            "interval": list(interval) if interval else None,
-            "reviewers": len(reviewers), "ratings": len(answers),
+    return {"preference": float(preference.mean()) if answers else None,
+            "interval": list(interval) if interval else None, "reviewers": len(reviewers), "ratings": len(answers),
             "agreement_alpha": _agreement(answers, reviewers),
-            "candidate_more_stereotyped": float(stereotyped.mean()) if answers else None,
-        },
-        "offensive": {"candidate": sum(f["model"] == "candidate" for f in flags),
-                      "other": sum(f["model"] == "other" for f in flags), "flags": flags},
-        "invited": len(session.scalars(select(Reviewer.id).where(Reviewer.campaign_id == campaign.id)).all()),
-    }
+            "candidate_more_stereotyped": float(stereotyped.mean()) if answers else None}
+
+
+def _self_consistency(answers: list[tuple[Rating, Pair]]) -> dict:
+    """For each reviewer who answered their repeated pair and its first showing: whether both answers
+    name the same model as better (or both say can't tell); and the share of reviewers who did."""
+    said = {(r.reviewer_id, p.id): _for_candidate(r.better, p.candidate_first) for r, p in answers}
+    by_reviewer = {r.reviewer_id: said[(r.reviewer_id, p.repeat_of)] == said[(r.reviewer_id, p.id)]
+                   for r, p in answers if p.repeat_of is not None and (r.reviewer_id, p.repeat_of) in said}
+    return {"reviewers": dict(sorted(by_reviewer.items())),
+            "share": sum(by_reviewer.values()) / len(by_reviewer) if by_reviewer else None}
 
 
 def _agreement(answers: list[tuple[Rating, Pair]], reviewers: list[str]) -> float | None:
@@ -101,12 +122,15 @@ def insiders_verdict(results: dict, rules, deadline_passed: bool) -> dict:
          "detail": f"{results['offensive']['candidate']} on the candidate's images, at most "
                    f"{rules.max_offensive_flags}"},
     ]
+    if (versus := results.get("candidate_vs_production")) is not None:
+        # production stays unless insiders prefer the candidate to it at least as often as not
+        upper = versus["interval"][1] if versus["interval"] else None
+        outcomes.append({"rule": "not worse than production", "passed": upper is not None and upper >= 0.5,
+                         "detail": f"candidate over production {versus['preference']:.2f}, upper bound "
+                                   f"{upper:.3f} (at least 0.5)" if upper is not None else "no ratings of it"})
     failed = [o["rule"] for o in outcomes if not o["passed"]]
     return {"decided": True, "promote": not failed, "rules": outcomes,
             "reason": said + (f"; failed: {', '.join(failed)}" if failed else "")}
-
-
-REVIEW_DIR = Path("reports/review")  # the campaigns' exports, by culture
 
 
 def _into_lineage(root, key: str, decision: dict, signing_key: str | None) -> None:
@@ -138,6 +162,7 @@ def close_campaign(session: Session, root, culture: str, params) -> dict:
     from scoft import registry
     from scoft.io import sha256_file
     from scoft.paths import LORA_FILE, culture_paths
+    from scoft.promotion import promote_judged
     from scoft.review.campaigns import open_campaign_of
 
     campaign = open_campaign_of(session, culture)
@@ -152,7 +177,10 @@ def close_campaign(session: Session, root, culture: str, params) -> dict:
     current = root / lora_dir / LORA_FILE
     by = f"insiders (review campaign {campaign.id})"
     decision = {"promote": verdict["promote"], "insiders": {**results["candidate_vs_base"],
-                "offensive": {k: results["offensive"][k] for k in ("candidate", "other")}},
+                "offensive": {k: results["offensive"][k] for k in ("candidate", "other")},
+                "self_consistency": results["self_consistency"]["share"],
+                **({"versus_production": results["candidate_vs_production"]}
+                   if "candidate_vs_production" in results else {})},
                 "rules": verdict.get("rules", []), "lineage": campaign.lineage,
                 "lora_sha256": campaign.candidate_sha256, "lora_dir": str(lora_dir)}
     if verdict["promote"] and (not current.is_file() or sha256_file(current) != campaign.candidate_sha256):
@@ -163,8 +191,8 @@ def close_campaign(session: Session, root, culture: str, params) -> dict:
     decision["insiders"]["export"] = {str(export): export_csv(session, campaign, root / export)}
     _into_lineage(root, campaign.lineage, decision, params.lineage.signing_key)
     if verdict["promote"]:
-        registry.promote(root, culture, root / lora_dir, campaign.lineage, by=by, reason=verdict["reason"],
-                         decision=decision)
+        promote_judged(root, culture, str(lora_dir), campaign.lineage, by, verdict["reason"], decision,
+                       params.lineage.signing_key, campaign.evaluation)
     else:
         registry.reject(root, culture, campaign.candidate_sha256, campaign.lineage, by=by, reason=verdict["reason"],
                         decision=decision)
@@ -173,8 +201,8 @@ def close_campaign(session: Session, root, culture: str, params) -> dict:
     return {**verdict, "results": results}
 
 
-EXPORT_COLUMNS = ["campaign", "reviewer", "pair", "record", "prompt", "seed", "comparison", "candidate_position",
-                  "better", "more_stereotyped", "offensive_first", "offensive_second", "at"]
+EXPORT_COLUMNS = ["campaign", "reviewer", "pair", "repeat_of", "record", "prompt", "seed", "comparison",
+                  "candidate_position", "better", "more_stereotyped", "offensive_first", "offensive_second", "at"]
 
 
 def export_csv(session: Session, campaign: Campaign, path) -> str:
@@ -191,7 +219,7 @@ def export_csv(session: Session, campaign: Campaign, path) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(EXPORT_COLUMNS)
     for r, p in rows:
-        writer.writerow([campaign.id, r.reviewer_id, p.id, p.record, p.prompt, p.seed, p.comparison,
+        writer.writerow([campaign.id, r.reviewer_id, p.id, p.repeat_of or "", p.record, p.prompt, p.seed, p.comparison,
                          0 if p.candidate_first else 1, "" if r.better is None else r.better,
                          "" if r.more_stereotyped is None else r.more_stereotyped, int(r.offensive_first),
                          int(r.offensive_second), r.at.isoformat()])

@@ -55,18 +55,21 @@ class Image(Base):
 
 
 class Pair(Base):
-    """One prompt and seed: the candidate's image and the other model's, in a position drawn at random."""
+    """One prompt and seed: the candidate's image and the other model's, in a position drawn at random.
+    A repeat (`repeat_of`) shows one reviewer (`reviewer_id`) a pair again, its images swapped."""
 
     __tablename__ = "pairs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     campaign_id: Mapped[str] = mapped_column(ForeignKey("campaigns.id"), index=True)
-    comparison: Mapped[str] = mapped_column(String(16))  # "base" (later also "production")
+    comparison: Mapped[str] = mapped_column(String(16))  # "base" or "production": the candidate's opponent
     prompt: Mapped[str] = mapped_column(Text)
     seed: Mapped[int] = mapped_column(Integer)
     record: Mapped[str] = mapped_column(String(64))  # the held-out CCUB record the prompt comes from
     first_image: Mapped[str] = mapped_column(ForeignKey("images.id"))
     second_image: Mapped[str] = mapped_column(ForeignKey("images.id"))
     candidate_first: Mapped[bool] = mapped_column(Boolean)
+    repeat_of: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    reviewer_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)  # a repeat's only viewer
 
 
 class Reviewer(Base):
