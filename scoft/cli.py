@@ -825,17 +825,22 @@ def _latest_campaign(session, culture: str):
 @review_app.command("results")
 def review_results(culture: Annotated[str, typer.Option(help="The culture of the campaign.")],
                    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+                   html: Annotated[Path | None, typer.Option(help="Also write the results as an HTML page.")] = None,
                    params: ParamsOpt = Path("params.yaml")):
     """The culture's latest campaign: the share of ratings preferring the candidate with its 95% interval
-    (clustered by reviewer and prompt), reviewers, ratings, agreement, stereotype answers, offensive flags."""
+    (clustered by reviewer and prompt), reviewers, ratings, agreement, self-consistency, stereotype
+    answers, offensive flags."""
     p = _params(params)
 
-    from scoft.review.results import campaign_results
+    from scoft.io import atomic_write_text
+    from scoft.review.results import campaign_results, results_page
     from scoft.text import visible
 
     with _review_store(p)() as session:
         campaign = _latest_campaign(session, culture)
         results = campaign_results(session, campaign)
+    if html is not None:
+        atomic_write_text(html, results_page(results))
     if as_json:
         print(json.dumps(results, indent=2))
         return

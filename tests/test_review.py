@@ -21,17 +21,17 @@ class Held:
     culture: str
 
 
-def _workspace(ws, kor_prompts: int = 2):
+def _workspace(ws, kor_prompts: int = 2, look=None, overrides: dict | None = None):
     """A candidate LoRA for KOR and the evaluation's images: KOR's held-out prompts and one NGA prompt,
-    2 seeds each."""
-    write_params(ws / "params.yaml", {})
+    2 seeds each; look(model, i) draws image i of a model (by default, one flat colour per model)."""
+    write_params(ws / "params.yaml", overrides or {})
     (ws / "models/lora/KOR").mkdir(parents=True)
     (ws / "models/lora/KOR/pytorch_lora_weights.safetensors").write_bytes(b"candidate")
     held = [*(Held(f"k{i + 1}", "KOR") for i in range(kor_prompts)), Held("n1", "NGA")]
     prompts = [f"a photo of {h.id}" for h in held for _ in range(2)]
-    image = lambda v: Image.fromarray(np.full((8, 8, 3), v, np.uint8))  # noqa: E731
+    look = look or (lambda model, i: Image.fromarray(np.full((8, 8, 3), 200 if model == "scoft" else 10, np.uint8)))
     result = {"held": held, "prompts": prompts, "seeds": [7, 8] * len(held),
-              "images": {"base": [image(10)] * len(prompts), "scoft": [image(200)] * len(prompts)}}
+              "images": {model: [look(model, i) for i in range(len(prompts))] for model in ("base", "scoft")}}
     write_judged_images(ws / "reports/eval/KOR/images", result)
     return ws
 

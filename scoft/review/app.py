@@ -2,9 +2,10 @@
 
 Pages work without JavaScript (plain form posts, protected against cross-site requests by a per-reviewer
 token in the form and a SameSite cookie) and, with it, from the keyboard (1 / 2 / 0 choose the better
-image or "can't tell", Enter sends). Images are served under opaque random ids to a reviewer of their
-campaign only, with nothing in the URL, headers or page that tells the models apart. The JSON API
-authenticates by the invitation token as a bearer header: GET /api/v1/next, POST /api/v1/ratings.
+image or "can't tell", q / w / e the more stereotyped, z / x flag an image, Enter sends). Images are
+served under opaque random ids to a reviewer of their campaign only, with nothing in the URL, headers
+or page that tells the models apart. The JSON API authenticates by the invitation token as a bearer
+header: GET /api/v1/next, POST /api/v1/ratings.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ _PAGES = {
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>Review</title>
 <style>body{font-family:sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem}
 .pair{display:flex;gap:1rem;flex-wrap:wrap}.pair figure{flex:1 1 14rem;margin:0}
-.pair img{width:100%;image-rendering:pixelated;border:1px solid #ccc}fieldset{margin:.8rem 0}</style></head>
+.pair img{width:100%;image-rendering:pixelated;border:1px solid #ccc}fieldset{margin:.8rem 0}
+label{display:inline-block;padding:.3rem .5rem}.keys{color:#555;font-size:.85rem}</style></head>
 <body><p>{{ done + 1 }} of {{ total }}</p><h1>{{ prompt }}</h1>
 <form method="post" action="/r/{{ token }}/rate"><input type="hidden" name="pair" value="{{ pair }}">
 <input type="hidden" name="csrf" value="{{ csrf }}">
@@ -43,8 +45,23 @@ is offensive</label></figcaption></figure>{% endfor %}</div>
 <label><input type="radio" name="more_stereotyped" value="1"> image 2</label>
 <label><input type="radio" name="more_stereotyped" value=""> can't tell</label></fieldset>
 <button type="submit">Send</button></form>
-<script>document.addEventListener("keydown", e => {const k = {"1": "0", "2": "1", "0": ""}[e.key];
-if (k !== undefined) {document.querySelector(`input[name=better][value="${k}"]`).checked = true;}});</script>
+<p class="keys">Keys: <kbd>1</kbd> <kbd>2</kbd> <kbd>0</kbd> better image 1, image 2, can't tell;
+<kbd>q</kbd> <kbd>w</kbd> <kbd>e</kbd> more stereotyped image 1, image 2, can't tell; <kbd>z</kbd> <kbd>x</kbd>
+offensive image 1, image 2; <kbd>Enter</kbd> sends.</p>
+<script>
+const keys = {"1": ["better", "0"], "2": ["better", "1"], "0": ["better", ""],
+              "q": ["more_stereotyped", "0"], "w": ["more_stereotyped", "1"], "e": ["more_stereotyped", ""]};
+document.addEventListener("keydown", e => {
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  const choice = keys[e.key.toLowerCase()], flag = {"z": 0, "x": 1}[e.key.toLowerCase()];
+  if (choice) document.querySelector(`input[name=${choice[0]}][value="${choice[1]}"]`).checked = true;
+  else if (flag !== undefined) { const box = document.querySelector(`input[name=offensive_${flag}]`);
+                                 box.checked = !box.checked; }
+  else if (e.key === "Enter") document.querySelector("form").requestSubmit();
+  else return;
+  e.preventDefault();
+});
+</script>
 </body></html>""",
     "message.html": """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>Review</title></head>

@@ -225,3 +225,48 @@ def export_csv(session: Session, campaign: Campaign, path) -> str:
                          int(r.offensive_second), r.at.isoformat()])
     atomic_write_text(path, out.getvalue())
     return sha256_file(path)
+
+
+_RESULTS_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{{ r.culture }}: insiders' review</title>
+<style>body{font-family:sans-serif;max-width:52rem;margin:1rem auto;padding:0 1rem}
+table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ddd;padding:.35rem;text-align:left}
+.bar{position:relative;height:.9rem;background:#eee;width:12rem}.ci{position:absolute;height:100%;background:#9bc}
+.mid{position:absolute;left:50%;height:100%;border-left:1px dashed #333}.pt{position:absolute;height:100%;
+border-left:3px solid #124}</style></head><body>
+<h1>{{ r.culture }}: insiders' review</h1>
+<p>Campaign <code>{{ r.campaign }}</code> ({{ r.status }}), candidate LoRA <code>{{ r.candidate_sha256[:16] }}</code>,
+{{ r.invited }} reviewers invited.</p>
+<table><tr><th>candidate against</th><th>preferred</th><th>95% interval (reviewers and prompts resampled)</th>
+<th>reviewers</th><th>ratings</th><th>agreement (alpha)</th><th>candidate more stereotyped</th></tr>
+{% for name, c in comparisons %}<tr><td>{{ name }}</td>
+<td>{{ "%.2f"|format(c.preference) if c.preference is not none else "no ratings" }}</td>
+<td>{% if c.interval %}<div class="bar">
+<div class="ci" style="left:{{ 100 * c.interval[0] }}%;width:{{ 100 * (c.interval[1] - c.interval[0]) }}%"></div>
+<div class="mid"></div><div class="pt" style="left:{{ 100 * c.preference }}%"></div></div>
+[{{ "%.2f"|format(c.interval[0]) }}, {{ "%.2f"|format(c.interval[1]) }}]{% else %}none{% endif %}</td>
+<td>{{ c.reviewers }}</td><td>{{ c.ratings }}</td>
+<td>{{ "%.2f"|format(c.agreement_alpha) if c.agreement_alpha is not none else "undefined" }}</td>
+<td>{{ "%.2f"|format(c.candidate_more_stereotyped) if c.candidate_more_stereotyped is not none else "" }}</td></tr>
+{% endfor %}</table>
+<h2>Self-consistency on a repeated pair</h2>
+<p>{{ consistent }} of {{ r.self_consistency.reviewers|length }} reviewers gave the same answer both times.</p>
+<ul>{% for who, same in r.self_consistency.reviewers.items() %}<li>{{ who }}: {{ "same answer" if same
+else "changed answer" }}</li>{% endfor %}</ul>
+<h2>Offensive flags</h2><p>{{ r.offensive.candidate }} on the candidate's images, {{ r.offensive.other }} on the
+other model's.</p>
+<ul>{% for f in r.offensive.flags %}<li>{{ f.model }}: {{ f.prompt }}</li>{% endfor %}</ul>
+</body></html>"""
+
+
+def results_page(results: dict) -> str:
+    """The results as an HTML page for the team running the review (never shown to reviewers): each
+    comparison's preference and interval drawn against 0.5, agreement, self-consistency and flags.
+    Autoescaped: prompts come from the community's captions."""
+    from jinja2 import Environment, select_autoescape
+
+    env = Environment(autoescape=select_autoescape(default=True))
+    comparisons = [(name.removeprefix("candidate_vs_"), results[name])
+                   for name in ("candidate_vs_base", "candidate_vs_production") if name in results]
+    return env.from_string(_RESULTS_PAGE).render(r=results, comparisons=comparisons,
+                                                 consistent=sum(results["self_consistency"]["reviewers"].values()))
