@@ -36,7 +36,7 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     """Run the dvc.yaml stages in order (each skipped when nothing it uses changed: a CCUB update
     reruns the cultures it changed), publish the checks and the metrics, record each culture's
     lineage, promote each culture's LoRA that passes the rules (params.yaml `promotion`; with
-    `require_approval`, once a reviewer approves it in the Prefect UI), and push
+    `insider_review` or `require_approval` it is sent on to people, and this run ends), and push
     everything, the registry's LoRAs included, to the DVC remote.
 
     With `ccub_version` (a DVC hash, as `ccub.updated` announces), train on exactly that CCUB

@@ -296,8 +296,6 @@ class PromotionParams(_Section):
     max_memorisation: float = Field(0.3, gt=0, lt=1)
     # prompts naming no culture: the share drawn as the candidate's culture may rise by at most this
     max_generic_takeover: float = Field(0.25, ge=0, lt=1)
-    # A candidate that passes every rule waits for a reviewer (the Prefect UI's Resume form: approve or
-    # reject, with a comment) for at most approval_timeout_s; without an answer nothing is promoted.
     # The insiders' gate (`scoft review close`, scoft/review/results.py): the lower bound of the 95% interval
     # of the share of ratings preferring the candidate over the base (clustered by reviewer and by prompt)
     # must be above min_insider_preference (0.5: insiders prefer it, beyond chance), from at least
@@ -309,9 +307,12 @@ class PromotionParams(_Section):
     # opens a review campaign (scoft/review), records the candidate as awaiting insider review and ends;
     # `scoft review close` (or the review-close deployment) then promotes or rejects it.
     insider_review: bool = False
+    # true: a candidate that passes every rule waits for one person's approve or reject (with a comment)
+    # in the Prefect UI: the retrain run records it as awaiting approval and ends, and the approve-candidate
+    # flow (flows/approval.py) suspends, holding no worker, for at most approval_timeout_s; without an
+    # answer nothing is promoted.
     require_approval: bool = False
     approval_timeout_s: int = Field(86400, ge=1)
-    approval_poll_s: int = Field(10, ge=1)  # how often the paused run looks for the answer
 
 
 class LineageParams(_Section):

@@ -205,6 +205,13 @@ def await_review(root: str | Path, culture: str, lora_sha256: str, lineage_key: 
     return _candidate_event("await", root, culture, lora_sha256, lineage_key, by, reason, decision)
 
 
+def awaiting(root: str | Path, culture: str, lora_sha256: str) -> dict | None:
+    """The 'await' event of a candidate still waiting for people (insiders or an approval): None when
+    it never waited or was promoted or rejected since."""
+    about = [e for e in read(root, culture)["history"] if e["lora_sha256"] == lora_sha256]
+    return about[-1] if about and about[-1]["action"] == "await" else None
+
+
 def _candidate_event(action: str, root, culture: str, lora_sha256: str, lineage_key: str, by: str, reason: str,
                      decision: dict | None) -> dict:
     """A history event about a candidate that leaves production as it is."""

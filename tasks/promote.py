@@ -1,6 +1,8 @@
-"""The promote step: each culture's candidate LoRA judged by the rules of params.yaml, optionally
-reviewed by a person in the Prefect UI, and the verdict in the registry, the lineage record, the UI
-and the event stream."""
+"""The promote step: each culture's candidate LoRA judged by the rules of params.yaml, and the verdict
+in the registry, the lineage record, the UI and the event stream. A candidate that passed every rule
+can be sent on instead of promoted: to cultural insiders (a review campaign) or to one person's
+approval in the Prefect UI (the approve-candidate flow, flows/approval.py); either way this run ends
+and nothing waits here for people."""
 
 from __future__ import annotations
 
@@ -9,21 +11,14 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.client.orchestration import get_client
 from prefect.events import emit_event
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
-from prefect.runtime import flow_run
-from prefect.states import Running
-from pydantic import Field
 
 from scoft import registry
 from scoft.config import PromotionParams, load_params
 from scoft.io import write_json
 from scoft.lineage import add_promotion
 from scoft.paths import PROMOTION_DIR
-from scoft.promotion import RULES_BY, decision_markdown, failed_rules, hold_family, judge, record_verdict, with_review
+from scoft.promotion import RULES_BY, decision_markdown, failed_rules, hold_family, judge, record_verdict
 from scoft.signing import sign
 
 PROMOTED, REJECTED = "scoft.model.promoted", "scoft.model.rejected"
@@ -43,35 +38,6 @@ def judge_candidate(workdir: str, culture: str, lineage_path: Path) -> dict:
         get_run_logger().info("%s: LoRA %s was judged on %s (%s): nothing new", culture, decision["lora_sha256"][:12],
                               decision["already_judged"], "promoted" if decision["promote"] else "rejected")
     return decision
-
-
-class Review(RunInput):
-    """The reviewer's answer, typed in the flow run's Resume form."""
-
-    approve: bool = Field(description="Promote this LoRA to production?")
-    reviewer: str = Field(description="Your name, for the registry history")
-    comment: str = Field(description="Why: it goes to the registry history and the lineage")
-
-
-def ask_reviewer(culture: str, decision: dict, timeout_s: int, poll_s: int) -> dict:
-    """Pause the flow run until a reviewer approves or rejects the candidate in the Prefect UI (the
-    decision is the run's artifact); no answer within `timeout_s`: the decision says so, nothing ships."""
-    create_markdown_artifact(key=_artifact_key(culture), markdown=decision_markdown(decision, awaiting_review=True),
-                             description=f"{culture}: the candidate passed every rule and waits for review")
-    form = Review.with_initial_data(
-        description=f"**{culture}**: LoRA `{decision['lora_sha256'][:16]}` passed every promotion rule (see the "
-                    f"`{_artifact_key(culture)}` artifact and reports/eval/{culture}/report.html). Approve it for "
-                    "production or reject it, with a comment.")
-    try:
-        answer = pause_flow_run(wait_for_input=form, timeout=timeout_s, poll_interval=poll_s,
-                                key=f"review-{culture.lower()}-{decision['lora_sha256'][:16]}")
-    except FlowPauseTimeout:
-        # Prefect fails a run whose pause timed out; this run goes on (the other cultures, the push)
-        # with the candidate not promoted, so it takes the run back to Running.
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run.id, Running(), force=True)
-        return with_review(decision, None, "", f"no answer within {timeout_s} s")
-    return with_review(decision, answer.approve, answer.reviewer, answer.comment)
 
 
 @task(name="promote")
@@ -101,6 +67,17 @@ def record_decision(workdir: str, culture: str, lineage_path: Path, decision: di
     return decision
 
 
+def _record_waiting(root: Path, culture: str, lineage_path: Path, decision: dict, reason: str) -> None:
+    """A candidate that passed every rule and now waits for people: 'await' in the registry (production
+    unchanged), reports/promotion/<C>.json and the lineage record's promotion say so."""
+    registry.await_review(root, culture, decision["lora_sha256"], decision["lineage"], by=RULES_BY, reason=reason,
+                          decision=decision)
+    write_json(root / PROMOTION_DIR / f"{culture}.json", decision)
+    record = json.loads(Path(lineage_path).read_text(encoding="utf-8"))
+    write_json(lineage_path, add_promotion(record, decision, root))
+    get_run_logger().info("%s: %s", culture, reason)
+
+
 @task(name="insider-review")
 def send_to_insiders(workdir: str, culture: str, lineage_path: Path, decision: dict) -> dict:
     """promotion.insider_review: open the review campaign for a candidate that passed every rule, record
@@ -113,26 +90,42 @@ def send_to_insiders(workdir: str, culture: str, lineage_path: Path, decision: d
     with open_store(params.review.database_url, root)() as session:
         campaign, pairs = open_campaign(session, root, culture, joint=not params.train.lora_per_culture)
     decision = {**decision, "promote": False, "awaiting_insiders": campaign.id}
-    reason = f"awaiting insider review: campaign {campaign.id}, {pairs} pairs (scoft review invite/close)"
-    registry.await_review(root, culture, decision["lora_sha256"], decision["lineage"], by=RULES_BY, reason=reason,
-                          decision=decision)
-    write_json(root / PROMOTION_DIR / f"{culture}.json", decision)
-    record = json.loads(Path(lineage_path).read_text(encoding="utf-8"))
-    write_json(lineage_path, add_promotion(record, decision, root))
+    _record_waiting(root, culture, lineage_path, decision, f"awaiting insider review: campaign {campaign.id}, "
+                                                          f"{pairs} pairs (scoft review invite/close)")
     create_markdown_artifact(key=f"scoft-review-{culture.lower()}", description=f"{culture}: insiders' review",
                              markdown=f"# {culture}: awaiting insider review\n\nCampaign `{campaign.id}`, {pairs} "
-                             f"pairs of the candidate `{decision['lora_sha256'][:16]}` against the base model. "
-                             f"Invite reviewers with `scoft review invite --culture {culture} --count N` (links "
-                             f"under {params.review.public_url}); `scoft review close --culture {culture}` "
-                             "decides once they have rated.\n")
-    get_run_logger().info("%s: %s", culture, reason)
+                             f"pairs of the candidate `{decision['lora_sha256'][:16]}` against the base model "
+                             "(and production, where there is one). Invite reviewers with `scoft review invite "
+                             f"--culture {culture} --count N` (links under {params.review.public_url}); `scoft "
+                             f"review close --culture {culture}` decides once they have rated.\n")
+    return decision
+
+
+AWAITING_APPROVAL = "scoft.model.awaiting-approval"  # starts the approve-candidate deployment
+
+
+@task(name="ask-for-approval")
+def ask_for_approval(workdir: str, culture: str, lineage_path: Path, decision: dict) -> dict:
+    """promotion.require_approval: record the candidate as awaiting approval and announce it; the
+    approve-candidate flow, started by that event, suspends until a person answers in the Prefect UI.
+    This run (and its GPU worker) goes on at once."""
+    root = Path(workdir)
+    decision = {**decision, "promote": False, "awaiting_approval": True}
+    _record_waiting(root, culture, lineage_path, decision, "awaiting approval in the Prefect UI (the "
+                                                           "approve-candidate flow run's Resume form)")
+    create_markdown_artifact(key=_artifact_key(culture), markdown=decision_markdown(decision, awaiting_review=True),
+                             description=f"{culture}: the candidate passed every rule and waits for approval")
+    emit_event(event=AWAITING_APPROVAL,
+               resource={"prefect.resource.id": f"scoft.model.{culture}.{decision['lora_sha256'][:16]}",
+                         "prefect.resource.name": f"SCoFT LoRA {culture}", "scoft.culture": culture},
+               payload={"culture": culture, "lora_sha256": decision["lora_sha256"], "lineage": decision["lineage"]})
     return decision
 
 
 def promote_cultures(workdir: str, lineage_paths: dict[str, Path], rules: PromotionParams) -> dict[str, dict]:
     """The promote step inside the retrain flow: judge every culture's candidate, hold the primary test
-    over them together (Holm: at most alpha of retrains ship a no-effect LoRA), ask a reviewer when
-    every rule passed and params.yaml asks for one, and record each verdict."""
+    over them together (Holm: at most alpha of retrains ship a no-effect LoRA), send a candidate that
+    passed every rule to insiders or to a person's approval when params.yaml asks, and record each verdict."""
     decisions = {c: judge_candidate(workdir, c, path) for c, path in lineage_paths.items()}
     decisions = hold_family(decisions, rules)
     for culture, decision in decisions.items():
@@ -140,7 +133,8 @@ def promote_cultures(workdir: str, lineage_paths: dict[str, Path], rules: Promot
             decisions[culture] = send_to_insiders(workdir, culture, lineage_paths[culture], decision)
             continue
         if rules.require_approval and decision["promote"] and "already_judged" not in decision:
-            decision = ask_reviewer(culture, decision, rules.approval_timeout_s, rules.approval_poll_s)
+            decisions[culture] = ask_for_approval(workdir, culture, lineage_paths[culture], decision)
+            continue
         decisions[culture] = record_decision(workdir, culture, lineage_paths[culture], decision)
     return decisions
 

@@ -154,6 +154,12 @@ def test_every_deployment_entrypoint_loads_a_flow():
     assert triggered and triggered[0]["triggers"][0]["expect"] == ["ccub.updated"]
     # the triggered run trains on the announced version, pulled from the DVC remote
     assert triggered[0]["triggers"][0]["parameters"]["ccub_version"] == "{{ event.payload.version }}"
+    # the retrain run's announcement of a candidate awaiting approval starts an approval run on the cpu pool
+    from tasks.promote import AWAITING_APPROVAL
+
+    approval = next(d for d in deployments if d["name"] == "approve-candidate")
+    assert approval["work_pool"]["name"] == "cpu" and approval["triggers"][0]["expect"] == [AWAITING_APPROVAL]
+    assert approval["triggers"][0]["parameters"]["lora_sha256"] == "{{ event.payload.lora_sha256 }}"
     for d in deployments:
         flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
         assert flow.name.replace("-", "_") == d["entrypoint"].rsplit(":", 1)[1]

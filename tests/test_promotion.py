@@ -2,6 +2,10 @@
 statistics, the registry's pointer and history, and `scoft models` on a workspace."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from scoft.io import sha256_file, write_json
 from scoft.paths import LORA_FILE
 from scoft.promotion import decide, gate, hold_family
 from scoft.promotion import failed_rules as failed
-from tests.conftest import scoft, unit_params, write_params
+from tests.conftest import ROOT, scoft, unit_params, write_params
 from tests.helpers import ingest_offline
 
 RULES = PromotionParams()
@@ -224,63 +228,112 @@ def _review_run(ws, name: str, rules: PromotionParams) -> dict:
     return outcome
 
 
-def _paused_run(name: str, timeout: float = 60):
+def _flow_run(run_id, until, timeout: float = 90):
+    """The flow run once until(run) holds."""
     import time
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
-            if runs and runs[0].state.is_paused():
-                return runs[0]
+            run = client.read_flow_run(run_id)
+            if until(run):
+                return run
             time.sleep(0.3)
-    raise AssertionError(f"flow run {name} never paused")
+    raise AssertionError(f"flow run {run_id}: still {run.state.name}")
 
 
-def test_a_reviewer_approves_or_rejects_through_the_api_and_no_answer_promotes_nothing(prefect_server, workspace):
-    """promotion.require_approval: the run pauses after the rules pass; the answer typed in the
-    Resume form (here sent through the API, as the UI does) decides, and goes to the registry and
-    the lineage; without an answer in time, nothing ships and the run still completes."""
+@pytest.fixture
+def approval_deployment():
+    """The approve-candidate flow served (prefect's runner, in a process of its own) against the test
+    server, as the cpu pool's worker would run it."""
+    import tempfile
+    import time
+
+    import psutil
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_RUNNER_POLL_FREQUENCY="1")
+    code = "from flows.approval import approve_candidate; approve_candidate.serve(name='test')"
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=log, stderr=log,
+                              start_new_session=True)
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                client.read_deployment_by_name("approve-candidate/test")
+                break
+            except ObjectNotFound:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise AssertionError(f"the approval deployment was not served: {log.read()[-2000:]!r}") from None
+                time.sleep(0.5)
+    yield psutil.Process(server.pid)
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(30)
+
+
+def _processes_of(runner, run_id) -> list:
+    """The runner's processes that run the flow run `run_id` (the runner names it in their environment)."""
+    import psutil
+
+    found = []
+    for child in runner.children(recursive=True):
+        try:
+            if child.environ().get("PREFECT__FLOW_RUN_ID") == str(run_id):
+                found.append(child)
+        except psutil.Error:
+            pass  # ended meanwhile
+    return found
+
+
+def test_approval_in_the_prefect_ui_holds_no_worker_while_it_waits(prefect_server, workspace, approval_deployment):
+    """promotion.require_approval: the retrain run records the candidate as awaiting approval and ends;
+    the approve-candidate run suspends (no process left while it waits) until the Resume form's answer
+    (sent through the API, as the UI does) comes, then records it; no answer in time: nothing ships."""
+    import time
+
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import resume_flow_run
 
-    rules = PromotionParams(require_approval=True, approval_timeout_s=120, approval_poll_s=1)
+    rules = PromotionParams(require_approval=True)
     _candidate(workspace, b"first", evaluation(gain=0.08))
-    approved = _review_run(workspace, "review-approve", rules)
-    paused = _paused_run("review-approve")
-    with get_client(sync_client=True) as client:
-        shown = client.read_artifacts()
-    assert any("AWAITING REVIEW" in str(a.data) for a in shown if a.key == "scoft-promotion-kor")
-    assert registry.read(workspace, "KOR")["production"] is None  # nothing ships while it waits
-    resume_flow_run(paused.id, run_input={"approve": True, "reviewer": "amara", "comment": "the roofs are right"})
-    approved["thread"].join(120)
-    assert approved["state"].is_completed() and approved["state"].result()["promote"]
+    asked = _review_run(workspace, "approval-ask", rules)
+    asked["thread"].join(120)
+    assert asked["state"].is_completed() and asked["state"].result()["awaiting_approval"]  # the run ended
+    entry = registry.read(workspace, "KOR")
+    assert entry["production"] is None and entry["history"][-1]["action"] == "await"
+    sha = entry["history"][-1]["lora_sha256"]
+    run = run_deployment("approve-candidate/test", parameters={"culture": "KOR", "lora_sha256": sha,
+                                                               "workdir": str(workspace)}, timeout=0)
+    _flow_run(run.id, lambda r: r.state.name == "Suspended")
+    _flow_run(run.id, lambda r: not _processes_of(approval_deployment, r.id))  # nothing runs while it waits
+    resume_flow_run(run.id, run_input={"approve": True, "reviewer": "amara", "comment": "the roofs are right"})
+    done = _flow_run(run.id, lambda r: r.state.is_final())
+    assert done.state.is_completed(), done.state.message
     production = registry.read(workspace, "KOR")["production"]
     assert production["by"] == "amara" and production["reason"] == "the roofs are right"
-    review = json.loads(approved["lineage"].read_text())["promotion"]["review"]
+    review = json.loads(asked["lineage"].read_text())["promotion"]["review"]
     assert review == {"approve": True, "reviewer": "amara", "comment": "the roofs are right"}
 
     _candidate(workspace, b"second", evaluation(gain=0.12))  # passes every rule, production included
-    rejected = _review_run(workspace, "review-reject", rules)
-    resume_flow_run(_paused_run("review-reject").id,
-                    run_input={"approve": False, "reviewer": "obi", "comment": "the gates are wrong"})
-    rejected["thread"].join(120)
-    assert not rejected["state"].result()["promote"]
+    _review_run(workspace, "approval-ask-2", rules)["thread"].join(120)
+    write_params(workspace / "params.yaml", {"promotion.approval_timeout_s": 2})
+    sha = registry.read(workspace, "KOR")["history"][-1]["lora_sha256"]
+    run = run_deployment("approve-candidate/test", parameters={"culture": "KOR", "lora_sha256": sha,
+                                                               "workdir": str(workspace)}, timeout=0)
+    _flow_run(run.id, lambda r: r.state.name == "Suspended")
+    time.sleep(3)
+    with pytest.raises(FlowPauseTimeout):  # an answer after the time-out is refused
+        resume_flow_run(run.id, run_input={"approve": True, "reviewer": "late", "comment": "too late"})
+    assert _flow_run(run.id, lambda r: r.state.is_final()).state.is_failed()
     entry = registry.read(workspace, "KOR")
-    assert entry["production"] == production  # unchanged
-    assert entry["history"][-1]["action"] == "reject" and entry["history"][-1]["by"] == "obi"
-
-    _candidate(workspace, b"third", evaluation(gain=0.12))
-    quick = rules.model_copy(update={"approval_timeout_s": 2})
-    unanswered = _review_run(workspace, "review-timeout", quick)
-    unanswered["thread"].join(120)
-    assert unanswered["state"].is_completed(), unanswered["state"].message  # the run goes on
-    assert not unanswered["state"].result()["promote"]
-    entry = registry.read(workspace, "KOR")
-    assert entry["production"] == production and "no reviewer answered" in entry["history"][-1]["reason"]
+    assert entry["production"] == production and entry["history"][-1]["action"] == "await"  # nothing shipped
 
 
 def test_with_insider_review_a_passing_candidate_awaits_insiders_and_the_run_ends(prefect_server, workspace):
