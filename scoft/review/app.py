@@ -179,8 +179,8 @@ def _announce_if_done(session, reviewer) -> None:
     deployment then judges the campaign; only where a Prefect server is configured (PREFECT_API_URL)."""
     import os
 
-    if next_pair(session, reviewer)[0] is not None or not os.environ.get("PREFECT_API_URL"):
-        return
+    if not os.environ.get("PREFECT_API_URL") or next_pair(session, reviewer)[0] is not None:
+        return  # (the environment first: finding the next pair reads the whole campaign)
     from prefect.events import emit_event
 
     emit_event(event="scoft.review.completed", resource={"prefect.resource.id": f"scoft.review.{reviewer.campaign_id}"},
