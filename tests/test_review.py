@@ -271,6 +271,13 @@ def test_the_review_close_flow_judges_every_open_campaign(prefect_server, tmp_pa
     _reviews(client, tokens, lambda k, cand, _: cand)
     waiting = review_close(workdir=str(ws))
     assert list(waiting) == ["KOR"] and not waiting["KOR"]["decided"]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        shown = [a for a in prefect.read_artifacts() if a.key == "scoft-review-kor"][-1].data
+    # the campaign in the UI: progress, where reviewers go, what it waits for
+    assert "# KOR: still open" in shown and "12 of 12 ratings from 2 invited reviewers" in shown
+    assert "the app: http://127.0.0.1:8700" in shown and "waiting for promotion" in shown
     db = sqlite3.connect(ws / "data/review/review.db")
     db.execute("update campaigns set opened_at = '2020-01-01 00:00:00'")
     db.commit()

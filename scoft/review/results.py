@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scoft.evaluate import BASE, PRODUCTION
+from scoft.render import markdown_text
 from scoft.review.campaigns import REVIEW_DIR
 from scoft.review.store import Campaign, Pair, Rating, Reviewer
 from scoft.stats import two_way_cluster_bootstrap_ci
@@ -58,6 +59,8 @@ def campaign_results(session: Session, campaign: Campaign) -> dict:
         "offensive": {"candidate": sum(f["model"] == "candidate" for f in flags),
                       "other": sum(f["model"] == "other" for f in flags), "flags": flags},
         "invited": len(session.scalars(select(Reviewer.id).where(Reviewer.campaign_id == campaign.id)).all()),
+        "pairs": len(session.scalars(select(Pair.id).where(Pair.campaign_id == campaign.id,
+                                                          Pair.repeat_of.is_(None))).all()),
     }
 
 
@@ -270,3 +273,27 @@ def results_page(results: dict) -> str:
                    for name in ("candidate_vs_base", "candidate_vs_production") if name in results]
     return env.from_string(_RESULTS_PAGE).render(r=results, comparisons=comparisons,
                                                  consistent=sum(results["self_consistency"]["reviewers"].values()))
+
+
+def campaign_markdown(results: dict, verdict: dict, public_url: str) -> str:
+    """The campaign as operators see it in the Prefect UI (the scoft-review-<c> artifact): where reviewers
+    go, how far they got, what they said so far and what the gate decided or waits for."""
+    outcome = "still open" if not verdict["decided"] else "promoted" if verdict["promote"] else "rejected"
+    rated = sum(results[k]["ratings"] for k in ("candidate_vs_base", "candidate_vs_production") if k in results)
+    expected = results["invited"] * results["pairs"]
+    lines = [f"# {results['culture']}: {outcome}", "",
+             f"Campaign `{results['campaign']}` ({results['status']}): {rated} of {expected} ratings"
+             f" from {results['invited']} invited reviewers ({results['pairs']} pairs each); the app: "
+             f"{public_url}", "", "| candidate against | preferred | 95% interval | reviewers | ratings |",
+             "|---|---|---|---|---|"]
+    for name in ("candidate_vs_base", "candidate_vs_production"):
+        if (c := results.get(name)) is not None:
+            shown = f"{c['preference']:.2f}" if c["preference"] is not None else "no ratings yet"
+            interval = f"[{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c["interval"] else ""
+            lines.append(f"| {name.removeprefix('candidate_vs_')} | {shown} | {interval} | {c['reviewers']} | "
+                         f"{c['ratings']} |")
+    consistent = results["self_consistency"]["reviewers"]
+    lines += ["", f"Self-consistent on their repeated pair: {sum(consistent.values())} of {len(consistent)} "
+                  f"reviewers. Offensive flags: {results['offensive']['candidate']} on the candidate's images.",
+              "", markdown_text(verdict["reason"]), ""]
+    return "\n".join(lines)
