@@ -761,7 +761,8 @@ def review_open(culture: Annotated[str, typer.Option(help="The culture whose lat
     """Open a review campaign for the culture's latest candidate LoRA: pairs of the evaluation's own
     images (candidate against base, same prompt and seed), each in a random order."""
     p = _params(params)
-    from scoft.review.campaigns import CampaignError, open_campaign
+    from scoft import registry
+    from scoft.review.campaigns import CampaignError, open_campaign, opponents
 
     _configured(culture, p)
     with _review_store(p)() as session:
@@ -769,11 +770,15 @@ def review_open(culture: Annotated[str, typer.Option(help="The culture whose lat
             campaign, pairs = open_campaign(session, Path("."), culture, joint=not p.train.lora_per_culture)
         except CampaignError as e:
             _fail(str(e))
+        versus = opponents(session, campaign)
     if as_json:
         print(json.dumps({"campaign": campaign.id, "culture": culture, "pairs": pairs}))
-    else:
-        _say(f"{culture}: campaign {campaign.id}, {pairs} pairs (candidate {campaign.candidate_sha256[:12]} against "
-             f"the base model); invite reviewers with `scoft review invite --culture {culture} --count N`")
+        return
+    _say(f"{culture}: campaign {campaign.id}, {pairs} pairs (candidate {campaign.candidate_sha256[:12]} against "
+         f"{' and '.join(versus)}); invite reviewers with `scoft review invite --culture {culture} --count N`")
+    if "production" not in versus and registry.read(Path("."), culture)["production"] is not None:
+        _say("  no pairs against production: no images of it on these prompts were kept (promoted by hand?); "
+             "its next retrain measures it again and keeps them")
 
 
 @review_app.command("invite")

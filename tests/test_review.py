@@ -388,3 +388,15 @@ def test_a_store_of_the_first_schema_is_brought_up_to_date_with_its_ratings_kept
     assert _sql(url, "select version_num from alembic_version") == [("0002",)]
     assert _sql(url, "select pair_id, better from ratings") == [("p1", 0)]
     assert _sql(url, "select repeat_of, reviewer_id from pairs") == [(None, None)]
+
+
+def test_a_production_without_kept_images_is_said_and_the_campaign_pairs_against_the_base(tmp_path):
+    from scoft import registry
+
+    ws = _workspace(tmp_path)
+    (ws / "earlier").mkdir()
+    (ws / "earlier/pytorch_lora_weights.safetensors").write_bytes(b"production")
+    registry.promote(ws, "KOR", ws / "earlier", "rec0", by="alice", reason="by hand")  # no images kept
+    out = scoft_here("review", "open", "--culture", "KOR", cwd=ws)
+    assert out.returncode == 0 and "4 pairs (candidate" in out.stdout and "against base)" in out.stdout
+    assert "no pairs against production: no images of it on these prompts were kept" in out.stdout

@@ -129,6 +129,11 @@ def _pair(session: Session, campaign: Campaign, entry: dict, candidate: Image, o
                      second_image=second.id, candidate_first=candidate_first))
 
 
+def opponents(session: Session, campaign: Campaign) -> list[str]:
+    """The models the campaign's candidate is paired against ("base", and "production" where it is)."""
+    return sorted(set(session.scalars(select(Pair.comparison).where(Pair.campaign_id == campaign.id)).all()))
+
+
 def _pair_count(session: Session, campaign: Campaign) -> int:
     return len(session.scalars(select(Pair.id).where(Pair.campaign_id == campaign.id,
                                                      Pair.repeat_of.is_(None))).all())
