@@ -272,9 +272,12 @@ def test_the_review_close_flow_judges_every_open_campaign(prefect_server, tmp_pa
     waiting = review_close(workdir=str(ws))
     assert list(waiting) == ["KOR"] and not waiting["KOR"]["decided"]
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
-    with get_client(sync_client=True) as prefect:
-        shown = [a for a in prefect.read_artifacts() if a.key == "scoft-review-kor"][-1].data
+    with get_client(sync_client=True) as prefect:  # the latest (other tests' runs write this key too)
+        shown = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["scoft-review-kor"])),
+                                       sort=ArtifactSort.CREATED_DESC, limit=1)[0].data
     # the campaign in the UI: progress, where reviewers go, what it waits for
     assert "# KOR: still open" in shown and "12 of 12 ratings from 2 invited reviewers" in shown
     assert "the app: http://127.0.0.1:8700" in shown and "waiting for promotion" in shown
