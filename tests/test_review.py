@@ -297,10 +297,12 @@ def test_each_reviewer_sees_one_pair_again_swapped_and_the_results_say_who_answe
     repeats = db.execute("select id, reviewer_id, repeat_of, first_image, second_image, candidate_first from pairs "
                          "where repeat_of is not null").fetchall()
     assert sorted(r[1] for r in repeats) == sorted(link["reviewer"] for link in links)
+    path = lambda image: db.execute("select path from images where id = ?", (image,)).fetchone()[0]  # noqa: E731
     for _, _, original, first, second, candidate_first in repeats:
         shown = db.execute("select first_image, second_image, candidate_first from pairs where id = ?",
                            (original,)).fetchone()
-        assert (first, second, bool(candidate_first)) == (shown[1], shown[0], not shown[2])  # the same, swapped
+        assert (path(first), path(second), bool(candidate_first)) == (path(shown[1]), path(shown[0]), not shown[2])
+        assert not {first, second} & {shown[0], shown[1]}  # the same images swapped, under new addresses
     theirs = next(r[0] for r in repeats if r[1] == links[1]["reviewer"])
     refused = client.post("/api/v1/ratings", json={"pair": theirs, "better": 0, "more_stereotyped": None,
                                                     "offensive": [False, False]},
@@ -330,6 +332,9 @@ def test_a_candidate_faces_production_on_the_same_prompts_and_must_not_lose_to_i
     keep_as_production(ws, "KOR", production["lora_sha256"], "reports/eval/KOR")  # as at its promotion
     opened = json.loads(scoft_here("review", "open", "--culture", "KOR", "--json", cwd=ws).stdout)
     assert opened["pairs"] == 2 * 20  # each prompt and seed against the base and against production
+    shown = [i for row in _sql(f"sqlite:///{ws / 'data/review/review.db'}",
+                               "select first_image, second_image from pairs") for i in row]
+    assert len(set(shown)) == len(shown)  # no image address shared by two pairs (the candidate's would be)
     client, tokens, _ = _app(ws, invited=6)
     _balanced(client.url)
     _reviews(client, tokens, lambda k, cand, versus: cand if versus == "base" or insiders_prefer == "candidate"

@@ -102,13 +102,11 @@ def open_campaign(session: Session, root: str | Path, culture: str, joint: bool 
     production = _production_entries(root, culture, digest)
     pairs = 0
     for e in entries:
-        candidate = _image(session, campaign, CANDIDATE, paths["eval"] / IMAGES_DIR / CANDIDATE / f"{e['i']:04d}.png")
-        base = _image(session, campaign, BASE, paths["eval"] / IMAGES_DIR / BASE / f"{e['i']:04d}.png")
-        _pair(session, campaign, e, candidate, base, BASE)
+        candidate = paths["eval"] / IMAGES_DIR / CANDIDATE / f"{e['i']:04d}.png"
+        _pair(session, campaign, e, candidate, BASE, paths["eval"] / IMAGES_DIR / BASE / f"{e['i']:04d}.png")
         pairs += 1
         if production and (theirs := production[1].get((e["record"], e["prompt"], e["seed"]))):
-            shown = _image(session, campaign, PRODUCTION, production[0] / PRODUCTION / f"{theirs['i']:04d}.png")
-            _pair(session, campaign, e, candidate, shown, PRODUCTION)
+            _pair(session, campaign, e, candidate, PRODUCTION, production[0] / PRODUCTION / f"{theirs['i']:04d}.png")
             pairs += 1
     session.commit()
     return campaign, pairs
@@ -120,10 +118,13 @@ def _image(session: Session, campaign: Campaign, model: str, path: Path) -> Imag
     return image
 
 
-def _pair(session: Session, campaign: Campaign, entry: dict, candidate: Image, other: Image, comparison: str) -> None:
-    """The candidate's image against the other model's for one prompt and seed, in an order drawn now."""
+def _pair(session: Session, campaign: Campaign, entry: dict, candidate: Path, comparison: str, other: Path) -> None:
+    """The candidate's image against the other model's for one prompt and seed, in an order drawn now.
+    Each pair shows its images under ids of its own: the candidate's image, shown against the base and
+    against production, must not be recognisable by its address as the one the two pairs share."""
     candidate_first = secrets.randbelow(2) == 1
-    first, second = (candidate, other) if candidate_first else (other, candidate)
+    shown = _image(session, campaign, CANDIDATE, candidate), _image(session, campaign, comparison, other)
+    first, second = shown if candidate_first else shown[::-1]
     session.add(Pair(id=secrets.token_urlsafe(12), campaign_id=campaign.id, comparison=comparison,
                      prompt=entry["prompt"], seed=entry["seed"], record=entry["record"], first_image=first.id,
                      second_image=second.id, candidate_first=candidate_first))
@@ -174,9 +175,13 @@ def invite(session: Session, campaign: Campaign, count: int, public_url: str) ->
                             invited_at=_now())
         session.add(reviewer)
         again = pairs[secrets.randbelow(len(pairs))]
+        # the same two images swapped, under new addresses: nothing but the pictures says it is a repeat
+        first, second = (session.get(Image, again.second_image), session.get(Image, again.first_image))
+        first, second = (_image(session, campaign, first.model, Path(first.path)),
+                         _image(session, campaign, second.model, Path(second.path)))
         session.add(Pair(id=secrets.token_urlsafe(12), campaign_id=campaign.id, comparison=again.comparison,
-                         prompt=again.prompt, seed=again.seed, record=again.record, first_image=again.second_image,
-                         second_image=again.first_image, candidate_first=not again.candidate_first,
+                         prompt=again.prompt, seed=again.seed, record=again.record, first_image=first.id,
+                         second_image=second.id, candidate_first=not again.candidate_first,
                          repeat_of=again.id, reviewer_id=reviewer.id))
         out.append({"reviewer": reviewer.id, "url": f"{public_url.rstrip('/')}/r/{token}"})
     session.commit()
