@@ -13,7 +13,7 @@ from scoft import registry
 from scoft.config import load_params
 from scoft.registry import LORAS_DIR
 from scoft.review.campaigns import CampaignError
-from scoft.review.results import campaign_markdown, close_campaign
+from scoft.review.results import campaign_markdown, close_campaign, outcome
 from scoft.review.store import open_store
 from tasks.dvc import dvc, push
 
@@ -31,10 +31,9 @@ def close_culture(workdir: str, culture: str) -> dict | None:
                 verdict = close_campaign(session, root, culture, params)
         except CampaignError:
             return None
-    outcome = "still open" if not verdict["decided"] else "promoted" if verdict["promote"] else "rejected"
     create_markdown_artifact(key=f"scoft-review-{culture.lower()}", description=f"{culture}: insiders' review",
                              markdown=campaign_markdown(verdict["results"], verdict, params.review.public_url))
-    get_run_logger().info("%s: %s: %s", culture, outcome, verdict["reason"])
+    get_run_logger().info("%s: %s: %s", culture, outcome(verdict), verdict["reason"])
     return {"decided": verdict["decided"], "promote": verdict["promote"], "reason": verdict["reason"]}
 
 

@@ -838,7 +838,7 @@ def review_results(culture: Annotated[str, typer.Option(help="The culture of the
     p = _params(params)
 
     from scoft.io import atomic_write_text
-    from scoft.review.results import campaign_results, results_page
+    from scoft.review.results import campaign_results, comparisons, results_page
     from scoft.text import visible
 
     with _review_store(p)() as session:
@@ -850,13 +850,11 @@ def review_results(culture: Annotated[str, typer.Option(help="The culture of the
         print(json.dumps(results, indent=2))
         return
     _say(f"{culture}: campaign {results['campaign']} ({results['status']}), {results['invited']} reviewers invited")
-    for name in ("candidate_vs_base", "candidate_vs_production"):
-        if (c := results.get(name)) is None:
-            continue
+    for opponent, c in comparisons(results):
         shown = "no ratings yet" if c["preference"] is None else (
             f"{c['preference']:.2f}" + (f" [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c["interval"] else ""))
         alpha = c["agreement_alpha"]
-        _say(f"  candidate preferred over {name.rsplit('_', 1)[1]}: {shown}; {c['reviewers']} reviewers, "
+        _say(f"  candidate preferred over {opponent}: {shown}; {c['reviewers']} reviewers, "
              f"{c['ratings']} ratings; agreement (Krippendorff's alpha) "
              f"{f'{alpha:.2f}' if alpha is not None else 'undefined'}")
     consistent = results["self_consistency"]["reviewers"]
@@ -874,7 +872,7 @@ def review_close(culture: Annotated[str, typer.Option(help="The culture of the o
     p = _params(params)
     from scoft import registry
     from scoft.review.campaigns import CampaignError
-    from scoft.review.results import close_campaign
+    from scoft.review.results import close_campaign, outcome
 
     with _review_store(p)() as session:
         try:
@@ -884,8 +882,7 @@ def review_close(culture: Annotated[str, typer.Option(help="The culture of the o
                     _track_registry()
         except (CampaignError, registry.RegistryError) as e:
             _fail(str(e))
-    outcome = "still open" if not verdict["decided"] else "promoted" if verdict["promote"] else "rejected"
-    _say(f"{culture}: {outcome}: {verdict['reason']}")
+    _say(f"{culture}: {outcome(verdict)}: {verdict['reason']}")
 
 
 @review_app.command("export")

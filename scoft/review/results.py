@@ -41,6 +41,18 @@ def _for_candidate(position: int | None, candidate_first: bool) -> float:
     return 1.0 if (position == 0) == candidate_first else 0.0
 
 
+COMPARISONS = ("candidate_vs_base", "candidate_vs_production")
+
+
+def comparisons(results: dict) -> list[tuple[str, dict]]:
+    """(the candidate's opponent, its block) for each comparison the campaign has."""
+    return [(name.removeprefix("candidate_vs_"), results[name]) for name in COMPARISONS if name in results]
+
+
+def outcome(verdict: dict) -> str:
+    return "still open" if not verdict["decided"] else "promoted" if verdict["promote"] else "rejected"
+
+
 def campaign_results(session: Session, campaign: Campaign) -> dict:
     """What insiders said, by comparison (`candidate_vs_base`, and `candidate_vs_production` where the
     campaign has pairs against production), with each reviewer's self-consistency and the offensive flags."""
@@ -269,29 +281,24 @@ def results_page(results: dict) -> str:
     from jinja2 import Environment, select_autoescape
 
     env = Environment(autoescape=select_autoescape(default=True))
-    comparisons = [(name.removeprefix("candidate_vs_"), results[name])
-                   for name in ("candidate_vs_base", "candidate_vs_production") if name in results]
-    return env.from_string(_RESULTS_PAGE).render(r=results, comparisons=comparisons,
+    return env.from_string(_RESULTS_PAGE).render(r=results, comparisons=comparisons(results),
                                                  consistent=sum(results["self_consistency"]["reviewers"].values()))
 
 
 def campaign_markdown(results: dict, verdict: dict, public_url: str) -> str:
     """The campaign as operators see it in the Prefect UI (the scoft-review-<c> artifact): where reviewers
     go, how far they got, what they said so far and what the gate decided or waits for."""
-    outcome = "still open" if not verdict["decided"] else "promoted" if verdict["promote"] else "rejected"
-    rated = sum(results[k]["ratings"] for k in ("candidate_vs_base", "candidate_vs_production") if k in results)
+    rated = sum(c["ratings"] for _, c in comparisons(results))
     expected = results["invited"] * results["pairs"]
-    lines = [f"# {results['culture']}: {outcome}", "",
+    lines = [f"# {results['culture']}: {outcome(verdict)}", "",
              f"Campaign `{results['campaign']}` ({results['status']}): {rated} of {expected} ratings"
              f" from {results['invited']} invited reviewers ({results['pairs']} pairs each); the app: "
              f"{public_url}", "", "| candidate against | preferred | 95% interval | reviewers | ratings |",
              "|---|---|---|---|---|"]
-    for name in ("candidate_vs_base", "candidate_vs_production"):
-        if (c := results.get(name)) is not None:
-            shown = f"{c['preference']:.2f}" if c["preference"] is not None else "no ratings yet"
-            interval = f"[{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c["interval"] else ""
-            lines.append(f"| {name.removeprefix('candidate_vs_')} | {shown} | {interval} | {c['reviewers']} | "
-                         f"{c['ratings']} |")
+    for opponent, c in comparisons(results):
+        shown = f"{c['preference']:.2f}" if c["preference"] is not None else "no ratings yet"
+        interval = f"[{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c["interval"] else ""
+        lines.append(f"| {opponent} | {shown} | {interval} | {c['reviewers']} | {c['ratings']} |")
     consistent = results["self_consistency"]["reviewers"]
     lines += ["", f"Self-consistent on their repeated pair: {sum(consistent.values())} of {len(consistent)} "
                   f"reviewers. Offensive flags: {results['offensive']['candidate']} on the candidate's images.",
