@@ -23,7 +23,7 @@ from scoft.config import load_params
 from scoft.lineage import LINEAGE_DIR
 from scoft.promotion import failed_rules, with_review
 from tasks.dvc import dvc, push
-from tasks.promote import _artifact_key, record_decision
+from tasks.promote import promotion_artifact_key, record_decision
 
 
 class Review(RunInput):
@@ -45,8 +45,8 @@ def approve_candidate(culture: str, lora_sha256: str, workdir: str = ".") -> dic
                          f"{culture}`)")
     form = Review.with_initial_data(
         description=f"**{culture}**: LoRA `{lora_sha256[:16]}` passed every promotion rule (see the "
-                    f"`{_artifact_key(culture)}` artifact and reports/eval/{culture}/report.html). Approve it for "
-                    "production or reject it, with a comment.")
+                    f"`{promotion_artifact_key(culture)}` artifact and reports/eval/{culture}/report.html). Approve "
+                    "it for production or reject it, with a comment.")
     answer = suspend_flow_run(wait_for_input=form, timeout=load_params(root / "params.yaml").promotion.
                               approval_timeout_s, key=f"approve-{culture.lower()}-{lora_sha256[:16]}")
     judged = {k: v for k, v in waiting["decision"].items() if k != "awaiting_approval"}

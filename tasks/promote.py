@@ -24,7 +24,7 @@ from scoft.signing import sign
 PROMOTED, REJECTED = "scoft.model.promoted", "scoft.model.rejected"
 
 
-def _artifact_key(culture: str) -> str:
+def promotion_artifact_key(culture: str) -> str:
     return f"scoft-promotion-{culture.lower()}"
 
 
@@ -52,7 +52,7 @@ def record_decision(workdir: str, culture: str, lineage_path: Path, decision: di
     write_json(lineage_path, add_promotion(record, decision, root))
     if signing_key:  # lineage.signing_key: the record with its verdict
         sign(Path(lineage_path), signing_key, root)
-    create_markdown_artifact(key=_artifact_key(culture), markdown=decision_markdown(decision),
+    create_markdown_artifact(key=promotion_artifact_key(culture), markdown=decision_markdown(decision),
                              description=f"{culture}: the candidate LoRA against the promotion rules")
     failed = failed_rules(decision)
     review = decision.get("review")
@@ -113,7 +113,8 @@ def ask_for_approval(workdir: str, culture: str, lineage_path: Path, decision: d
     decision = {**decision, "promote": False, "awaiting_approval": True}
     _record_waiting(root, culture, lineage_path, decision, "awaiting approval in the Prefect UI (the "
                                                            "approve-candidate flow run's Resume form)")
-    create_markdown_artifact(key=_artifact_key(culture), markdown=decision_markdown(decision, awaiting_review=True),
+    create_markdown_artifact(key=promotion_artifact_key(culture),
+                             markdown=decision_markdown(decision, awaiting_review=True),
                              description=f"{culture}: the candidate passed every rule and waits for approval")
     emit_event(event=AWAITING_APPROVAL,
                resource={"prefect.resource.id": f"scoft.model.{culture}.{decision['lora_sha256'][:16]}",
