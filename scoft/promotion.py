@@ -193,7 +193,8 @@ def decision_markdown(decision: dict, awaiting_review: bool = False) -> str:
               for o in decision["rules"]]
     review = decision.get("review")
     if awaiting_review:
-        lines += ["", "Every rule passed. Approve or reject in this flow run's Resume form, with a comment."]
+        lines += ["", "Every rule passed. Approve or reject in the approve-candidate flow run's Resume form, with a "
+                  "comment."]
     elif review and review["approve"] is None:
         lines += ["", f"No review came in time: nothing promoted ({markdown_text(review['comment'])})."]
     elif review:

@@ -308,6 +308,14 @@ def test_approval_in_the_prefect_ui_holds_no_worker_while_it_waits(prefect_serve
     assert asked["state"].is_completed() and asked["state"].result()["awaiting_approval"]  # the run ended
     entry = registry.read(workspace, "KOR")
     assert entry["production"] is None and entry["history"][-1]["action"] == "await"
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        shown = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
+            "scoft-promotion-kor"])), sort=ArtifactSort.CREATED_DESC, limit=1)[0].data
+    assert "AWAITING REVIEW" in shown and "approve-candidate" in shown
     sha = entry["history"][-1]["lora_sha256"]
     run = run_deployment("approve-candidate/test", parameters={"culture": "KOR", "lora_sha256": sha,
                                                                "workdir": str(workspace)}, timeout=0)
