@@ -26,12 +26,9 @@ from scoft.data import image_transform, load_image_tensor
 from scoft.features import build_distance, device_of
 from scoft.io import atomic_dir, write_json
 from scoft.negatives import generate
+from scoft.paths import BASE, IMAGES_DIR, PRODUCTION
 from scoft.render import html_text, markdown_text
 from scoft.stats import bootstrap_ci, hierarchical_bootstrap_ci, holm, sign_flip_p
-
-BASE = "base"
-PRODUCTION = "production"  # the culture's production LoRA, where the promote step samples it again
-
 
 NO_INTERVAL = "fewer than 2 prompts: no interval"
 # memorisation: an image nearer a training image than 90% of unseen community images are is flagged
@@ -542,7 +539,6 @@ def html_report(
     return "\n".join([*parts, "</body></html>"])
 
 
-IMAGES_DIR = "images"  # every image the evaluation judged, for the insiders' review (scoft/review)
 
 
 def write_judged_images(folder: Path, result: dict) -> None:

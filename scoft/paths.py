@@ -16,6 +16,9 @@ METRICS_FILE = Path("reports/metrics.json")  # a joint LoRA's evaluation (scoft 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINTS = "checkpoints"  # in a LoRA folder: the resumable training checkpoints (scoft/train.py)
 SKIPPED_FILE = "skipped.json"  # in a culture's LoRA folder when it had nothing to train on: why
+# The models an evaluation judges, by the names its outputs use (images/<model>/ in an evaluation folder)
+CANDIDATE, BASE, PRODUCTION = "scoft", "base", "production"  # production: where the promote step samples it
+IMAGES_DIR = "images"  # every image the evaluation judged, for the insiders' review (scoft/review)
 
 
 JOINT = "joint"  # the folder name of the one LoRA for every culture (train.lora_per_culture: false)

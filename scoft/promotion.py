@@ -18,14 +18,11 @@ import numpy as np
 
 from scoft import registry
 from scoft.config import Params, PromotionParams
-from scoft.evaluate import BASE
 from scoft.io import sha256_file, sha256_json, write_json
-from scoft.paths import CCUB_DIR, LORA_FILE, PROMOTION_DIR, culture_paths
+from scoft.paths import BASE, CANDIDATE, CCUB_DIR, LORA_FILE, PROMOTION_DIR, culture_paths
 from scoft.render import markdown_text
 from scoft.stats import holm, sign_flip_p, sign_flip_units, smallest_p
 from scoft.text import visible
-
-CANDIDATE = "scoft"  # the evaluate stage's name for the culture's new LoRA
 
 
 def _rule(name: str, passed: bool, detail: str) -> dict:

@@ -21,12 +21,10 @@ from pathlib import Path
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from scoft.evaluate import BASE, IMAGES_DIR, PRODUCTION
 from scoft.io import atomic_dir, sha256_file, write_json
-from scoft.paths import LORA_FILE, culture_paths
+from scoft.paths import BASE, CANDIDATE, IMAGES_DIR, LORA_FILE, PRODUCTION, culture_paths
 from scoft.review.store import Campaign, Image, Pair, Rating, Reviewer, _now
 
-CANDIDATE = "scoft"  # the evaluate stage's name for the culture's new LoRA (scoft.promotion.CANDIDATE)
 REVIEW_DIR = Path("reports/review")  # by culture: the campaigns' exports and production's kept images
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from scoft.evaluate import BASE, PRODUCTION
+from scoft.paths import BASE, PRODUCTION
 from scoft.render import markdown_text
 from scoft.review.campaigns import REVIEW_DIR
 from scoft.review.store import Campaign, Pair, Rating, Reviewer
