@@ -704,6 +704,7 @@ def models_promote(culture: str,
     p = _params(params)
     from scoft import registry
     from scoft.lineage import LINEAGE_DIR
+    from scoft.promotion import promote_judged
     from scoft.registry import RegistryError
     from scoft.signing import SigningError, sign
 
@@ -713,9 +714,10 @@ def models_promote(culture: str,
                 "lineage": key, "lora_dir": str(lora.parent), "metrics": record.get("metrics")}
     try:
         with registry.transaction(Path("."), culture):  # the pointer and its tracking, whole or not at all
-            entry = registry.promote(Path("."), culture, lora.parent, key, by=by, reason=reason, decision=decision)
+            # no evaluation folder: the workspace's may hold another candidate's images than this record's
+            promote_judged(Path("."), culture, str(lora.parent), key, by, reason, decision, p.lineage.signing_key,
+                           evaluation_dir=None)
             if p.lineage.signing_key:
-                sign(Path(entry["production"]["lora_dir"]), p.lineage.signing_key)
                 sign(LINEAGE_DIR / f"{key}.json", p.lineage.signing_key)
             _track_registry()
     except RegistryError as e:

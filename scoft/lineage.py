@@ -140,6 +140,16 @@ def sealed(record: dict) -> dict:
     return {**body, SELF: sha256_json(body)}
 
 
+def rewrite_record(path: str | Path, record: dict, root: str | Path, signing_key: str | None) -> None:
+    """Write a lineage record again, resealed and, where lineage.signing_key is set, signed again: a
+    record changed after its signing (a verdict, an insiders' review) never keeps a stale signature."""
+    write_json(path, sealed(record))
+    if signing_key:
+        from scoft.signing import sign
+
+        sign(path, signing_key, root)
+
+
 def add_promotion(record: dict, decision: dict, root: str | Path = ".") -> dict:
     """The record with its promotion verdict, and the decision file's hash as the chain's last link."""
     path = PROMOTION_DIR / f"{record['culture']}.json"

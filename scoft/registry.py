@@ -200,8 +200,8 @@ def reject(root: str | Path, culture: str, lora_sha256: str, lineage_key: str, b
 
 def await_review(root: str | Path, culture: str, lora_sha256: str, lineage_key: str, by: str, reason: str,
                  decision: dict | None = None) -> dict:
-    """Record that a candidate passed the rules and waits for insiders (a review campaign); production is
-    unchanged until the campaign closes."""
+    """Record that a candidate passed the rules and waits for people (insiders' review campaign, or one
+    person's approval); production is unchanged until they decide."""
     return _candidate_event("await", root, culture, lora_sha256, lineage_key, by, reason, decision)
 
 

@@ -16,10 +16,9 @@ from prefect.events import emit_event
 from scoft import registry
 from scoft.config import PromotionParams, load_params
 from scoft.io import write_json
-from scoft.lineage import add_promotion
+from scoft.lineage import add_promotion, rewrite_record
 from scoft.paths import PROMOTION_DIR
 from scoft.promotion import RULES_BY, decision_markdown, failed_rules, hold_family, judge, record_verdict
-from scoft.signing import sign
 
 PROMOTED, REJECTED = "scoft.model.promoted", "scoft.model.rejected"
 
@@ -48,10 +47,7 @@ def record_decision(workdir: str, culture: str, lineage_path: Path, decision: di
     root = Path(workdir)
     signing_key = load_params(root / "params.yaml").lineage.signing_key
     decision = record_verdict(root, culture, decision, signing_key)
-    record = json.loads(Path(lineage_path).read_text(encoding="utf-8"))
-    write_json(lineage_path, add_promotion(record, decision, root))
-    if signing_key:  # lineage.signing_key: the record with its verdict
-        sign(Path(lineage_path), signing_key, root)
+    _add_verdict(root, lineage_path, decision, signing_key)
     create_markdown_artifact(key=promotion_artifact_key(culture), markdown=decision_markdown(decision),
                              description=f"{culture}: the candidate LoRA against the promotion rules")
     failed = failed_rules(decision)
@@ -73,9 +69,14 @@ def _record_waiting(root: Path, culture: str, lineage_path: Path, decision: dict
     registry.await_review(root, culture, decision["lora_sha256"], decision["lineage"], by=RULES_BY, reason=reason,
                           decision=decision)
     write_json(root / PROMOTION_DIR / f"{culture}.json", decision)
-    record = json.loads(Path(lineage_path).read_text(encoding="utf-8"))
-    write_json(lineage_path, add_promotion(record, decision, root))
+    _add_verdict(root, lineage_path, decision, load_params(root / "params.yaml").lineage.signing_key)
     get_run_logger().info("%s: %s", culture, reason)
+
+
+def _add_verdict(root: Path, lineage_path: Path, decision: dict, signing_key: str | None) -> None:
+    """The lineage record with the verdict (or the wait) added, resealed and signed again."""
+    record = json.loads(Path(lineage_path).read_text(encoding="utf-8"))
+    rewrite_record(lineage_path, add_promotion(record, decision, root), root, signing_key)
 
 
 @task(name="insider-review")

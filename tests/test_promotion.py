@@ -344,13 +344,16 @@ def test_approval_in_the_prefect_ui_holds_no_worker_while_it_waits(prefect_serve
     assert entry["production"] == production and entry["history"][-1]["action"] == "await"  # nothing shipped
 
 
-def test_with_insider_review_a_passing_candidate_awaits_insiders_and_the_run_ends(prefect_server, workspace):
+def test_with_insider_review_a_passing_candidate_awaits_insiders_and_the_run_ends(prefect_server, workspace,
+                                                                                    key_pair):
     import numpy as np
     from PIL import Image
 
     from scoft.evaluate import write_judged_images
     from scoft.review.store import Campaign, open_store
+    from scoft.signing import signature_problem
 
+    write_params(workspace / "params.yaml", {"lineage.signing_key": str(key_pair[0])})
     ids = _kor_heldout(workspace)
     _candidate(workspace, b"first", evaluation(gain=0.08, ids=ids))
     held = [type("Held", (), {"id": i, "culture": "KOR"})() for i in ids]
@@ -368,6 +371,8 @@ def test_with_insider_review_a_passing_candidate_awaits_insiders_and_the_run_end
         campaigns = session.query(Campaign).all()
     assert [c.culture for c in campaigns] == ["KOR"] and campaigns[0].status == "open"
     assert (workspace / "data/review/review.db").is_file()  # in the workspace, not where the test runs
+    # the record, changed to say it waits, is signed again: its signature holds
+    assert signature_problem(run["lineage"], str(key_pair[1])) is None
 
 
 def _posted(receiver, what: str, timeout: float = 90) -> dict:

@@ -151,21 +151,16 @@ def insiders_verdict(results: dict, rules, deadline_passed: bool) -> dict:
 def _into_lineage(root, key: str, decision: dict, signing_key: str | None) -> None:
     """The insiders' decision, results and the export's hash into the candidate's lineage record (resealed,
     and signed again where signing is configured), so that `scoft lineage verify` checks the export."""
-    from scoft.io import write_json
-    from scoft.lineage import LINEAGE_DIR, read_record, sealed
+    from scoft.lineage import LINEAGE_DIR, read_record, rewrite_record
 
     path = root / LINEAGE_DIR / f"{key}.json"
     if not key or not path.is_file():
         return
     record = read_record(str(path))
     files = {**record.get("files", {}), "insiders review": decision["insiders"]["export"]}
-    write_json(path, sealed({**record, "insiders": {k: decision[k] for k in ("promote", "rules")} |
-                             {"results": {k: v for k, v in decision["insiders"].items() if k != "export"}},
-                             "files": files}))
-    if signing_key:
-        from scoft.signing import sign
-
-        sign(path, signing_key, root)
+    rewrite_record(path, {**record, "insiders": {k: decision[k] for k in ("promote", "rules")} |
+                          {"results": {k: v for k, v in decision["insiders"].items() if k != "export"}},
+                          "files": files}, root, signing_key)
 
 
 def close_campaign(session: Session, root, culture: str, params) -> dict:
