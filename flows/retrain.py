@@ -17,13 +17,20 @@ from scoft.ccub import read_manifest
 from scoft.config import load_params
 from scoft.paths import CCUB_DIR, LORA_FILE, culture_paths
 from scoft.registry import LORAS_DIR
-from scoft.remote import BadLockEntry, adopt_lock_entries, culture_lock_entries, lock_entries
+from scoft.remote import (
+    SHARED_STAGES,
+    BadLockEntry,
+    adopt_lock_entries,
+    culture_lock_entries,
+    lock_entries,
+    shared_lock_entries,
+)
 from tasks.ccub import announce_new_version, pull_ccub_version, use_configured_remote
 from tasks.dvc import dvc, push, stage_task
 from tasks.promote import promote_cultures
 from tasks.report import publish_lineage, publish_metrics, publish_validation, record_lineage
+from tasks.workspaces import retrain_lease
 
-SHARED_STAGES = ["ingest", "validate", "base"]
 CULTURE_STAGES = ["negatives", "train", "evaluate"]  # after the shared stages: one chain per culture
 
 
@@ -44,51 +51,55 @@ def retrain(workdir: str = ".", ccub_version: str | None = None) -> dict:
     stage = stage_task(workdir)
     params = load_params(Path(workdir) / "params.yaml")
     refuse_endless_restarts(params.orchestration.max_attempts)
-    cultures = params.validate_.cultures
-    use_configured_remote(workdir)
-    if ccub_version:
-        pull_ccub_version(workdir, ccub_version)
-        ran = {"ingest": False}
-    else:
-        ran = {"ingest": stage("ingest", workdir)["ran"]}
-        push(workdir, ["ingest"])
-        announce_new_version(workdir, emitter="retrain")
-    try:
-        ran["validate"] = stage("validate", workdir)["ran"]
-    finally:
-        validation = publish_validation(workdir)  # the operator sees the failing checks too
-    ran["base"] = stage("base", workdir)["ran"]
-    deployment = params.orchestration.culture_deployment
-    joint = not params.train.lora_per_culture
-    if joint:
-        outcomes = {}
-        ran |= run_joint(workdir, cultures)
-    elif deployment:
-        outcomes = fan_out(workdir, cultures, deployment, params.orchestration.culture_run_timeout_s)
-    else:
-        outcomes = {c: run_chain(workdir, c) for c in cultures}
-    failed = {c: o for c, o in outcomes.items() if isinstance(o, str)}
-    ran |= {s: r for o in outcomes.values() if isinstance(o, dict) for s, r in o.items()}
-    cultures = [c for c in cultures if c not in failed]
-    mark_other_layout(workdir, cultures, joint)
-    metrics = publish_metrics(workdir, cultures, joint)
-    root = Path(workdir)
-    trained = [c for c in cultures if (root / culture_paths(c, joint)["lora"] / LORA_FILE).is_file()
-               and (not joint or read_manifest(root / CCUB_DIR, c))]  # the joint LoRA serves cultures it saw
-    lineage = {c: record_lineage(workdir, validation, metrics[c], c) for c in trained}
-    decisions = promote_cultures(workdir, {c: lineage[c] for c in trained}, params.promotion)
-    for c in trained:
-        publish_lineage(lineage[c])
-    if any(d["promote"] and "already_judged" not in d for d in decisions.values()):
-        # a new production LoRA: DVC tracks the registry's copies, so the push below sends it
-        dvc(["add", "-q", str(LORAS_DIR)], workdir, "track the registry's LoRAs")
-    push(workdir)
-    if failed:  # the other cultures are trained, judged and pushed: the operator retries these alone
-        raise CultureRunFailed("; ".join(f"{c}: {why}" for c, why in failed.items()))
-    return {"stages_run": ran, "loras": {c: root / culture_paths(c, joint)["lora"] for c in trained},
-            "reports": {c: root / culture_paths(c, joint)["eval"] / "report.html" for c in trained}, "lineage": lineage,
-            "promoted": {c: d["promote"] for c, d in decisions.items()},
-            "skipped": {c: m["insufficient"] for c, m in metrics.items() if "insufficient" in m}}
+    # The whole run on one CCUB version: no ingest or other retrain changes this workspace's data until
+    # it ends (an ingest flow works in its own workspace meanwhile, tasks/workspaces.py).
+    with retrain_lease(workdir):
+        cultures = params.validate_.cultures
+        use_configured_remote(workdir)
+        if ccub_version:
+            pull_ccub_version(workdir, ccub_version)
+            ran = {"ingest": False}
+        else:
+            ran = {"ingest": stage("ingest", workdir)["ran"]}
+            push(workdir, ["ingest"])
+            announce_new_version(workdir, emitter="retrain")
+        try:
+            ran["validate"] = stage("validate", workdir)["ran"]
+        finally:
+            validation = publish_validation(workdir)  # the operator sees the failing checks too
+        ran["base"] = stage("base", workdir)["ran"]
+        deployment = params.orchestration.culture_deployment
+        joint = not params.train.lora_per_culture
+        if joint:
+            outcomes = {}
+            ran |= run_joint(workdir, cultures)
+        elif deployment:
+            outcomes = fan_out(workdir, cultures, deployment, params.orchestration.culture_run_timeout_s)
+        else:
+            outcomes = {c: run_chain(workdir, c) for c in cultures}
+        failed = {c: o for c, o in outcomes.items() if isinstance(o, str)}
+        ran |= {s: r for o in outcomes.values() if isinstance(o, dict) for s, r in o.items()}
+        cultures = [c for c in cultures if c not in failed]
+        mark_other_layout(workdir, cultures, joint)
+        metrics = publish_metrics(workdir, cultures, joint)
+        root = Path(workdir)
+        trained = [c for c in cultures if (root / culture_paths(c, joint)["lora"] / LORA_FILE).is_file()
+                   and (not joint or read_manifest(root / CCUB_DIR, c))]  # the joint LoRA serves cultures it saw
+        lineage = {c: record_lineage(workdir, validation, metrics[c], c) for c in trained}
+        decisions = promote_cultures(workdir, {c: lineage[c] for c in trained}, params.promotion)
+        for c in trained:
+            publish_lineage(lineage[c])
+        if any(d["promote"] and "already_judged" not in d for d in decisions.values()):
+            # a new production LoRA: DVC tracks the registry's copies, so the push below sends it
+            dvc(["add", "-q", str(LORAS_DIR)], workdir, "track the registry's LoRAs")
+        push(workdir)
+        if failed:  # the other cultures are trained, judged and pushed: the operator retries these alone
+            raise CultureRunFailed("; ".join(f"{c}: {why}" for c, why in failed.items()))
+        return {"stages_run": ran, "loras": {c: root / culture_paths(c, joint)["lora"] for c in trained},
+                "reports": {c: root / culture_paths(c, joint)["eval"] / "report.html" for c in trained},
+                "lineage": lineage,
+                "promoted": {c: d["promote"] for c, d in decisions.items()},
+                "skipped": {c: m["insufficient"] for c, m in metrics.items() if "insufficient" in m}}
 
 
 def refuse_endless_restarts(max_attempts: int) -> None:
@@ -127,8 +138,8 @@ def fan_out(workdir: str, cultures: list[str], deployment: str, timeout_s: float
     that worker's workspace), handed the shared stages' dvc.lock entries; each finished culture's
     entries come back into this workspace's dvc.lock and its outputs from the DVC remote. Per culture:
     its stages_run, or why it failed (a failed culture does not stop the others)."""
-    push(workdir, SHARED_STAGES)  # what the culture runs pull
-    shared = lock_entries(workdir, SHARED_STAGES)
+    push(workdir, list(SHARED_STAGES))  # what the culture runs pull
+    shared = lock_entries(workdir, list(SHARED_STAGES))
     runs = {c: run_culture.submit(deployment, c, shared, timeout_s) for c in cultures}
     outcomes = {}
     for culture, future in runs.items():
@@ -213,7 +224,7 @@ def retrain_culture(culture: str, shared_lock: dict, workdir: str = ".") -> dict
     from its checkpoint), push its outputs, and publish its dvc.lock entries for the parent."""
     refuse_endless_restarts(load_params(Path(workdir) / "params.yaml").orchestration.max_attempts)
     use_configured_remote(workdir)
-    adopt_lock_entries(workdir, shared_lock)
+    adopt_lock_entries(workdir, shared_lock_entries(workdir, shared_lock))  # refused: the run fails, naming it
     dvc(["pull", *shared_lock], workdir, "pull the shared stages")
     ran = run_chain(workdir, culture)
     push(workdir, list(ran))

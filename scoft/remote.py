@@ -37,7 +37,7 @@ def dvc_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _dvc(root: Path, *args: str) -> None:
+def dvc_command(root: Path, *args: str) -> None:
     out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_environment(),
                          capture_output=True, text=True)
     if out.returncode:
@@ -50,13 +50,13 @@ def configure_remote(root: str | Path, remote: RemoteParams) -> str:
     if remote.url is None:
         local = root / ".dvc" / "config.local"
         if local.is_file() and S3_REMOTE in local.read_text(encoding="utf-8"):
-            _dvc(root, "remote", "remove", "--local", S3_REMOTE)
+            dvc_command(root, "remote", "remove", "--local", S3_REMOTE)
         return "the default remote of .dvc/config"
-    _dvc(root, "remote", "add", "--local", "--force", "--default", S3_REMOTE, remote.url)
+    dvc_command(root, "remote", "add", "--local", "--force", "--default", S3_REMOTE, remote.url)
     if remote.endpoint_url:
-        _dvc(root, "remote", "modify", "--local", S3_REMOTE, "endpointurl", remote.endpoint_url)
+        dvc_command(root, "remote", "modify", "--local", S3_REMOTE, "endpointurl", remote.endpoint_url)
     if remote.profile:
-        _dvc(root, "remote", "modify", "--local", S3_REMOTE, "profile", remote.profile)
+        dvc_command(root, "remote", "modify", "--local", S3_REMOTE, "profile", remote.profile)
     return f"{remote.url}" + (f" at {remote.endpoint_url}" if remote.endpoint_url else "")
 
 
@@ -119,11 +119,72 @@ def culture_lock_entries(root: str | Path, culture: str, entries) -> dict[str, d
         raise BadLockEntry(f"{culture}: its run published entries for {', '.join(others)}; only "
                            f"{', '.join(sorted(expected))} are taken, all three")
     spec = YAML(typ="safe").load((Path(root) / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    mine = _params_here(root)
     for stage, entry in entries.items():
-        declared = _declared(spec[stage.partition("@")[0]]["do"], culture)
-        if problem := _entry_problem(entry, declared):
+        do = spec[stage.partition("@")[0]]["do"]
+        if problem := _entry_problem(entry, _declared(do, culture)) or _params_problem(entry, do, mine):
             raise BadLockEntry(f"{culture}: its run's dvc.lock entry for {stage}: {problem}")
     return entries
+
+
+SHARED_STAGES = ("ingest", "validate", "base")  # what a retrain run hands its culture runs (fan-out)
+
+
+def shared_lock_entries(root: str | Path, entries) -> dict[str, dict]:
+    """The entries a culture run takes from its parent retrain run (its flow run's parameters, which
+    anyone who can start a deployment run writes), checked as the parent checks what comes back:
+    exactly the shared stages, each with the command, deps, outs and params this workspace's dvc.yaml
+    and params.yaml declare, and well-formed hashes. Unchecked, `--force`, `../../evil` or a command
+    of anyone's choosing reached dvc.lock and the `dvc pull` arguments."""
+    from scoft.text import visible
+
+    if not isinstance(entries, dict) or set(entries) != set(SHARED_STAGES):
+        given = sorted(visible(str(k), 60) for k in entries) if isinstance(entries, dict) else "not a mapping"
+        raise BadLockEntry(f"the parent's dvc.lock entries: {given}; exactly {', '.join(SHARED_STAGES)} are taken")
+    spec = YAML(typ="safe").load((Path(root) / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    mine = _params_here(root)
+    for stage, entry in entries.items():
+        if problem := _entry_problem(entry, _declared(spec[stage], "")) or _params_problem(entry, spec[stage], mine):
+            raise BadLockEntry(f"the parent's dvc.lock entry for {stage}: {problem}")
+    return entries
+
+
+def _params_here(root: str | Path) -> dict:
+    """params.yaml as DVC reads it (YAML 1.2: `no` stays a string)."""
+    return YAML(typ="safe").load((Path(root) / "params.yaml").read_text(encoding="utf-8")) or {}
+
+
+_MISSING = object()
+
+
+def _param(params: dict, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _params_problem(entry: dict, stage: dict, mine: dict) -> str | None:
+    """The params an entry says its stage ran with must be this workspace's params.yaml values of the keys
+    dvc.yaml declares, nothing else: another file (/etc/passwd), another value (train.lr: 99) or an extra
+    key would make DVC here rerun or skip stages on someone else's word."""
+    from scoft.text import visible
+
+    declared = [p for p in stage.get("params") or [] if isinstance(p, str)]
+    given = entry.get("params", {})
+    if set(given) - {"params.yaml"}:
+        return f"params from {', '.join(sorted(visible(str(f), 60) for f in given if f != 'params.yaml'))}: only " \
+               "params.yaml is read"
+    values = given.get("params.yaml", {})
+    if not isinstance(values, dict) or set(values) != set(declared):
+        keys = sorted(visible(str(k), 60) for k in values) if isinstance(values, dict) else "not a mapping"
+        return f"its params are {keys}, not the ones dvc.yaml declares ({', '.join(declared)})"
+    for key in declared:
+        if values[key] != _param(mine, key):
+            return f"param {key} differs from params.yaml here: it ran with other settings ({visible(values[key], 80)})"
+    return None
 
 
 def _declared(do: dict, item: str) -> dict:
@@ -143,7 +204,7 @@ def _entry_problem(entry, declared: dict) -> str | None:
     if not isinstance(entry.get("params", {}), dict):
         return "its params are not a mapping"
     for kind in ("deps", "outs"):
-        files = entry.get(kind)
+        files = entry.get(kind, [])  # a stage without deps (ingest) has no such key
         if not isinstance(files, list) or not all(isinstance(f, dict) and set(f) <= _FILE_KEYS for f in files):
             return f"its {kind} are not a list of files"
         if sorted(str(f.get("path")) for f in files) != declared[kind]:

@@ -132,7 +132,15 @@ def workspace_slot(workdir: str, label: str):
     limit it replaces leaked for good when a holder died under the temporary server, which never
     expires leases, or across a server restart. The file says who holds it, for the waiting message.
     Yields the lock's file descriptor, for the DVC command to inherit and hold with its holder."""
-    path = Path(workdir).resolve() / SLOT_FILE
+    with held_lock(Path(workdir).resolve() / SLOT_FILE, label, "the workspace's DVC slot") as fd:
+        yield fd
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, label: str, what: str, wait: bool = True):
+    """An exclusive flock on `path`, which names its holder while held; yields its file descriptor, or
+    None at once when `wait` is false and another process holds it. A wait longer than SLOT_NOTICE_S
+    is logged once, naming the holder and how to stop it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -142,10 +150,13 @@ def workspace_slot(workdir: str, label: str):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not wait:
+                    yield None
+                    return
                 if not noticed and time.monotonic() - waited > SLOT_NOTICE_S:
                     noticed = True
-                    _logger().info("%s: waiting for the workspace's DVC slot (another DVC command is running in "
-                                   "%s: %s)", label, Path(workdir).resolve(), _holder(path))
+                    _logger().info("%s: waiting for %s (in %s: %s)", label, what, path.parent.parent.parent,
+                                   _holder(path))
                 time.sleep(SLOT_POLL_S)
         _claim(fd, label)
         yield fd
@@ -166,13 +177,16 @@ def _claim(fd: int, label: str, command_pid: int | None = None) -> None:
 
 
 def _holder(path: Path) -> str:
-    """Who holds the slot, and how to free it by hand."""
+    """Who holds the lock, and how to free it by hand. The DVC command leads a process group of its
+    own (the stage's command runs in it): `kill -- -PID` stops the whole group, where `kill PID` left
+    the stage's command (`scoft train`) running without its DVC."""
     try:
         h = json.loads(path.read_text(encoding="utf-8"))
         pids = " ".join(str(p) for p in (h["command_pid"], h["pid"]) if p)
+        stop = f"kill -- -{h['command_pid']} {h['pid']}" if h["command_pid"] else f"kill {h['pid']}"
         run = f", flow run {h['flow_run']}" if h.get("flow_run") else ""
         return (f"{h['label']} holds it, process {pids} on {h['host']} since {h['since']}{run}. It comes free the "
-                f"moment those processes end, killed or not; to free it by hand, stop them (kill {pids})")
+                f"moment those processes end, killed or not; to free it by hand, stop them ({stop})")
     except (OSError, ValueError, KeyError, TypeError):
         return f"see {path}; it comes free the moment its holder's process ends"
 

@@ -19,22 +19,42 @@ def _file(path: str, folder: bool = False) -> dict:
             **({"nfiles": 2} if folder else {})}
 
 
-def chain(c: str) -> dict:
-    """negatives@C, train@C and evaluate@C as DVC records them (commands, deps and outs of dvc.yaml)."""
+def _entry(do: dict, item: str) -> dict:
+    """A dvc.lock entry as DVC records a stage of dvc.yaml (for one foreach item), run with ROOT's
+    params.yaml."""
+    from ruamel.yaml import YAML
+
+    params = YAML(typ="safe").load((ROOT / "params.yaml").read_text())
+
+    def value(dotted):
+        node = params
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    paths = lambda xs: [(next(iter(x)) if isinstance(x, dict) else x).replace("${item}", item) for x in xs or []]  # noqa: E731
+    entry = {"cmd": " ".join(do["cmd"].replace("${item}", item).split()),
+             "deps": [_file(p, not p.endswith((".json", ".jsonl", ".py"))) for p in paths(do.get("deps"))],
+             "params": {"params.yaml": {k: value(k) for k in do.get("params") or []}},
+             "outs": [_file(p, not p.endswith(".json")) for p in
+                      paths([*(do.get("outs") or []), *(do.get("metrics") or []), *(do.get("plots") or [])])]}
+    return {k: v for k, v in entry.items() if v or k == "cmd"}
+
+
+def _spec() -> dict:
     import yaml
 
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    out = {}
-    for stage in ("negatives", "train", "evaluate"):
-        do = spec[stage]["do"]
-        paths = lambda xs: [(next(iter(x)) if isinstance(x, dict) else x).replace("${item}", c) for x in xs or []]  # noqa: E731
-        out[f"{stage}@{c}"] = {
-            "cmd": " ".join(do["cmd"].replace("${item}", c).split()),
-            "deps": [_file(p, not p.endswith((".json", ".jsonl", ".py"))) for p in paths(do.get("deps"))],
-            "params": {"params.yaml": {"model": {"base": "tiny"}}},
-            "outs": [_file(p, not p.endswith(".json")) for p in
-                     paths([*(do.get("outs") or []), *(do.get("metrics") or []), *(do.get("plots") or [])])]}
-    return out
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def chain(c: str) -> dict:
+    """negatives@C, train@C and evaluate@C as DVC records them (commands, deps, params and outs)."""
+    return {f"{stage}@{c}": _entry(_spec()[stage]["do"], c) for stage in ("negatives", "train", "evaluate")}
+
+
+def shared() -> dict:
+    """ingest, validate and base as a parent retrain run hands them to its culture runs."""
+    return {stage: _entry(_spec()[stage], "") for stage in ("ingest", "validate", "base")}
 
 
 def test_a_cultures_own_chain_is_accepted():
@@ -63,11 +83,41 @@ def _with(change):
      "not exactly the outs"),
     ("a malformed hash", lambda e: e["evaluate@KOR"]["outs"][0].update(md5="../x"), "not a well-formed md5"),
     ("another command", lambda e: e["train@KOR"].update(cmd="rm -rf data"), "its command is not the one"),
+    ("a params file of its own", lambda e: e["train@KOR"]["params"].update({"/etc/passwd": {"root": 1}}),
+     "params from /etc/passwd"),
+    ("another learning rate", lambda e: e["train@KOR"]["params"]["params.yaml"]["train"].update(lr=99),
+     "param train differs from params.yaml here"),
+    ("a 10 MB value", lambda e: e["train@KOR"]["params"]["params.yaml"].update({"negatives.per_image": "x" * 10**7}),
+     "param negatives.per_image differs"),
+    ("a param dvc.yaml does not declare", lambda e: e["train@KOR"]["params"]["params.yaml"].update(promotion={}),
+     "not the ones dvc.yaml declares"),
 ])
 def test_anything_else_a_culture_run_publishes_is_refused(name, change, said):
     with pytest.raises(BadLockEntry, match="KOR: ") as err:
         culture_lock_entries(ROOT, "KOR", _with(change))
     assert said in str(err.value), name
+
+
+def test_a_culture_run_takes_from_its_parent_only_the_shared_stages_as_declared_here():
+    """The worker's side: the shared entries come as flow run parameters, which anyone who can start a
+    deployment run writes."""
+    from scoft.remote import shared_lock_entries
+
+    assert shared_lock_entries(ROOT, shared()) == shared()
+    refused = {  # what the parameters hold: what the refusal says
+        "a stage --force": (lambda e: e.update({"--force": {}}), "--force"),
+        "an out at ../../evil": (lambda e: e["base"]["outs"][0].update(path="../../evil"), "not exactly the outs"),
+        "a command of its own": (lambda e: e["ingest"].update(cmd="rm -rf ~"), "its command is not the one"),
+        "other checks": (lambda e: e["validate"]["params"]["params.yaml"].update(validate={"cultures": []}),
+                         "param validate differs"),
+        "a stage missing": (lambda e: e.pop("base"), "exactly ingest, validate, base"),
+    }
+    for name, (change, said) in refused.items():
+        entries = copy.deepcopy(shared())
+        change(entries)
+        with pytest.raises(BadLockEntry) as err:
+            shared_lock_entries(ROOT, entries)
+        assert said in str(err.value), (name, str(err.value))
 
 
 def test_a_run_with_two_lock_artifacts_is_refused_not_read_at_random(prefect_server):
