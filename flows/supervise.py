@@ -7,16 +7,26 @@ foreground group), and the flow then retried the dead API for good, deaf to a se
 SIGTERM (Prefect swaps in its own SIGTERM handler while a flow runs). From outside, the flow process
 and its DVC commands (each in a session of its own, tasks/dvc.py) can always be stopped: DVC first
 gets SIGINT, so that it releases its locks, then everything left gets SIGKILL.
+
+The temporary server runs in a session of its own too, so that a Ctrl-C to the terminal's group
+reaches this process only, and the server outlives the flow long enough to record how it ended
+(it was stopped first, and the run stayed Running). And the flow process dies with this one: the
+kernel sends it SIGTERM the moment its supervisor is gone, even by SIGKILL (a parent-death signal),
+so that it stops its stages, records itself Crashed, and stops the orphaned temporary server.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import functools
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -46,8 +56,14 @@ def run_supervised(child_args: list[str], workdir: Path, api_lost_after_s: float
         if not _configured_api_url():
             server = _temporary_server()
             env["PREFECT_API_URL"] = server.api_url
+            env[SERVER_PID] = str(server.server_process.pid)
         api = server.api_url if server is not None else _configured_api_url()
-        child = subprocess.Popen([sys.executable, "-m", "scoft.cli", *child_args], env=env, start_new_session=True)
+        if server is None and (problem := _unanswered(api)):
+            say(f"scoft run: {problem}")
+            return 1
+        env[SUPERVISOR_PID] = str(os.getpid())
+        child = subprocess.Popen([sys.executable, "-m", "scoft.cli", *child_args], env=env, start_new_session=True,
+                                 preexec_fn=_die_with_parent)
         health = _Health(api, server, api_lost_after_s)
         while child.poll() is None and not stop_reason:
             woken.wait(HEALTH_POLL_S)
@@ -71,13 +87,65 @@ def _configured_api_url() -> str:
     return PREFECT_API_URL.value() or ""
 
 
-def _temporary_server():
-    """Prefect's temporary server, started here so that this process can stop it last."""
-    from prefect.server.api.server import SubprocessASGIServer
+SUPERVISOR_PID = "SCOFT_SUPERVISOR_PID"
+SERVER_PID = "SCOFT_TEMPORARY_SERVER_PID"
+PR_SET_PDEATHSIG = 1
 
-    server = SubprocessASGIServer()
+
+def _die_with_parent() -> None:
+    """In the flow process before it starts: SIGTERM when its parent (this supervisor) dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def watch_supervisor() -> None:
+    """In the flow process: if its supervisor was killed, stop the temporary server it left once this
+    process has recorded how its run ended (at exit). A parent-death SIGTERM can arrive before the
+    child has installed its handlers: then the supervisor is already gone, and it exits at once."""
+    supervisor = os.environ.get(SUPERVISOR_PID)
+    if not supervisor:
+        return
+    if os.getppid() != int(supervisor):
+        sys.exit(f"scoft run: its supervisor (process {supervisor}) is gone; not starting")
+    server = os.environ.get(SERVER_PID)
+    if server:
+        atexit.register(_stop_orphaned_server, int(supervisor), int(server))
+
+
+def _stop_orphaned_server(supervisor: int, server: int) -> None:
+    if os.getppid() != supervisor:  # the supervisor died without stopping it
+        _signal(server, signal.SIGTERM)
+
+
+def _temporary_server():
+    """Prefect's temporary server in a session of its own (see above), started here so that this process
+    can stop it last."""
+    from prefect.server.api import server as module
+
+    class OwnSession(module.SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            shared = module.subprocess
+            module.subprocess = types.SimpleNamespace(Popen=functools.partial(shared.Popen, start_new_session=True))
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                module.subprocess = shared
+
+    server = OwnSession()
     server.start()
     return server
+
+
+def _unanswered(api_url: str) -> str | None:
+    """Why the configured Prefect API cannot run a flow, in one line (None: it answers)."""
+    try:
+        response = httpx.get(f"{api_url.rstrip('/')}/health", timeout=5)
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
+        return (f"the Prefect API at PREFECT_API_URL={api_url} does not answer ({type(e).__name__}); start the "
+                "server (`make serve`) or unset PREFECT_API_URL for a temporary one")
+    if response.status_code != 200:
+        return (f"PREFECT_API_URL={api_url} answers /health with HTTP {response.status_code}: not a Prefect API; "
+                "it should end in /api")
+    return None
 
 
 class _Health:
