@@ -49,6 +49,12 @@ def workspace(folder: Path, pairs: int, database_url: str) -> Path:
     write_judged_images(folder / "reports/eval/KOR/images", {
         "held": held, "prompts": [f"a photo of {h.id}" for h in held], "seeds": [1] * pairs,
         "images": {"base": [image(10)] * pairs, "scoft": [image(200)] * pairs}})
+    # as a retrain leaves it: judged by the rules, awaiting people (review open refuses anything else)
+    from scoft import registry
+    from scoft.io import sha256_file
+
+    lora = sha256_file(folder / "models/lora/KOR/pytorch_lora_weights.safetensors")
+    registry.await_review(folder, "KOR", lora, "bench0", by="bench", reason="every rule passed")
     return folder
 
 

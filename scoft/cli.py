@@ -381,7 +381,9 @@ def run(
                                                                     else [])]
         raise typer.Exit(run_supervised(child, Path("."), p.orchestration.api_lost_after_s, _say))
     from flows.retrain import retrain
+    from flows.supervise import watch_supervisor
 
+    watch_supervisor()
     result = retrain(ccub_version=ccub_version)
     _say("")
     for culture, lora in result["loras"].items():
@@ -475,13 +477,20 @@ def lineage_show(as_json: Annotated[bool, typer.Option("--json", help="Print the
 @lineage_app.command("verify")
 def lineage_verify(culture: Annotated[str | None, typer.Option(help="Only this culture's records.")] = None,
                    as_json: Annotated[bool, typer.Option("--json", help="One JSON list, for tooling.")] = False,
+                   key: Annotated[str | None, typer.Option(
+                       help="Your own copy of the public key to check signatures with (trusted as given), "
+                            "instead of lineage.verify_key pinned by lineage.verify_key_sha256.")] = None,
+                   unsigned: Annotated[bool, typer.Option(
+                       help="Verify a workspace that signs nothing (lineage.verify_key null) on purpose.")] = False,
                    params: ParamsOpt = Path("params.yaml")):
     """Recompute the hashes of every current lineage record (each culture's latest and each production
     LoRA's), one line per record; exit 1 on any mismatch."""
     p = _params(params)
     from scoft.lineage import BadRecord, current_records, read_record, superseded, verify, verify_superseded
+    from scoft.signing import trusted_verify_key
     from scoft.text import visible
 
+    verify_key, untrusted = trusted_verify_key(p.lineage, Path("."), key, unsigned)
     results = []
     for item in current_records(Path("."), [culture] if culture else p.validate_.cultures):
         problems = [item["problem"]] if "problem" in item else []
@@ -490,15 +499,22 @@ def lineage_verify(culture: Annotated[str | None, typer.Option(help="Only this c
                 record = read_record(str(item["path"]))
                 partial = item["roles"] == ["production"] and superseded(record)
                 problems = verify_superseded(record) if partial else verify(record)
-                problems += _signature_problems(item, p.lineage.verify_key)
+                problems += [f"signature: {untrusted}"] if untrusted else _signature_problems(item, verify_key)
                 if partial:
                     commit = str(record.get("git_commit"))[:12]
                     item["roles"] = ["production, data superseded here: its LoRA and fields checked; "
                                      f"`git checkout {commit} && dvc checkout` checks the rest"]
-            except BadRecord as e:
+            except (BadRecord, FileNotFoundError) as e:
                 problems = [str(e)]
         results.append({"record": str(item["path"]) if item["path"] else None, "culture": item["culture"],
                         "roles": item["roles"], "ok": not problems, "problems": problems})
+    from scoft import registry
+
+    for c in [culture] if culture else p.validate_.cultures:  # each history, chained event to event
+        if (registry.REGISTRY_DIR / f"{c}.json").is_file():
+            problems = registry.history_problems(Path("."), c)
+            results.append({"record": f"{registry.REGISTRY_DIR}/{c}.json", "culture": c, "roles": ["history"],
+                            "ok": not problems, "problems": problems})
     if as_json:
         print(json.dumps(results, indent=2))
     else:
@@ -509,6 +525,9 @@ def lineage_verify(culture: Annotated[str | None, typer.Option(help="Only this c
                          "\n      ".join(visible(x) for x in r["problems"])))
         if not results:
             _say("no lineage record to verify (run `scoft run` first)")
+        elif unsigned and not untrusted and verify_key is None:
+            _say("unsigned workspace (--unsigned): hashes checked, no signature; a record rewritten together "
+                 "with its hashes would pass")
     if not all(r["ok"] for r in results) or not results:
         raise typer.Exit(1)
 

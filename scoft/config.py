@@ -320,9 +320,12 @@ class LineageParams(_Section):
     # promotion step the lineage record, and a promoted LoRA, are signed with signing_key, a PEM private
     # key kept outside the repository (a path inside the project folder is refused). verify_key, the
     # PEM public key (it may be committed), makes `scoft lineage verify` and every load of a production
-    # LoRA check the signatures. null: nothing is signed, nothing is checked.
+    # LoRA check the signatures. null: nothing is signed, and `scoft lineage verify` says so as a problem
+    # (--unsigned accepts it on purpose). verify_key_sha256 pins the verify key (the sha256 of its file):
+    # a key swapped inside the workspace, with records re-signed by its pair, is named, not trusted.
     signing_key: str | None = None
     verify_key: str | None = None
+    verify_key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
 def _no_database_password(url: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -127,8 +128,11 @@ SELF = "record_sha256"
 
 
 def _seal_problems(record: dict) -> list[str]:
-    """A sealed record whose fields no longer hash to its seal (records made before sealing have none)."""
-    if SELF in record and sealed(record)[SELF] != record[SELF]:
+    """A record whose fields no longer hash to its seal, or without one: every record is written sealed,
+    so a missing seal means one was edited and its seal taken off."""
+    if SELF not in record:
+        return ["record: not sealed (its record_sha256 is missing): edited after it was written"]
+    if sealed(record)[SELF] != record[SELF]:
         return ["record: its fields were changed after it was written (record_sha256 differs)"]
     return []
 
@@ -257,7 +261,12 @@ def current_records(root: str | Path, cultures: list[str]) -> list[dict]:
             found[Path(f"registry/{culture}.json")] = {"path": None, "culture": culture, "roles": ["production"],
                                                        "problem": str(e)}
             continue
-        if production is not None:
+        if production is not None and not _is_key(production.get("lineage")):
+            found[Path(f"registry/{culture}.json")] = {
+                "path": None, "culture": culture, "roles": ["production"],
+                "problem": f"registry: production LoRA {production['lora_sha256'][:16]} names no lineage record "
+                           f"({visible(str(production.get('lineage')), 40)!r}): it reached production unrecorded"}
+        elif production is not None:
             path = root / LINEAGE_DIR / f"{production['lineage']}.json"
             found.setdefault(path, {"path": path, "culture": culture, "roles": []})["roles"].append("production")
     now = dt.datetime.now(dt.UTC) + FUTURE_SLACK
@@ -271,6 +280,11 @@ def current_records(root: str | Path, cultures: list[str]) -> list[dict]:
             found.setdefault(path, {"path": path, "culture": None, "roles": [],
                                     "problem": "created_at is missing or in the future: never taken as latest"})
     return list(found.values())
+
+
+def _is_key(value) -> bool:
+    """A name that can be a record's key (record_key makes 16 hex digits): not empty, no path in it."""
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value) is not None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -292,16 +306,50 @@ def _params_used(root: Path, record: dict) -> dict[str, object]:
     from ruamel.yaml import YAML
 
     lock = YAML(typ="safe").load((root / "dvc.lock").read_text(encoding="utf-8"))
-    culture = record.get("culture")
-    stages = [f"{s}@{culture}" if culture else s for s in ("negatives", "train")]
-    if record.get("joint"):
-        stages[1] = "train_joint"
     used = {}
+    own_negatives = f"negatives@{record.get('culture')}"  # a joint LoRA's: its culture's, as recorded
+    stages = [s for s in _chain_stages(record)[1:] if not s.startswith("negatives@") or s == own_negatives]
     for stage in stages:
         for name, value in ((lock or {}).get("stages", {}).get(stage, {}).get("params", {}).get("params.yaml", {})
                             .items()):
             used.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
     return used
+
+
+def _chain_stages(record: dict) -> list[str]:
+    """The dvc.yaml stages whose outputs made the record's LoRA and its verdict (ingest aside: it always
+    reruns, and its output is the record's CCUB version, checked on its own)."""
+    culture = record.get("culture")
+    if record.get("joint"):
+        cultures = record.get("params", {}).get("validate", {}).get("cultures") or [culture]
+        return ["validate", *(f"negatives@{c}" for c in cultures), "train_joint", f"evaluate_joint@{culture}"]
+    return ["validate", *(f"{s}@{culture}" for s in ("negatives", "train", "evaluate"))]
+
+
+def _stage_problems(record: dict, root: Path) -> list[str]:
+    """DVC's own check of the chain's stages: each output in the workspace is the one dvc.lock records,
+    and each param in params.yaml the value dvc.lock says the stage ran with (an edited dvc.lock, or an
+    output replaced after its stage ran, shows here)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            status = repo.status(targets=_chain_stages(record))
+    except DvcException as e:
+        return [f"dvc.lock: the record's stages cannot be checked ({visible(e, 200)})"]
+    problems = []
+    for stage, changes in status.items():
+        for change in changes:
+            if not isinstance(change, dict):
+                continue
+            for path, what in change.get("changed outs", {}).items():
+                problems.append(f"dvc.lock: {stage}: output {path} {what} (not what dvc.lock records)")
+            params = change.get("changed deps", {}).get("params.yaml", {})
+            for key, what in (params.items() if isinstance(params, dict) else []):
+                problems.append(f"dvc.lock: {stage}: param {key} {what} (params.yaml differs from what the stage "
+                                "ran with)")
+    return problems
 
 
 def verify(record: dict, root: str | Path = ".") -> list[str]:
@@ -332,6 +380,7 @@ def verify(record: dict, root: str | Path = ".") -> list[str]:
     if current != record["ccub"]["dvc_hash"]:
         problems.append(f"ccub: dvc.lock hash {current} of {record['ccub']['path']} differs from the record's "
                         f"{record['ccub']['dvc_hash']}")
+    problems += _stage_problems(record, root)
     recorded = flatten(record["params"])
     for key, value in _params_used(root, record).items():
         if key in recorded and recorded[key] != value:

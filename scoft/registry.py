@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 from scoft.config import is_alpha3
-from scoft.io import _as_created, atomic_dir, atomic_write_bytes, sha256_file, write_json
+from scoft.io import _as_created, atomic_dir, atomic_write_bytes, sha256_file, sha256_json, write_json
 from scoft.paths import LORA_FILE
 from scoft.text import checked
 
@@ -30,6 +30,7 @@ REGISTRY_DIR = Path("registry")
 LORAS_DIR = REGISTRY_DIR / "loras"
 
 
+CHAIN = "prev_sha256"  # each event's link: the sha256 of the event before it (None for the first)
 MAX_REASON, MAX_BY = 2000, 200  # characters: the history is read in a terminal and sent in Prefect events
 
 
@@ -152,9 +153,13 @@ def _now() -> str:
 
 
 def _record(root: Path, culture: str, event: dict) -> dict:
+    """Append the event to the culture's history, chained to the one before it by hash (an event edited
+    or deleted later breaks the chain: `history_problems`)."""
     with locked(root):
         entry = read(root, culture)
-        entry["history"].append(event)
+        history = entry["history"]
+        event = {**event, CHAIN: sha256_json(history[-1]) if history else None}
+        history.append(event)
         if event["action"] in ("promote", "rollback"):
             entry["production"] = event
         write_json(_file(root, culture), entry)  # atomic: temporary file, then rename
@@ -176,6 +181,9 @@ def promote(root: str | Path, culture: str, lora_dir: str | Path, lineage_key: s
     root = Path(root)
     _file(root, culture)
     _checked_event_text(by, reason)
+    if not lineage_key:
+        raise RegistryError(f"{culture}: a LoRA without a lineage record never reaches production (judge it "
+                            "first: `scoft run`)")
     source = Path(lora_dir) / LORA_FILE
     if not source.is_file():
         raise RegistryError(f"{culture}: no LoRA file in {lora_dir}")
@@ -254,3 +262,25 @@ def production_line(history: list[dict]) -> list[dict]:
         elif event["action"] == "rollback" and line:
             line.pop()
     return line
+
+
+def history_problems(root: str | Path, culture: str) -> list[str]:
+    """Whether the culture's history is as it was written: every event chained to the one before it (an
+    edited reason or `by`, a deleted or reordered event breaks a link), and production the last event
+    that set it. The newest event has no successor to vouch for it: a signed lineage record does."""
+    path = f"{REGISTRY_DIR}/{culture}.json"
+    try:
+        entry = read(root, culture)
+    except RegistryError as e:
+        return [f"registry: {e}"]
+    history, problems = entry["history"], []
+    for i, event in enumerate(history):
+        if event.get(CHAIN, "missing") != (sha256_json(history[i - 1]) if i else None):
+            before = f"event {i - 1} was edited, or one was deleted or inserted there" if i else \
+                "the first event is not the first written (earlier events were deleted)"
+            problems.append(f"registry: {path}: event {i} ({event['action']} at {event['at']}) does not chain to the "
+                            f"one before it: {before}")
+    setters = [e for e in history if e["action"] in ("promote", "rollback")]
+    if entry["production"] != (setters[-1] if setters else None):
+        problems.append(f"registry: {path}: production is not the last promotion or rollback of its history")
+    return problems

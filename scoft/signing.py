@@ -65,3 +65,38 @@ def signature_problem(path: str | Path, verify_key: str, root: str | Path = ".")
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         return f"{path}: its signature does not verify ({reason})"
     return None
+
+
+def trusted_verify_key(lineage, root: str | Path = ".", own_key: str | None = None,
+                       unsigned: bool = False) -> tuple[str | None, str | None]:
+    """The public key an audit checks signatures with, and why the audit cannot trust what it checks
+    (None when it can). `lineage`: params.yaml's lineage section. An auditor's `own_key` (kept outside
+    the workspace) is trusted as given; the workspace's verify_key only when its file's sha256 is the
+    one params.yaml pins, since a key pair of anyone's own, its public half swapped into the workspace,
+    would otherwise bless records it re-signed. No verify key is a problem unless `unsigned` says the
+    auditor means it; a signing key without a verify key always is."""
+    from scoft.io import sha256_file
+
+    if own_key is not None:
+        return own_key, None
+    if lineage.verify_key is None:
+        if lineage.signing_key is not None:
+            return None, (f"{SIGNING_KEY} is set but {VERIFY_KEY} is null: the signatures made are never "
+                          "checked; set verify_key (and verify_key_sha256)")
+        if unsigned:
+            return None, None
+        return None, (f"{VERIFY_KEY} is null: no signature is checked, so a record rewritten with its hashes "
+                      "passes; sign (lineage.signing_key, verify_key) or pass --unsigned to verify an unsigned "
+                      "workspace on purpose")
+    try:
+        key = _key(VERIFY_KEY, lineage.verify_key, Path(root), private=False)
+    except SigningError as e:
+        return None, str(e)
+    actual = sha256_file(key)
+    if lineage.verify_key_sha256 is None:
+        return None, (f"{VERIFY_KEY} {lineage.verify_key} is not pinned: set lineage.verify_key_sha256 to its "
+                      f"sha256 ({actual}) in params.yaml, or pass your own copy with --key")
+    if actual != lineage.verify_key_sha256:
+        return None, (f"{VERIFY_KEY} {lineage.verify_key} has sha256 {actual[:16]}, params.yaml pins "
+                      f"{lineage.verify_key_sha256[:16]}: the key was replaced; nothing it verifies is trusted")
+    return str(key), None

@@ -579,17 +579,7 @@ def test_the_registrys_copy_of_a_0600_lora_follows_the_umask(tmp_path):
 @pytest.fixture(scope="module")
 def key_pair(tmp_path_factory):
     """An elliptic-curve key pair kept outside every workspace, as the private key must be."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    folder = tmp_path_factory.mktemp("keys")
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = serialization.Encoding.PEM
-    (folder / "signing.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
-    (folder / "verify.pem").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
-    return folder / "signing.pem", folder / "verify.pem"
+    return _new_key_pair(tmp_path_factory.mktemp("keys"))
 
 
 def _signed_workspace(ws, key_pair):
@@ -638,3 +628,92 @@ def test_signing_without_its_key_is_a_clear_error_and_promotes_nothing(workspace
     out = scoft_here("models", "promote", "KOR", "k", "--reason", "x", cwd=workspace)
     assert out.returncode == 2 and "outside the repository" in out.stderr
     assert registry.read(workspace, "KOR")["production"] is None
+
+
+def _new_key_pair(folder):
+    """(private, public) PEM files of a new elliptic-curve key pair in `folder`."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key, pem = ec.generate_private_key(ec.SECP256R1()), serialization.Encoding.PEM
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "signing.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    (folder / "verify.pem").write_bytes(key.public_key().public_bytes(pem,
+                                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    return folder / "signing.pem", folder / "verify.pem"
+
+
+def test_a_verify_key_swapped_in_the_workspace_is_named_and_only_a_pinned_or_own_key_is_trusted(key_pair, tmp_path):
+    """Someone with their own key pair re-signs a record and replaces the workspace's public key: the
+    signatures then hold, so only a fingerprint kept outside the workspace (params.yaml in git, or the
+    auditor's own copy) can tell."""
+    import shutil
+
+    from scoft.config import LineageParams
+    from scoft.signing import sign, signature_problem, trusted_verify_key
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(key_pair[1], ws / "verify.pem")
+    pin = sha256_file(key_pair[1])
+    pinned = LineageParams(verify_key="verify.pem", verify_key_sha256=pin)
+    assert trusted_verify_key(pinned, ws) == (str(ws / "verify.pem"), None)
+    record = ws / "record.json"
+    record.write_text('{"forged": true}')
+    forger_signing, forger_verify = _new_key_pair(tmp_path / "forger")
+    sign(record, str(forger_signing), ws)
+    shutil.copy(forger_verify, ws / "verify.pem")  # the swap
+    assert signature_problem(record, "verify.pem", ws) is None  # the forged signature holds under the swapped key
+    key, problem = trusted_verify_key(pinned, ws)
+    assert key is None and "the key was replaced" in problem and pin[:16] in problem
+    key, problem = trusted_verify_key(pinned, ws, own_key=str(key_pair[1]))  # the auditor's own copy
+    assert problem is None and "does not verify" in signature_problem(record, key, ws)
+    key, problem = trusted_verify_key(LineageParams(verify_key="verify.pem"), ws)
+    assert key is None and "not pinned" in problem and sha256_file(forger_verify) in problem
+
+
+def test_no_verify_key_is_a_problem_unless_the_auditor_says_unsigned(tmp_path):
+    from scoft.config import LineageParams
+    from scoft.signing import trusted_verify_key
+
+    key, problem = trusted_verify_key(LineageParams(), tmp_path)
+    assert key is None and "lineage.verify_key is null" in problem and "--unsigned" in problem
+    assert trusted_verify_key(LineageParams(), tmp_path, unsigned=True) == (None, None)
+    key, problem = trusted_verify_key(LineageParams(signing_key="/keys/signing.pem"), tmp_path, unsigned=True)
+    assert key is None and "never checked" in problem  # signing without checking is never accepted
+    key, problem = trusted_verify_key(LineageParams(verify_key="gone.pem", verify_key_sha256="0" * 64), tmp_path)
+    assert key is None and "no such key file" in problem
+
+
+def test_the_registry_history_is_chained_so_an_edit_or_a_deletion_is_named(tmp_path):
+    promoted = registry.promote(tmp_path, "KOR", _lora(tmp_path / "a", b"one"), "rec1", by="rules", reason="r1")
+    registry.reject(tmp_path, "KOR", "f" * 64, "rec2", by="rules", reason="worse")
+    registry.promote(tmp_path, "KOR", _lora(tmp_path / "b", b"two"), "rec3", by="alice", reason="r3")
+    registry.reject(tmp_path, "KOR", "e" * 64, "rec4", by="rules", reason="worse again")
+    assert promoted["history"][0]["prev_sha256"] is None
+    assert registry.history_problems(tmp_path, "KOR") == []
+    path = tmp_path / "registry/KOR.json"
+    original = json.loads(path.read_text())
+
+    def tampered(change) -> list[str]:
+        entry = json.loads(json.dumps(original))
+        change(entry)
+        path.write_text(json.dumps(entry))
+        return registry.history_problems(tmp_path, "KOR")
+
+    edited = tampered(lambda e: e["history"][0].update(by="someone else"))
+    assert len(edited) == 1 and "event 1 (reject" in edited[0] and "event 0 was edited" in edited[0]
+    deleted = tampered(lambda e: e["history"].pop(1))  # the first reject, as if it never happened
+    assert len(deleted) == 1 and "event 1 (promote" in deleted[0]
+    first_gone = tampered(lambda e: e["history"].pop(0))
+    assert any("earlier events were deleted" in p for p in first_gone)
+    repointed = tampered(lambda e: e.update(production=e["history"][0]))
+    assert repointed == ["registry: registry/KOR.json: production is not the last promotion or rollback of its "
+                         "history"]
+
+
+def test_nothing_reaches_production_without_a_lineage_record(tmp_path):
+    with pytest.raises(registry.RegistryError, match="without a lineage record"):
+        registry.promote(tmp_path, "KOR", _lora(tmp_path / "a", b"one"), "", by="insiders", reason="preferred")
+    assert registry.read(tmp_path, "KOR")["history"] == []

@@ -242,7 +242,7 @@ def test_lineage_verify_names_a_one_byte_change_in_each_link(first_run, link):
         named = link.removesuffix(" image")
         assert any(p.startswith(f"{named}: {path.relative_to(ws)}: sha256 differs") for p in problems), problems
         if link == "lora":
-            out = scoft("lineage", "verify", "--culture", "KOR", cwd=ws)
+            out = scoft("lineage", "verify", "--unsigned", "--culture", "KOR", cwd=ws)
             assert out.returncode == 1 and f"lora: {LORA.format('KOR')}: sha256 differs" in out.stdout
     finally:
         path.write_bytes(original)
@@ -250,31 +250,21 @@ def test_lineage_verify_names_a_one_byte_change_in_each_link(first_run, link):
 
 
 def test_lineage_verify_names_a_param_the_stages_did_not_use(first_run):
-    import io
-
-    from ruamel.yaml import YAML
-
     ws, _ = first_run
     _, record = latest_record(ws, "KOR")
-    lock_file = ws / "dvc.lock"
-    original = lock_file.read_bytes()
-    yaml = YAML()  # round trip, as DVC writes it
-    lock = yaml.load(original)
-    lock["stages"]["train@KOR"]["params"]["params.yaml"]["train"]["lr"] *= 10
+    original = _edited_lock(ws, lambda st: st["train@KOR"]["params"]["params.yaml"]["train"].update(
+        lr=st["train@KOR"]["params"]["params.yaml"]["train"]["lr"] * 10))
     try:
-        out = io.StringIO()
-        yaml.dump(lock, out)
-        lock_file.write_text(out.getvalue())
         problems = verify(record, ws)
         assert [p for p in problems if p.startswith("params: train.lr is 0.02 in dvc.lock")], problems
     finally:
-        lock_file.write_bytes(original)
-    assert scoft("lineage", "verify", "--culture", "KOR", cwd=ws).returncode == 0
+        (ws / "dvc.lock").write_bytes(original)
+    assert scoft("lineage", "verify", "--unsigned", "--culture", "KOR", cwd=ws).returncode == 0
 
 
 def test_lineage_verify_checks_every_current_record_and_what_the_chain_did_not_cover(first_run):
     ws, _ = first_run
-    out = scoft_here("lineage", "verify", "--json", cwd=ws)
+    out = scoft_here("lineage", "verify", "--unsigned", "--json", cwd=ws)
     results = json.loads(out.stdout)
     assert out.returncode == 0 and {r["culture"] for r in results} == set(TRAINED) and all(r["ok"] for r in results)
     path, record = latest_record(ws, "KOR")
@@ -286,7 +276,7 @@ def test_lineage_verify_checks_every_current_record_and_what_the_chain_did_not_c
         planted.write_bytes(b"planted")
         path.write_text(json.dumps({**record, "metrics": {**record["metrics"], "forged": 1.0}}))
         future.write_text(json.dumps({**record, "created_at": "2999-01-01T00:00:00+00:00"}))
-        out = scoft_here("lineage", "verify", cwd=ws)
+        out = scoft_here("lineage", "verify", "--unsigned", cwd=ws)
         lines = out.stdout.splitlines()
         assert out.returncode == 1
         assert any(line.startswith("FAIL") and "(NGA: latest" in line for line in lines), out.stdout
@@ -300,7 +290,76 @@ def test_lineage_verify_checks_every_current_record_and_what_the_chain_did_not_c
             p.write_bytes(data)
         planted.unlink()
         future.unlink()
-    assert scoft_here("lineage", "verify", cwd=ws).returncode == 0
+    assert scoft_here("lineage", "verify", "--unsigned", cwd=ws).returncode == 0
+
+
+def _edited_lock(ws, edit) -> bytes:
+    """dvc.lock edited by `edit(lock)` in round-trip YAML, as DVC writes it; returns the original."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    lock_file, yaml = ws / "dvc.lock", YAML()
+    original = lock_file.read_bytes()
+    lock = yaml.load(original)
+    edit(lock["stages"])
+    out = io.StringIO()
+    yaml.dump(lock, out)
+    lock_file.write_text(out.getvalue())
+    return original
+
+
+def test_lineage_verify_covers_the_outs_and_params_in_dvc_lock_of_the_whole_chain(first_run):
+    """An edited dvc.lock makes `dvc pull` and `dvc checkout` bring other outputs than the record's: an
+    output hash of negatives@KOR or train@KOR, or the seed evaluate@KOR ran with."""
+    ws, _ = first_run
+    _, record = latest_record(ws, "KOR")
+    edits = {
+        "negatives": (lambda st: st["negatives@KOR"]["outs"][0].update(md5="0" * 32 + ".dir"),
+                      "dvc.lock: negatives@KOR: output data/negatives/KOR modified"),
+        "train": (lambda st: st["train@KOR"]["outs"][0].update(md5="1" * 32 + ".dir"),
+                  "dvc.lock: train@KOR: output models/lora/KOR modified"),
+        "seed": (lambda st: st["evaluate@KOR"]["params"]["params.yaml"]["evaluate"].update(seed=12345),
+                 "dvc.lock: evaluate@KOR: param evaluate.seed modified"),
+    }
+    for what, (edit, expected) in edits.items():
+        original = _edited_lock(ws, edit)
+        try:
+            problems = verify(record, ws)
+            assert expected in problems, (what, problems)
+        finally:
+            (ws / "dvc.lock").write_bytes(original)
+    assert verify(record, ws) == []
+
+
+def test_lineage_verify_names_an_unsealed_record_an_unrecorded_production_and_an_unchecked_signature(first_run):
+    """Each was "ok" or a traceback before: a record whose seal was deleted with the edit, a production
+    pointer naming no lineage record, and a workspace that checks no signature."""
+    ws, _ = first_run
+    path, record = latest_record(ws, "KOR")
+    registry_file = ws / "registry/KOR.json"
+    originals = {p: p.read_bytes() for p in (path, registry_file) if p.is_file()}
+    unsigned = scoft_here("lineage", "verify", "--culture", "KOR", cwd=ws)
+    assert unsigned.returncode == 1 and "lineage.verify_key is null" in unsigned.stdout
+    try:
+        unsealed = {k: v for k, v in record.items() if k != "record_sha256"}
+        path.write_text(json.dumps({**unsealed, "metrics": {**record["metrics"], "forged": 1.0}}))
+        entry = json.loads(registry_file.read_text()) if registry_file.is_file() else \
+            {"culture": "KOR", "production": None, "history": []}
+        event = {"action": "promote", "at": "2026-12-07T00:00:00+00:00", "lora_sha256": record["lora"]["sha256"],
+                 "lora_dir": "registry/loras/KOR/x", "lineage": "", "by": "insiders", "reason": "preferred"}
+        registry_file.write_text(json.dumps({**entry, "production": event, "history": [*entry["history"], event]}))
+        out = scoft_here("lineage", "verify", "--unsigned", "--culture", "KOR", cwd=ws)
+        assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
+        assert "record: not sealed" in out.stdout
+        assert "names no lineage record ('')" in out.stdout and "reached production unrecorded" in out.stdout
+        assert "registry/KOR.json: event" in out.stdout  # the event added by hand is not chained
+    finally:
+        for p, data in originals.items():
+            p.write_bytes(data)
+        if registry_file not in originals:
+            registry_file.unlink()
+    assert scoft_here("lineage", "verify", "--unsigned", "--culture", "KOR", cwd=ws).returncode == 0
 
 
 def test_lineage_diff_of_malformed_or_crafted_records_is_one_safe_line(first_run, tmp_path):
@@ -536,7 +595,7 @@ def test_a_joint_lora_serves_every_culture_when_configured(first_run):
         assert set(shown["ccub"]["records"]) == {r.id for r in read_manifest(ws / "data/ccub")}  # every culture's
         assert {p.split("/")[2] for p in shown["files"]["negatives"]} >= set(TRAINED)
         assert set(shown["negatives"]["dvc_hashes"]) == {f"data/negatives/{c}" for c in CULTURES}
-        out = scoft("lineage", "verify", "--culture", culture, cwd=ws)
+        out = scoft("lineage", "verify", "--unsigned", "--culture", culture, cwd=ws)
         assert out.returncode == 0, out.stdout + out.stderr
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=ws, capture_output=True, text=True,
                             check=True)

@@ -33,7 +33,24 @@ def _workspace(ws, kor_prompts: int = 2, look=None, overrides: dict | None = Non
     result = {"held": held, "prompts": prompts, "seeds": [7, 8] * len(held),
               "images": {model: [look(model, i) for i in range(len(prompts))] for model in ("base", "scoft")}}
     write_judged_images(ws / "reports/eval/KOR/images", result)
+    _judged_and_awaiting(ws)
     return ws
+
+
+def _judged_and_awaiting(ws, key: str = "rec1"):
+    """What a retrain run leaves for the insiders: the candidate's lineage record, and the registry's
+    'await' event of a candidate that passed every rule (people decide only on such a one)."""
+    from scoft import registry
+    from scoft.io import write_json
+    from scoft.lineage import sealed
+    from scoft.promotion import RULES_BY
+
+    lora = "models/lora/KOR/pytorch_lora_weights.safetensors"
+    write_json(ws / f"lineage/{key}.json", sealed({"created_at": "2026-01-01T00:00:00+00:00", "culture": "KOR",
+                                                  "ccub": {"path": "data/ccub", "dvc_hash": None}, "params": {},
+                                                  "metrics": {}, "lora": {"path": lora,
+                                                                          "sha256": sha256_file(ws / lora)}}))
+    registry.await_review(ws, "KOR", sha256_file(ws / lora), key, by=RULES_BY, reason="every rule passed")
 
 
 def test_a_campaign_pairs_the_evaluations_own_images_blind(tmp_path):
@@ -222,16 +239,9 @@ def test_only_insiders_preference_beyond_chance_promotes(tmp_path, who, choose, 
 
 
 def test_the_export_enters_the_lineage_record_and_verify_checks_it(tmp_path):
-    from scoft.io import write_json
-    from scoft.lineage import sealed, verify
+    from scoft.lineage import verify
 
-    ws = _workspace(tmp_path, kor_prompts=3)
-    write_json(ws / "lineage/rec1.json", sealed({"created_at": "2026-01-01T00:00:00+00:00", "culture": "KOR",
-                                                  "ccub": {"path": "data/ccub", "dvc_hash": None}, "params": {},
-                                                  "metrics": {}, "lora": {"path": "models/lora/KOR/"
-                                                  "pytorch_lora_weights.safetensors",
-                                                  "sha256": sha256_file(ws / "models/lora/KOR/"
-                                                                        "pytorch_lora_weights.safetensors")}}))
+    ws = _workspace(tmp_path, kor_prompts=3)  # with the candidate's lineage record, lineage/rec1.json
     client, tokens, _ = _app(ws, invited=2)
     _reviews(client, tokens, lambda k, cand, _: cand)
     db = sqlite3.connect(ws / "data/review/review.db")
@@ -408,3 +418,37 @@ def test_a_production_without_kept_images_is_said_and_the_campaign_pairs_against
     out = scoft_here("review", "open", "--culture", "KOR", cwd=ws)
     assert out.returncode == 0 and "4 pairs (candidate" in out.stdout and "against base)" in out.stdout
     assert "no pairs against production: no images of it on these prompts were kept" in out.stdout
+
+
+def test_people_decide_only_on_a_candidate_that_passed_the_rules(tmp_path):
+    """Before, `review open` opened a campaign for a candidate still being trained or one the gate had
+    just rejected, and the insiders' verdict promoted it with no lineage record."""
+    from scoft import registry
+
+    ws = _workspace(tmp_path)
+    lora = ws / "models/lora/KOR/pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"retrained, not judged yet")  # the retrain run has not reached its promote step
+    out = scoft_here("review", "open", "--culture", "KOR", cwd=ws)
+    assert out.returncode == 1 and "has not been judged by the promotion rules" in out.stderr
+    registry.reject(ws, "KOR", sha256_file(lora), "rec2", by="promotion rules (params.yaml)", reason="failed: gain")
+    out = scoft_here("review", "open", "--culture", "KOR", cwd=ws)
+    assert out.returncode == 1 and "was rejected by promotion rules" in out.stderr and "failed: gain" in out.stderr
+    assert not (ws / "data/review/review.db").is_file() or _sql(f"sqlite:///{ws / 'data/review/review.db'}",
+                                                                "select id from campaigns") == []
+    with pytest.raises(registry.RegistryError, match="without a lineage record"):
+        registry.promote(ws, "KOR", ws / "models/lora/KOR", "", by="insiders", reason="preferred")
+
+
+def test_an_insiders_reject_of_what_was_promoted_by_hand_meanwhile_says_it_stays_and_how_to_roll_back(tmp_path):
+    from scoft import registry
+
+    ws = _workspace(tmp_path, kor_prompts=3)
+    client, tokens, _ = _app(ws, invited=5)
+    registry.promote(ws, "KOR", ws / "models/lora/KOR", "rec1", by="alice", reason="by hand")  # while reviewed
+    _reviews(client, tokens, lambda k, cand, _: 1 - cand)  # the insiders prefer the base
+    out = scoft_here("review", "close", "--culture", "KOR", cwd=ws)
+    assert out.returncode == 0 and "rejected" in out.stdout
+    assert "it is production already (promote by alice" in out.stdout and "scoft models rollback KOR" in out.stdout
+    entry = registry.read(ws, "KOR")
+    assert entry["history"][-1]["action"] == "reject" and entry["history"][-1]["lineage"] == "rec1"
+    assert entry["production"]["by"] == "alice" and registry.history_problems(ws, "KOR") == []

@@ -21,6 +21,7 @@ from pathlib import Path
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from scoft import registry
 from scoft.io import atomic_dir, sha256_file, write_json
 from scoft.paths import BASE, CANDIDATE, IMAGES_DIR, LORA_FILE, PRODUCTION, culture_paths
 from scoft.review.store import Campaign, Image, Pair, Rating, Reviewer, _now
@@ -69,9 +70,8 @@ class CampaignError(ValueError):
 
 def open_campaign(session: Session, root: str | Path, culture: str, joint: bool = False) -> tuple[Campaign, int]:
     """The open campaign for the culture's current candidate (opened now if there is none) and its
-    number of pairs."""
-    from scoft.lineage import latest_record
-
+    number of pairs. People decide only on a candidate that passed the rules: one the registry records
+    as awaiting them (judged, with its lineage record); any other is refused, saying where it stands."""
     root = Path(root)
     paths = culture_paths(culture, joint)
     lora, images = root / paths["lora"] / LORA_FILE, root / paths["eval"] / IMAGES_DIR
@@ -84,18 +84,17 @@ def open_campaign(session: Session, root: str | Path, culture: str, joint: bool 
                                                       Campaign.candidate_sha256 == digest)).first()
     if existing is not None:
         return existing, _pair_count(session, existing)
+    waiting = registry.awaiting(root, culture, digest)
+    if waiting is None:
+        raise CampaignError(_not_awaiting(root, culture, digest))
     index = json.loads((images / "index.json").read_text(encoding="utf-8"))
     if not {CANDIDATE, BASE} <= set(index["models"]):
         raise CampaignError(f"{culture}: the evaluation's images hold {index['models']}, not {CANDIDATE} and {BASE}")
     entries = [e for e in index["images"] if e["culture"] == culture]
     if not entries:
         raise CampaignError(f"{culture}: the evaluation judged no held-out prompt of {culture}")
-    try:
-        lineage = latest_record(root, culture)[0].stem
-    except FileNotFoundError:
-        lineage = ""  # evaluated outside a retrain run: the campaign names no record
     campaign = Campaign(id=secrets.token_hex(8), culture=culture, candidate_sha256=digest, opened_at=_now(),
-                        lineage=lineage, status="open", evaluation=str(paths["eval"]))
+                        lineage=waiting["lineage"], status="open", evaluation=str(paths["eval"]))
     session.add(campaign)
     production = _production_entries(root, culture, digest)
     pairs = 0
@@ -108,6 +107,21 @@ def open_campaign(session: Session, root: str | Path, culture: str, joint: bool 
             pairs += 1
     session.commit()
     return campaign, pairs
+
+
+def _not_awaiting(root: Path, culture: str, digest: str) -> str:
+    """Why the candidate `digest` is not for people to decide on now."""
+    about = [e for e in registry.read(root, culture)["history"] if e["lora_sha256"] == digest]
+    if not about:
+        return (f"{culture}: candidate {digest[:12]} has not been judged by the promotion rules (its retrain run is "
+                "still running, or stopped before its promote step): people decide only on a candidate that passed "
+                "them; open the campaign once `scoft run` has judged it")
+    last = about[-1]
+    if last["action"] == "reject":
+        return (f"{culture}: candidate {digest[:12]} was rejected by {last['by']} ({last['reason']}): people decide "
+                "only on a candidate that passed the rules")
+    return (f"{culture}: candidate {digest[:12]} is already production ({last['action']} by {last['by']} at "
+            f"{last['at']}): nothing to decide; `scoft models rollback {culture}` takes it out")
 
 
 def _image(session: Session, campaign: Campaign, model: str, path: Path) -> Image:

@@ -200,10 +200,19 @@ def close_campaign(session: Session, root, culture: str, params) -> dict:
     export = REVIEW_DIR / culture / f"{campaign.id}.csv"
     decision["insiders"]["export"] = {str(export): export_csv(session, campaign, root / export)}
     _into_lineage(root, campaign.lineage, decision, params.lineage.signing_key)
-    if verdict["promote"]:
+    production = registry.read(root, culture)["production"]
+    in_production = production is not None and production["lora_sha256"] == campaign.candidate_sha256
+    if in_production:  # someone promoted it by hand while the insiders were still reviewing it
+        said = (f"it is production already ({production['action']} by {production['by']} at {production['at']})")
+        if verdict["promote"]:
+            verdict = {**verdict, "reason": f"{verdict['reason']}; {said}: nothing to do"}
+        else:
+            verdict = {**verdict, "reason": f"{verdict['reason']}; but {said}, and stays so until someone rolls it "
+                                            f"back: `scoft models rollback {culture} --reason ...`"}
+    if verdict["promote"] and not in_production:
         promote_judged(root, culture, str(lora_dir), campaign.lineage, by, verdict["reason"], decision,
                        params.lineage.signing_key, campaign.evaluation)
-    else:
+    elif not verdict["promote"]:
         registry.reject(root, culture, campaign.candidate_sha256, campaign.lineage, by=by, reason=verdict["reason"],
                         decision=decision)
     campaign.status = "closed"
