@@ -1,9 +1,12 @@
 """The ingest flow on a Prefect server: a new CCUB version emits `ccub.updated`, no change emits nothing;
-a run pinned to an announced version pulls exactly it."""
+a run pinned to an announced version pulls exactly it; an ingest that lands while a retrain runs in the
+same workspace neither changes the retrain's data nor waits for it."""
 
 import json
+import threading
 import time
 
+import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
@@ -134,3 +137,90 @@ stages:
         pin_locked_output(tmp_path, "ingest", "data/ccub", "../../etc")
     restore_lock(tmp_path, previous)
     assert (tmp_path / "dvc.lock").read_text() == lock
+
+
+CULTURES = ["KOR"]
+# A training of about a minute here (0.2 s a step, and its start-up): the ingest (about 30 s) starts
+# with it and must announce its version while it still trains. Before, the ingest waited for the
+# workspace's DVC slot, which the training held, and landed between two of the retrain's stages.
+FAST = {"train.max_steps": 250, "train.checkpoint_every": 250, "negatives.per_image": 1, "negatives.steps": 2,
+        "evaluate.steps": 2, "evaluate.bootstrap": 100, "evaluate.samples_per_prompt": 2,
+        "orchestration.stage_retry_delay_s": 0, "validate.cultures": CULTURES}
+
+
+def _ingest_version(ws) -> tuple[str, int]:
+    summary = json.loads((ws / "data/ingest/summary.json").read_text())
+    return summary["version"], summary["records"]
+
+
+def _stage_running(ws, name: str) -> bool:
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["cwd"] == str(ws) and f"scoft {name}" in cmd and "dvc" not in cmd:
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def interleaved(prefect_server, sample_dir, tmp_path_factory):
+    """One run, one version, one record: in a workspace the ingest flow brought to version V, a retrain
+    pinned to V; as it starts training, an ingest flow of V+1 (one training record added) in the same
+    workspace. What each saw."""
+    from flows.ingest import ingest
+    from flows.retrain import retrain
+    from scoft.ccub import TRAIN, read_manifest
+    from scoft.sample import add_sample_image
+
+    ws = make_workspace(tmp_path_factory.mktemp("one-version") / "ws", sample_dir, FAST)
+    first = ingest(workdir=str(ws))
+    v, v_records = _ingest_version(ws)
+    assert first["version"] == v
+    v_ids = {c: sorted(r.id for r in read_manifest(ws / "data/ccub", c)) for c in CULTURES}
+    v_train = {c: sum(r.split == TRAIN for r in read_manifest(ws / "data/ccub", c)) for c in CULTURES}
+
+    outcome = {}
+
+    def run_retrain():
+        outcome["state"] = retrain(workdir=str(ws), ccub_version=v, return_state=True)
+
+    retraining = threading.Thread(target=run_retrain)
+    retraining.start()
+    deadline = time.monotonic() + 600
+    while not _stage_running(ws, "train") and retraining.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert retraining.is_alive(), "the retrain ended before its training could be watched"
+    for culture in CULTURES:
+        add_sample_image(ws / "data/sample", culture)
+    started = time.monotonic()
+    announced = ingest(workdir=str(ws))
+    announced_after = time.monotonic() - started
+    still_training_at_announce = _stage_running(ws, "train")
+    retraining.join(900)
+    return {"ws": ws, "v": v, "v_records": v_records, "v_ids": v_ids, "v_train": v_train, "announced": announced,
+            "announced_after_s": announced_after, "still_training": still_training_at_announce, **outcome}
+
+
+def test_the_ingest_announces_its_version_while_the_retrain_still_trains(interleaved):
+    announced = interleaved["announced"]
+    assert announced is not None and announced["version"] != interleaved["v"]
+    assert announced["added"] == 1 and announced["records"] == interleaved["v_records"] + 1
+    waited = interleaved["announced_after_s"]
+    assert interleaved["still_training"], f"the ingest waited for the retrain's training ({waited:.0f} s)"
+
+
+def test_every_record_of_the_retrain_says_the_version_it_started_with(interleaved):
+    from scoft.lineage import latest_record
+
+    state, ws, v = interleaved["state"], interleaved["ws"], interleaved["v"]
+    assert state.is_completed(), state.message
+    for culture in CULTURES:
+        _, record = latest_record(ws, culture)
+        assert record["ccub"]["dvc_hash"] == v
+        assert record["ccub"]["records"] == interleaved["v_ids"][culture]
+        assert record["validation"]["statistics"]["records"] == interleaved["v_records"]
+        assert record["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
+        trained_on = json.loads((ws / f"models/lora/{culture}/training.json").read_text())
+        assert trained_on["train_records"] == interleaved["v_train"][culture]  # what it trained on, not only said
+    # the workspace still holds V: the retrain's lease kept the ingest from taking V+1 into it
+    assert _ingest_version(ws)[0] == v
+
