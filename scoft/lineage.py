@@ -86,7 +86,7 @@ def chain_files(root: str | Path, ccub_dir: str | Path, negatives_dir: str | Pat
 
 def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lora_file, params: dict,
                  metrics: dict, flow_run_id: str | None, culture: str | None = None, joint: bool = False,
-                 evaluation: dict[str, list[str]] | None = None) -> dict:
+                 evaluation: dict[str, list[str]] | None = None, run_version: str | None = None) -> dict:
     """Paths are relative to the workspace `root` (the folder with dvc.yaml). `culture`: the culture a
     per-culture LoRA was trained on (None: a joint LoRA of every culture); with `joint`, the culture the
     joint LoRA serves, whose chain is then every culture's data."""
@@ -99,7 +99,9 @@ def build_record(*, root, ccub_dir, validation_summary: dict, negatives_dir, lor
         **({"joint": True} if joint else {}),
         "git_commit": git_commit(root),
         "ccub": {"path": str(ccub_dir), "dvc_hash": outs.get(str(ccub_dir)),
-                 "records": sorted(r.id for r in read_manifest(root / ccub_dir, scope))},
+                 "records": sorted(r.id for r in read_manifest(root / ccub_dir, scope)),
+                 # the version the flow run was started for (a pinned run's ccub_version), if any
+                 **({"run_version": run_version} if run_version else {})},
         "validation": {"success": validation_summary["success"], "statistics": validation_summary["statistics"]},
         "negatives": {"path": str(negatives_dir), "dvc_hash": outs.get(str(negatives_dir)),
                       # the joint LoRA's: every culture's negatives folder, each a stage output of its own
@@ -352,6 +354,32 @@ def _stage_problems(record: dict, root: Path) -> list[str]:
     return problems
 
 
+def _version_problems(record: dict, root: Path) -> list[str]:
+    """A record never contradicts itself: its record list and its checks' count are those of its CCUB
+    version (the workspace holds it when this runs), and the flow run that made it was started for
+    that version. A run that trained on a version an ingest brought in meanwhile said one version and
+    counted another."""
+    ccub, version, problems = record["ccub"], record["ccub"].get("dvc_hash"), []
+    try:
+        held = read_manifest(root / ccub["path"])
+    except (OSError, ValueError, TypeError):
+        return []  # a damaged manifest: its hash check names it
+    if "records" in ccub:
+        ids = sorted(r.id for r in held if data_scope(record) in (None, r.culture))
+        if sorted(ccub["records"]) != ids:
+            problems.append(f"ccub: the record lists {len(ccub['records'])} records, version {version} holds "
+                            f"{len(ids)} of its culture: not the same records")
+    counted = record.get("validation", {}).get("statistics", {}).get("records")
+    if counted is not None and counted != len(held):
+        problems.append(f"validation: the record's checks counted {counted} records, version {version} has "
+                        f"{len(held)}: they checked another version")
+    started_for = ccub.get("run_version")
+    if started_for and started_for != version:
+        problems.append(f"ccub: its flow run {record.get('prefect_flow_run_id')} was started for version "
+                        f"{started_for}, the record says {version}")
+    return problems
+
+
 def verify(record: dict, root: str | Path = ".") -> list[str]:
     """Recompute every hash of the record's chain and compare its params with the ones the stages
     used; return one line per mismatch, naming the link and the file or key (empty when intact)."""
@@ -381,6 +409,7 @@ def verify(record: dict, root: str | Path = ".") -> list[str]:
         problems.append(f"ccub: dvc.lock hash {current} of {record['ccub']['path']} differs from the record's "
                         f"{record['ccub']['dvc_hash']}")
     problems += _stage_problems(record, root)
+    problems += _version_problems(record, root)
     recorded = flatten(record["params"])
     for key, value in _params_used(root, record).items():
         if key in recorded and recorded[key] != value:

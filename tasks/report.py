@@ -100,6 +100,7 @@ def record_lineage(workdir: str, validation: dict, metrics: dict, culture: str) 
         params={k: params[k] for k in ("model", "features", "negatives", "train", "evaluate", "promotion")},
         metrics=metrics,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
+        run_version=(flow_run.parameters or {}).get("ccub_version") if flow_run.id else None,
         culture=culture,
         joint=joint,
         # what the gate read, and the base model when it is a folder here (a hub model: its id and

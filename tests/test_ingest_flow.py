@@ -209,7 +209,7 @@ def test_the_ingest_announces_its_version_while_the_retrain_still_trains(interle
 
 
 def test_every_record_of_the_retrain_says_the_version_it_started_with(interleaved):
-    from scoft.lineage import latest_record
+    from scoft.lineage import latest_record, sealed, verify
 
     state, ws, v = interleaved["state"], interleaved["ws"], interleaved["v"]
     assert state.is_completed(), state.message
@@ -221,6 +221,18 @@ def test_every_record_of_the_retrain_says_the_version_it_started_with(interleave
         assert record["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
         trained_on = json.loads((ws / f"models/lora/{culture}/training.json").read_text())
         assert trained_on["train_records"] == interleaved["v_train"][culture]  # what it trained on, not only said
+        assert record["ccub"]["run_version"] == v and verify(record, ws) == []
+        # what the record of a run that trained on another version than it started for looked like: each
+        # contradiction is named by verify
+        other = "f" * 32 + ".dir"
+        counts = {**record["validation"]["statistics"], "records": interleaved["v_records"] + 1}
+        said = {"ccub: its flow run": {**record, "ccub": {**record["ccub"], "run_version": other}},
+                "validation: the record's checks counted": {
+                    **record, "validation": {**record["validation"], "statistics": counts}},
+                "ccub: the record lists": {**record, "ccub": {**record["ccub"],
+                                                               "records": [*record["ccub"]["records"], "a-new-one"]}}}
+        for problem, contradicting in said.items():
+            assert any(p.startswith(problem) for p in verify(sealed(contradicting), ws)), problem
     # the workspace still holds V: the retrain's lease kept the ingest from taking V+1 into it
     assert _ingest_version(ws)[0] == v
 
