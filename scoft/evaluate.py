@@ -225,8 +225,16 @@ def category_coverage(records: list[Record], cultures: list[str] | None = None) 
 
 
 def with_seeds(texts: list[str], per_prompt: int, seed: int) -> tuple[list[str], list[int]]:
-    """Each prompt repeated once per sampling seed, and those seeds (the same for every prompt and model)."""
+    """Each prompt repeated once per sampling seed, and those seeds (the same for every prompt and model):
+    prompt-major, a prompt's images side by side (what `prompt_means` reads back)."""
     return [t for t in texts for _ in range(per_prompt)], [seed + j for _ in texts for j in range(per_prompt)]
+
+
+def prompt_means(values: np.ndarray, per_prompt: int) -> np.ndarray:
+    """One value per prompt, the mean over its seeds, from per-image values laid out as `with_seeds` lays
+    out the images: intervals and tests then resample prompts, not images of one prompt."""
+    values = np.asarray(values, dtype=np.float64)
+    return values.reshape(len(values) // per_prompt, per_prompt).mean(axis=1)
 
 
 def sample_in_batches(pipe, texts: list[str], seeds: list[int], settings: dict) -> list[Image.Image]:
@@ -297,13 +305,9 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
     generated = {name: as_tensors(imgs, settings["resolution"], device) for name, imgs in images.items()}
     matrices = {name: pairwise_distances(distance, tensors, all_refs) for name, tensors in generated.items()}
 
-    def per_prompt(values: np.ndarray) -> np.ndarray:
-        """Averaged over each prompt's seeds: intervals and tests resample prompts, not images of one prompt."""
-        return values.reshape(len(held), samples_per_prompt).mean(axis=1)
-
-    dist = {name: per_prompt(m[np.arange(len(m)), own]) for name, m in matrices.items()}
+    dist = {name: prompt_means(m[np.arange(len(m)), own], samples_per_prompt) for name, m in matrices.items()}
     labels = {name: nearest_culture(m, ref_cultures) for name, m in matrices.items()}
-    hits = {name: per_prompt(found == image_cultures) for name, found in labels.items()}
+    hits = {name: prompt_means(found == image_cultures, samples_per_prompt) for name, found in labels.items()}
     retrieved = {name: nearest_culture(distance_matrix(distance, imgs, all_refs, settings["resolution"]), ref_cultures)
                  for name, imgs in generic_images.items()}
     extra = quality_metrics(distance, generated, refs, torch.stack(train_refs).to(device) if train_refs else None,
@@ -348,7 +352,7 @@ def quality_metrics(distance, generated: dict[str, torch.Tensor], refs: torch.Te
             continue
         flags, threshold = memorised(pairwise_distances(distance, images, train_refs), held_vs_train,
                                      MEMORISATION_QUANTILE)
-        share = flags.reshape(len(cultures), per_prompt).mean(axis=1)
+        share = prompt_means(flags, per_prompt)
         out["memorisation"][name] = {"threshold": threshold, "overall": _stats(share, bootstrap, seed),
                                      "per_culture": {c: _stats(share[cultures == c], bootstrap, seed) for c in names}}
     return out

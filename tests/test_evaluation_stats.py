@@ -34,6 +34,24 @@ def test_exact_one_sided_sign_flip_p_by_hand():
     assert sign_flip_p(many, rounds=2000) < 0.002
 
 
+def test_a_monte_carlo_sign_flip_p_is_never_zero_and_holds_its_level():
+    """Counted as (hits + 1) / (rounds + 1): the observed pattern is one of the null's, so no p can be 0
+    (hits / rounds gave 0 for a strong effect, which no finite number of rounds can show)."""
+    assert sign_flip_p(np.full(40, 1.0), rounds=999) == pytest.approx(1 / 1000)
+    assert sign_flip_p(np.full(40, 1.0), rounds=99) == pytest.approx(1 / 100)
+
+
+def test_per_prompt_means_read_the_images_as_with_seeds_lays_them_out():
+    """Prompt-major: a prompt's seeds side by side. Read seed-major, each 'prompt' mixed other prompts'
+    images, and the prompt-level tests paired the wrong values."""
+    from scoft.evaluate import prompt_means, with_seeds
+
+    texts, seeds = with_seeds(["p0", "p1", "p2"], 2, seed=7)
+    assert texts == ["p0", "p0", "p1", "p1", "p2", "p2"] and seeds == [7, 8] * 3
+    per_image = np.array([float(t[1]) + 0.1 * (s - 7) for t, s in zip(texts, seeds)])
+    assert prompt_means(per_image, 2) == pytest.approx([0.05, 1.05, 2.05])
+
+
 def test_clustered_sign_flip_flips_a_category_together():
     gains = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
     assert sign_flip_p(gains) == pytest.approx(1 / 64)

@@ -121,6 +121,12 @@ def test_against_production_the_candidate_must_be_measurably_better_prompt_by_pr
     # production never measured on these held-out records: not judged, not passed
     other = decide(metrics, "KOR", RULES, production, "k", {"elsewhere": 0.1})
     assert failed(other) == ["better than production"] and "cannot be judged" in other["rules"][-1]["detail"]
+    # measured on some of them only (older held-out records): refused, not judged on the overlap, where
+    # the candidate would pass (6 prompts all better: p 1/64)
+    some = dict(list(worse.items())[:6])
+    partial = decide(metrics, "KOR", RULES, production, "k", some)
+    assert failed(partial) == ["better than production"]
+    assert "measured on other held-out records" in partial["rules"][-1]["detail"]
     assert failed(decide(metrics, "KOR", RULES, production, "k", None)) == ["better than production"]
 
 

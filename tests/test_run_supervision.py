@@ -105,3 +105,13 @@ def test_an_interrupted_or_orphaned_run_ends_within_seconds_and_leaves_nothing_r
     assert "the temporary Prefect server" in runs["api lost"].said
     for how in ("ctrl-c", "sigterm", "sigkill"):  # the server outlived the flow: never left Running
         assert _flow_run_states(hung_ingests[how]) in (["CRASHED"], ["CANCELLED"]), how
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/api", "not a url"])
+def test_a_dead_or_wrong_prefect_api_url_is_one_line(url, sample_dir, tmp_path):
+    ws = make_workspace(tmp_path / "ws", sample_dir)
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_API_URL=url)
+    out = subprocess.run([str(BIN / "scoft"), "run"], cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    said = (out.stdout + out.stderr).strip()
+    assert out.returncode == 1 and len(said.splitlines()) == 1, said  # before: 136 lines and 3 tracebacks
+    assert f"PREFECT_API_URL={url}" in said and "does not answer" in said

@@ -1,6 +1,7 @@
 """The stage task's own guarantees, on a throwaway DVC project: time limits that stop a hung stage,
 one DVC command at a time per workspace."""
 
+import os
 import subprocess
 import sys
 import time
@@ -150,3 +151,45 @@ def test_the_dvc_slot_comes_free_the_moment_its_holder_is_killed(project, caplog
         holder.kill()
     waiting = [r.getMessage() for r in caplog.records if "waiting for the workspace's DVC slot" in r.getMessage()]
     assert len(waiting) == 1 and "train@KOR holds it" in waiting[0] and f"kill {holder.pid}" in waiting[0]
+
+
+def test_the_waiting_messages_advice_stops_everything_it_names(project, caplog):
+    """The DVC command leads a process group with the stage's own command in it (`scoft train` under
+    DVC's shell): `kill PID` of the DVC command left the training running. The advice kills the group."""
+    import logging
+    import re
+    import shlex
+    import threading
+
+    from tasks.dvc import _claim, workspace_slot
+
+    taken, release = threading.Event(), threading.Event()
+    group = subprocess.Popen(["sh", "-c", "sleep 600 & sleep 600"], start_new_session=True)  # DVC and its stage
+
+    def hold():
+        with workspace_slot(str(project), "train@KOR") as fd:
+            _claim(fd, "train@KOR", group.pid)
+            taken.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert taken.wait(10)
+    time.sleep(0.5)
+    members = psutil.Process(group.pid).children(recursive=True) + [psutil.Process(group.pid)]
+    assert len(members) == 2
+    with caplog.at_level(logging.INFO, logger="tasks.dvc"):
+        waiter = threading.Thread(target=lambda: workspace_slot(str(project), "ingest").__enter__(), daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not any("waiting for" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    message = next(r.getMessage() for r in caplog.records if "waiting for the workspace's DVC slot" in r.getMessage())
+    advice = re.search(r"\((kill [^)]*)\)", message)[1]
+    assert advice == f"kill -- -{group.pid} {os.getpid()}"
+    release.set()
+    holder.join(10)
+    subprocess.run(shlex.split(advice.replace(f" {os.getpid()}", "")), check=True)  # not this test's own process
+    group.wait(10)
+    gone, alive = psutil.wait_procs(members, timeout=10)
+    assert alive == []
