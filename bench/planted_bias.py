@@ -49,6 +49,7 @@ from scoft.config import LOSS_SETS, load_params, with_overrides
 from scoft.data import image_transform
 from scoft.evaluate import BASE, compare
 from scoft.features import build_distance
+from scoft.geometry import stereotype_form_share as geometric_form_share
 from scoft.judge import load_judge, stereotype_form_share
 from scoft.models import load_pipeline
 from scoft.negatives import make_negatives
@@ -64,6 +65,7 @@ FAST = "+MPC fast"  # +MPC under --fast's overrides
 METRICS = [  # the primary metric, named in advance: distance to the held-out image (the gate's); the rest secondary
     ("distance", "PRIMARY: distance to held-out image (evaluation backbone, the gate's metric)", True),
     ("form_share", "stereotype form share (judge: shape, whatever the colours)", True),
+    ("geometry_form_share", "stereotype form share (hand-written geometry, built apart from the judge)", True),
     ("stereotype_share", "stereotype palette share (palette oracle)", True),
     ("truth_distance", "distance to truth palette (oracle)", True),
     ("other_culture_share", "share drawn in another culture's palette (oracle: cross-culture bleed)", True),
@@ -86,12 +88,15 @@ def oracle_scores(images: list, held: list, per_prompt: int, judge) -> dict[str,
     share = [stereotype_oracle(im, c) for im, c in zip(images, cultures)]
     distance = [palette_distance(im, CULTURES[c][1:]) for im, c in zip(images, cultures)]
     other = [not nearest_palette(im).startswith(c) for im, c in zip(images, cultures)]
-    form = stereotype_form_share(judge, torch.stack([image_transform(32)(im) for im in images]))
+    pixels = torch.stack([image_transform(32)(im) for im in images])
+    form = stereotype_form_share(judge, pixels)
+    geometry = geometric_form_share(pixels.numpy(), [r.category for r in held for _ in range(per_prompt)])
 
     def per_prompt_mean(values):
         return np.array(values, float).reshape(len(held), per_prompt).mean(1)
 
-    return {"form_share": per_prompt_mean(form), "stereotype_share": per_prompt_mean(share),
+    return {"form_share": per_prompt_mean(form), "geometry_form_share": per_prompt_mean(geometry),
+            "stereotype_share": per_prompt_mean(share),
             "truth_distance": per_prompt_mean(distance),
             "other_culture_share": per_prompt_mean(other)}
 
