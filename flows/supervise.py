@@ -17,7 +17,6 @@ so that it stops its stages, records itself Crashed, and stops the orphaned temp
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import functools
 import os
@@ -34,7 +33,8 @@ import psutil
 
 from scoft.paths import CHECKPOINTS, JOINT, LORA_DIR
 
-GRACE_S = 10  # for the flow process to report its end and for DVC to release its locks
+GRACE_S = 10  # for DVC to release its locks after SIGINT
+FLOW_GRACE_S = 25  # for the flow process to stop its stages (DVC's own grace, tasks/dvc.py) and report its end
 HEALTH_POLL_S = 2
 
 
@@ -98,22 +98,37 @@ def _die_with_parent() -> None:
 
 
 def watch_supervisor() -> None:
-    """In the flow process: if its supervisor was killed, stop the temporary server it left once this
-    process has recorded how its run ended (at exit). A parent-death SIGTERM can arrive before the
-    child has installed its handlers: then the supervisor is already gone, and it exits at once."""
+    """In the flow process: if its supervisor is killed, the temporary server it started is left behind
+    (in a session of its own). A reaper process of its own waits for this process to end (after it
+    recorded how its run ended: Prefect then re-raises the SIGTERM, so no exit handler here would run)
+    and stops that server when the supervisor is gone too. A parent-death SIGTERM can arrive before
+    this process has installed its handlers: then the supervisor is already gone, and it exits at once."""
     supervisor = os.environ.get(SUPERVISOR_PID)
     if not supervisor:
         return
     if os.getppid() != int(supervisor):
         sys.exit(f"scoft run: its supervisor (process {supervisor}) is gone; not starting")
-    server = os.environ.get(SERVER_PID)
-    if server:
-        atexit.register(_stop_orphaned_server, int(supervisor), int(server))
+    if server := os.environ.get(SERVER_PID):
+        subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), supervisor, server], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _stop_orphaned_server(supervisor: int, server: int) -> None:
-    if os.getppid() != supervisor:  # the supervisor died without stopping it
-        _signal(server, signal.SIGTERM)
+# flow process, supervisor, server: once the flow process is gone, stop the server unless the supervisor
+# lives (it stops the server itself, last)
+_REAPER = """
+import os, signal, sys, time
+flow, supervisor, server = map(int, sys.argv[1:])
+def alive(pid):  # a zombie has ended: an init that reaps nothing (some containers') keeps them
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+while alive(flow):
+    time.sleep(0.5)
+if not alive(supervisor) and alive(server):
+    os.kill(server, signal.SIGTERM)
+"""
 
 
 def _temporary_server():
@@ -175,23 +190,22 @@ class _Health:
 
 def _stop_tree(child: subprocess.Popen, workdir: Path) -> str:
     """Stop the flow process and every process under it (its DVC commands run in sessions of their
-    own); say which stages were stopped and where a retry resumes."""
+    own); say which stages were stopped and where a retry resumes. The flow process gets SIGTERM first
+    and the time to stop its own stages (SIGINT, so that DVC releases its locks) and to record its run
+    Crashed while the API still answers; interrupted under it, a stage failed, and the flow was killed
+    before it could say so (its run stayed Running). Whatever is left then gets the same, from here."""
     try:
         tree = psutil.Process(child.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
-    stages = []
-    for proc in tree:
-        try:
-            cmdline = proc.cmdline()
-        except psutil.Error:
-            continue
-        if "dvc" in cmdline and "repro" in cmdline:
-            stages.append(cmdline[-1])
-            _signal_group(proc.pid, signal.SIGINT)  # DVC releases its locks on SIGINT
-    _signal(child.pid, signal.SIGTERM)  # Prefect marks its run crashed, if its API still answers
+    stages = [_stage_of(proc) for proc in tree if _stage_of(proc)]
+    _signal(child.pid, signal.SIGTERM)  # Prefect records its run Crashed, if its API still answers
     everything = [*tree, psutil.Process(child.pid)] if psutil.pid_exists(child.pid) else tree
-    _, alive = psutil.wait_procs(everything, timeout=GRACE_S)
+    _, alive = psutil.wait_procs(everything, timeout=FLOW_GRACE_S)
+    for proc in alive:
+        if _stage_of(proc):
+            _signal_group(proc.pid, signal.SIGINT)  # DVC releases its locks on SIGINT
+    _, alive = psutil.wait_procs(alive, timeout=GRACE_S)
     for proc in alive:
         _signal(proc.pid, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=GRACE_S)
@@ -199,6 +213,15 @@ def _stop_tree(child: subprocess.Popen, workdir: Path) -> str:
     if not stages:
         return "no stage was running; nothing is left running"
     return "stopped " + "; ".join(_left(stage, workdir) for stage in stages) + "; nothing is left running"
+
+
+def _stage_of(proc: psutil.Process) -> str | None:
+    """The stage a `dvc repro` process reproduces, or None for any other process."""
+    try:
+        cmdline = proc.cmdline()
+    except psutil.Error:
+        return None
+    return cmdline[-1] if "dvc" in cmdline and "repro" in cmdline else None
 
 
 def _left(stage: str, workdir: Path) -> str:
