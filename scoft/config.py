@@ -40,7 +40,9 @@ def _location(*builtins: str):
     return AfterValidator(check)
 
 
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
+# A URL's userinfo: everything from the scheme's "://" to the authority's LAST "@" (the authority ends
+# at "/", "?", "#" or a space), as URL parsers read it: a password may hold "@" itself.
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#\s]*@")
 
 
 def redact_credentials(text: str) -> str:
