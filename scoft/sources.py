@@ -214,12 +214,34 @@ def _parse_table(text: str, name: str, builder: _Builder) -> SourceRows:
         except csv.Error as e:  # e.g. a field over the csv module's limit of 131,072 characters
             builder.out.reject(f"{name}:{start}", {}, f"cannot read this CSV row ({e})")
             continue
-        ref = f"{name}:{reader.line_num}"
+        ref = f"{name}:{reader.line_num}" if reader.line_num == start else f"{name}:{start}-{reader.line_num}"
         if missing:
             builder.out.reject(ref, _printable(raw), f"missing column(s): {', '.join(missing)}")
+        elif problem := _misquoted(raw, len(reader.fieldnames)):
+            builder.out.reject(ref, _printable({k if k is not None else "(extra)": v for k, v in raw.items()}),
+                               problem)
         else:
             builder.add(ref, {k: v for k, v in raw.items() if k is not None})
     return builder.finish(name)
+
+
+def _misquoted(raw: dict, columns: int) -> str | None:
+    """What a stray quote or delimiter did to a CSV row, if anything: a quote left open swallows the line
+    break and the next rows' fields into one field, and the row then holds a line break, a URL in its
+    caption, or another number of fields than the header. Such a row is rejected by name (its lines),
+    never stored half-merged: before, two rows became one, silently."""
+    if any(v.strip() for v in raw.get(None) or []):  # empty trailing fields are an export's habit, harmless
+        return f"{columns + len(raw[None])} fields where the header has {columns}: a stray quote or delimiter?"
+    raw = {k: v for k, v in raw.items() if k is not None}
+    if any(v is None for v in raw.values()):
+        return f"{sum(v is not None for v in raw.values())} fields where the header has {columns}"
+    if broken := [k for k, v in raw.items() if "\n" in v or "\r" in v]:
+        return (f"{', '.join(broken)} holds a line break: a quote left open merged this row with the next "
+                "line(s); close the quote")
+    caption = _pick(raw, "caption")
+    if "://" in caption:
+        return "caption holds a URL: a stray quote or delimiter may have merged a neighbour's fields"
+    return None
 
 
 def _decode(data: bytes) -> str:

@@ -297,3 +297,38 @@ def test_credentials_are_redacted_up_to_the_authoritys_last_at(url, shown):
     from scoft.config import redact_credentials
 
     assert redact_credentials(url) == shown
+
+
+def test_a_stray_quote_that_merges_two_rows_is_rejected_by_name_never_stored(server, tmp_path):
+    """Row 11's opening quote is never closed: the csv module reads on into row 12, and before, one
+    record was stored with a caption holding a line break and the next row's URL, "29 added, 0 rejected"."""
+    lines = sheet([row(server, i) for i in range(16)]).decode().splitlines()
+    lines[11] = lines[11].replace("a traditional house", '"a traditional house', 1)  # row 11 of the sheet
+    server.routes["/s.csv"] = (200, "text/csv", ("\n".join(lines) + "\n").encode())
+    summary = run([f"{server.url}/s.csv"], tmp_path / "ccub")
+    rejected = {r["row"]: r["reason"] for r in summary["rejected"]}
+    merged = [ref for ref in rejected if ref.startswith(f"{server.url}/s.csv:12-")]
+    assert len(merged) == 1 and ("line break" in rejected[merged[0]] or "fields" in rejected[merged[0]])
+    captions = [r.caption for r in read_manifest(tmp_path / "ccub")]
+    assert not any("\n" in c or "://" in c for c in captions)
+    assert summary["added"] + len(summary["rejected"]) <= 16 and summary["added"] == len(captions)
+
+
+@pytest.mark.parametrize("fields,said", [
+    (["KOR", "ARCH", "http://x/1.png", "a house", "2024-01-01", "stray"], "6 fields where the header has 5"),
+    (["KOR", "ARCH", "http://x/1.png"], "3 fields where the header has 5"),
+    (["KOR", "ARCH", "http://x/1.png", "a house http://x/2.png", "2024-01-01"], "caption holds a URL"),
+    (["KOR", "ARCH", "http://x/1.png", "a house\nwith a roof", "2024-01-01"], "holds a line break"),
+])
+def test_rows_whose_fields_do_not_fit_the_header_are_named(fields, said):
+    from scoft.sources import _misquoted
+
+    header = ["country_code", "category_code", "url", "caption", "created_at"]
+    reader = csv.DictReader(io.StringIO(",".join(header) + "\n" + _csv_line(fields), newline=""))
+    assert said in _misquoted(next(reader), len(header))
+
+
+def _csv_line(fields: list[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerow(fields)
+    return buf.getvalue()
