@@ -935,7 +935,7 @@ def review_serve(host: Annotated[str, typer.Option(help="The address to listen o
     from scoft.review.app import create_app
 
     _say(f"review app on http://{host}:{port} (links: {p.review.public_url}/r/<token>)")
-    uvicorn.run(create_app(_review_store(p), Path(".")), host=host, port=port, log_level="warning",
+    uvicorn.run(create_app(_review_store(p), Path("."), p.review.public_url), host=host, port=port, log_level="warning",
                 server_header=False)
 
 

@@ -335,13 +335,15 @@ def _stage_problems(record: dict, root: Path) -> list[str]:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    try:
+    dvc_yaml = Path(root).resolve() / "dvc.yaml"
+    try:  # by the workspace's dvc.yaml path: a bare stage name is looked up in the current folder's
         with Repo(str(root)) as repo:
-            status = repo.status(targets=_chain_stages(record))
+            status = repo.status(targets=[f"{dvc_yaml}:{stage}" for stage in _chain_stages(record)])
     except DvcException as e:
         return [f"dvc.lock: the record's stages cannot be checked ({visible(e, 200)})"]
     problems = []
-    for stage, changes in status.items():
+    for target, changes in status.items():
+        stage = target.rpartition(":")[2]
         for change in changes:
             if not isinstance(change, dict):
                 continue

@@ -98,7 +98,7 @@ def test_an_unreachable_database_is_one_line_naming_it(tmp_path, monkeypatch):
     assert "s3cret-pg" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def _app(ws, invited: int = 2, url: str | None = None):
+def _app(ws, invited: int = 2, url: str | None = None, public_url: str | None = None):
     from fastapi.testclient import TestClient
 
     from scoft.review.app import create_app
@@ -108,7 +108,7 @@ def _app(ws, invited: int = 2, url: str | None = None):
     links = json.loads(scoft_here("review", "invite", "--culture", "KOR", "--count", str(invited), "--json",
                                   cwd=ws).stdout)
     url = url or f"sqlite:///{ws / 'data/review/review.db'}"
-    client = TestClient(create_app(open_store(url), ws))
+    client = TestClient(create_app(open_store(url), ws, public_url))
     client.ws, client.url = ws, url
     return client, [link["url"].rsplit("/", 1)[1] for link in links], links
 
@@ -452,3 +452,51 @@ def test_an_insiders_reject_of_what_was_promoted_by_hand_meanwhile_says_it_stays
     entry = registry.read(ws, "KOR")
     assert entry["history"][-1]["action"] == "reject" and entry["history"][-1]["lineage"] == "rec1"
     assert entry["production"]["by"] == "alice" and registry.history_problems(ws, "KOR") == []
+
+
+def test_the_app_trusts_before_it_reads_and_validates_answers_exactly(tmp_path):
+    """Found by a hostile probe: 100 MB bodies read whole before the token was checked (the server grew
+    by 530 MB), a JSON array nested 100,000 deep gave a 500, `better: 1.0` was stored."""
+    client, tokens, _ = _app(_workspace(tmp_path))
+    auth = {"Authorization": f"Bearer {tokens[0]}"}
+    big = b"[" * (2 * 2**20)
+    assert client.post("/api/v1/ratings", content=big).status_code == 413  # refused unread, whoever sends it
+    assert client.post("/api/v1/ratings", content=big, headers=auth).status_code == 413
+    assert client.post(f"/r/{tokens[0]}/rate", content=big,
+                       headers={"content-type": "application/x-www-form-urlencoded"}).status_code == 413
+    assert client.post("/api/v1/ratings", json={"pair": "x"}).status_code == 401  # the token before the body
+    deep = client.post("/api/v1/ratings", content=b"[" * 3000 + b"]" * 3000, headers=auth)
+    assert deep.status_code in (400, 413) and deep.json()["error"]
+    pair = client.get("/api/v1/next", headers=auth).json()["pair"]
+    for better in (1.0, True, "1", -1):
+        body = {"pair": pair, "better": better, "more_stereotyped": None, "offensive": [False, False]}
+        assert client.post("/api/v1/ratings", json=body, headers=auth).status_code == 422, better
+    assert sqlite3.connect(tmp_path / "data/review/review.db").execute("select count(*) from ratings").fetchone() == \
+        (0,)
+
+
+def test_no_inline_code_no_framing_secure_cookies_and_addresses_from_the_public_url(tmp_path):
+    client, tokens, _ = _app(_workspace(tmp_path), public_url="https://review.example.org")
+    page = client.get(f"/r/{tokens[0]}")
+    policy = page.headers["content-security-policy"]
+    assert "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
+    assert page.headers["x-frame-options"] == "DENY" and "<script>" not in page.text and "<style>" not in page.text
+    assert client.get("/static/review.js").headers["content-type"].startswith("text/javascript")
+    assert "Secure" in page.headers["set-cookie"] and "HttpOnly" in page.headers["set-cookie"]
+    shown = client.get("/api/v1/next", headers={"Authorization": f"Bearer {tokens[0]}", "Host": "evil.example"})
+    assert all(url.startswith("https://review.example.org/img/") for url in shown.json()["images"])
+
+
+def test_a_reviewers_repeated_pair_shows_its_images_to_that_reviewer_only(tmp_path):
+    client, tokens, _ = _app(_workspace(tmp_path))
+    url = f"sqlite:///{tmp_path / 'data/review/review.db'}"
+    repeats = _sql(url, "select p.first_image, r.id from pairs p join reviewers r on r.id = p.reviewer_id "
+                        "where p.repeat_of is not null")
+    assert len(repeats) == 2
+    from scoft.review.campaigns import token_hash
+
+    by_token = {reviewer: t for t in tokens for reviewer, digest in _sql(url, "select id, token_sha256 from reviewers")
+                if digest == token_hash(t)}
+    (image, owner), (_, other) = repeats
+    assert client.get(f"/img/{image}", headers={"Authorization": f"Bearer {by_token[owner]}"}).status_code == 200
+    assert client.get(f"/img/{image}", headers={"Authorization": f"Bearer {by_token[other]}"}).status_code == 404

@@ -26,10 +26,7 @@ COOKIE = "scoft_review"
 _PAGES = {
     "pair.html": """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>Review</title>
-<style>body{font-family:sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem}
-.pair{display:flex;gap:1rem;flex-wrap:wrap}.pair figure{flex:1 1 14rem;margin:0}
-.pair img{width:100%;image-rendering:pixelated;border:1px solid #ccc}fieldset{margin:.8rem 0}
-label{display:inline-block;padding:.3rem .5rem}.keys{color:#555;font-size:.85rem}</style></head>
+<link rel="stylesheet" href="/static/review.css"></head>
 <body><p>{{ done + 1 }} of {{ total }}</p><h1>{{ prompt }}</h1>
 <form method="post" action="/r/{{ token }}/rate"><input type="hidden" name="pair" value="{{ pair }}">
 <input type="hidden" name="csrf" value="{{ csrf }}">
@@ -48,7 +45,18 @@ is offensive</label></figcaption></figure>{% endfor %}</div>
 <p class="keys">Keys: <kbd>1</kbd> <kbd>2</kbd> <kbd>0</kbd> better image 1, image 2, can't tell;
 <kbd>q</kbd> <kbd>w</kbd> <kbd>e</kbd> more stereotyped image 1, image 2, can't tell; <kbd>z</kbd> <kbd>x</kbd>
 offensive image 1, image 2; <kbd>Enter</kbd> sends.</p>
-<script>
+<script src="/static/review.js"></script>
+</body></html>""",
+    "message.html": """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Review</title></head>
+<body><h1>{{ title }}</h1><p>{{ text }}</p></body></html>""",
+}
+# Served as files of their own, so that the page's Content-Security-Policy allows no inline code at all.
+_STATIC = {"review.css": ("text/css", """body{font-family:sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem}
+.pair{display:flex;gap:1rem;flex-wrap:wrap}.pair figure{flex:1 1 14rem;margin:0}
+.pair img{width:100%;image-rendering:pixelated;border:1px solid #ccc}fieldset{margin:.8rem 0}
+label{display:inline-block;padding:.3rem .5rem}.keys{color:#555;font-size:.85rem}"""),
+           "review.js": ("text/javascript", """
 const keys = {"1": ["better", "0"], "2": ["better", "1"], "0": ["better", ""],
               "q": ["more_stereotyped", "0"], "w": ["more_stereotyped", "1"], "e": ["more_stereotyped", ""]};
 document.addEventListener("keydown", e => {
@@ -61,23 +69,32 @@ document.addEventListener("keydown", e => {
   else return;
   e.preventDefault();
 });
-</script>
-</body></html>""",
-    "message.html": """<!doctype html><html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>Review</title></head>
-<body><h1>{{ title }}</h1><p>{{ text }}</p></body></html>""",
-}
+""")}
 _TEMPLATES = Environment(loader=DictLoader(_PAGES), autoescape=select_autoescape(default=True))
 # Nothing of the app's own in the headers; no caching or sniffing of what a reviewer sees.
+# No inline style or script, no framing by another site (clickjacking a reviewer's answer).
 _HEADERS = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-            "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
-                                       "script-src 'unsafe-inline'; form-action 'self'"}
+            "X-Frame-Options": "DENY",
+            "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
+                                       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"}
+MAX_BODY = 4096  # bytes: a rating (API or form) is a few hundred; anything larger is refused unread (413)
 
 
-def create_app(sessions: sessionmaker, root: str | Path) -> FastAPI:
-    """The app on the review store `sessions`, serving images from the workspace `root`."""
+def create_app(sessions: sessionmaker, root: str | Path, public_url: str | None = None) -> FastAPI:
+    """The app on the review store `sessions`, serving images from the workspace `root`, reached by
+    reviewers at `public_url` (review.public_url): the addresses it gives out are built from it, never
+    from a request's Host header, and its cookie is Secure when it is https."""
     app = FastAPI(title="scoft review", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_BodyLimit, limit=MAX_BODY)
     root, secret = Path(root), secrets.token_bytes(32)
+    secure = bool(public_url) and public_url.startswith("https://")
+
+    @app.get("/static/{name}")
+    def static(name: str):
+        if name not in _STATIC:
+            return Response(status_code=404, headers=_HEADERS)
+        media, text = _STATIC[name]
+        return Response(text, media_type=media, headers={**_HEADERS, "Cache-Control": "no-cache"})
 
     def csrf(reviewer_id: str) -> str:
         return hmac.new(secret, reviewer_id.encode(), hashlib.sha256).hexdigest()
@@ -100,7 +117,7 @@ def create_app(sessions: sessionmaker, root: str | Path) -> FastAPI:
                 return page("message.html", title="Thank you", text=f"You rated all {total} pairs.")
             response = page("pair.html", token=token, pair=pair.id, prompt=pair.prompt, done=done, total=total,
                             images=[f"/img/{pair.first_image}", f"/img/{pair.second_image}"], csrf=csrf(reviewer.id))
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")  # for its images
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/", secure=secure)  # its images
         return response
 
     @app.post("/r/{token}/rate")
@@ -145,22 +162,25 @@ def create_app(sessions: sessionmaker, root: str | Path) -> FastAPI:
             pair, done, total = next_pair(session, reviewer)
         if pair is None:
             return Response(status_code=204, headers=_HEADERS)
-        base = str(request.base_url).rstrip("/")
+        base = (public_url or str(request.base_url)).rstrip("/")
         return JSONResponse({"pair": pair.id, "prompt": pair.prompt, "progress": {"done": done, "total": total},
                              "images": [f"{base}/img/{pair.first_image}", f"{base}/img/{pair.second_image}"]},
                             headers=_HEADERS)
 
     @app.post("/api/v1/ratings")
     async def api_rate(request: Request):
-        try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "the body is not JSON"}, status_code=400, headers=_HEADERS)
-        with sessions() as session:
+        with sessions() as session:  # the token first: nothing of the body is read for a stranger
             try:
                 reviewer = reviewer_for(session, _bearer(request))
             except NotInvited as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status, headers=_HEADERS)
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than a parser goes
+            return JSONResponse({"error": "the body is not JSON (a rating object)"}, status_code=400,
+                                headers=_HEADERS)
+        with sessions() as session:
+            reviewer = reviewer_for(session, _bearer(request))
             if not isinstance(body, dict):
                 return JSONResponse({"error": "the body must be a JSON object"}, status_code=422, headers=_HEADERS)
             try:
@@ -172,6 +192,43 @@ def create_app(sessions: sessionmaker, root: str | Path) -> FastAPI:
         return JSONResponse({"stored": True}, status_code=201, headers=_HEADERS)
 
     return app
+
+
+class _BodyLimit:
+    """Refuse a request body over `limit` bytes with 413 before the app reads it: by its Content-Length,
+    or, sent in chunks, as soon as it passes the limit. Unauthenticated 100 MB posts were read whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        response = JSONResponse({"error": f"the body is over {self.limit} bytes"}, status_code=413, headers=_HEADERS)
+        await response({"type": "http"}, None, send)
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _announce_if_done(session, reviewer) -> None:

@@ -267,7 +267,7 @@ def rate(session: Session, reviewer: Reviewer, pair_id, better, more_stereotyped
     if pair is None or pair.campaign_id != reviewer.campaign_id or pair.reviewer_id not in (None, reviewer.id):
         raise BadRating("no such pair in your review", 404)
     for name, value in (("better", better), ("more_stereotyped", more_stereotyped)):
-        if value is not None and (isinstance(value, bool) or value not in (0, 1)):
+        if value is not None and (type(value) is not int or value not in (0, 1)):  # not 1.0, not True
             raise BadRating(f"{name} must be 0, 1 or null (positions of the two images)")
     two_flags = isinstance(offensive, list | tuple) and len(offensive) == 2
     if not (two_flags and all(isinstance(x, bool) for x in offensive)):
@@ -283,5 +283,9 @@ def image_for(session: Session, reviewer: Reviewer, image_id: str) -> Path:
     """The file of an image of the reviewer's campaign (relative to the workspace)."""
     image = session.get(Image, image_id) if isinstance(image_id, str) else None
     if image is None or image.campaign_id != reviewer.campaign_id:
+        raise BadRating("no such image in your review", 404)
+    shown_in = session.scalars(select(Pair.reviewer_id).where(
+        or_(Pair.first_image == image.id, Pair.second_image == image.id))).all()
+    if shown_in and all(viewer not in (None, reviewer.id) for viewer in shown_in):  # another's repeated pair
         raise BadRating("no such image in your review", 404)
     return Path(image.path)
