@@ -177,7 +177,7 @@ def test_the_waiting_messages_advice_stops_everything_it_names(project, caplog):
     assert taken.wait(10)
     time.sleep(0.5)
     members = psutil.Process(group.pid).children(recursive=True) + [psutil.Process(group.pid)]
-    assert len(members) == 2
+    assert len(members) >= 2  # the shell and its two sleeps (a shell may exec the last one itself)
     with caplog.at_level(logging.INFO, logger="tasks.dvc"):
         waiter = threading.Thread(target=lambda: workspace_slot(str(project), "ingest").__enter__(), daemon=True)
         waiter.start()
