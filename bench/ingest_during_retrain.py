@@ -39,7 +39,8 @@ def _training(ws: Path) -> bool:
 
 
 def _disk(folder: Path) -> int:
-    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes of the files under `folder`, links not followed (the ingest workspace links the sources)."""
+    return sum((Path(d) / f).lstat().st_size for d, _, files in os.walk(folder) for f in files)
 
 
 def run(steps: int) -> dict:
@@ -86,6 +87,8 @@ def run(steps: int) -> dict:
                 "retrain state": outcome["state"].type.value, "V": first["version"],
                 "V+1": (second or {}).get("version"), "record's version": record["ccub"]["dvc_hash"],
                 "ingest workspace on disk (MB)": round(_disk(twin) / 2**20, 2) if twin.is_dir() else 0.0,
+                **({f"  of which {part} (MB)": round(_disk(twin / part) / 2**20, 2)
+                    for part in (".dvc", "scoft", "data")} if twin.is_dir() else {}),
                 "project data/ccub on disk (MB)": round(_disk(ws / "data/ccub") / 2**20, 2)}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
