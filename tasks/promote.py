@@ -68,6 +68,11 @@ def _record_waiting(root: Path, culture: str, lineage_path: Path, decision: dict
     unchanged), reports/promotion/<C>.json and the lineage record's promotion say so."""
     registry.await_review(root, culture, decision["lora_sha256"], decision["lineage"], by=RULES_BY, reason=reason,
                           decision=decision)
+    _report_waiting(root, culture, lineage_path, decision, reason)
+
+
+def _report_waiting(root: Path, culture: str, lineage_path: Path, decision: dict, reason: str) -> None:
+    """reports/promotion/<C>.json and the lineage record's promotion say the candidate waits for people."""
     write_json(root / PROMOTION_DIR / f"{culture}.json", decision)
     _add_verdict(root, lineage_path, decision, load_params(root / "params.yaml").lineage.signing_key)
     get_run_logger().info("%s: %s", culture, reason)
@@ -88,10 +93,14 @@ def send_to_insiders(workdir: str, culture: str, lineage_path: Path, decision: d
 
     root = Path(workdir)
     params = load_params(root / "params.yaml")
+    decision = {**decision, "promote": False}
+    # first on record as judged and awaiting people: a campaign opens only on such a candidate
+    registry.await_review(root, culture, decision["lora_sha256"], decision["lineage"], by=RULES_BY,
+                          reason="every rule passed: awaiting insider review", decision=decision)
     with open_store(params.review.database_url, root)() as session:
         campaign, pairs = open_campaign(session, root, culture, joint=not params.train.lora_per_culture)
-    decision = {**decision, "promote": False, "awaiting_insiders": campaign.id}
-    _record_waiting(root, culture, lineage_path, decision, f"awaiting insider review: campaign {campaign.id}, "
+    decision["awaiting_insiders"] = campaign.id
+    _report_waiting(root, culture, lineage_path, decision, f"awaiting insider review: campaign {campaign.id}, "
                                                           f"{pairs} pairs (scoft review invite/close)")
     create_markdown_artifact(key=f"scoft-review-{culture.lower()}", description=f"{culture}: insiders' review",
                              markdown=f"# {culture}: awaiting insider review\n\nCampaign `{campaign.id}`, {pairs} "

@@ -372,10 +372,13 @@ def test_with_insider_review_a_passing_candidate_awaits_insiders_and_the_run_end
     assert run["state"].is_completed() and not run["state"].result()["promote"]  # ended, nothing shipped
     entry = registry.read(workspace, "KOR")
     assert entry["production"] is None and entry["history"][-1]["action"] == "await"
-    assert entry["history"][-1]["reason"].startswith("awaiting insider review: campaign ")
+    # on record as awaiting people before the campaign opens (a campaign opens on no other candidate)
+    assert entry["history"][-1]["reason"] == "every rule passed: awaiting insider review"
     with open_store("sqlite:///data/review/review.db", workspace)() as session:
         campaigns = session.query(Campaign).all()
     assert [c.culture for c in campaigns] == ["KOR"] and campaigns[0].status == "open"
+    report = json.loads((workspace / "reports/promotion/KOR.json").read_text())
+    assert report["awaiting_insiders"] == campaigns[0].id and campaigns[0].lineage == report["lineage"]
     assert (workspace / "data/review/review.db").is_file()  # in the workspace, not where the test runs
     # the record, changed to say it waits, is signed again: its signature holds
     assert signature_problem(run["lineage"], str(key_pair[1])) is None
