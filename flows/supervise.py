@@ -72,7 +72,8 @@ def run_supervised(child_args: list[str], workdir: Path, api_lost_after_s: float
         if not stop_reason:
             return child.returncode
         reason, status = stop_reason[0]
-        say(f"scoft run: {reason}; {_stop_tree(child, workdir)}")
+        # with the API gone the flow cannot record its end: no point in waiting for it
+        say(f"scoft run: {reason}; {_stop_tree(child, workdir, FLOW_GRACE_S if status != 1 else GRACE_S)}")
         return status
     finally:
         if server is not None:
@@ -188,7 +189,7 @@ class _Health:
         return None
 
 
-def _stop_tree(child: subprocess.Popen, workdir: Path) -> str:
+def _stop_tree(child: subprocess.Popen, workdir: Path, flow_grace_s: float = FLOW_GRACE_S) -> str:
     """Stop the flow process and every process under it (its DVC commands run in sessions of their
     own); say which stages were stopped and where a retry resumes. The flow process gets SIGTERM first
     and the time to stop its own stages (SIGINT, so that DVC releases its locks) and to record its run
@@ -201,7 +202,7 @@ def _stop_tree(child: subprocess.Popen, workdir: Path) -> str:
     stages = [_stage_of(proc) for proc in tree if _stage_of(proc)]
     _signal(child.pid, signal.SIGTERM)  # Prefect records its run Crashed, if its API still answers
     everything = [*tree, psutil.Process(child.pid)] if psutil.pid_exists(child.pid) else tree
-    _, alive = psutil.wait_procs(everything, timeout=FLOW_GRACE_S)
+    _, alive = psutil.wait_procs(everything, timeout=flow_grace_s)
     for proc in alive:
         if _stage_of(proc):
             _signal_group(proc.pid, signal.SIGINT)  # DVC releases its locks on SIGINT

@@ -143,7 +143,7 @@ CULTURES = ["KOR"]
 # A training of a minute or more here (0.08 to 0.2 s a step, and its start-up): the ingest (about 30 s) starts
 # with it and must announce its version while it still trains. Before, the ingest waited for the
 # workspace's DVC slot, which the training held, and landed between two of the retrain's stages.
-FAST = {"train.max_steps": 500, "train.checkpoint_every": 500, "negatives.per_image": 1, "negatives.steps": 2,
+FAST = {"train.max_steps": 300, "train.checkpoint_every": 300, "negatives.per_image": 1, "negatives.steps": 2,
         "evaluate.steps": 2, "evaluate.bootstrap": 100, "evaluate.samples_per_prompt": 2,
         "orchestration.stage_retry_delay_s": 0, "validate.cultures": CULTURES}
 

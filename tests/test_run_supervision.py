@@ -107,8 +107,8 @@ def test_an_interrupted_or_orphaned_run_ends_within_seconds_and_leaves_nothing_r
         assert _flow_run_states(hung_ingests[how]) in (["CRASHED"], ["CANCELLED"]), how
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/api", "not a url"])
-def test_a_dead_or_wrong_prefect_api_url_is_one_line(url, sample_dir, tmp_path):
+def test_a_dead_prefect_api_url_is_one_line(sample_dir, tmp_path):
+    url = "http://127.0.0.1:9/api"  # nothing listens there
     ws = make_workspace(tmp_path / "ws", sample_dir)
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_API_URL=url)
     out = subprocess.run([str(BIN / "scoft"), "run"], cwd=ws, env=env, capture_output=True, text=True, timeout=120)
