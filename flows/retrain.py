@@ -138,8 +138,8 @@ def fan_out(workdir: str, cultures: list[str], deployment: str, timeout_s: float
     that worker's workspace), handed the shared stages' dvc.lock entries; each finished culture's
     entries come back into this workspace's dvc.lock and its outputs from the DVC remote. Per culture:
     its stages_run, or why it failed (a failed culture does not stop the others)."""
-    push(workdir, list(SHARED_STAGES))  # what the culture runs pull
-    shared = lock_entries(workdir, list(SHARED_STAGES))
+    push(workdir, SHARED_STAGES)  # what the culture runs pull
+    shared = lock_entries(workdir, SHARED_STAGES)
     runs = {c: run_culture.submit(deployment, c, shared, timeout_s) for c in cultures}
     outcomes = {}
     for culture, future in runs.items():

@@ -199,7 +199,7 @@ def _stop_tree(child: subprocess.Popen, workdir: Path, flow_grace_s: float = FLO
         tree = psutil.Process(child.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
-    stages = [_stage_of(proc) for proc in tree if _stage_of(proc)]
+    stages = [stage for proc in tree if (stage := _stage_of(proc))]
     _signal(child.pid, signal.SIGTERM)  # Prefect records its run Crashed, if its API still answers
     everything = [*tree, psutil.Process(child.pid)] if psutil.pid_exists(child.pid) else tree
     _, alive = psutil.wait_procs(everything, timeout=flow_grace_s)

@@ -674,8 +674,6 @@ def models_show(culture: str, params: ParamsOpt = Path("params.yaml")):
         _fail(str(e))
 
 
-LINEAGE_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-
 
 def _configured(culture: str, p) -> None:
     """A one-line failure unless `culture` is one of validate.cultures."""
@@ -686,14 +684,12 @@ def _configured(culture: str, p) -> None:
 def _candidate_of(culture: str, key: str, p) -> dict:
     """The lineage record `key` of `culture`, whose LoRA is still the one it records; else a one-line
     failure: a culture not configured, a key that is not a record's name, a record of another culture."""
-    import re
-
     from scoft.io import sha256_file
-    from scoft.lineage import LINEAGE_DIR
+    from scoft.lineage import LINEAGE_DIR, is_record_key
     from scoft.paths import LORA_DIR
 
     _configured(culture, p)
-    if not re.match(LINEAGE_KEY, key):
+    if not is_record_key(key):
         _fail(f"{key!r} is not a lineage record's key (letters, digits, '.', '_', '-'; see `scoft lineage show`)")
     path = LINEAGE_DIR / f"{key}.json"
     if not path.is_file():

@@ -263,7 +263,7 @@ def current_records(root: str | Path, cultures: list[str]) -> list[dict]:
             found[Path(f"registry/{culture}.json")] = {"path": None, "culture": culture, "roles": ["production"],
                                                        "problem": str(e)}
             continue
-        if production is not None and not _is_key(production.get("lineage")):
+        if production is not None and not is_record_key(production.get("lineage")):
             found[Path(f"registry/{culture}.json")] = {
                 "path": None, "culture": culture, "roles": ["production"],
                 "problem": f"registry: production LoRA {production['lora_sha256'][:16]} names no lineage record "
@@ -284,9 +284,12 @@ def current_records(root: str | Path, cultures: list[str]) -> list[dict]:
     return list(found.values())
 
 
-def _is_key(value) -> bool:
+LINEAGE_KEY = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"  # what names a record under lineage/ (no path in it)
+
+
+def is_record_key(value) -> bool:
     """A name that can be a record's key (record_key makes 16 hex digits): not empty, no path in it."""
-    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value) is not None
+    return isinstance(value, str) and re.fullmatch(LINEAGE_KEY, value) is not None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -118,16 +118,12 @@ def culture_lock_entries(root: str | Path, culture: str, entries) -> dict[str, d
         others = sorted(visible(str(k), 60) for k in set(entries) ^ expected)
         raise BadLockEntry(f"{culture}: its run published entries for {', '.join(others)}; only "
                            f"{', '.join(sorted(expected))} are taken, all three")
-    spec = YAML(typ="safe").load((Path(root) / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    mine = _params_here(root)
-    for stage, entry in entries.items():
-        do = spec[stage.partition("@")[0]]["do"]
-        if problem := _entry_problem(entry, _declared(do, culture)) or _params_problem(entry, do, mine):
-            raise BadLockEntry(f"{culture}: its run's dvc.lock entry for {stage}: {problem}")
+    if found := _first_problem(root, entries, lambda spec, stage: (spec[stage.partition("@")[0]]["do"], culture)):
+        raise BadLockEntry(f"{culture}: its run's dvc.lock entry for {found[0]}: {found[1]}")
     return entries
 
 
-SHARED_STAGES = ("ingest", "validate", "base")  # what a retrain run hands its culture runs (fan-out)
+SHARED_STAGES = ["ingest", "validate", "base"]  # what a retrain run hands its culture runs (fan-out)
 
 
 def shared_lock_entries(root: str | Path, entries) -> dict[str, dict]:
@@ -141,17 +137,23 @@ def shared_lock_entries(root: str | Path, entries) -> dict[str, dict]:
     if not isinstance(entries, dict) or set(entries) != set(SHARED_STAGES):
         given = sorted(visible(str(k), 60) for k in entries) if isinstance(entries, dict) else "not a mapping"
         raise BadLockEntry(f"the parent's dvc.lock entries: {given}; exactly {', '.join(SHARED_STAGES)} are taken")
-    spec = YAML(typ="safe").load((Path(root) / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    mine = _params_here(root)
-    for stage, entry in entries.items():
-        if problem := _entry_problem(entry, _declared(spec[stage], "")) or _params_problem(entry, spec[stage], mine):
-            raise BadLockEntry(f"the parent's dvc.lock entry for {stage}: {problem}")
+    if found := _first_problem(root, entries, lambda spec, stage: (spec[stage], "")):
+        raise BadLockEntry(f"the parent's dvc.lock entry for {found[0]}: {found[1]}")
     return entries
 
 
-def _params_here(root: str | Path) -> dict:
-    """params.yaml as DVC reads it (YAML 1.2: `no` stays a string)."""
-    return YAML(typ="safe").load((Path(root) / "params.yaml").read_text(encoding="utf-8")) or {}
+def _first_problem(root: str | Path, entries: dict, declaration) -> tuple[str, str] | None:
+    """The first entry that is not its stage as this workspace's dvc.yaml and params.yaml declare it, and
+    why: (stage, problem), or None. `declaration(spec, stage)` gives the stage's dvc.yaml body and its
+    foreach item ("" for a plain stage)."""
+    spec = YAML(typ="safe").load((Path(root) / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    # params.yaml as DVC reads it (YAML 1.2: `no` stays a string)
+    mine = YAML(typ="safe").load((Path(root) / "params.yaml").read_text(encoding="utf-8")) or {}
+    for stage, entry in entries.items():
+        do, item = declaration(spec, stage)
+        if problem := _entry_problem(entry, _declared(do, item)) or _params_problem(entry, do, mine):
+            return stage, problem
+    return None
 
 
 _MISSING = object()
