@@ -4,7 +4,6 @@ installs them on the server that PREFECT_API_URL names; installing again replace
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from urllib.parse import urlsplit
 
@@ -48,10 +47,12 @@ class BadWebhook(ValueError):
     """A webhook URL the alerts must not call."""
 
 
-def check_webhook(url: str, allow_private: bool = False) -> str:
-    """`url` when it is an http(s) URL whose host resolves to public addresses only; a private,
-    loopback, link-local or otherwise reserved one (a cloud's metadata service, an admin port on the
-    server's own host) only with `allow_private` (Prefect's webhook block allows them by default)."""
+def check_webhook(url: str, allow_private: bool = False, allow_networks: tuple[str, ...] = ()) -> str:
+    """`url` when it is an http(s) URL whose host resolves to addresses ingest may reach too (public ones,
+    or inside `ingest.allow_networks`: scoft.fetch's outbound-address policy); any other (a cloud's
+    metadata service, an admin port on the server's own host) only with `allow_private` (Prefect's
+    webhook block allows them by default)."""
+    from scoft.fetch import AddressNotAllowed, checked_addresses
     from scoft.text import visible
 
     shown = visible(redact_credentials(url), 200)
@@ -59,19 +60,20 @@ def check_webhook(url: str, allow_private: bool = False) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise BadWebhook(f"{shown}: not an http(s) URL with a host")
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(parsed.hostname, parsed.port or 443)}
+        checked_addresses(parsed.hostname, parsed.port or 443, allow_networks)
+    except AddressNotAllowed:
+        if not allow_private:
+            raise BadWebhook(f"{shown}: address not allowed (a private, loopback or link-local address, outside "
+                             "ingest.allow_networks); pass --allow-private if the alerts should go there") from None
     except (socket.gaierror, UnicodeError, ValueError) as e:
         raise BadWebhook(f"{shown}: its host does not resolve ({e})") from e
-    private = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_global)
-    if private and not allow_private:
-        raise BadWebhook(f"{shown}: resolves to {', '.join(private)}, a private, loopback or link-local "
-                         "address; pass --allow-private if the alerts should go there")
     return url
 
 
-def install_alerts(webhook_url: str, allow_private: bool = False) -> list[Automation]:
+def install_alerts(webhook_url: str, allow_private: bool = False,
+                   allow_networks: tuple[str, ...] = ()) -> list[Automation]:
     """Save the webhook as the `scoft-alerts` block and (re)create the two automations calling it."""
-    check_webhook(webhook_url, allow_private)
+    check_webhook(webhook_url, allow_private, allow_networks)
     block_id = Webhook(url=webhook_url, method="POST", headers={"Content-Type": "application/json"},
                        allow_private_urls=allow_private).save(WEBHOOK_BLOCK, overwrite=True)
     return replace_automations(_automations(block_id))

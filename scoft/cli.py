@@ -397,16 +397,19 @@ def run(
 @app.command()
 def alerts(webhook: Annotated[str, typer.Option(help="The http(s) URL the alerts are POSTed to (JSON).")],
            allow_private: Annotated[bool, typer.Option(
-               help="Also a private, loopback or link-local address (refused otherwise).")] = False):
+               help="Also a private, loopback or link-local address (refused otherwise).")] = False,
+           params: ParamsOpt = Path("params.yaml")):
     """Install the Prefect automations that call WEBHOOK when a candidate LoRA is rejected or a
-    retrain run fails or crashes (on the server PREFECT_API_URL names; again: replaced)."""
+    retrain run fails or crashes (on the server PREFECT_API_URL names; again: replaced). The
+    addresses in params.yaml's ingest.allow_networks are allowed, as for ingest."""
     from flows.alerts import BadWebhook, check_webhook, install_alerts
 
+    allowed = tuple(_params(params).ingest.allow_networks) if params.exists() else ()
     try:
-        check_webhook(webhook, allow_private)
+        check_webhook(webhook, allow_private, allowed)
     except BadWebhook as e:
         _fail(str(e), code=CONFIG_ERROR)
-    for automation in install_alerts(webhook, allow_private):
+    for automation in install_alerts(webhook, allow_private, allowed):
         _say(f"automation {automation.name!r} ({automation.id}) calls the webhook block 'scoft-alerts'")
 
 

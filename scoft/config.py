@@ -59,6 +59,18 @@ def _no_credentials(value: str | None) -> str | None:
 
 CredentialFreeURL = Annotated[str, AfterValidator(_no_credentials)]
 
+
+def _network(value: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a CIDR network such as 10.20.0.0/16 ({e})") from None
+
+
+Network = Annotated[str, AfterValidator(_network)]
+
 # Seeds feed torch.Generator.manual_seed after being combined with step numbers (seed * 1_000_003 + ...):
 # 32 bits keep every derived seed inside the 64 bits torch accepts.
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
@@ -132,13 +144,15 @@ class IngestParams(_Section):
     max_decoded_bytes: int = Field(1 << 30, ge=1 << 20)
     captioner: Annotated[str, _location("fallback")] = "fallback"
     s3_endpoint_url: CredentialFreeURL | None = None
+    allow_networks: list[Network] = []
 
     def fetch_policy(self):
         from scoft.fetch import FetchPolicy
 
         return FetchPolicy(connect_timeout_s=self.connect_timeout_s, read_timeout_s=self.read_timeout_s,
                            retries=self.retries, backoff_s=self.backoff_s, max_redirects=self.max_redirects,
-                           max_bytes=self.max_image_bytes, deadline_s=self.download_deadline_s)
+                           max_bytes=self.max_image_bytes, deadline_s=self.download_deadline_s,
+                           allow_networks=tuple(self.allow_networks))
 
 
 def is_alpha3(code: str) -> bool:

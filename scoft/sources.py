@@ -326,7 +326,7 @@ def read_sources(specs: list[str], policy: FetchPolicy, s3_endpoint_url: str | N
         if spec.startswith("s3://"):
             from scoft.fetch import s3_client
 
-            client = client or s3_client(s3_endpoint_url)
+            client = client or s3_client(s3_endpoint_url, policy.allow_networks)
             out.extend(read_s3(spec, policy, client))
         elif spec.startswith(("http://", "https://")) or spec.endswith(".csv"):
             out.extend(read_csv(spec, policy))

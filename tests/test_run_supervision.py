@@ -30,6 +30,7 @@ def hung_ingests(sample_dir, tmp_path):
         for how in HOW:
             ws = make_workspace(tmp_path / how.replace(" ", "-"), sample_dir)
             write_params(ws / "params.yaml", {"ingest.sources": [f"{server.url}/s.csv"],
+                                              "ingest.allow_networks": ["127.0.0.1/32"],
                                               "ingest.read_timeout_s": 100, "ingest.download_deadline_s": 110,
                                               "orchestration.api_lost_after_s": 10})
             spaces[how] = ws

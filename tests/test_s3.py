@@ -8,13 +8,14 @@ import boto3
 import pytest
 
 from scoft.ccub import read_manifest
-from scoft.fetch import s3_client
+from scoft.fetch import FetchPolicy, s3_client
 from scoft.io import dvc_dir_hash, sha256_file
 from scoft.remote import dvc_environment
 from tests.conftest import make_workspace, scoft
 from tests.helpers import ingest_offline
 
 SECRET = "test-secret-do-not-log"
+LOOPBACK = ("127.0.0.1/32",)  # moto's server, allowed by the outbound-address policy as an internal store would be
 
 
 def _bucket(endpoint: str, name: str):
@@ -31,7 +32,7 @@ def test_s3_prefix_source_is_ingested_and_reused_by_etag(s3_server, sample_dir, 
                 str(path), "ccub-source", f"kor-2024/{path.relative_to(sample_dir / 'train').as_posix()}"
             )
     messages = []
-    options = dict(s3_endpoint_url=s3_server, progress=messages.append)
+    options = dict(s3_endpoint_url=s3_server, progress=messages.append, policy=FetchPolicy(allow_networks=LOOPBACK))
     first = ingest_offline(["s3://ccub-source/kor-2024"], tmp_path / "ccub", **options)
     assert first["added"] == 63 and first["rejected"] == []
     records = read_manifest(tmp_path / "ccub")
@@ -42,7 +43,7 @@ def test_s3_prefix_source_is_ingested_and_reused_by_etag(s3_server, sample_dir, 
 
 
 def test_s3_client_honours_when_required_checksums(s3_server):
-    config = s3_client(s3_server).meta.config
+    config = s3_client(s3_server, LOOPBACK).meta.config
     assert config.request_checksum_calculation == "when_required"
     assert config.response_checksum_validation == "when_required"
 

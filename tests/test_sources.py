@@ -12,8 +12,10 @@ from scoft.fetch import FetchPolicy
 from tests.helpers import ingest_offline
 from tests.loopback import LoopbackServer
 
+LOOPBACK = ("127.0.0.1/32",)  # the tests' own servers, allowed as a data team allows an internal mirror
 FAST = FetchPolicy(
-    connect_timeout_s=1, read_timeout_s=0.5, retries=1, backoff_s=0.01, max_redirects=3, max_bytes=200_000
+    connect_timeout_s=1, read_timeout_s=0.5, retries=1, backoff_s=0.01, max_redirects=3, max_bytes=200_000,
+    allow_networks=LOOPBACK,
 )
 COLUMNS = ["country_code", "category_code", "url", "caption", "created_at"]
 
@@ -37,6 +39,13 @@ def row(server, i: int, culture="KOR", **kw) -> dict:
          "caption": f"a traditional house number {i} with a tiled roof", "created_at": "2024-01-01T00:00:00Z"}
     r.update(kw)
     return r
+
+
+def loopback_params(folder):
+    """The project's params.yaml, the loopback servers allowed (for `scoft ingest --params`)."""
+    from tests.conftest import write_params
+
+    return write_params(folder / "params.yaml", {"ingest.allow_networks": list(LOOPBACK)})
 
 
 def run(sources, out, **kw):
@@ -159,12 +168,12 @@ def test_summary_json_from_the_command_line(server, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
 
     server.routes["/s.csv"] = (200, "text/csv", sheet([row(server, i) for i in range(5)] + [row(server, 0, url="ftp://x/y.png")]))
     out = subprocess.run([sys.executable, "-m", "scoft.cli", "ingest", "--source", f"{server.url}/s.csv", "--json",
                           "--out", str(tmp_path / "ccub"), "--summary", str(tmp_path / "summary.json"),
-                          "--params", str(ROOT / "params.yaml")], capture_output=True, text=True, cwd=tmp_path)
+                          "--params", str(loopback_params(tmp_path))],
+                         capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert set(summary) >= {"version", "added", "changed", "removed", "unchanged", "rejected"}
@@ -267,7 +276,6 @@ def test_credentials_in_urls_are_used_never_stored_or_shown(server, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
 
     secret = "pa55@s3cret"  # an "@" in the password: cut at its first "@", "s3cret@127..." was kept
     rows = [row(server, i, url=f"http://reader:{secret}@{server.url[7:]}/img/{i}.png") for i in range(8)]
@@ -275,7 +283,7 @@ def test_credentials_in_urls_are_used_never_stored_or_shown(server, tmp_path):
     server.routes["/s.csv"] = (200, "text/csv", sheet(rows))
     out = subprocess.run([sys.executable, "-m", "scoft.cli", "ingest", "--source",
                           f"http://sheets:{secret}@{server.url[7:]}/s.csv", "--out", str(tmp_path / "ccub"),
-                          "--summary", str(tmp_path / "summary.json"), "--params", str(ROOT / "params.yaml")],
+                          "--summary", str(tmp_path / "summary.json"), "--params", str(loopback_params(tmp_path))],
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "rejected" in out.stdout and "credentials" in out.stdout
@@ -332,3 +340,91 @@ def _csv_line(fields: list[str]) -> str:
     buf = io.StringIO()
     csv.writer(buf).writerow(fields)
     return buf.getvalue()
+
+
+INTERNAL = ["http://169.254.169.254/latest/meta-data/iam.png",  # a cloud's metadata service
+            "http://10.1.2.3/x.png", "http://192.168.0.1/x.png", "http://[::1]/x.png",
+            "http://0.0.0.0/x.png", "http://224.0.0.1/x.png", "http://[::ffff:10.0.0.1]/x.png"]
+
+
+def test_ingest_never_reaches_an_internal_address_directly_or_by_redirect(server, tmp_path):
+    """A sheet row must not make ingest fetch from inside and store what answered: each internal address
+    is refused before any connection, in the same words whether or not something listens there."""
+    with LoopbackServer() as inside:  # loopback, but on 127.0.0.2's side of the policy: not allowed
+        inside.routes["/internal-secret.png"] = (200, "image/png", png(99))
+        secret = inside.url.replace("127.0.0.1", "127.0.0.2") + "/internal-secret.png"
+        server.routes.update({"/to-secret.png": ("redirect", secret),
+                              "/to-metadata.png": ("redirect", INTERNAL[0])})
+        good = [row(server, i) for i in range(30)]
+        bad = [row(server, 0, url=u) for u in INTERNAL + [secret, f"{server.url}/to-secret.png",
+                                                             f"{server.url}/to-metadata.png"]]
+        path = tmp_path / "sheet.csv"
+        path.write_bytes(sheet(good + bad))
+        summary = run([str(path)], tmp_path / "ccub", max_rejected_fraction=0.5)
+        assert summary["records"] == 30
+        reasons = [r["reason"] for r in summary["rejected"]]
+        assert len(reasons) == len(bad), "\n".join(reasons)
+        assert all(r.endswith(": address not allowed") for r in reasons), "\n".join(reasons)
+        assert inside.hits["/internal-secret.png"] == 0  # reached neither directly nor through the redirect
+        assert server.hits["/to-secret.png"] == 1 and server.hits["/to-metadata.png"] == 1
+
+
+@pytest.mark.parametrize("address,allowed", [
+    ("93.184.215.14", True), ("2606:4700::1111", True), ("127.0.0.1", False), ("::ffff:127.0.0.1", False),
+    ("100.64.0.1", False), ("fe80::1%eth0", False), ("fd00::1", False), ("ff02::1", False), ("::", False),
+    ("192.0.2.1", False)])
+def test_the_address_policy_allows_public_unicast_only(address, allowed):
+    from scoft.fetch import address_allowed
+
+    assert address_allowed(address) is allowed
+    assert address_allowed(address, ("0.0.0.0/0", "::/0"))  # what a data team allows is allowed
+
+
+def test_a_name_that_resolves_again_elsewhere_cannot_switch_the_connection(server, monkeypatch, tmp_path):
+    """DNS rebinding: the name is resolved once, checked, and connected to at that address."""
+    import socket
+
+    from scoft.fetch import FetchError, fetch_http
+
+    real = socket.getaddrinfo
+    port = int(server.url.rsplit(":", 1)[1])
+    answers = []
+
+    def rebinding(host, *args, **kwargs):
+        if host != "mirror.test":
+            return real(host, *args, **kwargs)
+        answers.append(host)  # public at the check, loopback for any second look
+        address = "93.184.215.14" if len(answers) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    policy = FetchPolicy(**{**FAST.__dict__, "allow_networks": (), "connect_timeout_s": 0.3, "retries": 0,
+                            "deadline_s": 1.0})
+    with pytest.raises(FetchError) as refused:
+        fetch_http(f"http://mirror.test:{port}/img/1.png", policy)
+    assert server.hits["/img/1.png"] == 0 and "address not allowed" not in str(refused.value)  # went to the public one
+    answers.clear()
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real("127.0.0.1", *a, **k))
+    with pytest.raises(FetchError, match="mirror.test:.*address not allowed"):
+        fetch_http(f"http://mirror.test:{port}/img/1.png", policy)
+    assert server.hits["/img/1.png"] == 0
+
+
+def test_an_s3_endpoint_keeps_to_the_address_policy(monkeypatch):
+    from scoft.fetch import FetchError, s3_client
+
+    with pytest.raises(FetchError, match="S3 endpoint http://169.254.169.254: address not allowed"):
+        s3_client("http://169.254.169.254:80")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://10.0.0.5:9000")
+    with pytest.raises(FetchError, match="10.0.0.5: address not allowed"):
+        s3_client()
+    assert s3_client(None, ("10.0.0.0/8",)).meta.endpoint_url == "http://10.0.0.5:9000"
+
+
+@pytest.mark.parametrize("network", ["10.0.0.0/33", "10.0.0.1/8", "mirror.internal"])
+def test_allow_networks_must_be_cidr_networks(tmp_path, network):
+    from scoft.config import ConfigError, load_params
+    from tests.conftest import write_params
+
+    with pytest.raises(ConfigError, match="ingest.allow_networks"):
+        load_params(write_params(tmp_path / "params.yaml", {"ingest.allow_networks": [network]}))
