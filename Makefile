@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 # transformers and the rest (about 2 minutes on 2 cores) where a run imports a fraction of them.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: run test install clean serve
+.PHONY: run test install clean serve system-packages
 
 install: $(VENV)/.installed
 
@@ -45,7 +45,22 @@ run: install
 serve: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" deployments/serve.sh
 
-test: install
+# The tests drive the review app in Debian's chromium and run its store on a real PostgreSQL server. Where
+# either is missing, root with apt installs it; anyone else is told the one command to run.
+SYSTEM_PACKAGES := chromium postgresql
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done | xargs); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's $$missing (the browser and PostgreSQL tests need them)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+		echo "the tests need Debian's $$missing: run  sudo apt-get install --no-install-recommends $$missing" >&2; \
+		exit 1; \
+	fi
+
+test: install system-packages
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
