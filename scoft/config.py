@@ -108,24 +108,34 @@ class PlantedParams(_Section):
     vae_lr: float = Field(2e-3, gt=0)
     unet_lr: float = Field(2e-3, gt=0)
     offset_noise: float = Field(0.2, ge=0)  # std of the per-channel constant added to the UNet's noise
-    judge_steps: int = Field(500, ge=1)  # the planted judge's training steps (scoft/judge.py), built beside the base
+    judge_steps: int = Field(1000, ge=1)  # the planted judge's training steps (scoft/judge.py), built beside the base
 
 
 Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dinov2+clip", "colour-histogram",
-                   "planted-judge"]
+                   "planted-judge", "planted-attributes"]
+Attribute = Literal["category", "form", "palette"]
 
 
 class FeatureParams(_Section):
     perceptual: Backbone = "lpips-alex"  # L_P
     contrastive: Backbone = "dinov2"  # D of L_C
-    evaluation: Backbone = "planted-judge"  # the evaluation metric's distance
-    judge: str = "models/base/judge"  # where planted-judge loads from (the `base` stage builds it)
+    evaluation: Backbone = "planted-attributes"  # the evaluation metric's distance
+    judge: str = "models/base/judge"  # where planted-judge and planted-attributes load from (built by `base`)
+    # planted-attributes: how much each of the judge's attributes counts in the distance
+    attribute_weights: dict[Attribute, Annotated[float, Field(ge=0)]] = {"category": 0.2, "form": 0.4, "palette": 0.4}
     # per transformers backbone: "tiny" (seeded, offline), a hub id or a local folder
     weights: dict[Literal["dinov2", "clip"], Annotated[str, _location("tiny")]] = {"dinov2": "tiny", "clip": "tiny"}
     lpips_pretrained_backbone: bool = False
 
     def weights_for(self, kind: str) -> str:
         return self.weights.get(kind, "tiny")
+
+    @field_validator("attribute_weights")
+    @classmethod
+    def _some_weight(cls, weights: dict) -> dict:
+        if not any(w > 0 for w in weights.values()):
+            raise ValueError("at least one attribute must weigh more than 0")
+        return weights
 
 
 class IngestParams(_Section):

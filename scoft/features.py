@@ -8,10 +8,15 @@
 - `colour-histogram`: 1 - the Bhattacharyya coefficient of soft RGB histograms. It has no weights, so
   offline, where the transformers backbones can only have seeded random weights, it is the one whose
   judgement means something known (how alike two images' colours are) and depends on no seed.
-- `planted-judge`: cosine distance between the embeddings of the planted world's judge (scoft/judge.py),
-  a small CNN trained on its own renders to tell category, form (truth or stereotype: shape) and
-  palette apart, its accuracy measured on renders it never saw; offline it replaces the histogram,
-  which saw colour alone. Loaded from `features.judge` (the `base` stage builds it beside the base).
+- `planted-judge`: cosine distance between the penultimate embeddings of the planted world's judge
+  (scoft/judge.py), a small CNN trained on its own renders to tell category, form (truth or
+  stereotype: shape) and palette apart. Measured through the gate (bench/metric_balance.py), about 93%
+  of what it sees between truth and stereotype is colour: a correction of form alone barely moves it.
+- `planted-attributes` (the offline default): the judge's named attributes weighed as declared
+  (`features.attribute_weights`): D = sum_k w_k (1 - BC(p_k(a), p_k(b))) / sum_k w_k over its category,
+  form and palette heads, BC the Bhattacharyya coefficient of their predicted distributions. Form and
+  palette count as much as the weights say, whatever the embedding's geometry.
+Both judge distances load from `features.judge` (the `base` stage builds the judge beside the base).
 Transformers backbones load from `features.weights[name]`: "tiny" (a seeded small model, offline), a
 hub id or a local folder. Each network is built once per run and frozen; gradient flows through it to
 the images only.
@@ -34,7 +39,8 @@ LPIPS_NETS = {"lpips-vgg": "vgg", "lpips-alex": "alex", "lpips-squeeze": "squeez
 EMBEDDING_MODELS = {"dinov2": Dinov2Model, "clip": CLIPVisionModel}
 COLOUR_HISTOGRAM = "colour-histogram"
 PLANTED_JUDGE = "planted-judge"
-BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dinov2+clip", COLOUR_HISTOGRAM, PLANTED_JUDGE]
+PLANTED_ATTRIBUTES = "planted-attributes"
+BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dinov2+clip", COLOUR_HISTOGRAM, PLANTED_JUDGE, PLANTED_ATTRIBUTES]
 _NORMALISATION = {
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "clip": ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)),
@@ -156,6 +162,25 @@ class PlantedJudgeDistance(EmbeddingDistance):
         return F.normalize(self.model(images.float())["embedding"], dim=-1)
 
 
+class PlantedAttributeDistance(EmbeddingDistance):
+    """D(a, b) = sum_k w_k (1 - BC_k(a, b)) / sum_k w_k over the judge's attribute heads k (category, form,
+    palette), BC_k the Bhattacharyya coefficient of the two images' predicted distributions. Its
+    embedding concatenates sqrt(w_k / sum w) sqrt(softmax(head_k)), of unit length, so the cosine distance
+    on it is that D (and the evaluation's pairwise machinery applies unchanged)."""
+
+    def __init__(self, folder: str, weights: dict[str, float]):
+        from scoft.judge import load_judge
+
+        _Pairwise.__init__(self)
+        self.model = load_judge(folder)
+        total = sum(weights.values())
+        self.scales = {k: (w / total) ** 0.5 for k, w in weights.items() if w > 0}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images.float())
+        return torch.cat([scale * F.softmax(out[k], dim=-1).sqrt() for k, scale in self.scales.items()], dim=-1)
+
+
 def device_of(distance: nn.Module) -> torch.device:
     """Where a distance network lives (the colour histogram has buffers but no parameters)."""
     return next(iter([*distance.parameters(), *distance.buffers()])).device
@@ -172,4 +197,6 @@ def build_distance(name: str, params: FeatureParams, seed: int = 0) -> nn.Module
         return ColourHistogram()
     if name == PLANTED_JUDGE:
         return PlantedJudgeDistance(params.judge)
+    if name == PLANTED_ATTRIBUTES:
+        return PlantedAttributeDistance(params.judge, params.attribute_weights)
     raise ValueError(f"unknown feature backbone {name!r} (one of {', '.join(BACKBONES)})")

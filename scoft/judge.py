@@ -2,15 +2,18 @@
 
 A small CNN trained on renders of its own (scoft.sample.draw with its own seeds, both forms, both
 layouts, named and random palettes), never on the CCUB sample, the web the base learned from, or any
-model's output. Three heads: the category, the form (the community's truth or the web's stereotype:
-shape only, since half the renders are in random colours) and the palette (each culture's truth or
-stereotype palette, or another). Its accuracy on renders it never saw is measured at build time and
+model's output. Each render is degraded as a model's output is (`degraded`: a Gaussian blur and pixel
+noise up to twice the planted VAE's reconstruction error), so that it holds on what models draw; its
+form recall per class (truth and stereotype, both layouts) is measured at that error and beyond.
+Three heads: the category, the form (the community's truth or the web's stereotype: shape only, since
+half the renders are in random colours) and the palette (each culture's truth or stereotype palette,
+or another). Its accuracy on renders it never saw is measured at build time and
 kept beside its weights (judge.json), so what it claims is checked:
 - as the oracle (bench/planted_bias.py, tests): the share of a culture's images drawn in the
   stereotype's *form*, which a palette shift alone cannot change;
-- as the offline evaluation backbone (features.evaluation: planted-judge): the cosine distance
-  between its penultimate embeddings, which see shape and colour together, where the colour histogram
-  saw colour alone.
+- as the offline evaluation backbone: `planted-attributes` (the default) weighs its category, form and
+  palette as declared; `planted-judge` takes the cosine distance between its penultimate embeddings,
+  which turned out to be mostly colour (scoft/features.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter
 from torch import nn
 
 from scoft.io import atomic_dir, write_json
@@ -31,6 +35,12 @@ WEIGHTS, INFO = "judge.pt", "judge.json"
 RESOLUTION = 32
 FORMS = [TRUTH, STEREOTYPE]
 EMBEDDING = 128
+# Pixel noise (standard deviation on [-1, 1]) and blur (Gaussian radius in pixels) of the training renders,
+# drawn uniformly per render: the planted VAE's reconstruction error is about 0.15 (bench/form_measure.py).
+TRAIN_NOISE, TRAIN_BLUR = (0.0, 0.3), (0.0, 0.8)
+RECALL_NOISE = (0.0, 0.15, 0.25)  # where form recall is validated: clean, at the VAE's error, beyond it
+RECALL_BLUR = 0.5
+TRAIN_RENDERS, VALIDATION_RENDERS = 6000, 600
 
 
 def named_palettes() -> dict[str, tuple]:
@@ -59,24 +69,66 @@ class JudgeNet(nn.Module):
         return {"embedding": h, "category": self.category(h), "form": self.form(h), "palette": self.palette(h)}
 
 
-def render_set(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """n labelled renders in [-1, 1]; half in a named palette, half in random colours."""
+def degraded(image: Image.Image, rng: np.random.Generator, noise: float, blur: float) -> np.ndarray:
+    """A render as a model draws it, in [-1, 1]: blurred (Gaussian, radius `blur` pixels), then with
+    Gaussian pixel noise of standard deviation `noise`."""
+    if blur > 0:
+        image = image.filter(ImageFilter.GaussianBlur(blur))
+    x = np.asarray(image, dtype=np.float32) / 127.5 - 1
+    return np.clip(x + rng.normal(0, noise, x.shape), -1, 1).astype(np.float32) if noise > 0 else x
+
+
+def render_set(n: int, seed: int, noise=TRAIN_NOISE, blur=TRAIN_BLUR, form: str | None = None,
+               layout: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """n labelled, degraded renders in [-1, 1]; half in a named palette, half in random colours. noise and
+    blur: (low, high) ranges drawn per render; form and layout: fixed, or drawn per render when None."""
     palettes = list(named_palettes().items())
     rng = np.random.default_rng([hash_str("judge"), seed])
     images, labels = [], {"category": [], "form": [], "palette": []}
     for _ in range(n):
-        category, form = int(rng.integers(len(CATEGORIES))), int(rng.integers(len(FORMS)))
+        category = int(rng.integers(len(CATEGORIES)))
+        f = FORMS.index(form) if form else int(rng.integers(len(FORMS)))
         named = rng.random() < 0.5
         p = int(rng.integers(len(palettes)))
         colours = palettes[p][1] if named else tuple(tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2))
-        layout = HELDOUT_LAYOUT if rng.random() < 0.5 else TRAIN_LAYOUT
-        images.append(draw(list(CATEGORIES)[category], *colours, rng, RESOLUTION, FORMS[form], layout))
+        where = layout or (HELDOUT_LAYOUT if rng.random() < 0.5 else TRAIN_LAYOUT)
+        render = draw(list(CATEGORIES)[category], *colours, rng, RESOLUTION, FORMS[f], where)
+        images.append(degraded(render, rng, float(rng.uniform(*noise)), float(rng.uniform(*blur))))
         labels["category"].append(category)
-        labels["form"].append(form)
+        labels["form"].append(f)
         labels["palette"].append(p if named else len(palettes))
-    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-    return (torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1,
+    return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
             {k: torch.tensor(v) for k, v in labels.items()})
+
+
+@torch.no_grad()
+def form_recall(model: JudgeNet, seed: int, n: int = 200) -> dict[str, dict[str, float]]:
+    """Per noise level, the share of renders of each form and layout that the judge calls that form."""
+    recall = {}
+    for noise in RECALL_NOISE:
+        cells = {}
+        for i, form in enumerate(FORMS):
+            for j, layout in enumerate((TRAIN_LAYOUT, HELDOUT_LAYOUT)):
+                images, _ = render_set(n, seed * 100 + 10 * i + j, (noise, noise), (RECALL_BLUR, RECALL_BLUR),
+                                       form, layout)
+                cells[f"{form}/{layout}"] = round(float((model(images)["form"].argmax(1) == i).float().mean()), 3)
+        recall[f"{noise:g}"] = cells
+    return recall
+
+
+@torch.no_grad()
+def calibration_error(model: JudgeNet, images: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
+    """Expected calibration error of the form head: how far its confidence is from its accuracy."""
+    probabilities = F.softmax(model(images)["form"], dim=1)
+    confidence, guess = probabilities.max(1)
+    correct = (guess == labels).float()
+    edges = torch.linspace(0.5, 1.0, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            error += float(inside.float().mean() * (confidence[inside].mean() - correct[inside].mean()).abs())
+    return round(error, 4)
 
 
 @torch.no_grad()
@@ -85,11 +137,12 @@ def accuracy(model: JudgeNet, images: torch.Tensor, labels: dict[str, torch.Tens
     return {k: float((out[k].argmax(1) == v).float().mean()) for k, v in labels.items()}
 
 
-def train_judge(steps: int = 500, batch: int = 64, seed: int = 0, progress=print) -> tuple[JudgeNet, dict]:
-    """Train on 3,000 renders, validate on 600 others (another seed); returns the net and its accuracies."""
+def train_judge(steps: int = 1000, batch: int = 64, seed: int = 0, progress=print) -> tuple[JudgeNet, dict]:
+    """Train on 6,000 degraded renders, validate on 600 others (another seed) and measure form recall per
+    class; returns the net and its accuracies."""
     torch.manual_seed(seed)
     model = JudgeNet(len(named_palettes()))
-    images, labels = render_set(3000, seed)
+    images, labels = render_set(min(TRAIN_RENDERS, steps * batch), seed)  # no more than it will look at
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
@@ -105,10 +158,13 @@ def train_judge(steps: int = 500, batch: int = 64, seed: int = 0, progress=print
         if step % 250 == 0:
             progress(f"judge: step {step}/{steps} loss {loss.item():.3f}")
     model.eval()
-    return model, {"train": accuracy(model, images, labels), "validation": accuracy(model, *render_set(600, seed + 1))}
+    validation = render_set(VALIDATION_RENDERS, seed + 1)
+    return model, {"train": accuracy(model, images, labels), "validation": accuracy(model, *validation),
+                   "form_calibration_error": calibration_error(model, validation[0], validation[1]["form"]),
+                   "form_recall": form_recall(model, seed + 2)}
 
 
-def build_judge(out_dir: str | Path, steps: int = 500, seed: int = 0, progress=print) -> dict:
+def build_judge(out_dir: str | Path, steps: int = 1000, seed: int = 0, progress=print) -> dict:
     """Train the judge and write its weights and accuracies (whole or not at all)."""
     started = time.monotonic()
     model, accuracies = train_judge(steps=steps, seed=seed, progress=progress)
@@ -117,7 +173,9 @@ def build_judge(out_dir: str | Path, steps: int = 500, seed: int = 0, progress=p
     with atomic_dir(out_dir) as tmp:
         torch.save(model.state_dict(), tmp / WEIGHTS)
         write_json(tmp / INFO, info)
-    progress(f"judge: built in {info['seconds']} s; validation accuracy {accuracies['validation']}")
+    at_vae_error = accuracies["form_recall"][f"{RECALL_NOISE[1]:g}"]
+    progress(f"judge: built in {info['seconds']} s; validation accuracy {accuracies['validation']}; form recall "
+             f"at noise {RECALL_NOISE[1]:g} (form/layout) {at_vae_error}")
     return info
 
 

@@ -219,7 +219,7 @@ def build_planted_base(out_dir: str | Path, settings: PlantedParams, resolution:
             "seconds": round(time.monotonic() - started, 1), "stereotypes": STEREOTYPES, "generic_lean": GENERIC_LEAN}
     with atomic_dir(out_dir) as tmp:
         pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
-        # the judge of this world, trained apart on renders of its own (features.evaluation: planted-judge)
+        # the judge of this world, trained apart on renders of its own (features.evaluation: planted-attributes)
         info["judge"] = build_judge(tmp / JUDGE_DIR, settings.judge_steps, seed, progress)["accuracy"]
         write_json(tmp / BUILD_INFO, info)
     progress(f"planted: base model in {out_dir} after {info['seconds']} s (VAE RMSE {rmse:.3f}, "

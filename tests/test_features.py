@@ -77,3 +77,32 @@ def test_the_planted_judge_missing_is_an_error_naming_the_stage(tmp_path):
 
     with pytest.raises(JudgeUnavailable, match="run `dvc repro base`"):
         build_distance("planted-judge", FeatureParams(judge=str(tmp_path / "nowhere")))
+
+
+def test_planted_attributes_weigh_each_attribute_as_declared(tmp_path):
+    """D = sum_k w_k (1 - BC_k) / sum_k w_k over the judge's heads, computed here from the heads themselves."""
+    import torch.nn.functional as F
+
+    from scoft.judge import build_judge
+
+    folder = tmp_path / "judge"
+    build_judge(folder, steps=5, progress=lambda m: None)
+    a, b = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (1, 2))
+    weights = {"category": 0.2, "form": 0.5, "palette": 0.3}
+    d = build_distance("planted-attributes", FeatureParams(judge=str(folder), attribute_weights=weights))
+    heads_a, heads_b = d.model(a), d.model(b)
+    overlap = {k: (F.softmax(heads_a[k], -1) * F.softmax(heads_b[k], -1)).sqrt().sum(-1) for k in weights}
+    expected = sum(w * (1 - overlap[k]) for k, w in weights.items()) / sum(weights.values())
+    assert torch.allclose(d(a, b), expected, atol=1e-5)
+    form_only = build_distance("planted-attributes", FeatureParams(judge=str(folder), attribute_weights={"form": 1}))
+    assert torch.allclose(form_only(a, b), 1 - overlap["form"], atol=1e-5)
+    assert torch.allclose(d.pairwise(a, b[:, None]).squeeze(1), expected, atol=1e-5)
+
+
+def test_attribute_weights_must_weigh_something():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="at least one attribute"):
+        FeatureParams(attribute_weights={"form": 0, "palette": 0})
+    with pytest.raises(ValidationError):
+        FeatureParams(attribute_weights={"shape": 1})

@@ -334,23 +334,35 @@ def test_a_candidate_faces_production_on_the_same_prompts_and_must_not_lose_to_i
     from scoft import registry
     from scoft.review.campaigns import keep_as_production, production_images_dir
 
-    ws = _workspace(tmp_path, kor_prompts=10)
+    def distinct(model, i):  # every image its own bytes, so that a shared picture would be seen
+        shade = {"scoft": 200, "base": 10}.get(model, 100)
+        return Image.fromarray(np.full((8, 8, 3), (i * 7 % 256, shade, 3), np.uint8))
+
+    ws = _workspace(tmp_path, kor_prompts=10, look=distinct)
     earlier = ws / "earlier"
     earlier.mkdir()
     (earlier / "pytorch_lora_weights.safetensors").write_bytes(b"production")
     production = registry.promote(ws, "KOR", earlier, "rec0", by="test", reason="earlier")["production"]
     keep_as_production(ws, "KOR", production["lora_sha256"], "reports/eval/KOR")  # as at its promotion
+    for i, kept in enumerate(sorted((ws / production_images_dir("KOR", production["lora_sha256"])).rglob("*.png"))):
+        distinct("production", 100 + i).save(kept)  # production drew its own pictures, not the candidate's
     opened = json.loads(scoft_here("review", "open", "--culture", "KOR", "--json", cwd=ws).stdout)
-    assert opened["pairs"] == 2 * 20  # each prompt and seed against the base and against production
-    shown = [i for row in _sql(f"sqlite:///{ws / 'data/review/review.db'}",
-                               "select first_image, second_image from pairs") for i in row]
+    assert opened["pairs"] == 20  # each prompt's two draws: one against the base, the other against production
+    db = f"sqlite:///{ws / 'data/review/review.db'}"
+    shown = [i for row in _sql(db, "select first_image, second_image from pairs") for i in row]
     assert len(set(shown)) == len(shown)  # no image address shared by two pairs (the candidate's would be)
+    files = _sql(db, "select p.comparison, p.record, f.path, s.path from pairs p join images f on f.id = p.first_image"
+                     " join images s on s.id = p.second_image where p.repeat_of is null")
+    assert sorted(c for c, *_ in files) == ["base"] * 10 + ["production"] * 10
+    assert {r for c, r, *_ in files if c == "base"} == {r for c, r, *_ in files if c == "production"}  # every prompt
+    pictures = [sha256_file(ws / path) for *_, first, second in files for path in (first, second)]
+    assert len(set(pictures)) == len(pictures)  # no picture in two pairs: the candidate's is not given away
     client, tokens, _ = _app(ws, invited=6)
     _balanced(client.url)
     _reviews(client, tokens, lambda k, cand, versus: cand if versus == "base" or insiders_prefer == "candidate"
              else 1 - cand)
     results = json.loads(scoft_here("review", "results", "--culture", "KOR", "--json", cwd=ws).stdout)
-    assert results["candidate_vs_base"]["preference"] == 1.0 and results["candidate_vs_base"]["ratings"] == 120
+    assert results["candidate_vs_base"]["preference"] == 1.0 and results["candidate_vs_base"]["ratings"] == 60
     assert results["candidate_vs_production"]["preference"] == (1.0 if promoted else 0.0)
     out = scoft_here("review", "close", "--culture", "KOR", cwd=ws)
     entry = registry.read(ws, "KOR")

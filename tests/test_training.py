@@ -116,7 +116,7 @@ def quick_judge(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_every_backbone_gives_a_differentiable_per_sample_distance(name, request):
-    judge = request.getfixturevalue("quick_judge") if name == "planted-judge" else "models/base/judge"
+    judge = request.getfixturevalue("quick_judge") if name.startswith("planted-") else "models/base/judge"
     d = build_distance(name, FeatureParams(judge=judge))
     a = torch.rand(2, 3, 32, 32, requires_grad=True) * 2 - 1
     b = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -2,9 +2,11 @@
 
 A campaign pairs, for each of the culture's held-out prompts and seeds, the candidate's image with
 the base model's, both taken from the evaluation's own images (reports/eval/<C>/images: no new GPU
-work), and with production's where the culture has a production LoRA: the images it was judged on
+work), or with production's where the culture has a production LoRA: the images it was judged on
 when it shipped, or sampled again by the promote step on the current prompts (kept under
-reports/review/<C>/production/<sha>). Each pair's order is drawn at random once; every image is shown
+reports/review/<C>/production/<sha>). Each of the candidate's images is in one pair only: a prompt's
+draws (seeds) take turns against the base and against production, so no picture a reviewer sees twice
+gives the candidate away. Each pair's order is drawn at random once; every image is shown
 under an opaque random id. Each invitation is a secret token of 192 random bits, stored only as its
 sha256, and comes with one of the campaign's pairs shown again at the end, images swapped: how
 consistent the reviewer is with themself.
@@ -97,16 +99,24 @@ def open_campaign(session: Session, root: str | Path, culture: str, joint: bool 
                         lineage=waiting["lineage"], status="open", evaluation=str(paths["eval"]))
     session.add(campaign)
     production = _production_entries(root, culture, digest)
-    pairs = 0
-    for e in entries:
+    for e, against_production in _turns(entries):
         candidate = paths["eval"] / IMAGES_DIR / CANDIDATE / f"{e['i']:04d}.png"
-        _pair(session, campaign, e, candidate, BASE, paths["eval"] / IMAGES_DIR / BASE / f"{e['i']:04d}.png")
-        pairs += 1
-        if production and (theirs := production[1].get((e["record"], e["prompt"], e["seed"]))):
+        if against_production and production and (theirs := production[1].get((e["record"], e["prompt"], e["seed"]))):
             _pair(session, campaign, e, candidate, PRODUCTION, production[0] / PRODUCTION / f"{theirs['i']:04d}.png")
-            pairs += 1
+        else:
+            _pair(session, campaign, e, candidate, BASE, paths["eval"] / IMAGES_DIR / BASE / f"{e['i']:04d}.png")
     session.commit()
-    return campaign, pairs
+    return campaign, len(entries)
+
+
+def _turns(entries: list[dict]) -> list[tuple[dict, bool]]:
+    """Each entry (a prompt's draw) and whether it is the turn of production: a prompt's seeds alternate,
+    starting from the base on one prompt and from production on the next, so both comparisons see every
+    prompt when it has two or more draws, and half the prompts each when it has one."""
+    by_record: dict[str, list[dict]] = {}
+    for e in sorted(entries, key=lambda e: (e["record"], e["seed"])):
+        by_record.setdefault(e["record"], []).append(e)
+    return [(e, (r + k) % 2 == 1) for r, draws in enumerate(by_record.values()) for k, e in enumerate(draws)]
 
 
 def _not_awaiting(root: Path, culture: str, digest: str) -> str:
