@@ -87,7 +87,7 @@ def judged(params, distance, ccub: Path, layout: str) -> dict:
         decisions = {}
         for culture in CULTURES:
             records = read_manifest(ccub, culture) + [r for r in read_heldout(ccub) if r.culture != culture]
-            result = compare(RenderedModel(layout), {CANDIDATE: {culture: Path(f"{scenario}-{culture}")}}, records,
+            result = compare(RenderedModel(layout), {CANDIDATE: Path(f"{scenario}-{culture}")}, records,
                              ccub, distance, settings, e.samples_per_prompt, e.seed, e.bootstrap,
                              progress=lambda m: None, cultures=[culture])
             decisions[culture] = decide(result["metrics"], culture, params.promotion, None, "bench")
