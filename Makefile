@@ -60,9 +60,11 @@ system-packages:
 		exit 1; \
 	fi
 
+# Two pytest-xdist workers, each test module whole on one of them (its module fixtures built once): much
+# of the suite waits on stage processes and servers, and one stream left a core idle (BENCHMARKS.md).
 test: install system-packages
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 clean:
 	rm -rf data models reports lineage .prefect dvc-remote

@@ -1,9 +1,12 @@
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 # Before any Prefect or GX import: no telemetry, Prefect state in a throwaway folder, no hub access.
@@ -157,12 +160,15 @@ def write_params(path: Path, overrides: dict) -> Path:
 
 
 
-# Two jobs take minutes: the default pipeline on the planted-bias base (about 8 minutes to build here,
+# Two jobs take minutes: the default pipeline on the planted-bias base (about 10 minutes to build here,
 # and its fine-tunes 4 more) and the fan-out scenario on a real Prefect server (tests/fan_out_scenario.py,
 # about 5 minutes, much of it waiting on its server and workers). Each starts in a subprocess (one
 # thread, as every process of the session) as soon as its tests are collected, and those tests run last.
+# The suite runs in two pytest-xdist workers (Makefile), each collecting every test: the first to collect
+# starts each job, in a folder of the test run that both workers (and the controller, which removes it
+# at the end) find by the run's id.
 PLANTED_CULTURES = ("KOR", "NGA")
-_background: dict[str, dict] = {}
+_RUN_ID = uuid.uuid4().hex
 
 
 def _planted_commands() -> list[str]:
@@ -180,6 +186,30 @@ BACKGROUND = {  # fixture: (the job's command, run in its own folder; whether it
     "fanned_out": (lambda folder: [sys.executable, "-m", "tests.fan_out_scenario", str(folder)], False),
     "planted_run": (lambda folder: _planted_commands(), True),
 }
+# Runs the job, then writes its exit status to `rc` beside its log (the job outlives the worker that started it).
+_RECORD_EXIT = "import subprocess, sys; open('rc', 'w').write(str(subprocess.call(sys.argv[1:])))"
+
+
+def _run_folder(config) -> Path:
+    run = getattr(config, "workerinput", {}).get("testrunuid", _RUN_ID)
+    folder = Path(tempfile.gettempdir()) / f"scoft-test-run-{run}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _start_once(folder: Path, command: list[str], with_params: bool) -> None:
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if folder.exists():
+            return  # the other worker started it
+        folder.mkdir()
+        if with_params:
+            shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+        with open(folder / "run.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-c", _RECORD_EXIT, *command], cwd=folder, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        (folder / "pid").write_text(str(proc.pid))
 
 
 @pytest.hookimpl(trylast=True)  # after -k and -m deselect: a deselected background test starts nothing
@@ -191,43 +221,43 @@ def pytest_collection_modifyitems(session, config, items):
             continue
         items[:] = [item for item in items if item not in uses]
         last += uses
-        folder = Path(tempfile.mkdtemp(prefix=f"scoft-test-{fixture}-"))
-        if with_params:
-            shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
-        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(ROOT))
-        with open(folder / "run.log", "w") as log:
-            proc = subprocess.Popen(command(folder), cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        _background[fixture] = {"dir": folder, "proc": proc}
+        folder = _run_folder(config) / fixture
+        _start_once(folder, command(folder), with_params)
     items += last
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for job in _background.values():
-        if job["proc"].poll() is None:
-            os.killpg(job["proc"].pid, 9)
-            job["proc"].wait()
-        shutil.rmtree(job["dir"], ignore_errors=True)
+    if hasattr(session.config, "workerinput"):
+        return  # a worker: the controller (or the only process) ends the jobs once every worker is done
+    run = _run_folder(session.config)
+    for pid in run.glob("*/pid"):
+        try:
+            os.killpg(int(pid.read_text()), 9)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(run, ignore_errors=True)
 
 
-def _background_result(fixture: str) -> Path:
-    job = _background[fixture]
-    if job["proc"].wait() != 0:
-        pytest.fail(f"the background job of {fixture} failed:\n" + (job["dir"] / "run.log").read_text()[-4000:])
-    return job["dir"]
+def _background_result(fixture: str, config) -> Path:
+    folder = _run_folder(config) / fixture
+    while not (folder / "rc").is_file():
+        time.sleep(1)
+    if (folder / "rc").read_text() != "0":
+        pytest.fail(f"the background job of {fixture} failed:\n" + (folder / "run.log").read_text()[-4000:])
+    return folder
 
 
 @pytest.fixture(scope="session")
-def planted_run() -> Path:
+def planted_run(pytestconfig) -> Path:
     """A workspace where the default pipeline ran on the planted-bias base (params.yaml's own
     settings): models/base, data/ccub, and a LoRA per culture of PLANTED_CULTURES in models/lora/."""
-    return _background_result("planted_run")
+    return _background_result("planted_run", pytestconfig)
 
 
 @pytest.fixture(scope="session")
-def fanned_out() -> dict:
+def fanned_out(pytestconfig) -> dict:
     """What tests/fan_out_scenario.py saw: the workspaces, the culture runs and their states, the kill."""
-    return json.loads((_background_result("fanned_out") / "result.json").read_text())
+    return json.loads((_background_result("fanned_out", pytestconfig) / "result.json").read_text())
 
 
 # Under CI a test that could not run for want of a system package `make test` installs is a failure, not a
