@@ -28,8 +28,8 @@ import time
 import types
 from pathlib import Path
 
-import httpx
 import psutil
+import requests
 
 from scoft.paths import CHECKPOINTS, JOINT, LORA_DIR
 
@@ -154,8 +154,8 @@ def _temporary_server():
 def _unanswered(api_url: str) -> str | None:
     """Why the configured Prefect API cannot run a flow, in one line (None: it answers)."""
     try:
-        response = httpx.get(f"{api_url.rstrip('/')}/health", timeout=5)
-    except (httpx.HTTPError, httpx.InvalidURL) as e:
+        response = requests.get(f"{api_url.rstrip('/')}/health", timeout=5)
+    except requests.RequestException as e:
         return (f"the Prefect API at PREFECT_API_URL={api_url} does not answer ({type(e).__name__}); start the "
                 "server (`make serve`) or unset PREFECT_API_URL for a temporary one")
     if response.status_code != 200:
@@ -177,8 +177,8 @@ class _Health:
                 and self.server.server_process.poll() is not None:
             return f"the temporary Prefect server ({self.api_url}) exited with {self.server.server_process.returncode}"
         try:
-            ok = httpx.get(f"{self.api_url}/health", timeout=HEALTH_POLL_S).status_code == 200
-        except httpx.HTTPError:
+            ok = requests.get(f"{self.api_url}/health", timeout=HEALTH_POLL_S).status_code == 200
+        except requests.RequestException:
             ok = False
         now = time.monotonic()
         if ok:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import httpx2
-from huggingface_hub import set_client_factory
-from huggingface_hub.utils._http import hf_request_event_hook
+from huggingface_hub import get_session, set_client_factory
 
 
 class _StallLimitedTransport(httpx2.HTTPTransport):
@@ -30,9 +29,11 @@ class _StallLimitedTransport(httpx2.HTTPTransport):
 
 
 def limit_hub_stalls(stall_s: float) -> None:
-    """Make every huggingface_hub request fail after `stall_s` seconds without progress."""
+    """Make every huggingface_hub request fail after `stall_s` seconds without progress. The hub's own
+    request hooks (its headers, offline mode) are taken from the client it builds, not its private modules."""
+    hooks = get_session().event_hooks
     set_client_factory(lambda: httpx2.Client(transport=_StallLimitedTransport(stall_s), follow_redirects=True,
-                                             event_hooks={"request": [hf_request_event_hook]}))
+                                             event_hooks=hooks))
 
 
 class ModelUnavailable(RuntimeError):
