@@ -164,6 +164,32 @@ def test_tokens_pairs_and_bodies_that_do_not_belong_are_refused_and_store_nothin
     assert sqlite3.connect(ws / "data/review/review.db").execute("select count(*) from ratings").fetchone() == (0,)
 
 
+def test_token_guessing_and_rating_floods_are_answered_429(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from scoft.review.app import create_app
+    from scoft.review.store import open_store
+
+    ws = _workspace(tmp_path, kor_prompts=3)
+    client, tokens, _ = _app(ws)
+
+    def app(**limits):
+        return TestClient(create_app(open_store(client.url), ws, None, **limits))
+
+    guessing = app(failed_tokens_per_minute=5)
+    assert [guessing.get(f"/r/guess{i:02d}" + "x" * 20).status_code for i in range(6)] == [401] * 5 + [429]
+    refused = guessing.get("/api/v1/next", headers={"Authorization": f"Bearer {tokens[0]}"})
+    assert refused.status_code == 429 and "wait a minute" in refused.json()["error"]  # the address, for a minute
+    flooding, auth = app(ratings_per_minute=3), {"Authorization": f"Bearer {tokens[0]}"}
+    statuses = []
+    for _ in range(4):
+        pair = flooding.get("/api/v1/next", headers=auth).json()["pair"]
+        statuses.append(flooding.post("/api/v1/ratings", headers=auth, json={
+            "pair": pair, "better": 0, "more_stereotyped": 1, "offensive": [False, False]}).status_code)
+    assert statuses == [201, 201, 201, 429]
+    assert sqlite3.connect(ws / "data/review/review.db").execute("select count(*) from ratings").fetchone() == (3,)
+
+
 def test_the_page_is_blind_escapes_captions_and_refuses_cross_site_posts(tmp_path):
     ws = _workspace(tmp_path)
     index = json.loads((ws / "reports/eval/KOR/images/index.json").read_text())

@@ -18,6 +18,9 @@ from pathlib import Path
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import DictLoader, Environment, select_autoescape
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy.orm import sessionmaker
 
 from scoft.review.campaigns import BadRating, NotInvited, image_for, next_pair, rate, reviewer_for
@@ -78,9 +81,22 @@ _HEADERS = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nos
             "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
                                        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"}
 MAX_BODY = 4096  # bytes: a rating (API or form) is a few hundred; anything larger is refused unread (413)
+# Guessing tokens: an address with this many unknown or revoked tokens in a minute is refused (429), good
+# tokens included, until the minute has passed (196 guesses a second were answered). Behind a proxy every
+# reviewer shares its address: put the limit there instead.
+FAILED_TOKENS_PER_MINUTE = 20
+# A reviewer rates one pair in seconds; a script flooding the store with one token is refused (429).
+RATINGS_PER_MINUTE = 60
 
 
-def create_app(sessions: sessionmaker, root: str | Path, public_url: str | None = None) -> FastAPI:
+class TooMany(NotInvited):
+    def __init__(self, message: str):
+        super().__init__(message, 429)
+
+
+def create_app(sessions: sessionmaker, root: str | Path, public_url: str | None = None,
+               failed_tokens_per_minute: int = FAILED_TOKENS_PER_MINUTE,
+               ratings_per_minute: int = RATINGS_PER_MINUTE) -> FastAPI:
     """The app on the review store `sessions`, serving images from the workspace `root`, reached by
     reviewers at `public_url` (review.public_url): the addresses it gives out are built from it, never
     from a request's Host header, and its cookie is Secure when it is https."""
@@ -88,6 +104,22 @@ def create_app(sessions: sessionmaker, root: str | Path, public_url: str | None 
     app.add_middleware(_BodyLimit, limit=MAX_BODY)
     root, secret = Path(root), secrets.token_bytes(32)
     secure = bool(public_url) and public_url.startswith("https://")
+    limiter = MovingWindowRateLimiter(MemoryStorage())
+    failures, ratings = RateLimitItemPerMinute(failed_tokens_per_minute), RateLimitItemPerMinute(ratings_per_minute)
+
+    def invited(session, token: str | None, request: Request):
+        """The reviewer a token opens; refused for an address that has guessed too often this minute."""
+        address = request.client.host if request.client else "unknown"
+        if not limiter.test(failures, address):
+            raise TooMany("too many links that open nothing from this address: wait a minute and try again")
+        try:
+            return reviewer_for(session, token)
+        except NotInvited:
+            limiter.hit(failures, address)
+            raise
+
+    def rating_allowed(reviewer) -> bool:
+        return limiter.hit(ratings, reviewer.id)
 
     @app.get("/static/{name}")
     def static(name: str):
@@ -106,10 +138,10 @@ def create_app(sessions: sessionmaker, root: str | Path, public_url: str | None 
         return page("message.html", e.status, title="This link opens nothing", text=str(e))
 
     @app.get("/r/{token}")
-    def review_page(token: str):
+    def review_page(token: str, request: Request):
         with sessions() as session:
             try:
-                reviewer = reviewer_for(session, token)
+                reviewer = invited(session, token, request)
             except NotInvited as e:
                 return refused(e)
             pair, done, total = next_pair(session, reviewer)
@@ -121,16 +153,18 @@ def create_app(sessions: sessionmaker, root: str | Path, public_url: str | None 
         return response
 
     @app.post("/r/{token}/rate")
-    def rate_form(token: str, pair: str = Form(""), csrf_field: str = Form("", alias="csrf"),
+    def rate_form(token: str, request: Request, pair: str = Form(""), csrf_field: str = Form("", alias="csrf"),
                   better: str = Form(""), more_stereotyped: str = Form(""), offensive_0: str = Form(""),
                   offensive_1: str = Form("")):
         with sessions() as session:
             try:
-                reviewer = reviewer_for(session, token)
+                reviewer = invited(session, token, request)
             except NotInvited as e:
                 return refused(e)
             if not hmac.compare_digest(csrf_field, csrf(reviewer.id)):
                 return page("message.html", 403, title="Not sent", text="this form did not come from your review page")
+            if not rating_allowed(reviewer):
+                return page("message.html", 429, title="Not stored", text="too many answers this minute: wait a moment")
             try:
                 rate(session, reviewer, pair, _position(better), _position(more_stereotyped),
                      [offensive_0 == "1", offensive_1 == "1"])
@@ -143,7 +177,7 @@ def create_app(sessions: sessionmaker, root: str | Path, public_url: str | None 
     def image(image_id: str, request: Request):
         with sessions() as session:
             try:
-                reviewer = reviewer_for(session, _bearer(request) or request.cookies.get(COOKIE))
+                reviewer = invited(session, _bearer(request) or request.cookies.get(COOKIE), request)
                 path = image_for(session, reviewer, image_id)
             except NotInvited as e:
                 return Response(status_code=e.status, headers=_HEADERS)
@@ -156,7 +190,7 @@ def create_app(sessions: sessionmaker, root: str | Path, public_url: str | None 
     def api_next(request: Request):
         with sessions() as session:
             try:
-                reviewer = reviewer_for(session, _bearer(request))
+                reviewer = invited(session, _bearer(request), request)
             except NotInvited as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status, headers=_HEADERS)
             pair, done, total = next_pair(session, reviewer)
@@ -171,9 +205,12 @@ def create_app(sessions: sessionmaker, root: str | Path, public_url: str | None 
     async def api_rate(request: Request):
         with sessions() as session:  # the token first: nothing of the body is read for a stranger
             try:
-                reviewer = reviewer_for(session, _bearer(request))
+                reviewer = invited(session, _bearer(request), request)
             except NotInvited as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status, headers=_HEADERS)
+            if not rating_allowed(reviewer):
+                return JSONResponse({"error": f"more than {ratings_per_minute} ratings this minute: wait a moment"},
+                                    status_code=429, headers=_HEADERS)
         try:
             body = await request.json()
         except (ValueError, RecursionError):  # not JSON, or nested deeper than a parser goes
