@@ -56,6 +56,7 @@ def run_supervised(child_args: list[str], workdir: Path, api_lost_after_s: float
         if not _configured_api_url():
             server = _temporary_server()
             env["PREFECT_API_URL"] = server.api_url
+            env["PREFECT_UI_URL"] = ""  # no "View at" links to a server that stops with this run
             env[SERVER_PID] = str(server.server_process.pid)
         api = server.api_url if server is not None else _configured_api_url()
         if server is None and (problem := _unanswered(api)):

@@ -381,7 +381,7 @@ def run(
                                                                     else [])]
         raise typer.Exit(run_supervised(child, Path("."), p.orchestration.api_lost_after_s, _say))
     from flows.retrain import retrain
-    from flows.supervise import watch_supervisor
+    from flows.supervise import SERVER_PID, watch_supervisor
 
     watch_supervisor()
     result = retrain(ccub_version=ccub_version)
@@ -392,6 +392,14 @@ def run(
              f"{result['reports'][culture]}, lineage record {result['lineage'][culture]}")
     for culture, reason in result["skipped"].items():
         _say(f"{culture}: not trained or not evaluated: {reason}")
+    _say(_next_steps(temporary_server=bool(os.environ.get(SERVER_PID))))
+
+
+def _next_steps(temporary_server: bool) -> str:
+    where = ("this run's temporary Prefect server has stopped with it; " if temporary_server else "")
+    return ("\nOpen next: the evaluation reports above in a browser (reports/eval/<culture>/report.html), "
+            "`scoft lineage verify` to check every record, `scoft models list` for production. " + where +
+            "`make serve` keeps a Prefect server with its UI (http://127.0.0.1:4200) and runs the whole loop.")
 
 
 @app.command()

@@ -103,6 +103,7 @@ def test_an_interrupted_or_orphaned_run_ends_within_seconds_and_leaves_nothing_r
         assert _alive(trees[how]) == [], how
         if how != "sigkill":
             assert "stopped stage ingest" in run.said and "nothing is left running" in run.said, run.said
+            assert "Beginning flow run" in run.said and "View at" not in run.said  # no link to a server that stops
     assert "the temporary Prefect server" in runs["api lost"].said
     for how in ("ctrl-c", "sigterm", "sigkill"):  # the server outlived the flow: never left Running
         assert _flow_run_states(hung_ingests[how]) in (["CRASHED"], ["CANCELLED"]), how
