@@ -237,8 +237,14 @@ def prompt_means(values: np.ndarray, per_prompt: int) -> np.ndarray:
     return values.reshape(len(values) // per_prompt, per_prompt).mean(axis=1)
 
 
-def sample_in_batches(pipe, texts: list[str], seeds: list[int], settings: dict) -> list[Image.Image]:
-    return [im for i in range(0, len(texts), 8) for im in generate(pipe, texts[i:i + 8], seeds[i:i + 8], settings)]
+def sample_in_batches(pipe, texts: list[str], seeds: list[int], settings: dict,
+                      on_batch=lambda n: None) -> list[Image.Image]:
+    """Batches of 8 (each image with its own generator); on_batch(n) after each, n images in it."""
+    images = []
+    for i in range(0, len(texts), 8):
+        images += generate(pipe, texts[i:i + 8], seeds[i:i + 8], settings)
+        on_batch(len(texts[i:i + 8]))
+    return images
 
 
 def heldout_records(records: list[Record]) -> list[Record]:
@@ -274,8 +280,19 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
     generic = sorted({r.generic_caption for r in references})  # the same for every culture's evaluation
     generic_prompts, generic_seeds = with_seeds(generic, samples_per_prompt, seed)
 
+    per_culture = {c: sum(pc == c for pc in prompt_cultures) for c in set(prompt_cultures)}
+    total = len(prompts) + len(generic_prompts) + sum(
+        len(prompts) + len(generic_prompts) if not isinstance(lora, dict)
+        else sum(per_culture.get(c, 0) + len(generic_prompts) for c in lora if c in per_culture)
+        for lora in loras.values())
+    sampled = [0]
+
+    def count(n: int) -> None:
+        sampled[0] += n
+        progress(f"evaluate: {sampled[0]}/{total} images sampled")  # the operator's progress bar (tasks/dvc.py)
+
     def sample(texts: list[str], text_seeds: list[int]) -> list[Image.Image]:
-        return sample_in_batches(pipe, texts, text_seeds, settings)
+        return sample_in_batches(pipe, texts, text_seeds, settings, count)
 
     images, generic_images, notes = {BASE: sample(prompts, seeds)}, {BASE: sample(generic_prompts, generic_seeds)}, []
     for name, lora in loras.items():

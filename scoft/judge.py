@@ -155,8 +155,8 @@ def train_judge(steps: int = 1000, batch: int = 64, seed: int = 0, progress=prin
         loss.backward()
         optimizer.step()
         schedule.step()
-        if step % 250 == 0:
-            progress(f"judge: step {step}/{steps} loss {loss.item():.3f}")
+        if step % 50 == 0 or step + 1 == steps:
+            progress(f"judge: step {step + 1}/{steps} loss {loss.item():.3f}")
     model.eval()
     validation = render_set(VALIDATION_RENDERS, seed + 1)
     return model, {"train": accuracy(model, images, labels), "validation": accuracy(model, *validation),

@@ -120,8 +120,8 @@ def train_vae(vae, images: torch.Tensor, settings: PlantedParams, seed: int, pro
         loss.backward()
         optimizer.step()
         schedule.step()
-        if step % 500 == 0:
-            progress(f"planted: vae step {step}/{settings.vae_steps} loss {loss.item():.4f}")
+        if step % 50 == 0 or step + 1 == settings.vae_steps:  # the operator's progress bar (tasks/dvc.py)
+            progress(f"planted: vae step {step + 1}/{settings.vae_steps} loss {loss.item():.4f}")
     vae.eval()
     deterministic_posterior(vae)
     return reconstruction_rmse(vae, images[:64])
@@ -196,8 +196,8 @@ def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: Plante
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         lr.step()
-        if step % 250 == 0:
-            progress(f"planted: unet step {step}/{settings.unet_steps} loss {loss.item():.4f}")
+        if step % 50 == 0 or step + 1 == settings.unet_steps:
+            progress(f"planted: unet step {step + 1}/{settings.unet_steps} loss {loss.item():.4f}")
     unet.eval()
     return loss.item()
 

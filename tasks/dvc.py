@@ -78,30 +78,45 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")
+# What the stages print of their progress: "step i/N" (train; base's "planted: vae step i/N", "planted: unet
+# step i/N" and "judge: step i/N"), "negatives: i/N sampled", "evaluate: i/N images sampled".
+PROGRESS_LINE = re.compile(r"^(?P<phase>[\w :]*?)\s*"
+                           r"(?:step (?P<i>\d+)/(?P<n>\d+)\b|(?P<j>\d+)/(?P<m>\d+) (?:images )?sampled)")
+# DVC's advice after each stage, about git and `dvc push`, which the flow does itself: not logged.
+DVC_HINTS = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
+             "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.")
 
 
 class _Progress:
-    """A Prefect progress artifact fed by the `step i/N ...` lines a stage prints."""
+    """Prefect progress artifacts fed by the progress lines a stage prints: one per stage and phase
+    (base: the VAE, the UNet, the judge), with the time left estimated from the pace so far."""
 
     def __init__(self, label: str):
-        self.label, self.artifact_id, self.shown = label, None, -1.0
+        self.label, self.phases = label, {}
 
     def see(self, line: str) -> None:
-        match = STEP_LINE.match(line)
+        match = PROGRESS_LINE.match(line)
         if not match:
             return
-        percent = round(100 * int(match[1]) / int(match[2]), 1)
-        if self.artifact_id is None:
+        done, total = int(match["i"] or match["j"]), int(match["n"] or match["m"])
+        phase = match["phase"].strip(" :")
+        phase = "" if phase == self.label.split("@")[0] else phase  # "negatives: ..." of negatives@KOR
+        if total <= 0:
+            return
+        percent = min(100.0, round(100 * done / total, 1))
+        state = self.phases.setdefault(phase, {"id": None, "shown": -1.0, "started": time.monotonic(), "first": done})
+        elapsed, pace = time.monotonic() - state["started"], done - state["first"]
+        left = f"; about {elapsed / pace * (total - done):.0f} s left" if pace > 0 and done < total else ""
+        what = f"{self.label}{' ' + phase if phase else ''}: {done} of {total}{left}"
+        if state["id"] is None:
             # artifact keys allow lowercase letters, digits and dashes: train@KOR -> train-kor-progress
-            key = re.sub(r"[^a-z0-9-]+", "-", f"{self.label}-progress".lower())
-            self.artifact_id = create_progress_artifact(progress=percent, key=key,
-                                                        description=f"{self.label}: optimizer steps done")
-        elif percent - self.shown >= 1 or percent == 100:
-            update_progress_artifact(self.artifact_id, progress=percent)
+            key = re.sub(r"[^a-z0-9-]+", "-", f"{self.label}-{phase}-progress".lower()).replace("--", "-")
+            state["id"] = create_progress_artifact(progress=percent, key=key, description=what)
+        elif percent - state["shown"] >= 1 or percent == 100:
+            update_progress_artifact(state["id"], progress=percent, description=what)
         else:
             return  # compared with what the UI shows, so that many small steps add up to an update
-        self.shown = percent
+        state["shown"] = percent
 
 
 SLOT_FILE = Path(".dvc/tmp/scoft-slot.lock")
@@ -212,7 +227,7 @@ def _run_dvc(args: list[str], workdir: str, label: str, timeout_s: float | None,
             watchdog.start()
         for line in proc.stdout:
             line = line.rstrip()
-            if line:
+            if line and not line.strip().startswith(DVC_HINTS):
                 tail.append(line)
                 logger.info("%s | %s", label, line)
                 progress.see(line)

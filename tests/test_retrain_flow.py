@@ -160,6 +160,7 @@ def test_stage_output_and_artifacts_reach_prefect(first_run):
     logs = _flow_run_logs(run_id, "step 16/16")
     assert "train@KOR | step 1/16 ldm=" in logs and "step 16/16" in logs
     assert "validate | validate:" in logs
+    assert "dvc push` to send" not in logs and "core.autostage" not in logs  # DVC's advice: the flow pushes itself
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))

@@ -83,6 +83,32 @@ def test_progress_keeps_moving_when_each_step_is_under_one_percent(prefect_serve
     assert 30.2 - 1 < shown <= 30.2  # within 1% of step 121/400; it was frozen at 0.2 (step 1)
 
 
+def test_every_long_stage_shows_its_progress_and_the_time_left(prefect_server):
+    """base (its VAE, UNet and judge), negatives and evaluate, from the lines they print."""
+    from prefect.artifacts import Artifact
+
+    from tasks.dvc import _Progress
+
+    @flow
+    def stages():
+        base, evaluate = _Progress("base"), _Progress("evaluate@KOR")
+        for step in (1, 51, 100):
+            base.see(f"planted: vae step {step}/100 loss 0.1")
+        base.see("planted: unet step 51/100 loss 0.2")
+        base.see("judge: step 1/1000 loss 3.7")
+        for done in (8, 16):
+            time.sleep(0.05)
+            evaluate.see(f"evaluate: {done}/32 images sampled")
+        _Progress("negatives@KOR").see("negatives: 16/16 sampled")
+
+    stages()
+    assert [Artifact.get(f"base-{phase}-progress").data for phase in ("planted-vae", "planted-unet", "judge")] == [
+        100.0, 51.0, 0.1]
+    evaluating = Artifact.get("evaluate-kor-progress")
+    assert evaluating.data == 50.0 and "evaluate@KOR: 16 of 32; about" in evaluating.description
+    assert Artifact.get("negatives-kor-progress").data == 100.0
+
+
 def test_a_run_waiting_for_the_dvc_slot_says_so(prefect_server, project):
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
