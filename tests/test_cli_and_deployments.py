@@ -171,7 +171,7 @@ def _job_template(kind: str) -> dict:
 
 @pytest.mark.parametrize("kind", ["process", "kubernetes"])
 def test_gpu_work_pool_templates_are_accepted_by_a_prefect_server(prefect_server, kind):
-    """`prefect work-pool create gpu --type KIND --base-job-template ...` as the README says."""
+    """`prefect work-pool create gpu --type KIND --base-job-template ...` as docs/reference.md says."""
     template = _job_template(kind)
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=f"gpu-{kind}", type=kind, base_job_template=template))
@@ -215,7 +215,7 @@ def test_the_reference_profile_and_the_readmes_real_run_keys_validate(tmp_path):
     assert (fast.train.sampler, fast.train.sampler_steps) == ("dpm-solver++", 3)
     assert fast.model_copy(update={"train": fast.train.model_copy(update={"sampler": "ddpm", "sampler_steps": 20})}) \
         == reference
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs/reference.md").read_text()  # its "Real runs"
     weights = re.search(r"`features\.weights: (\{[^`]*\})`", readme)[1]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["features"]["weights"] = yaml.safe_load(weights)
