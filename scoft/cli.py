@@ -873,7 +873,7 @@ def review_results(culture: Annotated[str, typer.Option(help="The culture of the
         campaign = _latest_campaign(session, culture)
         results = campaign_results(session, campaign)
     if html is not None:
-        atomic_write_text(html, results_page(results))
+        atomic_write_text(html, results_page(results, p.promotion.min_reviewers))
     if as_json:
         print(json.dumps(results, indent=2))
         return

@@ -187,7 +187,8 @@ BACKGROUND = {  # fixture: (the job's command, run in its own folder; whether it
     "planted_run": (lambda folder: _planted_commands(), True),
 }
 # Runs the job, then writes its exit status to `rc` beside its log (the job outlives the worker that started it).
-_RECORD_EXIT = "import subprocess, sys; open('rc', 'w').write(str(subprocess.call(sys.argv[1:])))"
+_RECORD_EXIT = ("import os, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+                "open('rc.tmp', 'w').write(str(rc)); os.replace('rc.tmp', 'rc')")
 
 
 def _run_folder(config) -> Path:

@@ -118,12 +118,25 @@ def test_three_reviewers_complete_a_campaign_in_chromium_then_the_gate_promotes(
         pages[1].goto(links[1]["url"])
         shots = Path(os.environ.get("SCOFT_DOCS_SCREENSHOTS") or tmp_path)
         pages[1].screenshot(path=str(shots / "review-page.png"), full_page=True)
+        phone = pages[2]
+        phone.goto(links[2]["url"])
+        for k in range(2):  # both images at once on a 390 x 844 phone, without scrolling
+            box = phone.locator(".pair img").nth(k).bounding_box()
+            assert box["y"] >= 0 and box["y"] + box["height"] <= 844 and box["width"] >= 120, box
+        assert not phone.locator(".keys").is_visible() and pages[1].locator(".keys").is_visible()  # no keyboard
+        smallest = min(phone.locator(f"{kind} label").nth(k).bounding_box()["height"]
+                       for kind in ("fieldset", "figcaption") for k in range(phone.locator(f"{kind} label").count()))
+        assert smallest >= 44  # touch targets
+        assert phone.get_by_role("button", name="Send").bounding_box()["height"] >= 44
+        phone.screenshot(path=str(shots / "review-page-phone.png"))
         reviewers = (_by_clicks, _by_keys(unsure=("a photo of k3", "a photo of k7"), prefers_base=()),
                      _by_keys(unsure=(), prefers_base=("a photo of k5",)))
         progress = [_review(page, link["url"], url, answer) for page, link, answer in zip(pages, links, reviewers)]
-        assert all(seen == [f"{n} of 21" for n in range(1, 22)] for seen in progress)  # 20 pairs and the repeat
+        assert all(seen == [f"Pair {n} of 21" for n in range(1, 22)] for seen in progress)  # 20 pairs and the repeat
         scoft_here("review", "results", "--culture", "KOR", "--html", tmp_path / "results.html", cwd=ws)
         pages[1].goto((tmp_path / "results.html").as_uri())
+        assert "Krippendorff's alpha" in pages[1].content() and "once 3 reviewers have rated: 3 have" in \
+            pages[1].locator("body").inner_text()
         pages[1].screenshot(path=str(shots / "review-results.png"), full_page=True)
         browser.close()
     assert errors == []

@@ -30,7 +30,12 @@ _PAGES = {
     "pair.html": """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>Review</title>
 <link rel="stylesheet" href="/static/review.css"></head>
-<body><p>{{ done + 1 }} of {{ total }}</p><h1>{{ prompt }}</h1>
+<body><p class="progress">Pair {{ done + 1 }} of {{ total }}</p>
+<details class="about"><summary>What is this?</summary><p>A new image model is being trained to depict your
+culture as your community does. Each pair shows two pictures made for the description above them, by the new
+model and by another, in a random order: nobody here knows which is which. Pick the one that depicts the
+culture better. Your answers, with other community reviewers', decide whether the new model is used.</p>
+</details><h1>{{ prompt }}</h1>
 <form method="post" action="/r/{{ token }}/rate"><input type="hidden" name="pair" value="{{ pair }}">
 <input type="hidden" name="csrf" value="{{ csrf }}">
 <div class="pair">{% for src in images %}<figure><img src="{{ src }}" alt="image {{ loop.index }}">
@@ -55,10 +60,17 @@ offensive image 1, image 2; <kbd>Enter</kbd> sends.</p>
 <body><h1>{{ title }}</h1><p>{{ text }}</p></body></html>""",
 }
 # Served as files of their own, so that the page's Content-Security-Policy allows no inline code at all.
-_STATIC = {"review.css": ("text/css", """body{font-family:sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem}
-.pair{display:flex;gap:1rem;flex-wrap:wrap}.pair figure{flex:1 1 14rem;margin:0}
-.pair img{width:100%;image-rendering:pixelated;border:1px solid #ccc}fieldset{margin:.8rem 0}
-label{display:inline-block;padding:.3rem .5rem}.keys{color:#555;font-size:.85rem}"""),
+# Both images side by side on any screen (a 390 px phone included), touch targets of at least 44 px, and
+# the keyboard hints only where there is a keyboard and a fine pointer.
+_STATIC = {"review.css": ("text/css", """body{font-family:sans-serif;max-width:60rem;margin:.5rem auto;padding:0 .75rem}
+h1{font-size:1.15rem;margin:.4rem 0}.progress{margin:.2rem 0;color:#444}.about{margin:.2rem 0;color:#333}
+.about summary{min-height:44px;line-height:44px;cursor:pointer}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:.5rem}.pair figure{margin:0;min-width:0}
+.pair img{width:100%;max-height:45vh;object-fit:contain;image-rendering:pixelated;border:1px solid #ccc}
+fieldset{margin:.5rem 0}label{display:inline-flex;align-items:center;gap:.4rem;min-height:44px;padding:0 .6rem}
+input[type=radio],input[type=checkbox]{width:1.4rem;height:1.4rem}
+button{min-height:44px;min-width:44px;padding:0 1.4rem;font-size:1rem}.keys{color:#555;font-size:.85rem}
+@media (hover: none), (pointer: coarse){.keys{display:none}}"""),
            "review.js": ("text/javascript", """
 const keys = {"1": ["better", "0"], "2": ["better", "1"], "0": ["better", ""],
               "q": ["more_stereotyped", "0"], "w": ["more_stereotyped", "1"], "e": ["more_stereotyped", ""]};

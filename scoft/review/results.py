@@ -268,6 +268,13 @@ border-left:3px solid #124}</style></head><body>
 <td>{{ "%.2f"|format(c.agreement_alpha) if c.agreement_alpha is not none else "undefined" }}</td>
 <td>{{ "%.2f"|format(c.candidate_more_stereotyped) if c.candidate_more_stereotyped is not none else "" }}</td></tr>
 {% endfor %}</table>
+<p>How to read this: <b>preferred</b> is the share of answers that chose the candidate's picture (a "can't
+tell" counts half); the candidate is better when the whole interval is above 0.5 (the dashed line).
+<b>Agreement (alpha)</b> is Krippendorff's alpha: 1 when reviewers answer every pair alike, 0 when they agree
+no more than chance would, below 0 when they disagree more than chance; low agreement with a clear preference
+means reviewers differ pair by pair but lean the same way overall.{% if min_reviewers %} The gate decides
+once {{ min_reviewers }} reviewers have rated: {{ rated_by }} have{% if rated_by < min_reviewers %}, so it waits
+for {{ min_reviewers - rated_by }} more{% endif %}.{% endif %}</p>
 <h2>Self-consistency on a repeated pair</h2>
 <p>{{ consistent }} of {{ r.self_consistency.reviewers|length }} reviewers gave the same answer both times.</p>
 <ul>{% for who, same in r.self_consistency.reviewers.items() %}<li>{{ who }}: {{ "same answer" if same
@@ -278,15 +285,18 @@ other model's.</p>
 </body></html>"""
 
 
-def results_page(results: dict) -> str:
+def results_page(results: dict, min_reviewers: int | None = None) -> str:
     """The results as an HTML page for the team running the review (never shown to reviewers): each
-    comparison's preference and interval drawn against 0.5, agreement, self-consistency and flags.
-    Autoescaped: prompts come from the community's captions."""
+    comparison's preference and interval drawn against 0.5, agreement (explained), self-consistency,
+    flags, and how many reviewers the gate still needs (promotion.min_reviewers). Autoescaped: prompts
+    come from the community's captions."""
     from jinja2 import Environment, select_autoescape
 
     env = Environment(autoescape=select_autoescape(default=True))
+    rated_by = max((c["reviewers"] for _, c in comparisons(results)), default=0)
     return env.from_string(_RESULTS_PAGE).render(r=results, comparisons=comparisons(results),
-                                                 consistent=sum(results["self_consistency"]["reviewers"].values()))
+                                                 consistent=sum(results["self_consistency"]["reviewers"].values()),
+                                                 min_reviewers=min_reviewers, rated_by=rated_by)
 
 
 def campaign_markdown(results: dict, verdict: dict, public_url: str) -> str:
