@@ -7,6 +7,10 @@ each run: wall time, CPU seconds of the whole process tree, and the peak residen
 largest process (ingest's own, in practice), read from wait4.
 
     .venv/bin/python -m bench.ingest_scale --rows 300 3000 10000 [--workers 8]
+    .venv/bin/python -m bench.ingest_scale --large 40 [--max-decoded-bytes 268435456]
+
+`--large N`: N photo-like PNGs of 5000x5000 (25 MP) instead, `scoft ingest` alone with
+`ingest.max_decoded_bytes` as given: whether the decode budget bounds the ingest's peak memory.
 
 The photos are written to disk once per size before anything is timed (a cache folder reused across
 runs, --images); the server reads them from there, so its own CPU stays small and outside the
@@ -55,6 +59,20 @@ def _write_photo(folder: Path, i: int) -> None:
         path.write_bytes(photo(i))
 
 
+LARGE = 5000  # pixels a side: 25 MP
+
+
+def _write_large(folder: Path, i: int) -> None:
+    """A 25 MP PNG: smooth gradients (a few MB compressed, under ingest.max_image_bytes), distinct per i."""
+    path = folder / f"{i}.png"
+    if not path.is_file():
+        rng = np.random.default_rng(i)
+        y, x = np.mgrid[0:LARGE, 0:LARGE].astype(np.float32)
+        pixels = np.stack([x / 20 + rng.uniform(0, 255), y / 20 + rng.uniform(0, 255), (x + y) / 40], -1)
+        Image.fromarray((pixels % 256).astype(np.uint8)).save(path.with_suffix(".tmp"), "PNG", compress_level=9)
+        path.with_suffix(".tmp").rename(path)
+
+
 def photos(folder: Path, n: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(n) if not (folder / f"{i}.jpg").is_file()]
@@ -74,22 +92,22 @@ def serve(folder: Path) -> tuple[ThreadingHTTPServer, str]:
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
 
 
-def sheet(path: Path, url: str, n: int) -> None:
+def sheet(path: Path, url: str, n: int, suffix: str = ".jpg") -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["country_code", "category_code", "url", "caption", "created_at"])
         for i in range(n):
-            writer.writerow([CULTURES[i % 3], CATEGORIES[(i // 3) % 3], f"{url}/{i}.jpg",
+            writer.writerow([CULTURES[i % 3], CATEGORIES[(i // 3) % 3], f"{url}/{i}{suffix}",
                              f"community photo number {i} of a traditional scene", "2026-01-01T00:00:00Z"])
 
 
-def workspace(folder: Path, source: Path, workers: int, code: Path) -> Path:
+def workspace(folder: Path, source: Path, workers: int, code: Path, **ingest) -> Path:
     """A DVC workspace whose `scoft` is the one in `code` (this checkout, or a baseline's)."""
     folder.mkdir(parents=True)
     shutil.copy(code / "dvc.yaml", folder / "dvc.yaml")
     shutil.copytree(code / "scoft", folder / "scoft", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((code / "params.yaml").read_text())
-    params["ingest"].update(sources=[str(source)], workers=workers)
+    params["ingest"].update(sources=[str(source)], workers=workers, **ingest)
     if "allow_networks" in params["ingest"]:  # the photos' loopback server (a baseline before the policy has no key)
         params["ingest"]["allow_networks"] = ["127.0.0.1/32"]
     params["validate"]["cultures"] = list(CULTURES)
@@ -141,13 +159,39 @@ def bench(n: int, images: Path, workers: int, code: Path) -> list[dict]:
             dict(rows=n, run="unchanged ingest alone", **alone)]
 
 
+def bench_large(n: int, images: Path, workers: int, code: Path, max_decoded_bytes: int) -> dict:
+    images.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(partial(_write_large, images), range(n)))
+    measured([sys.executable, "-c", "import scoft.cli"], code)  # bytecode, once
+    httpd, url = serve(images)
+    folder = Path(tempfile.mkdtemp(prefix="scoft-ingest-large-"))
+    try:
+        ws = workspace(folder / "ws", folder / "sheet.csv", workers, code, max_decoded_bytes=max_decoded_bytes)
+        sheet(folder / "sheet.csv", url, n, ".png")
+        return measured([sys.executable, "-m", "scoft.cli", "ingest", "--out", "data/ccub", "--summary",
+                         str(folder / "summary.json")], ws)
+    finally:
+        httpd.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[300, 3000, 10000])
+    parser.add_argument("--large", type=int, help="this many 25 MP PNGs instead (scoft ingest alone)")
+    parser.add_argument("--max-decoded-bytes", type=int, default=256 << 20)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--code", type=Path, default=ROOT, help="a checkout whose scoft/ runs (a baseline's)")
     parser.add_argument("--images", type=Path, default=Path(tempfile.gettempdir()) / "scoft-bench-photos")
     args = parser.parse_args()
+    if args.large:
+        r = bench_large(args.large, args.images.with_name(args.images.name + "-large"), args.workers, args.code,
+                        args.max_decoded_bytes)
+        print(f"{os.cpu_count()} CPUs; ingest.workers {args.workers}; {args.large} PNGs of {LARGE}x{LARGE}; "
+              f"max_decoded_bytes {args.max_decoded_bytes >> 20} MiB; code: {args.code}\n"
+              f"wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s, peak RSS {r['peak_mb']:.0f} MB", flush=True)
+        return
     print(f"{os.cpu_count()} CPUs; ingest.workers {args.workers}; 512x384 JPEG photos over loopback; "
           f"code: {args.code}", flush=True)
     print("| rows | run | stages | wall s | CPU s | peak RSS MB |\n|---|---|---|---|---|---|", flush=True)

@@ -205,11 +205,14 @@ def _stage_all(rows: list[SourceRow], staging: Staging, max_pixels: int, caption
     workers count rejections themselves, so that once the run cannot pass no worker starts another
     row (a main thread slow to hear of it would let each worker start one more)."""
     staged, lock, hopeless = {}, threading.Lock(), threading.Event()
+    # Fetching waits on the network, so `workers` threads fetch; decoding, hashing and encoding are CPU-bound,
+    # and more of them at once than there are cores only holds more decoded images in memory.
+    cores = threading.BoundedSemaphore(os.cpu_count() or 1)
 
     def stage(row: SourceRow) -> None:
         if hopeless.is_set():
             return
-        facts, reason = _stage_row(row, staging, max_pixels, captioner, budget)
+        facts, reason = _stage_row(row, staging, max_pixels, captioner, budget, cores)
         with lock:
             if reason:
                 rejected.append(rejection(row.ref, row.raw, reason))
@@ -230,11 +233,13 @@ def _stage_all(rows: list[SourceRow], staging: Staging, max_pixels: int, caption
     return staged
 
 
-def _stage_row(row: SourceRow, staging: Staging, max_pixels: int, captioner, budget: DecodeBudget):
-    """(facts, None) once the row's image is in staging, or (None, reason)."""
+def _stage_row(row: SourceRow, staging: Staging, max_pixels: int, captioner, budget: DecodeBudget,
+               cores: threading.BoundedSemaphore):
+    """(facts, None) once the row's image is in staging, or (None, reason). The decoded image's whole life
+    (decoding, conversion, hashing, encoding) is inside the budget and on one of the cores."""
     try:
         data = row.fetch()
-        with budget.hold(decoded_bytes(data)):
+        with cores, budget.hold(decoded_bytes(data)):
             image = decode_rgb(data, max_pixels, row.location)
             del data
             generic = (row.generic_caption, "source") if row.generic_caption else (

@@ -33,7 +33,7 @@ def project(tmp_path):
 
 def test_a_hung_stage_is_stopped_at_its_time_limit_retried_and_leaves_nothing_running(prefect_server, project):
     write_params(project / "params.yaml", {"orchestration.stage_retries": 1, "orchestration.stage_retry_delay_s": 0,
-                                           "orchestration.stage_timeout_s": 3})
+                                           "orchestration.stage_timeout_s": 20})
 
     @flow
     def hang_then_write(workdir: str):
@@ -46,8 +46,9 @@ def test_a_hung_stage_is_stopped_at_its_time_limit_retried_and_leaves_nothing_ru
 
     started = time.monotonic()
     stopped, wrote = hang_then_write(str(project))
-    assert time.monotonic() - started < 90  # two tries of 3 s each, not 600 s
-    assert "ran past its 3 s limit and was stopped" in stopped
+    # two tries of 20 s each, not 600 s (20: DVC and the stage's start-up fit in it on a loaded machine; 3 did not)
+    assert time.monotonic() - started < 180
+    assert "ran past its 20 s limit and was stopped" in stopped
     pids = [int(pid) for pid in (project / "pids").read_text().split()]
     assert len(pids) == 2  # the first try, then its retry
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
