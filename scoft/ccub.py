@@ -30,9 +30,11 @@ from scoft.io import (
     decode_rgb,
     decoded_bytes,
     dvc_dir_hash,
+    limit_malloc_arenas,
     pixel_hash,
     read_jsonl,
     recover_swap,
+    release_freed_memory,
     write_json,
     write_jsonl,
 )
@@ -208,6 +210,7 @@ def _stage_all(rows: list[SourceRow], staging: Staging, max_pixels: int, caption
     # Fetching waits on the network, so `workers` threads fetch; decoding, hashing and encoding are CPU-bound,
     # and more of them at once than there are cores only holds more decoded images in memory.
     cores = threading.BoundedSemaphore(os.cpu_count() or 1)
+    limit_malloc_arenas()
 
     def stage(row: SourceRow) -> None:
         if hopeless.is_set():
@@ -244,7 +247,10 @@ def _stage_row(row: SourceRow, staging: Staging, max_pixels: int, captioner, bud
             del data
             generic = (row.generic_caption, "source") if row.generic_caption else (
                 captioner(image, row.category), captioner.source)
-            return staging.put(row, image, *generic), None
+            facts = staging.put(row, image, *generic)
+            del image
+            release_freed_memory()
+            return facts, None
     except (FetchError, BadImage) as e:
         return None, str(e)
 

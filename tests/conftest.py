@@ -224,6 +224,8 @@ _STARTED_AT = os.getpriority(os.PRIO_PROCESS, 0)  # the suite's own priority, be
 def pytest_configure(config):
     if hasattr(config, "workerinput"):
         os.nice(WORKER_NICENESS)
+    elif getattr(config.option, "numprocesses", None) and not getattr(config.option, "testrunuid", None):
+        config.option.testrunuid = _RUN_ID  # the workers' run id is the controller's: it removes their folder
 
 
 def _first_in_line() -> None:
