@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -102,6 +103,7 @@ def decoded_bytes(data: bytes) -> int:
         return 0
 
 
+@functools.cache  # loaded once: release_freed_memory runs after every ingested image
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")
