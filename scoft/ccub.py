@@ -41,10 +41,12 @@ from scoft.io import (
 from scoft.sources import SourceRow, read_sources, rejection
 
 MANIFEST = "manifest.jsonl"
-# Per-culture views of the manifest, so that a culture's stages depend on its own records only (dvc.yaml):
-# cultures/<CULTURE>.jsonl holds one culture's records, heldout.jsonl every culture's held-out records
-# (each culture's evaluation retrieves among all cultures' held-out images).
-CULTURES_DIR, HELDOUT_MANIFEST = "cultures", "heldout.jsonl"
+# Views of the manifest, so that each stage depends on the records it reads and nothing else (dvc.yaml):
+# cultures/<CULTURE>.jsonl holds one culture's records (its evaluation's), training/<CULTURE>.jsonl its
+# training records only (its negatives' and training's: a held-out record added re-evaluates, never
+# retrains), heldout.jsonl every culture's held-out records (each culture's evaluation retrieves among
+# all cultures' held-out images).
+CULTURES_DIR, TRAINING_DIR, HELDOUT_MANIFEST = "cultures", "training", "heldout.jsonl"
 TRAIN, HELDOUT = "train", "heldout"
 DEFAULT_DECODED_BYTES = 1 << 30  # ingest.max_decoded_bytes
 
@@ -83,6 +85,14 @@ def read_manifest(ccub_dir: str | Path, culture: str | None = None) -> list[Reco
         return [Record(**row) for row in read_jsonl(Path(ccub_dir) / MANIFEST)]
     path = Path(ccub_dir) / CULTURES_DIR / f"{culture}.jsonl"
     return [Record(**row) for row in read_jsonl(path)] if path.is_file() else []
+
+
+def read_training(ccub_dir: str | Path, culture: str | None = None) -> list[Record]:
+    """One culture's training records (none when CCUB has none), or every culture's, from the training
+    views alone: what the negatives and training stages declare they read."""
+    folder = Path(ccub_dir) / TRAINING_DIR
+    views = [folder / f"{culture}.jsonl"] if culture is not None else sorted(folder.glob("*.jsonl"))
+    return [Record(**row) for view in views if view.is_file() for row in read_jsonl(view)]
 
 
 def read_heldout(ccub_dir: str | Path) -> list[Record]:
@@ -171,7 +181,8 @@ def ingest(sources: list[str], out_dir: str | Path, *, heldout_fraction: float, 
     records.sort(key=lambda r: (r.culture, r.category, r.id))
     counts = _counts(records, previous)
     cultures = sorted({r.culture for r in records} | set(bounds.cultures if bounds is not None else []))
-    views = [out_dir / HELDOUT_MANIFEST, *(out_dir / CULTURES_DIR / f"{c}.jsonl" for c in cultures)]
+    views = [out_dir / HELDOUT_MANIFEST,
+             *(out_dir / folder / f"{c}.jsonl" for c in cultures for folder in (CULTURES_DIR, TRAINING_DIR))]
     written = {}
     if counts["added"] or counts["changed"] or counts["removed"] or not all(v.is_file() for v in views):
         written = _write(out_dir, records, staged, previous, cultures)
@@ -359,8 +370,11 @@ def _write(out_dir: Path, records: list[Record], staged: dict[str, dict], previo
         write_jsonl(tmp / MANIFEST, (asdict(r) for r in records))
         write_jsonl(tmp / HELDOUT_MANIFEST, (asdict(r) for r in records if r.split == HELDOUT))
         (tmp / CULTURES_DIR).mkdir()
+        (tmp / TRAINING_DIR).mkdir()
         for culture in cultures:
-            write_jsonl(tmp / CULTURES_DIR / f"{culture}.jsonl", (asdict(r) for r in records if r.culture == culture))
+            own = [asdict(r) for r in records if r.culture == culture]
+            write_jsonl(tmp / CULTURES_DIR / f"{culture}.jsonl", own)
+            write_jsonl(tmp / TRAINING_DIR / f"{culture}.jsonl", (r for r in own if r["split"] == TRAIN))
     return md5s
 
 

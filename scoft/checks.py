@@ -23,7 +23,7 @@ from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: E402
 from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from scoft.ccub import HELDOUT, Record  # noqa: E402
+from scoft.ccub import CULTURES_DIR, HELDOUT, TRAIN, TRAINING_DIR, Record  # noqa: E402
 from scoft.config import ValidateParams  # noqa: E402
 from scoft.io import atomic_dir, file_md5s, pixel_hash, sha256_json, write_json  # noqa: E402
 from scoft.render import html_text  # noqa: E402
@@ -225,8 +225,11 @@ def check_into(out_dir: str | Path, records: list[Record], params: ValidateParam
                                    facts_cache=out_dir.parent / f".{out_dir.name}.image-facts.json")
         write_json(tmp / "summary.json", checked["summary"])
         write_json(tmp / "gx_results.json", checked["gx_results"])
+        training = [r for r in records if r.split == TRAIN]
         for culture in params.cultures:
-            write_json(tmp / "cultures" / f"{culture}.json", culture_summary(records, culture, checked["summary"]))
+            write_json(tmp / CULTURES_DIR / f"{culture}.json", culture_summary(records, culture, checked["summary"]))
+            # what the culture's negatives and training depend on: its training records passed the checks
+            write_json(tmp / TRAINING_DIR / f"{culture}.json", culture_summary(training, culture, checked["summary"]))
     return checked["summary"]
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from scoft.ccub import TRAIN, Record, read_manifest
+from scoft.ccub import Record, read_training
 from scoft.negatives import read_negative_index
 
 
@@ -36,7 +36,7 @@ class CCUBTrainSet(Dataset):
     def __init__(self, ccub_dir: str | Path, negatives_dir: str | Path | None, resolution: int, per_image: int,
                  culture: str | None = None):
         self.ccub_dir = Path(ccub_dir)
-        self.records: list[Record] = [r for r in read_manifest(ccub_dir, culture) if r.split == TRAIN]
+        self.records: list[Record] = read_training(ccub_dir, culture)
         if not self.records:
             which = f"culture {culture}" if culture else "any culture"
             raise ValueError(f"{ccub_dir}: no training records of {which} (none, or every one held out)")

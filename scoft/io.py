@@ -161,57 +161,40 @@ def load_rgb(path: str | Path, max_pixels: int) -> Image.Image:
 
 
 def dvc_dir_hash(folder: str | Path, known: dict[str, str] | None = None) -> str:
-    """The hash DVC 3 gives a folder (its `.dir` md5): md5 of the sorted JSON list of file md5s.
-
-    Computed here so `scoft ingest` can report the new version without a DVC call; the tests check
-    that it equals what dvc.lock records. `known`: md5s by relative path that the caller computed as it
-    wrote the files; the others come from file_md5s.
-    """
-    md5s = file_md5s(folder, known)
-    entries = [{"md5": md5s[rel], "relpath": rel} for rel in sorted(md5s)]
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+    """The hash DVC gives a folder (its `.dir` md5), built by dvc-data as `dvc commit` builds it, so
+    `scoft ingest` can report the new version without a DVC call (the tests check it against dvc.lock).
+    `known`: md5s by relative path that the caller computed as it wrote the files."""
+    return _dvc_tree(folder, known).hash_info.value
 
 
 def file_md5s(folder: str | Path, known: dict[str, str] | None = None) -> dict[str, str]:
-    """md5 of every file under `folder` by relative path: from `known`, else from DVC's state database
-    (the md5 DVC computed last time for the same inode, mtime and size: a file hard-linked into a new
-    version keeps all three), else read from disk. At 10,000 images, reading every file again for
-    the version's hash was half of an unchanged re-ingest."""
-    folder = Path(folder).resolve()
-    known = known or {}
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    recorded = _dvc_state_md5s([p for p in files if p.relative_to(folder).as_posix() not in known])
-    out = {}
-    for path in files:
-        rel = path.relative_to(folder).as_posix()
-        out[rel] = known.get(rel) or recorded.get(str(path)) or _md5_file(path)
-    return out
+    """md5 of every file under `folder` by relative path, as DVC records them."""
+    return {"/".join(key): hash_info.value for key, _, hash_info in _dvc_tree(folder, known)}
 
 
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+def _dvc_tree(folder: str | Path, known: dict[str, str] | None):
+    """dvc-data's tree of `folder`. Inside a DVC repository it reads a file only when DVC's state
+    database holds no md5 for its inode, mtime and size (a file hard-linked into a new version keeps
+    all three: at 10,000 images, reading every file again was half of an unchanged re-ingest); the
+    `known` md5s are saved into that database first, so a file just written is not read back."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_objects.fs.local import LocalFileSystem
 
-
-def _dvc_state_md5s(paths: list[Path]) -> dict[str, str]:
-    """The md5s DVC's state database holds for these files, where they lie in a DVC repository."""
-    if not paths:
-        return {}
+    folder = str(Path(folder).resolve())
     try:
-        from dvc.repo import Repo
-
-        with Repo(Repo.find_root(str(paths[0].parent))) as repo:
-            out = {}
-            for path in paths:
-                _, hash_info = repo.state.get(str(path), repo.fs)
-                if hash_info is not None and hash_info.name == "md5" and hash_info.value:
-                    out[str(path)] = hash_info.value
-            return out
-    except Exception:  # noqa: BLE001 - no repository, or its state unreadable: the files are read instead
-        return {}
+        repo = Repo(Repo.find_root(folder))
+    except NotDvcRepoError:  # a folder outside any repository: every file is read
+        with tempfile.TemporaryDirectory() as odb_dir:
+            return build(HashFileDB(LocalFileSystem(), odb_dir), folder, LocalFileSystem(), "md5", dry_run=True)[2]
+    with repo:
+        if known:
+            repo.state.save_many(((os.path.join(folder, rel), HashInfo("md5", md5), None)
+                                  for rel, md5 in known.items()), repo.fs)
+        return build(repo.cache.local, folder, repo.fs, "md5", dry_run=True, ignore=repo.dvcignore)[2]
 
 
 def process_umask() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from scoft.ccub import CULTURES_DIR, HELDOUT_MANIFEST, MANIFEST, read_heldout, read_manifest
+from scoft.ccub import CULTURES_DIR, HELDOUT_MANIFEST, MANIFEST, TRAINING_DIR, read_heldout, read_manifest
 from scoft.io import pixel_hash, sha256_file, sha256_json, write_json
 from scoft.paths import LORA_FILE, PROMOTION_DIR, VALIDATION_DIR
 from scoft.text import visible
@@ -67,11 +67,11 @@ def chain_files(root: str | Path, ccub_dir: str | Path, negatives_dir: str | Pat
     root, ccub, negatives = Path(root), Path(ccub_dir), Path(negatives_dir)
     manifests = [ccub / MANIFEST, ccub / HELDOUT_MANIFEST]
     if culture:
-        manifests.append(ccub / CULTURES_DIR / f"{culture}.jsonl")
+        manifests += [ccub / CULTURES_DIR / f"{culture}.jsonl", ccub / TRAINING_DIR / f"{culture}.jsonl"]
     records = {r.file: r for r in [*read_manifest(root / ccub, culture), *read_heldout(root / ccub)]}
     validation = [VALIDATION_DIR / "summary.json", VALIDATION_DIR / "gx_results.json"]
     if culture:
-        validation.append(VALIDATION_DIR / CULTURES_DIR / f"{culture}.json")
+        validation += [VALIDATION_DIR / view / f"{culture}.json" for view in (CULTURES_DIR, TRAINING_DIR)]
 
     def hashed(paths) -> dict[str, str]:
         return {str(p): sha256_file(root / p) for p in sorted(paths, key=str)}

@@ -165,17 +165,17 @@ def make_negatives(params, ccub_dir, out_dir, pipe=None, progress=print, culture
     """The negatives stage: k samples of the *base* model per training record of ccub_dir (of one
     culture, when given), as params.negatives says (depth-guided by each CCUB image when configured),
     cached by key in out_dir. `pipe` (optional) is the loaded base pipeline; returns sample_negatives' counts."""
-    from scoft.ccub import read_manifest
+    from scoft.ccub import read_training
 
     n, ccub_dir = params.negatives, Path(ccub_dir)
     settings = params.sampling("negatives")
-    if culture is not None and not read_manifest(ccub_dir, culture):
+    records = read_training(ccub_dir, culture)  # the training view only: a held-out record changes nothing here
+    if culture is not None and not records:
         # a configured culture without records: nothing to sample, no model to load (nor torch to import)
         return sample_negatives(None, [], out_dir, n.batch_size, settings, progress=progress)
     from scoft.models import load_pipeline, model_fingerprint, pick_device
 
     pipe = pipe if pipe is not None else load_pipeline(params.model).to(pick_device())
-    records = read_manifest(ccub_dir, culture)
     fingerprint = model_fingerprint(pipe)  # of the base model, before any ControlNet joins it
     control = None
     if n.depth_guided:

@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,11 +24,11 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from scoft.ccub import CULTURES_DIR, MANIFEST
+from scoft.ccub import read_training
 from scoft.config import Params
 from scoft.data import CCUBTrainSet
 from scoft.features import build_distance
-from scoft.io import _as_created, sha256_file, sha256_json, write_json
+from scoft.io import _as_created, sha256_json, write_json
 from scoft.losses import contrastive_loss, estimate_clean_latents, ldm_loss, memorization_loss
 from scoft.models import encode_prompts, load_pipeline, training_scheduler
 from scoft.negatives import read_negative_index
@@ -162,7 +162,7 @@ def run_fingerprint(params: Params, ccub_dir, negatives_dir, max_steps: int, wor
         "model": params.model.model_dump(), "features": params.features.model_dump(),
         "train": params.train.model_dump(exclude={"checkpoint_every", "max_steps"}), "max_steps": max_steps,
         "per_image": params.negatives.per_image, "world": world, **({"culture": culture} if culture else {}),
-        "manifest": sha256_file(Path(ccub_dir) / (MANIFEST if culture is None else f"{CULTURES_DIR}/{culture}.jsonl")),
+        "training_records": sha256_json([asdict(r) for r in read_training(ccub_dir, culture)]),
         "negatives": sha256_json(read_negative_index(negatives_dir)),
     })
 

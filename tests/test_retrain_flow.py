@@ -134,6 +134,38 @@ def test_a_change_to_the_training_code_reruns_train_and_evaluate_only(first_run)
     assert set(json.loads(status.stdout)) - {"ingest"} == {f"train@{c}" for c in CULTURES} | {"train_joint"}
 
 
+def test_a_held_out_record_added_re_evaluates_and_never_retrains(first_run):
+    """A community adds one held-out KOR image: the ingest and checks that would run before any stage
+    (cheap), then DVC says which stages that new version reruns."""
+    import shutil
+    import subprocess
+    import sys
+
+    from scoft.sample import add_sample_image
+
+    ws, _ = first_run
+    touched = ["data/sample", "data/ccub", "data/validation", "data/ingest"]
+    backup = ws.parent / "held-out-backup"
+    for folder in touched:
+        shutil.copytree(ws / folder, backup / folder, symlinks=True)
+    try:
+        add_sample_image(ws / "data/sample", "KOR", split="heldout")
+        for step in (["ingest", "--out", "data/ccub", "--summary", "data/ingest/summary.json"],
+                     ["validate", "--ccub", "data/ccub", "--out", "data/validation"]):
+            done = scoft(*step, cwd=ws)
+            assert done.returncode == 0, done.stderr
+        status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=ws, capture_output=True,
+                                text=True, check=True)
+    finally:
+        for folder in touched:
+            shutil.rmtree(ws / folder)
+            shutil.move(backup / folder, ws / folder)
+    changed = set(json.loads(status.stdout))
+    # every culture's evaluation retrieves among all held-out images: each one re-evaluates
+    assert {f"evaluate@{c}" for c in TRAINED} <= changed
+    assert not {s for s in changed if s.split("@")[0] in ("negatives", "train", "train_joint")}, changed
+
+
 def test_lineage_ties_the_lora_to_data_checks_negatives_and_the_run(first_run):
     ws, state = first_run
     assert sorted(state.result()["lineage"]) == TRAINED  # one record per culture's LoRA
