@@ -109,6 +109,8 @@ class PlantedParams(_Section):
     unet_lr: float = Field(2e-3, gt=0)
     offset_noise: float = Field(0.2, ge=0)  # std of the per-channel constant added to the UNet's noise
     judge_steps: int = Field(1000, ge=1)  # the planted judge's training steps (scoft/judge.py), built beside the base
+    # a stopped build resumes from its last checkpoint (scoft/checkpoints.py): at most this much is lost
+    checkpoint_every_s: float = Field(60.0, ge=0)
 
 
 Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dinov2+clip", "colour-histogram",

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
 
+from scoft.checkpoints import BuildCheckpoints, resumable_steps
 from scoft.io import atomic_dir, write_json
 from scoft.sample import CATEGORIES, CULTURES, HELDOUT_LAYOUT, STEREOTYPE, TRAIN_LAYOUT, TRUTH, draw, hash_str
 
@@ -137,7 +138,8 @@ def accuracy(model: JudgeNet, images: torch.Tensor, labels: dict[str, torch.Tens
     return {k: float((out[k].argmax(1) == v).float().mean()) for k, v in labels.items()}
 
 
-def train_judge(steps: int = 1000, batch: int = 64, seed: int = 0, progress=print) -> tuple[JudgeNet, dict]:
+def train_judge(steps: int = 1000, batch: int = 64, seed: int = 0, progress=print,
+                checkpoints: BuildCheckpoints | None = None) -> tuple[JudgeNet, dict]:
     """Train on 6,000 degraded renders, validate on 600 others (another seed) and measure form recall per
     class; returns the net and its accuracies."""
     torch.manual_seed(seed)
@@ -146,8 +148,9 @@ def train_judge(steps: int = 1000, batch: int = 64, seed: int = 0, progress=prin
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
+    saved = checkpoints.load("judge") if checkpoints is not None else None
     model.train()
-    for step in range(steps):
+    for step in resumable_steps(checkpoints, "judge", steps, model, optimizer, schedule, generator, saved):
         pick = torch.randint(0, len(images), (batch,), generator=generator)
         out = model(images[pick])
         loss = sum(F.cross_entropy(out[k], labels[k][pick]) for k in labels)
@@ -164,10 +167,11 @@ def train_judge(steps: int = 1000, batch: int = 64, seed: int = 0, progress=prin
                    "form_recall": form_recall(model, seed + 2)}
 
 
-def build_judge(out_dir: str | Path, steps: int = 1000, seed: int = 0, progress=print) -> dict:
+def build_judge(out_dir: str | Path, steps: int = 1000, seed: int = 0, progress=print,
+                checkpoints: BuildCheckpoints | None = None) -> dict:
     """Train the judge and write its weights and accuracies (whole or not at all)."""
     started = time.monotonic()
-    model, accuracies = train_judge(steps=steps, seed=seed, progress=progress)
+    model, accuracies = train_judge(steps=steps, seed=seed, progress=progress, checkpoints=checkpoints)
     info = {"seed": seed, "steps": steps, "accuracy": accuracies, "palettes": list(named_palettes()), "forms": FORMS,
             "categories": list(CATEGORIES), "seconds": round(time.monotonic() - started, 1)}
     with atomic_dir(out_dir) as tmp:

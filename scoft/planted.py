@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from scoft.checkpoints import BuildCheckpoints, resumable_steps
 from scoft.config import PlantedParams
-from scoft.io import atomic_dir, write_json
+from scoft.io import atomic_dir, sha256_json, write_json
 from scoft.judge import build_judge
 from scoft.sample import (
     CATEGORIES,
@@ -105,15 +106,21 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
 
 
-def train_vae(vae, images: torch.Tensor, settings: PlantedParams, seed: int, progress=print) -> float:
+def train_vae(vae, images: torch.Tensor, settings: PlantedParams, seed: int, progress=print,
+              checkpoints: BuildCheckpoints | None = None) -> float:
     """Train the VAE as a plain autoencoder (reconstruction MSE of the posterior mean, cosine learning
     rate), then make its posterior a point (`deterministic_posterior`); returns the final reconstruction
     RMSE on [-1, 1]. `images` lie on the VAE's device; draws come from a CPU generator."""
+    saved = checkpoints.load("vae") if checkpoints is not None else None
+    if saved is not None and saved["done"]:
+        vae.load_state_dict(saved["module"])
+        vae.eval()
+        return saved["rmse"]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.vae_steps)
     vae.train()
-    for step in range(settings.vae_steps):
+    for step in resumable_steps(checkpoints, "vae", settings.vae_steps, vae, optimizer, schedule, generator, saved):
         batch = images[torch.randint(0, len(images), (settings.vae_batch_size,), generator=generator).to(images.device)]
         loss = F.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -124,7 +131,10 @@ def train_vae(vae, images: torch.Tensor, settings: PlantedParams, seed: int, pro
             progress(f"planted: vae step {step + 1}/{settings.vae_steps} loss {loss.item():.4f}")
     vae.eval()
     deterministic_posterior(vae)
-    return reconstruction_rmse(vae, images[:64])
+    rmse = reconstruction_rmse(vae, images[:64])
+    if checkpoints is not None:
+        checkpoints.save("vae", settings.vae_steps, True, module=vae.state_dict(), rmse=rmse)
+    return rmse
 
 
 @torch.no_grad()
@@ -159,7 +169,7 @@ def reconstruction_rmse(vae, images: torch.Tensor) -> float:
 
 
 def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: PlantedParams, seed: int,
-               progress=print) -> float:
+               progress=print, checkpoints: BuildCheckpoints | None = None) -> float:
     """Plain latent-diffusion pretraining on the web corpus, 10% empty captions for guidance."""
     from scoft.models import encode_prompts, training_scheduler
 
@@ -168,6 +178,11 @@ def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: Plante
         latents = pipe.vae.encode(images).latent_dist.mean
     scale = float(1 / latents.std())
     pipe.vae.register_to_config(scaling_factor=scale)
+    saved = checkpoints.load("unet") if checkpoints is not None else None
+    if saved is not None and saved["done"]:
+        pipe.unet.load_state_dict(saved["module"])
+        pipe.unet.eval()
+        return saved["loss"]
     latents = latents * scale
     unique = sorted(set(captions)) + [""]
     embeddings = encode_prompts(pipe.tokenizer, pipe.text_encoder, unique)
@@ -177,7 +192,7 @@ def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: Plante
     unet = pipe.unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.unet_lr, weight_decay=1e-2)
     lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.unet_steps)
-    for step in range(settings.unet_steps):
+    for step in resumable_steps(checkpoints, "unet", settings.unet_steps, unet, optimizer, lr, generator, saved):
         pick = torch.randint(0, len(latents), (settings.batch_size,), generator=generator).to(latents.device)
         z0 = latents[pick]
         text = torch.where((torch.rand(len(pick), generator=generator) < 0.1).to(latents.device), empty, index[pick])
@@ -199,18 +214,26 @@ def train_unet(pipe, images: torch.Tensor, captions: list[str], settings: Plante
         if step % 50 == 0 or step + 1 == settings.unet_steps:
             progress(f"planted: unet step {step + 1}/{settings.unet_steps} loss {loss.item():.4f}")
     unet.eval()
+    if checkpoints is not None:
+        checkpoints.save("unet", settings.unet_steps, True, module=unet.state_dict(), loss=loss.item())
     return loss.item()
 
 
 def build_planted_base(out_dir: str | Path, settings: PlantedParams, resolution: int, seed: int,
                        progress=print, device: str = "cpu") -> dict:
     """Pretrain the planted-bias base and write it with save_pretrained (whole or not at all).
-    On the CPU two builds give the same weights; on a GPU (faster, for experiments) they need not."""
+    On the CPU two builds give the same weights; on a GPU (faster, for experiments) they need not.
+    Checkpoints (every planted.checkpoint_every_s, beside out_dir) let a stopped build resume where it
+    stopped, to the same weights; they are removed once the base is written."""
     started = time.monotonic()
+    out_dir = Path(out_dir)
+    checkpoints = BuildCheckpoints(out_dir.parent / f".{out_dir.name}.checkpoints",
+                                   base_fingerprint(settings, resolution, seed, device),
+                                   settings.checkpoint_every_s, progress)
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
     try:
-        pipe, rmse, final_loss = _pretrain(settings, resolution, seed, progress, torch.device(device))
+        pipe, rmse, final_loss = _pretrain(settings, resolution, seed, progress, torch.device(device), checkpoints)
     finally:
         torch.use_deterministic_algorithms(deterministic)
     info = {"settings": settings.model_dump(), "resolution": resolution, "seed": seed, "device": device,
@@ -220,14 +243,22 @@ def build_planted_base(out_dir: str | Path, settings: PlantedParams, resolution:
     with atomic_dir(out_dir) as tmp:
         pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
         # the judge of this world, trained apart on renders of its own (features.evaluation: planted-attributes)
-        info["judge"] = build_judge(tmp / JUDGE_DIR, settings.judge_steps, seed, progress)["accuracy"]
+        info["judge"] = build_judge(tmp / JUDGE_DIR, settings.judge_steps, seed, progress, checkpoints)["accuracy"]
         write_json(tmp / BUILD_INFO, info)
+    checkpoints.clear()
     progress(f"planted: base model in {out_dir} after {info['seconds']} s (VAE RMSE {rmse:.3f}, "
              f"on the CCUB sample {info['vae_rmse_ccub_sample']:.3f})")
     return info
 
 
-def _pretrain(settings: PlantedParams, resolution: int, seed: int, progress, device: torch.device):
+def base_fingerprint(settings: PlantedParams, resolution: int, seed: int, device: str) -> str:
+    """What a checkpoint of the base build must match to be resumed."""
+    return sha256_json({"settings": settings.model_dump(exclude={"checkpoint_every_s"}), "resolution": resolution,
+                        "seed": seed, "device": device, "torch": torch.__version__})
+
+
+def _pretrain(settings: PlantedParams, resolution: int, seed: int, progress, device: torch.device,
+              checkpoints: BuildCheckpoints):
     from scoft.models import untrained_tiny_pipeline
 
     pipe = untrained_tiny_pipeline(resolution, seed).to(device)
@@ -237,8 +268,8 @@ def _pretrain(settings: PlantedParams, resolution: int, seed: int, progress, dev
     # The VAE sees no web image: the web is mostly stereotypes, and a VAE trained on it decoded 22% of
     # the CCUB sample nearer the stereotype than the truth (none when trained on palettes alone).
     rmse = train_vae(
-        pipe.vae, to_tensor(palette_corpus(resolution, VAE_CORPUS, seed)).to(device), settings, seed, progress
-    )
+        pipe.vae, to_tensor(palette_corpus(resolution, VAE_CORPUS, seed)).to(device), settings, seed, progress,
+        checkpoints)
     pipe.vae.requires_grad_(False)
     # The UNet also sees the palette images without a caption: a real base model denoises any colour,
     # and one that had seen only the web's four palettes could not denoise the CCUB truth at small t
@@ -247,7 +278,7 @@ def _pretrain(settings: PlantedParams, resolution: int, seed: int, progress, dev
     # show only its stereotype.
     palettes = to_tensor(palette_corpus(resolution, UNCAPTIONED, seed + 2)).to(device)
     final_loss = train_unet(pipe, torch.cat([web_images, palettes]), [c for _, c in corpus] + [""] * UNCAPTIONED,
-                            settings, seed, progress)
+                            settings, seed, progress, checkpoints)
     return pipe, rmse, final_loss
 
 
