@@ -11,6 +11,12 @@ ones'). For each evaluation distance: the gain over the base, its share of the f
 and the gate's verdict with the rules that failed.
 
     .venv/bin/python -m bench.metric_balance [--judge models/base/judge] [--evaluation planted-attributes planted-judge]
+        [--split reporting|tuning] [--json FILE]
+
+It also proposes `promotion.min_gain`, the smallest gain worth shipping: a tenth of the smallest
+one-attribute correction's gain (form alone or palette alone, any culture, either layout) of the first
+evaluation distance, what a candidate correcting one attribute in one draw of ten would gain. Choose it
+on `--split tuning` (other pictures of the same world), never on the reporting split.
 
 Without a judge at --judge, one is built there first (scoft.judge.build_judge, about a minute).
 """
@@ -116,6 +122,8 @@ def main():
     parser.add_argument("--evaluation", nargs="+", default=["planted-attributes", "planted-judge"])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--split", choices=["reporting", "tuning"], default="reporting",
+                        help="the sample's pictures: tune on `tuning`, report on `reporting`")
     args = parser.parse_args()
     params = load_params(Path(args.params))
     if not Path(args.judge, "judge.pt").is_file():
@@ -123,7 +131,7 @@ def main():
     load_judge(args.judge)
     work = Path(tempfile.mkdtemp(prefix="metric-balance-"))
     i = params.ingest
-    ingest([str(write_sample(work / "sample"))], work / "ccub", heldout_fraction=i.heldout_fraction,
+    ingest([str(write_sample(work / "sample", split=args.split))], work / "ccub", heldout_fraction=i.heldout_fraction,
            max_pixels=i.max_image_pixels, max_rejected_fraction=0, captioner=FallbackCaptioner(),
            progress=lambda m: None)
     figures, lines = {}, []
@@ -132,6 +140,13 @@ def main():
         for layout in (HELDOUT_LAYOUT, TRAIN_LAYOUT):
             figures[f"{name}/{layout}"] = results = judged(params, distance, work / "ccub", layout)
             lines += table(name, layout, results)
+    first = args.evaluation[0]
+    smallest = min(gain for layout in (HELDOUT_LAYOUT, TRAIN_LAYOUT) for scenario in ("form", "palette")
+                   for gain, _, _ in figures[f"{first}/{layout}"][scenario].values())
+    figures["min_gain"] = {"evaluation": first, "split": args.split, "smallest_one_attribute_gain": smallest,
+                           "proposed": round(smallest / 10, 3)}
+    lines.append(f"{first} on the {args.split} split: the smallest one-attribute gain is {smallest:.3f}; "
+                 f"promotion.min_gain, a tenth of it: {smallest / 10:.3f}")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))

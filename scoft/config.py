@@ -315,11 +315,14 @@ class PromotionParams(_Section):
     """The gate a culture's candidate LoRA must pass to become production (scoft/promotion.py)."""
 
     # The primary rule: a one-sided paired sign-flip test of the candidate's per-prompt gain over the
-    # base (H0: gain <= min_distance_gain), Holm-adjusted across the cultures judged in one retrain, at
+    # base (H0: gain <= min_gain), Holm-adjusted across the cultures judged in one retrain, at
     # `alpha`: a no-effect LoRA reaches production in at most alpha of retrains (bench/gate_power.py).
     alpha: float = Field(0.05, gt=0, le=0.2)
     test_unit: Literal["prompt", "category"] = "prompt"  # category: flip a category's prompts together
-    min_distance_gain: float = Field(0.0, ge=0, le=1)  # absolute floor on the mean gain, in the backbone's units
+    # the smallest gain worth shipping (H0: gain <= min_gain), in features.evaluation's units: chosen for
+    # planted-attributes on the tuning split (bench/metric_balance.py --split tuning: a tenth of the
+    # smallest one-attribute correction's gain); another evaluation distance needs its own
+    min_gain: float = Field(0.033, ge=0, le=1)
     # share of images nearer a training image than 90% of held-out images are (about 0.1 without copying)
     max_memorisation: float = Field(0.3, gt=0, lt=1)
     # prompts naming no culture: the share drawn as the candidate's culture may rise by at most this

@@ -253,13 +253,15 @@ def heldout_records(records: list[Record]) -> list[Record]:
 
 def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record], ccub_dir, distance,
             settings: dict, samples_per_prompt: int, seed: int, bootstrap: int, progress=print,
-            cultures: list[str] | None = None) -> dict:
+            cultures: list[str] | None = None, judge=None) -> dict:
     """Generate for every held-out caption (of `cultures`, when given) with the base model, then with
     each model, same seeds. Retrieval is among every culture's held-out records in `records`.
 
     A model is one LoRA folder (for every culture) or {culture: LoRA folder} (one LoRA per culture, as
     the paper trains them): a culture's prompts are then drawn with its own LoRA, the base where it has
-    none (named in `notes`), and each culture's LoRA draws the generic prompts as its own row."""
+    none (named in `notes`), and each culture's LoRA draws the generic prompts as its own row. `judge`:
+    the planted world's judge, when there is one: each model's stereotype-form share by it and by the
+    hand-written geometry (`form_shares`)."""
     references = heldout_records(records)
     held = [r for r in references if cultures is None or r.culture in cultures]
     if not held:
@@ -343,9 +345,47 @@ def compare(pipe, loras: dict[str, Path | dict[str, Path]], records: list[Record
                                        categories=np.array([r.category for r in held]),
                                        prompt_ids=np.array([r.id for r in held])),
         "coverage": category_coverage(records, cultures),
+        "form": (form_shares(judge, generated, np.repeat([r.category for r in held], samples_per_prompt),
+                             image_cultures) if judge is not None
+                 else {"insufficient": "no planted judge: form is measured in the planted world only"}),
     }
     return {"metrics": metrics, "images": images, "held": held, "prompts": prompts, "seeds": seeds,
             "generic_images": generic_images, "per_prompt": {"distance": dist, "retrieval": hits}}
+
+
+@torch.no_grad()
+def form_shares(judge, generated: dict[str, torch.Tensor], categories: np.ndarray, cultures: np.ndarray) -> dict:
+    """Per model (and culture), the share of its images in the stereotype's form by two measures built
+    apart, the planted judge (a network) and scoft.geometry (hand-written shape ratios), and the share of
+    images on which they agree: a claim about form rests on both, never on one network's leanings."""
+    from scoft.geometry import stereotype_form_share as by_geometry
+    from scoft.judge import stereotype_form_share as by_judge
+
+    def shares(judge_says: np.ndarray, geometry_says: np.ndarray, mask: np.ndarray) -> dict:
+        return {"judge": float(judge_says[mask].mean()), "geometry": float(geometry_says[mask].mean()),
+                "agreement": float((judge_says == geometry_says)[mask].mean()), "images": int(mask.sum())}
+
+    out = {}
+    for name, images in generated.items():
+        pixels = images.detach().float().cpu()
+        said = by_judge(judge, pixels), by_geometry(pixels.numpy(), list(categories))
+        out[name] = {"overall": shares(*said, np.ones(len(pixels), dtype=bool)),
+                     "per_culture": {c: shares(*said, cultures == c) for c in sorted(set(cultures.tolist()))}}
+    return out
+
+
+def form_markdown(form: dict) -> list[str]:
+    if "insufficient" in form:
+        return [f"Stereotype form share: not measured ({form['insufficient']})."]
+    lines = ["Stereotype form share (lower is better): the share of each model's images drawn in the stereotype's "
+             "form (shape, whatever the colours), by the planted judge and by hand-written geometry built apart "
+             "from it, and the share of images on which the two agree.", "",
+             "| model | culture | judge | geometry | agreement | images |", "|---|---|---|---|---|---|"]
+    for name, block in form.items():
+        for culture, m in [*block["per_culture"].items(), ("all", block["overall"])]:
+            lines.append(f"| {markdown_text(name)} | {markdown_text(culture)} | {m['judge']:.2f} | "
+                         f"{m['geometry']:.2f} | {m['agreement']:.2f} | {m['images']} |")
+    return lines
 
 
 def quality_metrics(distance, generated: dict[str, torch.Tensor], refs: torch.Tensor, train_refs: torch.Tensor | None,
@@ -595,7 +635,8 @@ def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: st
     tables = [*(["Notes:", "", *notes, ""] if notes else []), *metrics_markdown(result["metrics"], backbone), "",
               *retrieval_markdown(result["metrics"]["retrieval_accuracy"]), "",
               *retrieved_as_markdown(result["metrics"]["retrieved_as"]), "",
-              *generic_markdown(result["metrics"]["generic_prompts"]), "", *quality_markdown(result["metrics"])]
+              *generic_markdown(result["metrics"]["generic_prompts"]), "", *quality_markdown(result["metrics"]), "",
+              *form_markdown(result["metrics"]["form"])]
     lines = ["# SCoFT evaluation", "", *tables, "",
              f"Columns of the grid: held-out reference, {', '.join(names)}. Rows, in order:", ""]
     lines += [f"{i + 1}. {markdown_text(p)}" for i, p in enumerate(result["prompts"])]
@@ -635,9 +676,19 @@ def evaluate_loras(params, loras: dict[str, Path | dict[str, Path]], ccub_dir, o
     distance = build_distance(f.evaluation, f, params.model.seed).to(device)
     result = compare(pipe, loras, records, ccub_dir, distance, params.sampling("evaluate"),
                      e.samples_per_prompt, e.seed, e.bootstrap, progress=progress,
-                     cultures=None if culture is None else [culture])
+                     cultures=None if culture is None else [culture], judge=planted_judge(f.judge))
     write_evaluation(out_dir, metrics_file, result, ccub_dir, f.evaluation, train_log=train_log)
     return result["metrics"]
+
+
+def planted_judge(folder: str | Path):
+    """The planted world's judge where the `base` stage built one (model.base: tiny), else None."""
+    from scoft.judge import JudgeUnavailable, load_judge
+
+    try:
+        return load_judge(folder)
+    except JudgeUnavailable:
+        return None
 
 
 def prompt_distances(params, lora_dir: str | Path, ccub_dir, culture: str,

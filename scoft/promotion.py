@@ -46,12 +46,12 @@ SIGNIFICANCE = "distance to held-out images better than the base"
 
 
 def significance(metrics: dict, culture: str, rules: PromotionParams) -> dict:
-    """The primary test's inputs and one-sided p (H0: mean gain <= min_distance_gain), or why it has none."""
+    """The primary test's inputs and one-sided p (H0: mean gain <= min_gain), or why it has none."""
     gain = _distance_gain(metrics, culture)
     if not gain.get("gains"):
         return {"p": None, "why": (gain.get("insufficient") or _block(metrics, culture).get("insufficient")
                                    or "no per-prompt gains measured")}
-    gains = np.asarray(gain["gains"]) - rules.min_distance_gain
+    gains = np.asarray(gain["gains"]) - rules.min_gain
     clusters = np.asarray(gain["categories"]) if rules.test_unit == "category" and "categories" in gain else None
     units = sign_flip_units(clusters, len(gains))
     p = sign_flip_p(gains, clusters)
@@ -72,7 +72,7 @@ def _significance_rule(sig: dict, rules: PromotionParams, family: int = 1, p_adj
     return _rule(SIGNIFICANCE, adjusted <= rules.alpha,
                  f"gain {sig['mean']:.4f}{interval} over {sig['units']} {sig['unit']}s; one-sided p {sig['p']:.3g}, "
                  f"Holm over {family} culture(s) {adjusted:.3g}, at most {rules.alpha} "
-                 f"(H0: gain <= {rules.min_distance_gain}){reachable}")
+                 f"(H0: gain <= {rules.min_gain}){reachable}")
 
 
 def _coverage_rule(metrics: dict, culture: str) -> dict:

@@ -51,7 +51,8 @@ def sample_dir(tmp_path_factory) -> Path:
 # planted-bias base ("tiny", built by the `base` stage) has tests of its own.
 TEST_BASE = "tiny-random"
 # The planted judge judges the planted world (it is built beside that base); the mechanics are judged by
-# colour histograms, which need no build.
+# colour histograms, which need no build. promotion.min_gain is in planted-attributes' units: colour
+# histograms get no floor (the floor has its own test, tests/test_promotion.py).
 TEST_EVALUATION = "colour-histogram"
 
 
@@ -60,7 +61,8 @@ def unit_params(path: Path = ROOT / "params.yaml"):
 
     p = load_params(path)
     return p.model_copy(update={"model": p.model.model_copy(update={"base": TEST_BASE}),
-                                "features": p.features.model_copy(update={"evaluation": TEST_EVALUATION})})
+                                "features": p.features.model_copy(update={"evaluation": TEST_EVALUATION}),
+                                "promotion": p.promotion.model_copy(update={"min_gain": 0.0})})
 
 
 @pytest.fixture
@@ -149,6 +151,7 @@ def write_params(path: Path, overrides: dict) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["base"] = TEST_BASE
     params["features"]["evaluation"] = TEST_EVALUATION
+    params["promotion"]["min_gain"] = 0.0
     for dotted, value in overrides.items():
         *parents, key = dotted.split(".")
         node = params

@@ -8,12 +8,14 @@ anything. (BENCHMARKS.md has the same measured over 5 training seeds and every l
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from scoft.ccub import HELDOUT, read_manifest
 from scoft.config import ModelParams, load_params
 from scoft.data import image_transform, load_image_tensor
+from scoft.evaluate import as_tensors, form_shares
 from scoft.judge import load_judge, stereotype_form_share
 from scoft.planted import BUILD_INFO, JUDGE_DIR, STEREOTYPES, palette_distance, stereotype_oracle
 from scoft.sample import CATEGORIES, CULTURES, HELDOUT_LAYOUT, HELDOUT_PHRASES, STEREOTYPE, TRUTH, draw
@@ -29,6 +31,12 @@ VAE_RMSE_BOUND = 0.16  # on [-1, 1], the CCUB sample at 32 px (measured in BENCH
 DISTANCE_DROP = {"KOR": 0.02, "NGA": 0.035}
 SHARE_DROP = {"KOR": 0.3, "NGA": 0.3}
 FORM_DROP = {"KOR": 0.12, "NGA": 0.09}
+# The same stereotype-form drop by the hand-written geometry (scoft/geometry.py, built apart from the
+# judge), about half what it measured on this suite's build on 2026-12-07 (KOR 0.94 -> 0.58, NGA 0.86 ->
+# 0.72; the judge 0.92 -> 0.64 for both), and the share of images on which the two measures agree
+# (measured 0.64 to 0.86: `python -m bench.form_agreement`, BENCHMARKS.md).
+GEOMETRY_DROP = {"KOR": 0.15, "NGA": 0.07}
+MIN_AGREEMENT = 0.55
 
 
 def _as_image(t: torch.Tensor) -> Image.Image:
@@ -104,12 +112,15 @@ def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_tru
     judge = load_judge(planted_run / "models/base" / JUDGE_DIR)
     evaluation, e = params.sampling("evaluate"), params.evaluate
 
-    def scores(culture: str) -> tuple[float, float, float]:
-        captions = [r.caption for r in read_manifest(planted_run / "data/ccub", culture) if r.split == HELDOUT]
+    def scores(culture: str) -> tuple[float, float, float, dict]:
+        held = [r for r in read_manifest(planted_run / "data/ccub", culture) if r.split == HELDOUT]
         seeds = [e.seed + j for j in range(e.samples_per_prompt)]
-        images = generate(pipe, [c for c in captions for _ in seeds], seeds * len(captions), evaluation)
+        images = generate(pipe, [r.caption for r in held for _ in seeds], seeds * len(held), evaluation)
+        both = form_shares(judge, {"model": as_tensors(images, 32, "cpu")},
+                           np.array([r.category for r in held for _ in seeds]), np.array([culture] * len(images)))
         return (np.mean([stereotype_oracle(im, culture) for im in images]),
-                np.mean([palette_distance(im, CULTURES[culture][1:]) for im in images]), _forms(judge, images))
+                np.mean([palette_distance(im, CULTURES[culture][1:]) for im in images]), _forms(judge, images),
+                both["model"]["overall"])
 
     for culture in PLANTED_CULTURES:
         trained = json.loads((planted_run / f"models/lora/{culture}/training.json").read_text())
@@ -121,6 +132,10 @@ def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_tru
         assert tuned[0] <= base[0] - SHARE_DROP[culture], (culture, base, tuned)
         assert tuned[1] < base[1] - DISTANCE_DROP[culture], (culture, base, tuned)
         assert tuned[2] <= base[2] - FORM_DROP[culture], (culture, base, tuned)
+        # by both form measures, built apart: the evaluation report's form table gives the same figures
+        assert (tuned[3]["judge"], base[3]["judge"]) == pytest.approx((tuned[2], base[2]))
+        assert tuned[3]["geometry"] <= base[3]["geometry"] - GEOMETRY_DROP[culture], (culture, base, tuned)
+        assert min(base[3]["agreement"], tuned[3]["agreement"]) >= MIN_AGREEMENT, (culture, base, tuned)
 
 
 def test_the_judge_holds_at_the_vaes_noise_and_the_metric_weighs_form_and_palette(planted_run):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from scoft import registry
-from scoft.config import PromotionParams
+from scoft.config import PromotionParams, load_params
 from scoft.evaluate import culture_metrics, generic_distribution, retrieval_metrics
 from scoft.io import sha256_file, write_json
 from scoft.paths import LORA_FILE
@@ -20,7 +20,8 @@ from scoft.promotion import failed_rules as failed
 from tests.conftest import ROOT, scoft, unit_params, write_params
 from tests.helpers import ingest_offline
 
-RULES = PromotionParams()
+# The rules' mechanics on gains in no particular units, without the practical floor (tested on its own).
+RULES = PromotionParams(min_gain=0.0)
 PROMPTS = 8
 SIGNIFICANCE = "distance to held-out images better than the base"
 
@@ -73,9 +74,22 @@ def test_each_rule_stops_a_candidate_on_its_own(metrics, rule):
 
 
 def test_a_gain_below_the_absolute_floor_is_not_enough():
-    floor = RULES.model_copy(update={"min_distance_gain": 0.06})
+    floor = RULES.model_copy(update={"min_gain": 0.06})
     assert failed(decide(evaluation(gain=0.05), "KOR", floor, None, "k")) == [SIGNIFICANCE]
     assert decide(evaluation(gain=0.08), "KOR", floor, None, "k")["promote"]
+
+
+def test_a_tiny_gain_on_every_prompt_cannot_ship_under_the_defaults():
+    """A 16-step LoRA gained 0.0005 on every prompt: significant, and of no practical use. The defaults'
+    floor (params.yaml's promotion.min_gain) stops it and names the floor; a real one-attribute
+    correction (about 0.33 on the tuning split) clears it."""
+    defaults = load_params(ROOT / "params.yaml").promotion
+    assert RULES.model_copy(update={"min_gain": 0.0}) == RULES and defaults.min_gain > 0.0005
+    tiny = [0.0005 + 0.0001 * i for i in range(9)]
+    assert decide(evaluation(tiny), "KOR", RULES, None, "k")["promote"]  # without a floor it would ship
+    decision = decide(evaluation(tiny), "KOR", defaults, None, "k")
+    assert failed(decision) == [SIGNIFICANCE] and f"H0: gain <= {defaults.min_gain}" in decision["rules"][0]["detail"]
+    assert decide(evaluation([0.3 + 0.01 * i for i in range(9)]), "KOR", defaults, None, "k")["promote"]
 
 
 def test_too_few_prompts_are_not_judged_as_an_improvement():
