@@ -636,7 +636,7 @@ def write_evaluation(out_dir, metrics_file, result: dict, ccub_dir, backbone: st
               *retrieval_markdown(result["metrics"]["retrieval_accuracy"]), "",
               *retrieved_as_markdown(result["metrics"]["retrieved_as"]), "",
               *generic_markdown(result["metrics"]["generic_prompts"]), "", *quality_markdown(result["metrics"]), "",
-              *form_markdown(result["metrics"]["form"])]
+              *form_markdown(result["metrics"].get("form") or {"insufficient": "not measured by this evaluation"})]
     lines = ["# SCoFT evaluation", "", *tables, "",
              f"Columns of the grid: held-out reference, {', '.join(names)}. Rows, in order:", ""]
     lines += [f"{i + 1}. {markdown_text(p)}" for i, p in enumerate(result["prompts"])]

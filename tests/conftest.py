@@ -176,13 +176,15 @@ _RUN_ID = uuid.uuid4().hex
 
 def _planted_commands() -> list[str]:
     """The default pipeline's commands as dvc.yaml runs them, on the built-in sample (4 training and 3
-    held-out images per culture and category, as bench/planted_bias.py), with params.yaml untouched."""
-    chains = [f"scoft negatives --culture {c} --out data/negatives/{c} && scoft train --culture {c} "
-              f"--negatives data/negatives/{c} --output models/lora/{c} --log-dir models/train_log/{c}"
-              for c in PLANTED_CULTURES]
-    commands = " && ".join(["scoft sample --out data/sample", "scoft base --out models/base",
-                            "scoft ingest", *chains])
-    return ["bash", "-c", f"set -eo pipefail; {commands}"]
+    held-out images per culture and category, as bench/planted_bias.py), with params.yaml untouched.
+    What does not depend on each other runs side by side, as DVC's stage graph allows (each process is
+    single-threaded): ingest beside the base, then the two cultures' chains."""
+    chains = [f"(scoft negatives --culture {c} --out data/negatives/{c} && scoft train --culture {c} "
+              f"--negatives data/negatives/{c} --output models/lora/{c} --log-dir models/train_log/{c}) & "
+              f"chain_{c}=$!" for c in PLANTED_CULTURES]
+    commands = ["scoft sample --out data/sample", "scoft ingest & ingest=$!", "scoft base --out models/base",
+                "wait $ingest", *chains, *(f"wait $chain_{c}" for c in PLANTED_CULTURES)]
+    return ["bash", "-c", "set -eo pipefail; " + "; ".join(commands)]
 
 
 BACKGROUND = {  # fixture: (the job's command, run in its own folder; whether it needs params.yaml there)

@@ -62,6 +62,9 @@ def test_the_evaluation_report_shows_hostile_captions_as_text(tmp_path):
                 "max_entropy_bits": 0.0,
                 "models": {"base": {"shares": {"KOR": 1.0}, "entropy_bits": 0.0, "images": 1}},
             },
+            "form": {"base": {"overall": {"judge": 0.92, "geometry": 0.94, "agreement": 0.86, "images": 36},
+                              "per_culture": {"KOR": {"judge": 0.92, "geometry": 0.94, "agreement": 0.86,
+                                                      "images": 36}}}},
         },
         "images": {"base": [Image.fromarray(np.zeros((32, 32, 3), np.uint8))] * len(held)},
         "held": held,
@@ -83,6 +86,8 @@ def test_the_evaluation_report_shows_hostile_captions_as_text(tmp_path):
     assert "<script" not in page and "onerror=" not in page.replace("onerror=&quot;", "")
     assert page.count("<img") == 1 and "attacker.example" in page  # captions as text, no remote image
     assert "<table>" in page and "KID" in page and "Memorisation" in page
+    # the stereotype-form share by both measures, and their agreement
+    assert "| base | KOR | 0.92 | 0.94 | 0.86 | 36 |" in (tmp_path / "eval/report.md").read_text()
     html = _html((tmp_path / "eval/report.md").read_text())
     assert html.count("<h1>") == 1  # the report's own title only
     assert html.count("<img") == 1 and 'src="grid.png"' in html  # the grid only, nothing remote
