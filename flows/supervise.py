@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from scoft.paths import BASE_DIR, CHECKPOINTS, JOINT, LORA_DIR
+from scoft.paths import BASE_DIR, CHECKPOINTS, JOINT, LORA_DIR, build_checkpoints_dir
 
 GRACE_S = 10  # for DVC to release its locks after SIGINT
 FLOW_GRACE_S = 25  # for the flow process to stop its stages (DVC's own grace, tasks/dvc.py) and report its end
@@ -235,8 +235,7 @@ def _left(stage: str, workdir: Path) -> str:
             return f"stage {stage}, whose next run resumes from its checkpoint {saved[-1].relative_to(workdir)}"
         return f"stage {stage}, before its first checkpoint: its next run starts it again"
     if stage == "base":
-        saved = sorted((workdir / BASE_DIR).parent.glob(f".{BASE_DIR.name}.checkpoints/*/*.pt"),
-                       key=lambda p: p.stat().st_mtime)
+        saved = sorted(build_checkpoints_dir(workdir / BASE_DIR).glob("*/*.pt"), key=lambda p: p.stat().st_mtime)
         if saved:
             return f"stage base, whose next run resumes from its checkpoint {saved[-1].relative_to(workdir)}"
         return "stage base, before its first checkpoint: its next run starts it again"

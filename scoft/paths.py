@@ -15,6 +15,14 @@ PROMOTION_DIR = Path("reports/promotion")  # each culture's promotion decision, 
 METRICS_FILE = Path("reports/metrics.json")  # a joint LoRA's evaluation (scoft evaluate without --culture)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINTS = "checkpoints"  # in a LoRA folder: the resumable training checkpoints (scoft/train.py)
+
+
+def build_checkpoints_dir(out_dir: Path) -> Path:
+    """Where a build writing `out_dir` keeps its checkpoints (scoft/checkpoints.py): beside it, since DVC
+    deletes a stage's output before running the stage (models/base -> models/.base.checkpoints)."""
+    return Path(out_dir).parent / f".{Path(out_dir).name}.checkpoints"
+
+
 SKIPPED_FILE = "skipped.json"  # in a culture's LoRA folder when it had nothing to train on: why
 # The models an evaluation judges, by the names its outputs use (images/<model>/ in an evaluation folder)
 CANDIDATE, BASE, PRODUCTION = "scoft", "base", "production"  # production: where the promote step samples it

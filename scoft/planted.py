@@ -27,6 +27,7 @@ from scoft.checkpoints import BuildCheckpoints, resumable_steps
 from scoft.config import PlantedParams
 from scoft.io import atomic_dir, sha256_json, write_json
 from scoft.judge import build_judge
+from scoft.paths import build_checkpoints_dir
 from scoft.sample import (
     CATEGORIES,
     CULTURES,
@@ -227,7 +228,7 @@ def build_planted_base(out_dir: str | Path, settings: PlantedParams, resolution:
     stopped, to the same weights; they are removed once the base is written."""
     started = time.monotonic()
     out_dir = Path(out_dir)
-    checkpoints = BuildCheckpoints(out_dir.parent / f".{out_dir.name}.checkpoints",
+    checkpoints = BuildCheckpoints(build_checkpoints_dir(out_dir),
                                    base_fingerprint(settings, resolution, seed, device),
                                    settings.checkpoint_every_s, progress)
     deterministic = torch.are_deterministic_algorithms_enabled()
