@@ -13,19 +13,31 @@ the built-in sample (9 held-out prompts per culture in 3 categories) and a CCUB-
 prompts in 10 categories, a quarter of about 140 records). Each with the prompt and the category as
 the sign-flip unit (promotion.test_unit).
 
-    .venv/bin/python -m bench.gate_power [--reps 2000] [--json out.json]
+With --gains (a planted bench's --json: `bench/planted_bias.py` trains LoRAs over several training seeds
+and keeps each one's per-prompt distances), the correlation is measured instead of assumed: each
+LoRA's per-prompt gains over the base, their within-category correlation (scoft.stats.
+within_cluster_correlation; each LoRA's own mean gain taken out), both of the gains as they are and of
+what differs between LoRAs trained alike (a LoRA's gain minus the mean over training seeds: the part a
+LoRA with no real effect would still have), and their spread in the evaluation's units. Retrains are
+then simulated in those units with params.yaml's rules as they are (promotion.min_gain included): no
+effect, a mean gain at the floor (H0's boundary), and each culture's measured mean gain (power).
+
+    .venv/bin/python -m bench.gate_power [--reps 2000] [--json out.json] \
+        [--gains bench/results/planted_gains_tuning.json [--model +MPC]]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
-from scoft.config import PromotionParams
+from scoft.config import PromotionParams, load_params
 from scoft.evaluate import culture_metrics
 from scoft.promotion import SIGNIFICANCE, decide, hold_family
+from scoft.stats import within_cluster_correlation
 
 CULTURES = ["KOR", "MEX", "NGA"]
 LAYOUTS = {"sample (9 prompts, 3 categories)": (9, 3), "CCUB-sized (35 prompts, 10 categories)": (35, 10)}
@@ -39,20 +51,27 @@ TRUTHS = [  # (name, mean gain in prompt SDs, intra-category correlation)
 ]
 
 
-def culture_gains(rng, prompts: int, categories: int, effect: float, icc: float) -> tuple[np.ndarray, np.ndarray]:
-    """One culture's per-prompt gains (unit total variance) and their categories."""
+UNIT = 0.01  # the unitless table's scale: a gain of 0.01 per prompt SD (the rules see distances)
+
+
+def culture_gains(rng, prompts: int, categories: int, mean: float, icc: float,
+                  sd: float) -> tuple[np.ndarray, np.ndarray]:
+    """One culture's per-prompt gains (mean, standard deviation sd, a share icc of the variance shared by
+    a category's prompts) and their categories."""
     labels = np.array([f"C{i % categories}" for i in range(prompts)])
     shared = rng.standard_normal(categories)[[int(c[1:]) for c in labels]]
-    return effect + np.sqrt(icc) * shared + np.sqrt(1 - icc) * rng.standard_normal(prompts), labels
+    return mean + sd * (np.sqrt(icc) * shared + np.sqrt(1 - icc) * rng.standard_normal(prompts)), labels
 
 
-def one_retrain(rng, prompts: int, categories: int, effect: float, icc: float, rules: PromotionParams) -> list[bool]:
-    """Whether each culture's primary rule passes in one simulated retrain (Holm over the three)."""
+def one_retrain(rng, prompts: int, categories: int, means: dict[str, float], icc: float, rules: PromotionParams,
+                sd: float = UNIT) -> list[bool]:
+    """Whether each culture's primary rule passes in one simulated retrain (Holm over the three), each
+    culture's gains drawn around its own mean."""
     decisions = {}
     for culture in CULTURES:
-        gains, labels = culture_gains(rng, prompts, categories, effect, icc)
+        gains, labels = culture_gains(rng, prompts, categories, means[culture], icc, sd)
         base = 0.5 + 0.1 * rng.standard_normal(prompts)
-        dist = {"base": base, "scoft": base - 0.01 * gains}  # the backbone's scale: a gain of 0.01 per SD
+        dist = {"base": base, "scoft": base - gains}
         metrics = {"per_culture": culture_metrics(dist, np.array([culture] * prompts), [culture], 10, 0,
                                                   labels, np.array([f"{culture}-{i}" for i in range(prompts)]))}
         decisions[culture] = decide(metrics, culture, rules, None, "sim")
@@ -68,9 +87,56 @@ def measure(reps: int, seed: int = 0) -> list[dict]:
             rules = PromotionParams(test_unit=unit, min_gain=0.0)
             for truth, effect, icc in TRUTHS:
                 rng = np.random.default_rng([seed, prompts, categories, int(effect * 10), int(icc * 10)])
-                passed = np.array([one_retrain(rng, prompts, categories, effect, icc, rules) for _ in range(reps)])
+                means = dict.fromkeys(CULTURES, effect * UNIT)
+                passed = np.array([one_retrain(rng, prompts, categories, means, icc, rules) for _ in range(reps)])
                 rows.append({"layout": layout, "unit": unit, "truth": truth, "per_culture": float(passed.mean()),
                              "per_retrain_any": float(passed.any(axis=1).mean()), "reps": reps})
+    return rows
+
+
+def measured_correlation(path: str, model: str) -> dict:
+    """Per-prompt gains over the base of `model`'s LoRAs (one per training seed and culture) in a planted
+    bench's --json, and how they cluster by category: as they are, and what differs between LoRAs
+    trained alike (each LoRA's gain minus the mean over its training seeds, per prompt)."""
+    run = json.loads(Path(path).read_text())
+    base = np.asarray(run["models"]["base"]["distance"])[0]
+    gains = base - np.asarray(run["models"][model]["distance"])  # [training seeds, prompts]; positive: better
+    cultures, categories = np.asarray(run["cultures"]), np.asarray(run["categories"])
+    seeds = np.repeat(np.arange(len(gains)), len(base))
+    runs = np.char.add(seeds.astype(str), np.tile(cultures, len(gains)))  # a LoRA: a seed and a culture
+    deviations = gains - gains.mean(axis=0)  # the training seed's own part of each prompt's gain
+
+    def clustering(values: np.ndarray) -> dict:
+        return within_cluster_correlation(values.ravel(), np.tile(categories, len(gains)), runs)
+
+    per_culture = {}
+    for c in sorted(set(cultures.tolist())):
+        g = gains[:, cultures == c]
+        per_culture[c] = {"mean_gain": float(g.mean()), "prompts": int(g.shape[1]),
+                          "gain_sd_within_lora": float(np.sqrt(np.mean(g.var(axis=1, ddof=1))))}
+    return {"file": path, "model": model, "training_seeds": len(gains), "gains": clustering(gains),
+            "training_noise": clustering(deviations), "per_culture": per_culture}
+
+
+def measure_on_defaults(measured: dict, reps: int, rules: PromotionParams, seed: int = 0) -> list[dict]:
+    """Retrains of the built-in sample's layout simulated in the evaluation's units with the measured
+    correlation (the larger of the two measures) and spread, under `rules` with each sign-flip unit."""
+    icc = float(np.clip(max(measured["gains"]["icc"], measured["training_noise"]["icc"]), 0.0, 1.0))
+    sd = float(np.sqrt(np.mean([m["gain_sd_within_lora"] ** 2 for m in measured["per_culture"].values()])))
+    truths = [("no effect", dict.fromkeys(CULTURES, 0.0)),
+              (f"mean gain at the floor ({rules.min_gain})", dict.fromkeys(CULTURES, rules.min_gain)),
+              ("each culture's measured mean gain", {c: measured["per_culture"].get(c, {}).get("mean_gain", 0.0)
+                                                      for c in CULTURES})]
+    prompts, categories = LAYOUTS["sample (9 prompts, 3 categories)"]
+    rows = []
+    for unit in ("prompt", "category"):
+        unit_rules = rules.model_copy(update={"test_unit": unit})
+        for k, (truth, means) in enumerate(truths):
+            rng = np.random.default_rng([seed, k, len(unit)])
+            passed = np.array([one_retrain(rng, prompts, categories, means, icc, unit_rules, sd) for _ in range(reps)])
+            rows.append({"layout": "sample, measured", "unit": unit, "truth": f"{truth}; ICC {icc:.2f}, SD {sd:.3f}",
+                         "per_culture": float(passed.mean()), "per_retrain_any": float(passed.any(axis=1).mean()),
+                         "by_culture": dict(zip(CULTURES, passed.mean(axis=0).tolist())), "reps": reps})
     return rows
 
 
@@ -91,14 +157,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2000, help="simulated retrains per row")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--gains", default=None, help="a planted bench's --json: measure the correlation there")
+    parser.add_argument("--model", default="+MPC", help="whose LoRAs' gains --gains measures")
+    parser.add_argument("--params", default="params.yaml", help="the rules --gains simulates under")
     args = parser.parse_args()
-    rows = measure(args.reps)
+    rows, measured = measure(args.reps), None
     print(f"alpha {PromotionParams().alpha}, Holm over {len(CULTURES)} cultures, {args.reps} retrains per row; "
           "'no effect' rows are false-promotion rates, the others power")
     print(markdown(rows))
+    if args.gains:
+        measured = measured_correlation(args.gains, args.model)
+        rules = load_params(args.params).promotion
+        print(f"\nmeasured on {args.gains} ({args.model}, {measured['training_seeds']} training seeds): "
+              + json.dumps({k: measured[k] for k in ("gains", "training_noise", "per_culture")}))
+        on_defaults = measure_on_defaults(measured, args.reps, rules)
+        print(f"\n{args.params}'s rules (min_gain {rules.min_gain}), in the evaluation's units:")
+        print(markdown(on_defaults))
+        rows += on_defaults
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"rows": rows, "measured": measured}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scoft.evaluate import NO_INTERVAL, culture_metrics, metrics_markdown
-from scoft.stats import bootstrap_ci, hierarchical_bootstrap_ci, holm, sign_flip_p
+from scoft.stats import bootstrap_ci, hierarchical_bootstrap_ci, holm, sign_flip_p, within_cluster_correlation
 
 
 def test_no_interval_below_two_prompts():
@@ -74,6 +74,26 @@ def test_the_interval_over_training_seeds_and_prompts_widens_with_either():
     by_category = hierarchical_bootstrap_ci(clustered, categories, 2000, 0)
     assert (by_category[1] - by_category[0]) > 1.5 * (flat[1] - flat[0])
     assert hierarchical_bootstrap_ci(clustered, np.repeat(["A"], 12), 100, 0) is None  # one cluster: none
+
+
+def test_within_category_correlation_by_hand_and_on_known_truths():
+    # two categories of two prompts: means 1 and 3, spreads +-1 around them. MSW = 4/2 = 2; MSB = 2*(1+1)/1 = 4;
+    # n0 = 2: ICC = (4 - 2) / (4 + 2) = 1/3
+    by_hand = within_cluster_correlation(np.array([0.0, 2.0, 2.0, 4.0]), np.array(["A", "A", "B", "B"]))
+    assert by_hand["icc"] == pytest.approx(1 / 3)
+    assert by_hand["within_variance"] == pytest.approx(2.0) and by_hand["between_variance"] == pytest.approx(1.0)
+    # simulated LoRAs (runs), 3 categories of 3 prompts each, a run's own mean effect added: it is not
+    # clustering, and each truth is recovered
+    rng = np.random.default_rng(0)
+    for truth in (0.0, 0.3, 0.6):
+        runs = np.repeat(np.arange(400), 9)
+        categories = np.tile(np.repeat(["ARCH", "FOOD", "CLOTH"], 3), 400)
+        shared = rng.standard_normal((400, 3)).repeat(3, axis=1).ravel()
+        noise = rng.standard_normal(len(runs))
+        values = 5 * rng.standard_normal(400)[runs] + np.sqrt(truth) * shared + np.sqrt(1 - truth) * noise
+        assert within_cluster_correlation(values, categories, runs)["icc"] == pytest.approx(truth, abs=0.06)
+    with pytest.raises(ValueError, match="2\\+ clusters per run"):
+        within_cluster_correlation(np.array([1.0, 2.0]), np.array(["A", "A"]))
 
 
 def test_holm_by_hand():
