@@ -54,22 +54,30 @@ TRUTHS = [  # (name, mean gain in prompt SDs, intra-category correlation)
 UNIT = 0.01  # the unitless table's scale: a gain of 0.01 per prompt SD (the rules see distances)
 
 
-def culture_gains(rng, prompts: int, categories: int, mean: float, icc: float,
-                  sd: float) -> tuple[np.ndarray, np.ndarray]:
+def culture_gains(rng, prompts: int, categories: int, mean: float, icc: float, sd: float,
+                  fixed_categories: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One culture's per-prompt gains (mean, standard deviation sd, a share icc of the variance shared by
-    a category's prompts) and their categories."""
+    a category's prompts) and their categories. The category effects are drawn anew (categories a
+    sample of many: the gate would speak for categories it never judged), or with `fixed_categories`
+    they are the judged categories' own, summing to 0 (evenly spread, in a random order): the mean over
+    the judged categories is exactly `mean`."""
     labels = np.array([f"C{i % categories}" for i in range(prompts)])
-    shared = rng.standard_normal(categories)[[int(c[1:]) for c in labels]]
+    if fixed_categories:
+        spread = np.linspace(-1.0, 1.0, categories)
+        effects = rng.permutation(spread / spread.std())
+    else:
+        effects = rng.standard_normal(categories)
+    shared = effects[[int(c[1:]) for c in labels]]
     return mean + sd * (np.sqrt(icc) * shared + np.sqrt(1 - icc) * rng.standard_normal(prompts)), labels
 
 
 def one_retrain(rng, prompts: int, categories: int, means: dict[str, float], icc: float, rules: PromotionParams,
-                sd: float = UNIT) -> list[bool]:
+                sd: float = UNIT, fixed_categories: bool = False) -> list[bool]:
     """Whether each culture's primary rule passes in one simulated retrain (Holm over the three), each
     culture's gains drawn around its own mean."""
     decisions = {}
     for culture in CULTURES:
-        gains, labels = culture_gains(rng, prompts, categories, means[culture], icc, sd)
+        gains, labels = culture_gains(rng, prompts, categories, means[culture], icc, sd, fixed_categories)
         base = 0.5 + 0.1 * rng.standard_normal(prompts)
         dist = {"base": base, "scoft": base - gains}
         metrics = {"per_culture": culture_metrics(dist, np.array([culture] * prompts), [culture], 10, 0,
@@ -118,23 +126,38 @@ def measured_correlation(path: str, model: str) -> dict:
             "training_noise": clustering(deviations), "per_culture": per_culture}
 
 
-def measure_on_defaults(measured: dict, reps: int, rules: PromotionParams, seed: int = 0) -> list[dict]:
-    """Retrains of the built-in sample's layout simulated in the evaluation's units with the measured
-    correlation (the larger of the two measures) and spread, under `rules` with each sign-flip unit."""
-    icc = float(np.clip(max(measured["gains"]["icc"], measured["training_noise"]["icc"]), 0.0, 1.0))
+def measure_on_defaults(measured: dict, reps: int, rules: PromotionParams, prompts: int = 9,
+                        seed: int = 0) -> list[dict]:
+    """Retrains of the built-in sample's layout simulated in the evaluation's units, with the measured
+    spread of the gains and their measured clustering, under `rules` with each sign-flip unit.
+
+    A LoRA with no effect differs from the base only by what differs between LoRAs trained alike (the
+    training noise), clustered as measured. A LoRA whose effects differ by category (as trained LoRAs'
+    do) but average to nothing over the categories it is judged on is the other null; and for
+    reference, the same clustering with category effects drawn anew, as if the gate spoke for
+    categories it never judged."""
+    noise_icc = float(np.clip(measured["training_noise"]["icc"], 0.0, 1.0))
+    icc = float(np.clip(measured["gains"]["icc"], 0.0, 1.0))
     sd = float(np.sqrt(np.mean([m["gain_sd_within_lora"] ** 2 for m in measured["per_culture"].values()])))
-    truths = [("no effect", dict.fromkeys(CULTURES, 0.0)),
-              (f"mean gain at the floor ({rules.min_gain})", dict.fromkeys(CULTURES, rules.min_gain)),
-              ("each culture's measured mean gain", {c: measured["per_culture"].get(c, {}).get("mean_gain", 0.0)
-                                                      for c in CULTURES})]
-    prompts, categories = LAYOUTS["sample (9 prompts, 3 categories)"]
+    zero, floor = dict.fromkeys(CULTURES, 0.0), dict.fromkeys(CULTURES, rules.min_gain)
+    gains = {c: measured["per_culture"].get(c, {}).get("mean_gain", 0.0) for c in CULTURES}
+    truths = [  # (name, per-culture mean gains, ICC, category effects fixed to the judged categories)
+        (f"no effect: training noise only (ICC {noise_icc:.2f})", zero, noise_icc, False),
+        (f"no mean effect over the judged categories (their effects: ICC {icc:.2f})", zero, icc, True),
+        (f"mean gain at the floor ({rules.min_gain}), category effects as measured", floor, icc, True),
+        ("each culture's measured mean gain, category effects as measured", gains, icc, True),
+        (f"reference: no mean effect, category effects drawn anew (ICC {icc:.2f})", zero, icc, False),
+    ]
+    categories = LAYOUTS["sample (9 prompts, 3 categories)"][1]
     rows = []
     for unit in ("prompt", "category"):
         unit_rules = rules.model_copy(update={"test_unit": unit})
-        for k, (truth, means) in enumerate(truths):
-            rng = np.random.default_rng([seed, k, len(unit)])
-            passed = np.array([one_retrain(rng, prompts, categories, means, icc, unit_rules, sd) for _ in range(reps)])
-            rows.append({"layout": "sample, measured", "unit": unit, "truth": f"{truth}; ICC {icc:.2f}, SD {sd:.3f}",
+        for k, (truth, means, truth_icc, fixed) in enumerate(truths):
+            rng = np.random.default_rng([seed, k, len(unit), prompts])
+            passed = np.array([one_retrain(rng, prompts, categories, means, truth_icc, unit_rules, sd, fixed)
+                               for _ in range(reps)])
+            rows.append({"layout": f"{prompts} prompts in {categories} categories, measured (SD {sd:.3f})",
+                         "unit": unit, "truth": truth,
                          "per_culture": float(passed.mean()), "per_retrain_any": float(passed.any(axis=1).mean()),
                          "by_culture": dict(zip(CULTURES, passed.mean(axis=0).tolist())), "reps": reps})
     return rows
@@ -146,10 +169,12 @@ def interval(share: float, n: int) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| layout | unit | truth | passes per culture | a retrain ships any |", "|---|---|---|---|---|"]
+    lines = ["| layout | unit | truth | passes per culture | a retrain ships any | per culture (KOR, MEX, NGA) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        by = ", ".join(f"{v:.3f}" for v in r["by_culture"].values()) if "by_culture" in r else ""
         lines.append(f"| {r['layout']} | {r['unit']} | {r['truth']} | {interval(r['per_culture'], 3 * r['reps'])} | "
-                     f"{interval(r['per_retrain_any'], r['reps'])} |")
+                     f"{interval(r['per_retrain_any'], r['reps'])} | {by} |")
     return "\n".join(lines)
 
 
@@ -170,7 +195,8 @@ def main():
         rules = load_params(args.params).promotion
         print(f"\nmeasured on {args.gains} ({args.model}, {measured['training_seeds']} training seeds): "
               + json.dumps({k: measured[k] for k in ("gains", "training_noise", "per_culture")}))
-        on_defaults = measure_on_defaults(measured, args.reps, rules)
+        # the sample's 9 held-out prompts per culture, and what 15 would give
+        on_defaults = [row for prompts in (9, 15) for row in measure_on_defaults(measured, args.reps, rules, prompts)]
         print(f"\n{args.params}'s rules (min_gain {rules.min_gain}), in the evaluation's units:")
         print(markdown(on_defaults))
         rows += on_defaults
