@@ -138,6 +138,8 @@ def measure_on_defaults(measured: dict, reps: int, rules: PromotionParams, promp
     categories it never judged."""
     noise_icc = float(np.clip(measured["training_noise"]["icc"], 0.0, 1.0))
     icc = float(np.clip(measured["gains"]["icc"], 0.0, 1.0))
+    # every truth draws with the trained LoRAs' spread, about 4 times the training noise's: with a floor
+    # above 0, the wider spread overstates how often a LoRA that does nothing clears it
     sd = float(np.sqrt(np.mean([m["gain_sd_within_lora"] ** 2 for m in measured["per_culture"].values()])))
     zero, floor = dict.fromkeys(CULTURES, 0.0), dict.fromkeys(CULTURES, rules.min_gain)
     gains = {c: measured["per_culture"].get(c, {}).get("mean_gain", 0.0) for c in CULTURES}

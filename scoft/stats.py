@@ -127,14 +127,14 @@ def within_cluster_correlation(values: np.ndarray, clusters: np.ndarray, runs: n
     values = np.asarray(values, dtype=np.float64)
     clusters = np.asarray(clusters).astype(str)
     runs = np.zeros(len(values), int) if runs is None else np.asarray(runs)
-    groups = np.char.add(np.char.add(runs.astype(str), "\x00"), clusters)
-    ids, of = np.unique(groups, return_inverse=True)
-    run_count = len(np.unique(runs))
+    run_ids, run_of = np.unique(runs, return_inverse=True)
+    cluster_ids, cluster_of = np.unique(clusters, return_inverse=True)
+    ids, of = np.unique(run_of * len(cluster_ids) + cluster_of, return_inverse=True)  # a (run, cluster) cell
+    run_count = len(run_ids)
     sizes = np.bincount(of)
     if len(ids) - run_count < 1 or len(values) - len(ids) < 1:
         raise ValueError(f"{len(values)} values in {len(ids)} clusters of {run_count} run(s): an intra-class "
                          "correlation needs 2+ clusters per run and a cluster with 2+ values")
-    run_ids, run_of = np.unique(runs, return_inverse=True)
     centred = values - (np.bincount(run_of, values) / np.bincount(run_of))[run_of]
     cluster_means = np.bincount(of, centred) / sizes
     msw = np.sum((centred - cluster_means[of]) ** 2) / (len(values) - len(ids))
