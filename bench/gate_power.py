@@ -128,37 +128,44 @@ def measured_correlation(path: str, model: str) -> dict:
 
 def measure_on_defaults(measured: dict, reps: int, rules: PromotionParams, prompts: int = 9,
                         seed: int = 0) -> list[dict]:
-    """Retrains of the built-in sample's layout simulated in the evaluation's units, with the measured
-    spread of the gains and their measured clustering, under `rules` with each sign-flip unit.
+    """Retrains of the built-in sample's layout simulated in the evaluation's units under `rules` with
+    each sign-flip unit, from what was measured.
 
     A LoRA with no effect differs from the base only by what differs between LoRAs trained alike (the
-    training noise), clustered as measured. A LoRA whose effects differ by category (as trained LoRAs'
-    do) but average to nothing over the categories it is judged on is the other null; and for
-    reference, the same clustering with category effects drawn anew, as if the gate spoke for
-    categories it never judged."""
-    noise_icc = float(np.clip(measured["training_noise"]["icc"], 0.0, 1.0))
+    training noise), with its measured spread and clustering; the same without the floor shows what the
+    floor does. A LoRA whose effects differ by category (as trained LoRAs' do, with their spread) but
+    average to nothing over the categories it is judged on is the other null; then a mean gain at the
+    floor, each culture's measured mean gain (power), and for reference the LoRAs' clustering with
+    category effects drawn anew, as if the gate spoke for categories it never judged."""
+    seeds = measured["training_seeds"]
+    noise = measured["training_noise"]
+    noise_icc = float(np.clip(noise["icc"], 0.0, 1.0))
+    # deviations from the mean over the training seeds have (seeds - 1) / seeds of the noise's variance
+    noise_sd = float(np.sqrt((noise["within_variance"] + noise["between_variance"]) * seeds / (seeds - 1)))
     icc = float(np.clip(measured["gains"]["icc"], 0.0, 1.0))
-    # every truth draws with the trained LoRAs' spread, about 4 times the training noise's: with a floor
-    # above 0, the wider spread overstates how often a LoRA that does nothing clears it
     sd = float(np.sqrt(np.mean([m["gain_sd_within_lora"] ** 2 for m in measured["per_culture"].values()])))
     zero, floor = dict.fromkeys(CULTURES, 0.0), dict.fromkeys(CULTURES, rules.min_gain)
     gains = {c: measured["per_culture"].get(c, {}).get("mean_gain", 0.0) for c in CULTURES}
-    truths = [  # (name, per-culture mean gains, ICC, category effects fixed to the judged categories)
-        (f"no effect: training noise only (ICC {noise_icc:.2f})", zero, noise_icc, False),
-        (f"no mean effect over the judged categories (their effects: ICC {icc:.2f})", zero, icc, True),
-        (f"mean gain at the floor ({rules.min_gain}), category effects as measured", floor, icc, True),
-        ("each culture's measured mean gain, category effects as measured", gains, icc, True),
-        (f"reference: no mean effect, category effects drawn anew (ICC {icc:.2f})", zero, icc, False),
+    no_floor = rules.model_copy(update={"min_gain": 0.0})
+    truths = [  # (name, per-culture mean gains, SD, ICC, category effects fixed to the judged categories, rules)
+        (f"no effect: training noise (SD {noise_sd:.3f}, ICC {noise_icc:.2f})", zero, noise_sd, noise_icc, False,
+         rules),
+        ("the same without the floor (min_gain 0)", zero, noise_sd, noise_icc, False, no_floor),
+        (f"no mean effect over the judged categories (SD {sd:.3f}, ICC {icc:.2f})", zero, sd, icc, True, rules),
+        (f"mean gain at the floor ({rules.min_gain}), the LoRAs' spread", floor, sd, icc, True, rules),
+        ("each culture's measured mean gain, the LoRAs' spread", gains, sd, icc, True, rules),
+        (f"reference: no mean effect, category effects drawn anew (SD {sd:.3f}, ICC {icc:.2f})", zero, sd, icc,
+         False, rules),
     ]
     categories = LAYOUTS["sample (9 prompts, 3 categories)"][1]
     rows = []
     for unit in ("prompt", "category"):
-        unit_rules = rules.model_copy(update={"test_unit": unit})
-        for k, (truth, means, truth_icc, fixed) in enumerate(truths):
+        for k, (truth, means, truth_sd, truth_icc, fixed, truth_rules) in enumerate(truths):
+            unit_rules = truth_rules.model_copy(update={"test_unit": unit})
             rng = np.random.default_rng([seed, k, len(unit), prompts])
-            passed = np.array([one_retrain(rng, prompts, categories, means, truth_icc, unit_rules, sd, fixed)
+            passed = np.array([one_retrain(rng, prompts, categories, means, truth_icc, unit_rules, truth_sd, fixed)
                                for _ in range(reps)])
-            rows.append({"layout": f"{prompts} prompts in {categories} categories, measured (SD {sd:.3f})",
+            rows.append({"layout": f"{prompts} prompts in {categories} categories, measured",
                          "unit": unit, "truth": truth,
                          "per_culture": float(passed.mean()), "per_retrain_any": float(passed.any(axis=1).mean()),
                          "by_culture": dict(zip(CULTURES, passed.mean(axis=0).tolist())), "reps": reps})
@@ -187,11 +194,13 @@ def main():
     parser.add_argument("--gains", default=None, help="a planted bench's --json: measure the correlation there")
     parser.add_argument("--model", default="+MPC", help="whose LoRAs' gains --gains measures")
     parser.add_argument("--params", default="params.yaml", help="the rules --gains simulates under")
+    parser.add_argument("--measured-only", action="store_true", help="with --gains: skip the assumed-correlation table")
     args = parser.parse_args()
-    rows, measured = measure(args.reps), None
+    rows, measured = [] if args.measured_only and args.gains else measure(args.reps), None
     print(f"alpha {PromotionParams().alpha}, Holm over {len(CULTURES)} cultures, {args.reps} retrains per row; "
           "'no effect' rows are false-promotion rates, the others power")
-    print(markdown(rows))
+    if rows:
+        print(markdown(rows))
     if args.gains:
         measured = measured_correlation(args.gains, args.model)
         rules = load_params(args.params).promotion
