@@ -20,10 +20,12 @@ within_cluster_correlation; each LoRA's own mean gain taken out), both of the ga
 what differs between LoRAs trained alike (a LoRA's gain minus the mean over training seeds: the part a
 LoRA with no real effect would still have), and their spread in the evaluation's units. Retrains are
 then simulated in those units with params.yaml's rules as they are (promotion.min_gain included): no
-effect, a mean gain at the floor (H0's boundary), and each culture's measured mean gain (power).
+effect (the training noise, with and without the floor), effects cancelling over the judged categories,
+a mean gain at the floor (H0's boundary), and each culture's measured mean gain (power), for the
+sample's 9 held-out prompts per culture and for 15.
 
     .venv/bin/python -m bench.gate_power [--reps 2000] [--json out.json] \
-        [--gains bench/results/planted_gains_tuning.json [--model +MPC]]
+        [--gains bench/results/planted_gains_tuning.json [--model +MPC] [--measured-only]]
 """
 
 from __future__ import annotations
