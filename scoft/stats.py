@@ -140,7 +140,7 @@ def within_cluster_correlation(values: np.ndarray, clusters: np.ndarray, runs: n
     msw = np.sum((centred - cluster_means[of]) ** 2) / (len(values) - len(ids))
     msb = np.sum(sizes * cluster_means ** 2) / (len(ids) - run_count)
     # the effective cluster size, per run (each run's clusters compared with that run's own mean)
-    run_of_group = np.array([run_of[of == g][0] for g in range(len(ids))])
+    run_of_group = ids // len(cluster_ids)  # a cell's code is run * clusters + cluster
     n_total = np.bincount(run_of_group, sizes)
     n0 = (n_total.sum() - np.sum(sizes ** 2 / n_total[run_of_group])) / (len(ids) - run_count)
     between = max(0.0, (msb - msw) / n0)
