@@ -54,13 +54,13 @@ from scoft.judge import load_judge, stereotype_form_share
 from scoft.models import load_pipeline
 from scoft.negatives import make_negatives
 from scoft.paths import LORA_FILE
-from scoft.planted import GENERIC_LEAN, JUDGE_DIR, STEREOTYPES, palette_distance, stereotype_oracle
+from scoft.planted import GENERIC_LEAN, JUDGE_DIR, STEREOTYPES, WEB_ENCODER_DIR, palette_distance, stereotype_oracle
 from scoft.sample import CULTURES, write_sample
 from scoft.stats import hierarchical_bootstrap_ci
 from scoft.train import train
 
 NAMES = dict(zip(LOSS_SETS, ["LDM", "+M", "+MP", "+MPC"]))
-FAST = "+MPC fast"  # +MPC under --fast's overrides
+FAST = "+MPC fast"  # +MPC under --fast's overrides, unless --fast-name names it
 # (key, title, whether lower is better)
 METRICS = [  # the primary metric, named in advance: distance to the held-out image (the gate's); the rest secondary
     ("distance", "PRIMARY: distance to held-out image (evaluation backbone, the gate's metric)", True),
@@ -149,8 +149,10 @@ def table(per_model: dict[str, dict[str, np.ndarray]], cultures: np.ndarray, cat
     names = list(per_model)
     for key, title, lower_better in METRICS:
         sign = 1 if lower_better else -1
+        variants = [n for n in names if n not in (BASE, *NAMES.values())]  # +MPC under --fast's overrides
         pairs = [(n, BASE) for n in names if n != BASE] + [
-            (a, b) for a, b in (("+MPC", "LDM"), (FAST, "+MPC"), (FAST, "LDM")) if {a, b} <= set(names)]
+            (a, b) for a, b in (("+MPC", "LDM"), *((v, m) for v in variants for m in ("+MPC", "LDM")))
+            if {a, b} <= set(names)]
         lines += [f"**{title}** ({'lower' if lower_better else 'higher'} is better); improvement: paired, positive "
                   "is better", "", "| culture | " + " | ".join(names) + " | " +
                   " | ".join(f"{a} vs {b}" for a, b in pairs) + " |", "|---" * (1 + len(names) + len(pairs)) + "|"]
@@ -229,8 +231,10 @@ def main():
     parser.add_argument("--cultures", default=",".join(CULTURES), help="comma-separated: train and judge these")
     parser.add_argument("--fast", default=None, metavar="SECTION.KEY=VALUE,...",
                         help="also train +MPC with these overrides, side by side")
+    parser.add_argument("--fast-name", default=FAST, help="what the tables call the model --fast trains")
     args = parser.parse_args()
-    overrides = [f"model.base={args.base}", f"features.judge={args.base}/{JUDGE_DIR}", *args.set]
+    overrides = [f"model.base={args.base}", f"features.judge={args.base}/{JUDGE_DIR}",
+                 f"features.web_encoder={args.base}/{WEB_ENCODER_DIR}", *args.set]
     overrides += [f"train.max_steps={args.steps}"] if args.steps else []
     params = with_overrides(load_params(args.params), overrides)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="scoft-planted-bench-"))
@@ -247,9 +251,9 @@ def main():
         if args.fast:
             fast = with_overrides(params, args.fast.split(","))
             for seed in range(args.seeds):
-                runs[f"{FAST} s{seed}"], took = train_models(fast, LOSS_SETS[-1], seed, work, args.joint, chosen,
-                                                             "-fast")
-                seconds.setdefault(FAST, []).append(took)
+                runs[f"{args.fast_name} s{seed}"], took = train_models(fast, LOSS_SETS[-1], seed, work, args.joint,
+                                                                       chosen, "-fast")
+                seconds.setdefault(args.fast_name, []).append(took)
         distance = build_distance(params.features.evaluation, params.features, params.model.seed)
         judge = load_judge(Path(args.base) / JUDGE_DIR)
         result = compare(
@@ -272,7 +276,7 @@ def main():
     models = {
         BASE: [BASE],
         **{NAMES[ls]: [f"{NAMES[ls]} s{s}" for s in range(args.seeds)] for ls in args.losses.split(",")},
-        **({FAST: [f"{FAST} s{s}" for s in range(args.seeds)]} if args.fast else {}),
+        **({args.fast_name: [f"{args.fast_name} s{s}" for s in range(args.seeds)]} if args.fast else {}),
     }
     per_run = {
         name: {**oracle_scores(images, held, per_prompt, judge),
@@ -286,7 +290,8 @@ def main():
     print(f"base {args.base}; {'one joint LoRA' if args.joint else 'one LoRA per culture'}; held-out prompts: "
           f"{len(held)} ({', '.join(f'{c} {int((cultures == c).sum())}' for c in chosen)}), {per_prompt} sampling "
           f"seeds each, {args.seeds} training seed(s) per loss set; evaluation backbone {params.features.evaluation}; "
-          f"split {args.split}; overrides: {', '.join(overrides)}" + (f"; {FAST}: {args.fast}" if args.fast else ""))
+          f"split {args.split}; overrides: {', '.join(overrides)}"
+          + (f"; {args.fast_name}: {args.fast}" if args.fast else ""))
     print("\n".join(["", *table(per_model, cultures, categories), *generic_lines(result, models), "",
                      *quality_lines(result["metrics"], models), ""]))
     print("training seconds per loss set and seed: " + ", ".join(f"{n} {np.mean(v):.0f}" for n, v in seconds.items()))

@@ -109,12 +109,13 @@ class PlantedParams(_Section):
     unet_lr: float = Field(2e-3, gt=0)
     offset_noise: float = Field(0.2, ge=0)  # std of the per-channel constant added to the UNet's noise
     judge_steps: int = Field(1000, ge=1)  # the planted judge's training steps (scoft/judge.py), built beside the base
+    web_encoder_steps: int = Field(1000, ge=1)  # SimCLR steps of the web encoder (scoft/web_encoder.py), beside it too
     # a stopped build resumes from its last checkpoint (scoft/checkpoints.py): at most this much is lost
     checkpoint_every_s: float = Field(60.0, ge=0)
 
 
 Backbone = Literal["lpips-vgg", "lpips-alex", "lpips-squeeze", "dinov2", "clip", "dinov2+clip", "colour-histogram",
-                   "planted-judge", "planted-attributes"]
+                   "planted-judge", "planted-attributes", "web-ssl", "web-ssl-lpips"]
 Attribute = Literal["category", "form", "palette"]
 
 
@@ -123,6 +124,7 @@ class FeatureParams(_Section):
     contrastive: Backbone = "dinov2"  # D of L_C
     evaluation: Backbone = "planted-attributes"  # the evaluation metric's distance
     judge: str = "models/base/judge"  # where planted-judge and planted-attributes load from (built by `base`)
+    web_encoder: str = "models/base/web_encoder"  # where web-ssl and web-ssl-lpips load from (built by `base`)
     # planted-attributes: how much each of the judge's attributes counts in the distance
     attribute_weights: dict[Attribute, Annotated[float, Field(ge=0)]] = {"category": 0.2, "form": 0.4, "palette": 0.4}
     # per transformers backbone: "tiny" (seeded, offline), a hub id or a local folder

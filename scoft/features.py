@@ -16,7 +16,12 @@
   (`features.attribute_weights`): D = sum_k w_k (1 - BC(p_k(a), p_k(b))) / sum_k w_k over its category,
   form and palette heads, BC the Bhattacharyya coefficient of their predicted distributions. Form and
   palette count as much as the weights say, whatever the embedding's geometry.
-Both judge distances load from `features.judge` (the `base` stage builds the judge beside the base).
+- `web-ssl` (for L_C) and `web-ssl-lpips` (for L_P): the planted web's self-supervised encoder
+  (scoft/web_encoder.py: a small CNN pretrained by SimCLR on the planted world's unlabeled pictures, as
+  DINOv2 and CLIP learn from the web), the cosine between its pooled embeddings, and LPIPS' form without
+  learned heads over its four layers. Offline, the spaces whose features were learned from a web.
+Both judge distances load from `features.judge`, the web encoder's from `features.web_encoder` (the
+`base` stage builds both beside the base).
 Transformers backbones load from `features.weights[name]`: "tiny" (a seeded small model, offline), a
 hub id or a local folder. Each network is built once per run and frozen; gradient flows through it to
 the images only.
@@ -40,7 +45,9 @@ EMBEDDING_MODELS = {"dinov2": Dinov2Model, "clip": CLIPVisionModel}
 COLOUR_HISTOGRAM = "colour-histogram"
 PLANTED_JUDGE = "planted-judge"
 PLANTED_ATTRIBUTES = "planted-attributes"
-BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dinov2+clip", COLOUR_HISTOGRAM, PLANTED_JUDGE, PLANTED_ATTRIBUTES]
+WEB_SSL, WEB_SSL_LPIPS = "web-ssl", "web-ssl-lpips"
+BACKBONES = [*LPIPS_NETS, *EMBEDDING_MODELS, "dinov2+clip", COLOUR_HISTOGRAM, PLANTED_JUDGE, PLANTED_ATTRIBUTES,
+             WEB_SSL, WEB_SSL_LPIPS]
 _NORMALISATION = {
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "clip": ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)),
@@ -181,6 +188,36 @@ class PlantedAttributeDistance(EmbeddingDistance):
         return torch.cat([scale * F.softmax(out[k], dim=-1).sqrt() for k, scale in self.scales.items()], dim=-1)
 
 
+class WebSslDistance(EmbeddingDistance):
+    """D(a, b) = 1 - cos of the web encoder's pooled embeddings."""
+
+    def __init__(self, folder: str):
+        from scoft.web_encoder import load_web_encoder
+
+        _Pairwise.__init__(self)
+        self.model = load_web_encoder(folder)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model(images.float()), dim=-1)
+
+
+class WebSslLpips(_Pairwise):
+    """LPIPS without learned heads (lpips' `lin=False`) on the web encoder: per layer, channels unit-normalised
+    at each position, the squared difference summed over channels and averaged over space; summed over
+    the four layers."""
+
+    def __init__(self, folder: str):
+        from scoft.web_encoder import load_web_encoder
+
+        super().__init__()
+        self.model = load_web_encoder(folder)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        maps = self.model.layers(torch.cat([a, b]).float())
+        return sum((F.normalize(h[:len(a)], dim=1) - F.normalize(h[len(a):], dim=1)).pow(2).sum(1).mean(dim=(1, 2))
+                   for h in maps)
+
+
 def device_of(distance: nn.Module) -> torch.device:
     """Where a distance network lives (the colour histogram has buffers but no parameters)."""
     return next(iter([*distance.parameters(), *distance.buffers()])).device
@@ -199,4 +236,8 @@ def build_distance(name: str, params: FeatureParams, seed: int = 0) -> nn.Module
         return PlantedJudgeDistance(params.judge)
     if name == PLANTED_ATTRIBUTES:
         return PlantedAttributeDistance(params.judge, params.attribute_weights)
+    if name == WEB_SSL:
+        return WebSslDistance(params.web_encoder)
+    if name == WEB_SSL_LPIPS:
+        return WebSslLpips(params.web_encoder)
     raise ValueError(f"unknown feature backbone {name!r} (one of {', '.join(BACKBONES)})")

@@ -39,6 +39,7 @@ from scoft.sample import (
     draw,
     hash_str,
 )
+from scoft.web_encoder import build_web_encoder
 
 # Each culture's stereotype on the synthetic web: a consistent wrong palette (primary, secondary).
 STEREOTYPES = {
@@ -49,6 +50,7 @@ STEREOTYPES = {
 GENERIC_LEAN = "NGA"  # prompts naming no culture show this culture's stereotype on the web
 BUILD_INFO = "planted_bias.json"
 JUDGE_DIR = "judge"
+WEB_ENCODER_DIR = "web_encoder"
 VAE_CORPUS = 768  # palette images the VAE learns from: truths, stereotypes and random palettes
 UNCAPTIONED = 192  # palette images (a different draw) the UNet learns with an empty caption
 
@@ -100,6 +102,11 @@ def palette_corpus(resolution: int, n: int, seed: int) -> list[Image.Image]:
         layout = HELDOUT_LAYOUT if i % 4 == 3 else TRAIN_LAYOUT
         images.append(draw(category, primary, secondary, rng, resolution, form, layout))
     return images
+
+
+def unlabeled_pictures(settings: PlantedParams, resolution: int, seed: int) -> torch.Tensor:
+    """The planted world's pictures without their captions: the UNet's web and the VAE's palette corpus."""
+    return to_tensor([im for im, _ in web_corpus(settings, resolution)] + palette_corpus(resolution, VAE_CORPUS, seed))
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -245,6 +252,9 @@ def build_planted_base(out_dir: str | Path, settings: PlantedParams, resolution:
         pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
         # the judge of this world, trained apart on renders of its own (features.evaluation: planted-attributes)
         info["judge"] = build_judge(tmp / JUDGE_DIR, settings.judge_steps, seed, progress, checkpoints)["accuracy"]
+        # the feature space of L_P and L_C offline, learned without labels from what the base learned from
+        info["web_encoder"] = build_web_encoder(tmp / WEB_ENCODER_DIR, unlabeled_pictures(settings, resolution, seed),
+                                                settings.web_encoder_steps, seed, progress, checkpoints)
         write_json(tmp / BUILD_INFO, info)
     checkpoints.clear()
     progress(f"planted: base model in {out_dir} after {info['seconds']} s (VAE RMSE {rmse:.3f}, "

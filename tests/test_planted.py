@@ -18,8 +18,9 @@ from scoft.sample import CATEGORIES, CULTURES, draw
 from tests.conftest import BIN, ROOT, write_params
 from tests.helpers import scoft_here
 
-QUICK = PlantedParams(images_per_prompt=2, vae_steps=8, unet_steps=8, batch_size=8, vae_batch_size=8, judge_steps=8,
-                      checkpoint_every_s=0)  # a checkpoint after every step: a stop anywhere resumes
+# checkpoint_every_s=0: a checkpoint after every step, so a stop anywhere resumes
+QUICK = PlantedParams(images_per_prompt=2, vae_steps=8, unet_steps=8, batch_size=8, vae_batch_size=8,
+                      judge_steps=8, web_encoder_steps=8, checkpoint_every_s=0)
 
 
 def _stopped_mid_unet_then_resumed(out: Path) -> list[str]:
@@ -57,10 +58,11 @@ def test_a_build_stopped_and_resumed_gives_the_weights_of_one_never_stopped(quic
     (resume,) = [line for line in resumed if "checkpoint: unet resumes at step" in line]
     assert 0 < int(resume.split("step ")[1].split("/")[0]) < QUICK.unet_steps
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "text_encoder/model.safetensors", "judge/judge.pt"):
+                 "text_encoder/model.safetensors", "judge/judge.pt", "web_encoder/web_encoder.pt"):
         assert sha256_file(folder / "a" / part) == sha256_file(folder / "b" / part), part
     assert infos[0]["unet_final_loss"] == infos[1]["unet_final_loss"]
     assert infos[0]["judge"] == infos[1]["judge"]  # the judge too, built beside the base from its own seeds
+    assert infos[0]["web_encoder"]["final_loss"] == infos[1]["web_encoder"]["final_loss"]  # and the web encoder
     assert not (folder / ".b.checkpoints").exists()  # a finished build leaves no checkpoint behind
 
 

@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 
 from scoft.ccub import HELDOUT, read_manifest
-from scoft.config import ModelParams, load_params
+from scoft.config import FeatureParams, ModelParams, load_params
 from scoft.data import image_transform, load_image_tensor
 from scoft.evaluate import as_tensors, form_shares
+from scoft.features import build_distance
 from scoft.judge import load_judge, stereotype_form_share
-from scoft.planted import BUILD_INFO, JUDGE_DIR, STEREOTYPES, palette_distance, stereotype_oracle
+from scoft.planted import BUILD_INFO, JUDGE_DIR, STEREOTYPES, WEB_ENCODER_DIR, palette_distance, stereotype_oracle
+from scoft.probe import probe_accuracy, renders
 from scoft.sample import CATEGORIES, CULTURES, HELDOUT_LAYOUT, HELDOUT_PHRASES, STEREOTYPE, TRUTH, draw
 from tests.conftest import PLANTED_CULTURES
 
@@ -84,6 +86,20 @@ def test_the_judge_was_validated_and_sees_shape_whatever_the_colours(planted_run
                                    for c in CULTURES for cat in CATEGORIES for _ in range(3)]
     assert _forms(judge, truth_in_stereotype_colours) <= 0.1
     assert _forms(judge, stereotype_in_truth_colours) >= 0.9
+
+
+def test_the_web_encoder_reads_form_where_the_seeded_random_backbone_cannot(planted_run):
+    """The feature space the `base` stage pretrains without labels on the planted web makes a render's
+    form linearly readable on seeds it never saw; L_C's offline alternative, a seeded random tiny DINOv2,
+    reads it at chance. (bench/feature_probe.py: 0.48 and WEB_SSL_FORM with 24 seeds per cell.)"""
+    pixels, labels, seeds = renders(per_cell=8)
+    train = seeds < 4
+    learned = build_distance("web-ssl", FeatureParams(web_encoder=str(planted_run / "models/base" / WEB_ENCODER_DIR)))
+    random = build_distance("dinov2", FeatureParams())
+    with torch.no_grad():
+        form = {name: probe_accuracy(d.embed(pixels), labels["form"], train) for name, d in
+                {"web-ssl": learned, "dinov2": random}.items()}
+    assert form["web-ssl"] >= MIN_WEB_SSL_FORM and form["web-ssl"] >= form["dinov2"] + 0.15, form
 
 
 def test_the_base_draws_each_cultures_stereotype(planted_run):
