@@ -120,8 +120,8 @@ Attribute = Literal["category", "form", "palette"]
 
 
 class FeatureParams(_Section):
-    perceptual: Backbone = "lpips-alex"  # L_P
-    contrastive: Backbone = "dinov2"  # D of L_C
+    perceptual: Backbone = "web-ssl-lpips"  # L_P
+    contrastive: Backbone = "web-ssl"  # D of L_C
     evaluation: Backbone = "planted-attributes"  # the evaluation metric's distance
     judge: str = "models/base/judge"  # where planted-judge and planted-attributes load from (built by `base`)
     web_encoder: str = "models/base/web_encoder"  # where web-ssl and web-ssl-lpips load from (built by `base`)
@@ -405,6 +405,27 @@ class Params(_Section):
             raise ValueError("orchestration.culture_deployment fans out one LoRA per culture; with "
                              "train.lora_per_culture false the one joint LoRA trains in the retrain run: "
                              "set culture_deployment to null")
+        return self
+
+    @model_validator(mode="after")
+    def _planted_backbones_have_their_base(self) -> Params:
+        """The judge's and the web encoder's backbones are built by the `base` stage into models/base, for
+        model.base: tiny only: with another base, say so now rather than in the train or evaluate stage."""
+        from scoft.paths import BASE_DIR
+
+        if self.model.base == "tiny":
+            return self
+        f = self.features
+        folders = {"planted-judge": ("judge", f.judge), "planted-attributes": ("judge", f.judge),
+                   "web-ssl": ("web_encoder", f.web_encoder), "web-ssl-lpips": ("web_encoder", f.web_encoder)}
+        for role in ("perceptual", "contrastive", "evaluation"):
+            name = getattr(f, role)
+            key, folder = folders.get(name, (None, None))
+            if folder is not None and Path(folder).is_relative_to(BASE_DIR):
+                raise ValueError(
+                    f"features.{role}: {name} needs features.{key} ({folder}), which the `base` stage builds for "
+                    f"model.base: tiny only, not {self.model.base!r}: name a backbone with weights of its own "
+                    f"(profiles/reference.yaml) or point features.{key} at a planted build")
         return self
 
     def sampling(self, stage: Literal["negatives", "evaluate"]) -> dict:

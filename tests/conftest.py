@@ -54,6 +54,9 @@ TEST_BASE = "tiny-random"
 # colour histograms, which need no build. promotion.min_gain is in planted-attributes' units: colour
 # histograms get no floor (the floor has its own test, tests/test_promotion.py).
 TEST_EVALUATION = "colour-histogram"
+# The web encoder of L_P's and L_C's default spaces is built beside that base too: the mechanics train in
+# the seeded random spaces (lpips-alex, dinov2), which need no build.
+TEST_PERCEPTUAL, TEST_CONTRASTIVE = "lpips-alex", "dinov2"
 
 
 def unit_params(path: Path = ROOT / "params.yaml"):
@@ -61,7 +64,9 @@ def unit_params(path: Path = ROOT / "params.yaml"):
 
     p = load_params(path)
     return p.model_copy(update={"model": p.model.model_copy(update={"base": TEST_BASE}),
-                                "features": p.features.model_copy(update={"evaluation": TEST_EVALUATION}),
+                                "features": p.features.model_copy(update={
+                                    "evaluation": TEST_EVALUATION, "perceptual": TEST_PERCEPTUAL,
+                                    "contrastive": TEST_CONTRASTIVE}),
                                 "promotion": p.promotion.model_copy(update={"min_gain": 0.0})})
 
 
@@ -151,6 +156,7 @@ def write_params(path: Path, overrides: dict) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["base"] = TEST_BASE
     params["features"]["evaluation"] = TEST_EVALUATION
+    params["features"]["perceptual"], params["features"]["contrastive"] = TEST_PERCEPTUAL, TEST_CONTRASTIVE
     params["promotion"]["min_gain"] = 0.0
     for dotted, value in overrides.items():
         *parents, key = dotted.split(".")

@@ -73,8 +73,13 @@ def test_bad_value_is_named_with_its_key(tmp_path, section, key, value, expected
 def test_good_locations_are_accepted(tmp_path):
     folder = tmp_path / "my-base"
     folder.mkdir()
+    real_backbones = yaml.safe_load((ROOT / "profiles/reference.yaml").read_text())["features"]
     for value in (str(folder), "stable-diffusion-v1-5/stable-diffusion-v1-5", "gpt2"):
-        assert load_params(_params_with(tmp_path, "model", "base", value)).model.base == value
+        _params_with(tmp_path, "model", "base", value)
+        params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+        params["features"] = real_backbones  # the planted world's backbones need the planted base
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        assert load_params(tmp_path / "params.yaml").model.base == value
 
 
 def test_a_joint_lora_cannot_be_fanned_out_per_culture(tmp_path):
@@ -219,6 +224,8 @@ def test_the_reference_profile_and_the_readmes_real_run_keys_validate(tmp_path):
     weights = re.search(r"`features\.weights: (\{[^`]*\})`", readme)[1]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["features"]["weights"] = yaml.safe_load(weights)
+    for role in ("perceptual", "contrastive", "evaluation"):
+        params["features"][role] = re.search(rf"`features\.{role}: ([^`]+)`", readme)[1]
     params["model"]["base"] = re.search(r"`model\.base` to a Hugging Face id \(e\.g\. `([^`]+)`", readme)[1]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert load_params(tmp_path / "params.yaml").features.weights["dinov2"] == "facebook/dinov2-small"

@@ -77,3 +77,20 @@ def test_web_distances_by_hand(encoder_folder):
 def test_the_web_encoder_missing_is_an_error_naming_the_stage(tmp_path):
     with pytest.raises(WebEncoderUnavailable, match="run `dvc repro base`"):
         build_distance("web-ssl", FeatureParams(web_encoder=str(tmp_path / "nowhere")))
+
+
+def test_a_planted_backbone_without_the_planted_base_is_refused_when_the_params_load(tmp_path):
+    """With another base the `base` stage builds no web encoder (nor judge): said at load, before any stage
+    runs, naming the key; a build pointed at elsewhere is taken."""
+    from scoft.config import ConfigError, load_params, with_overrides
+    from tests.conftest import ROOT
+
+    defaults = load_params(ROOT / "params.yaml")
+    with pytest.raises(ConfigError, match="features.perceptual: web-ssl-lpips needs features.web_encoder"):
+        with_overrides(defaults, ["model.base=tiny-random"])
+    with pytest.raises(ConfigError, match="features.evaluation: planted-attributes needs features.judge"):
+        with_overrides(defaults, ["model.base=tiny-random", "features.perceptual=lpips-alex",
+                                  "features.contrastive=dinov2"])
+    elsewhere = with_overrides(defaults, ["model.base=tiny-random", f"features.web_encoder={tmp_path / 'w'}",
+                                          f"features.judge={tmp_path / 'j'}"])
+    assert elsewhere.features.contrastive == "web-ssl"
