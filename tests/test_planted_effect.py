@@ -24,21 +24,23 @@ from scoft.sample import CATEGORIES, CULTURES, HELDOUT_LAYOUT, HELDOUT_PHRASES, 
 from tests.conftest import PLANTED_CULTURES
 
 VAE_RMSE_BOUND = 0.16  # on [-1, 1], the CCUB sample at 32 px (measured in BENCHMARKS.md)
-# Per culture, about half the smallest drop that the default +MPC LoRAs of 5 training seeds measured on
-# the form world's reporting sample with the evaluation's sampling seeds (BENCHMARKS.md, tenth session):
-# distance to the truth palette KOR 0.040-0.060, NGA 0.077-0.088; stereotype palette share KOR 0.58-0.81,
-# NGA 0.64-0.92; the judge's stereotype-form share KOR 0.25-0.31, NGA 0.19-0.31. (MEX is not asserted:
-# its truth palette resembles NGA's.) This suite's own build and LoRAs (one thread) measured KOR 0.059,
-# 0.83, 0.36 and NGA 0.084, 0.81, 0.31 on 2026-12-06.
-DISTANCE_DROP = {"KOR": 0.02, "NGA": 0.035}
+# Per culture, about half the smallest drop that the default +MPC LoRAs (L_P and L_C in the web encoder's
+# spaces) of 5 training seeds measured on the reporting sample with the evaluation's sampling seeds
+# (BENCHMARKS.md, seventeenth session; bench/results/planted_web_reporting_b.json): distance to the truth
+# palette KOR 0.053-0.062, NGA 0.027-0.046; stereotype palette share KOR 1.00, NGA 0.78-0.97; the judge's
+# stereotype-form share KOR 0.36-0.47, NGA 0.14-0.44; the hand-written geometry's (scoft/geometry.py,
+# built apart from the judge) KOR 0.17-0.36, NGA 0.25-0.42. (MEX is not asserted: its truth palette
+# resembles NGA's.)
+DISTANCE_DROP = {"KOR": 0.025, "NGA": 0.013}
 SHARE_DROP = {"KOR": 0.3, "NGA": 0.3}
-FORM_DROP = {"KOR": 0.12, "NGA": 0.09}
-# The same stereotype-form drop by the hand-written geometry (scoft/geometry.py, built apart from the
-# judge), about half what it measured on this suite's build on 2026-12-07 (KOR 0.94 -> 0.58, NGA 0.86 ->
-# 0.72; the judge 0.92 -> 0.64 for both), and the share of images on which the two measures agree
-# (measured 0.64 to 0.86: `python -m bench.form_agreement`, BENCHMARKS.md).
-GEOMETRY_DROP = {"KOR": 0.15, "NGA": 0.07}
-MIN_AGREEMENT = 0.55
+FORM_DROP = {"KOR": 0.15, "NGA": 0.07}
+GEOMETRY_DROP = {"KOR": 0.08, "NGA": 0.12}
+# The share of images on which the two form measures agree. On the base's images 0.83 for KOR and NGA
+# (its stereotype is clear); on the LoRAs' images, whose forms lie between the two, 0.47 to 0.72 over the
+# same 5 seeds: near what two unrelated verdicts with those shares would give (about 0.5). So agreement is
+# asserted where the forms are clear, and on the LoRAs only against a measure gone wrong (an inverted one
+# agrees on about 0.2 of the base's images).
+MIN_AGREEMENT = {"base": 0.75, "tuned": 0.4}
 # A linear probe's form accuracy in the web encoder's pooled space on 8 seeds per cell: 0.78 on a build of
 # params.yaml's defaults (2026-12-07), 0.76 after a quarter of its SimCLR steps, 0.70 for the same CNN after
 # 20 steps (bench/feature_probe.py); the seeded random tiny DINOv2 0.52.
@@ -155,7 +157,8 @@ def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_tru
         # by both form measures, built apart: the evaluation report's form table gives the same figures
         assert (tuned[3]["judge"], base[3]["judge"]) == pytest.approx((tuned[2], base[2]))
         assert tuned[3]["geometry"] <= base[3]["geometry"] - GEOMETRY_DROP[culture], (culture, base, tuned)
-        assert min(base[3]["agreement"], tuned[3]["agreement"]) >= MIN_AGREEMENT, (culture, base, tuned)
+        assert base[3]["agreement"] >= MIN_AGREEMENT["base"], (culture, base, tuned)
+        assert tuned[3]["agreement"] >= MIN_AGREEMENT["tuned"], (culture, base, tuned)
 
 
 def test_the_judge_holds_at_the_vaes_noise_and_the_metric_weighs_form_and_palette(planted_run):
