@@ -51,5 +51,3 @@ def probe_accuracy(features: torch.Tensor, labels: np.ndarray, train: np.ndarray
         optimiser.step()
     with torch.no_grad():
         return float((head(x[~train]).argmax(1) == y[~train]).float().mean())
-
-

@@ -43,8 +43,9 @@ class WebEncoder(nn.Module):
 
     def layers(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Each block's feature map of images in [-1, 1] (32x32, 16x16, 8x8, 4x4 at 32 px)."""
-        h = F.interpolate(images, size=(RESOLUTION, RESOLUTION), mode="bilinear", antialias=True) \
-            if images.shape[-1] != RESOLUTION or images.shape[-2] != RESOLUTION else images
+        h = images
+        if h.shape[-2:] != (RESOLUTION, RESOLUTION):
+            h = F.interpolate(h, size=(RESOLUTION, RESOLUTION), mode="bilinear", antialias=True)
         maps = []
         for block in self.blocks:
             h = block(h)
