@@ -44,7 +44,7 @@ MIN_AGREEMENT = {"base": 0.75, "tuned": 0.4}
 # A linear probe's form accuracy in the web encoder's pooled space on 8 seeds per cell: 0.78 on a build of
 # params.yaml's defaults (2026-12-07), 0.76 after a quarter of its SimCLR steps, 0.70 for the same CNN after
 # 20 steps (bench/feature_probe.py); the seeded random tiny DINOv2 0.52.
-MIN_WEB_SSL_FORM = 0.73
+MIN_WEB_SSL_FORM = 0.72
 
 
 def _as_image(t: torch.Tensor) -> Image.Image:
@@ -103,8 +103,8 @@ def test_the_web_encoder_reads_form_where_the_seeded_random_backbone_cannot(plan
     learned = build_distance("web-ssl", FeatureParams(web_encoder=str(planted_run / "models/base" / WEB_ENCODER_DIR)))
     random = build_distance("dinov2", FeatureParams())
     with torch.no_grad():
-        form = {name: probe_accuracy(d.embed(pixels), labels["form"], train) for name, d in
-                {"web-ssl": learned, "dinov2": random}.items()}
+        spaces = {"web-ssl": learned.embed(pixels), "dinov2": random.embed(pixels)}
+    form = {name: probe_accuracy(features, labels["form"], train) for name, features in spaces.items()}
     assert form["web-ssl"] >= MIN_WEB_SSL_FORM and form["web-ssl"] >= form["dinov2"] + 0.15, form
 
 
