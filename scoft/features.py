@@ -198,7 +198,8 @@ class WebSslDistance(EmbeddingDistance):
         self.model = load_web_encoder(folder)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model(images.float()), dim=-1)
+        dtype = next(self.model.parameters()).dtype  # float32, or bf16 under bf16 training
+        return F.normalize(self.model(images.to(dtype)).float(), dim=-1)
 
 
 class WebSslLpips(_Pairwise):
@@ -213,7 +214,8 @@ class WebSslLpips(_Pairwise):
         self.model = load_web_encoder(folder)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        maps = self.model.layers(torch.cat([a, b]).float())
+        dtype = next(self.model.parameters()).dtype  # float32, or bf16 under bf16 training
+        maps = [h.float() for h in self.model.layers(torch.cat([a, b]).to(dtype))]
         return sum((F.normalize(h[:len(a)], dim=1) - F.normalize(h[len(a):], dim=1)).pow(2).sum(1).mean(dim=(1, 2))
                    for h in maps)
 

@@ -94,3 +94,14 @@ def test_a_planted_backbone_without_the_planted_base_is_refused_when_the_params_
     elsewhere = with_overrides(defaults, ["model.base=tiny-random", f"features.web_encoder={tmp_path / 'w'}",
                                           f"features.judge={tmp_path / 'j'}"])
     assert elsewhere.features.contrastive == "web-ssl"
+
+
+@pytest.mark.parametrize("name", ["web-ssl", "web-ssl-lpips"])
+def test_web_distances_run_in_bf16_as_bf16_training_builds_them(encoder_folder, name):
+    from scoft.train import _frozen_on, feature_dtype
+
+    d32 = build_distance(name, FeatureParams(web_encoder=str(encoder_folder)))
+    d16 = _frozen_on(build_distance(name, FeatureParams(web_encoder=str(encoder_folder))), "cpu",
+                     feature_dtype(torch.bfloat16))
+    a, b = _images(5), _images(6)
+    assert d16(a, b).dtype == torch.float32 and torch.allclose(d16(a, b), d32(a, b), rtol=0.1, atol=0.02)
