@@ -35,12 +35,13 @@ DISTANCE_DROP = {"KOR": 0.025, "NGA": 0.013}
 SHARE_DROP = {"KOR": 0.3, "NGA": 0.3}
 FORM_DROP = {"KOR": 0.15, "NGA": 0.07}
 GEOMETRY_DROP = {"KOR": 0.08, "NGA": 0.12}
-# The share of images on which the two form measures agree. On the base's images 0.83 for KOR and NGA
-# (its stereotype is clear); on the LoRAs' images, whose forms lie between the two, 0.47 to 0.72 over the
-# same 5 seeds: near what two unrelated verdicts with those shares would give (about 0.5). So agreement is
-# asserted where the forms are clear, and on the LoRAs only against a measure gone wrong (an inverted one
-# agrees on about 0.2 of the base's images).
-MIN_AGREEMENT = {"base": 0.75, "tuned": 0.4}
+# Where the forms are clear, on the base's images, the two form measures agree per image (0.83 for KOR and
+# NGA on B, 0.78 to 0.86 on this suite's builds). On the LoRAs' images, whose forms lie between the two,
+# they do not: 0.47 to 0.72 over B's 5 seeds, 0.36 on one suite run, about what two unrelated verdicts with
+# those shares give (BENCHMARKS.md, seventeenth session). What they do agree on there is the share: within
+# 0.2 on B's LoRAs. (An inverted measure agrees on about 0.2 of the base's images.)
+MIN_BASE_AGREEMENT = 0.75
+MAX_SHARE_GAP = 0.3
 # A linear probe's form accuracy in the web encoder's pooled space on 8 seeds per cell: 0.78 on a build of
 # params.yaml's defaults (2026-12-07), 0.76 after a quarter of its SimCLR steps, 0.70 for the same CNN after
 # 20 steps (bench/feature_probe.py); the seeded random tiny DINOv2 0.52.
@@ -157,8 +158,8 @@ def test_per_culture_fine_tunes_move_each_culture_from_the_stereotype_to_the_tru
         # by both form measures, built apart: the evaluation report's form table gives the same figures
         assert (tuned[3]["judge"], base[3]["judge"]) == pytest.approx((tuned[2], base[2]))
         assert tuned[3]["geometry"] <= base[3]["geometry"] - GEOMETRY_DROP[culture], (culture, base, tuned)
-        assert base[3]["agreement"] >= MIN_AGREEMENT["base"], (culture, base, tuned)
-        assert tuned[3]["agreement"] >= MIN_AGREEMENT["tuned"], (culture, base, tuned)
+        assert base[3]["agreement"] >= MIN_BASE_AGREEMENT, (culture, base, tuned)
+        assert abs(tuned[3]["judge"] - tuned[3]["geometry"]) <= MAX_SHARE_GAP, (culture, base, tuned)
 
 
 def test_the_judge_holds_at_the_vaes_noise_and_the_metric_weighs_form_and_palette(planted_run):

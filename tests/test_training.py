@@ -114,10 +114,21 @@ def quick_judge(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def quick_web_encoder(tmp_path_factory) -> str:
+    """A web encoder pretrained for a few steps: what web-ssl loads (the base stage builds the real one)."""
+    from scoft.web_encoder import build_web_encoder
+
+    folder = tmp_path_factory.mktemp("web") / "web_encoder"
+    build_web_encoder(folder, torch.rand(16, 3, 32, 32) * 2 - 1, steps=3, progress=lambda m: None)
+    return str(folder)
+
+
 @pytest.mark.parametrize("name", BACKBONES)
 def test_every_backbone_gives_a_differentiable_per_sample_distance(name, request):
     judge = request.getfixturevalue("quick_judge") if name.startswith("planted-") else "models/base/judge"
-    d = build_distance(name, FeatureParams(judge=judge))
+    web = request.getfixturevalue("quick_web_encoder") if name.startswith("web-") else "models/base/web_encoder"
+    d = build_distance(name, FeatureParams(judge=judge, web_encoder=web))
     a = torch.rand(2, 3, 32, 32, requires_grad=True) * 2 - 1
     b = torch.rand(2, 3, 32, 32) * 2 - 1
     out = d(a, b)
