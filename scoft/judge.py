@@ -18,7 +18,6 @@ kept beside its weights (judge.json), so what it claims is checked:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -28,11 +27,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
 
+from scoft.built import load_built, save_built
 from scoft.checkpoints import BuildCheckpoints, resumable_steps
-from scoft.io import atomic_dir, write_json
 from scoft.sample import CATEGORIES, CULTURES, HELDOUT_LAYOUT, STEREOTYPE, TRAIN_LAYOUT, TRUTH, draw, hash_str
 
-WEIGHTS, INFO = "judge.pt", "judge.json"
+STEM = "judge"  # judge.pt and judge.json in the judge's folder
 RESOLUTION = 32
 FORMS = [TRUTH, STEREOTYPE]
 EMBEDDING = 128
@@ -174,9 +173,7 @@ def build_judge(out_dir: str | Path, steps: int = 1000, seed: int = 0, progress=
     model, accuracies = train_judge(steps=steps, seed=seed, progress=progress, checkpoints=checkpoints)
     info = {"seed": seed, "steps": steps, "accuracy": accuracies, "palettes": list(named_palettes()), "forms": FORMS,
             "categories": list(CATEGORIES), "seconds": round(time.monotonic() - started, 1)}
-    with atomic_dir(out_dir) as tmp:
-        torch.save(model.state_dict(), tmp / WEIGHTS)
-        write_json(tmp / INFO, info)
+    save_built(out_dir, STEM, model, info)
     at_vae_error = accuracies["form_recall"][f"{RECALL_NOISE[1]:g}"]
     progress(f"judge: built in {info['seconds']} s; validation accuracy {accuracies['validation']}; form recall "
              f"at noise {RECALL_NOISE[1]:g} (form/layout) {at_vae_error}")
@@ -188,14 +185,8 @@ class JudgeUnavailable(FileNotFoundError):
 
 
 def load_judge(folder: str | Path) -> JudgeNet:
-    folder = Path(folder)
-    if not (folder / WEIGHTS).is_file():
-        raise JudgeUnavailable(f"features.judge: no planted judge in {folder}: the `base` stage builds it beside "
-                               "the planted base (model.base: tiny): run `dvc repro base` first")
-    info = json.loads((folder / INFO).read_text(encoding="utf-8"))
-    model = JudgeNet(len(info["palettes"]))
-    model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
-    return model.eval().requires_grad_(False)
+    return load_built(folder, STEM, lambda info: JudgeNet(len(info["palettes"])), JudgeUnavailable,
+                      "features.judge: no planted judge")
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ mean, summed over the layers; for L_P).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scoft.built import load_built, save_built
 from scoft.checkpoints import BuildCheckpoints, resumable_steps
-from scoft.io import atomic_dir, write_json
 
-WEIGHTS, INFO = "web_encoder.pt", "web_encoder.json"
+STEM = "web_encoder"  # web_encoder.pt and web_encoder.json in its folder
 RESOLUTION = 32
 WIDTHS = (32, 64, 128, 128)  # channels of its four convolutions; the last is the embedding's width
 MIN_CROP = 0.6  # a view is a crop of 60 to 100% of the side
@@ -116,9 +115,7 @@ def build_web_encoder(out_dir: str | Path, pictures: torch.Tensor, steps: int, s
     info = {"method": "SimCLR (NT-Xent, temperature 0.2, batch 64; crops, mirrors, pixel noise)", "steps": steps,
             "seed": seed, "pictures": len(pictures), "final_loss": round(loss, 4),
             "seconds": round(time.monotonic() - started, 1)}
-    with atomic_dir(out_dir) as tmp:
-        torch.save(encoder.state_dict(), tmp / WEIGHTS)
-        write_json(tmp / INFO, info)
+    save_built(out_dir, STEM, encoder, info)
     progress(f"web encoder: built in {info['seconds']} s on {len(pictures)} unlabeled pictures, final loss {loss:.3f}")
     return info
 
@@ -128,12 +125,5 @@ class WebEncoderUnavailable(FileNotFoundError):
 
 
 def load_web_encoder(folder: str | Path) -> WebEncoder:
-    folder = Path(folder)
-    if not (folder / WEIGHTS).is_file():
-        raise WebEncoderUnavailable(
-            f"features.web_encoder: no web encoder in {folder}: the `base` stage builds it beside the planted base "
-            "(model.base: tiny): run `dvc repro base` first")
-    json.loads((folder / INFO).read_text(encoding="utf-8"))  # written with the weights: a folder without it is torn
-    model = WebEncoder()
-    model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
-    return model.eval().requires_grad_(False)
+    return load_built(folder, STEM, lambda info: WebEncoder(), WebEncoderUnavailable,
+                      "features.web_encoder: no web encoder")
