@@ -20,7 +20,6 @@ import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -218,12 +217,15 @@ def _frozen_on(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.
 
 
 def save_lora(unet, output_dir: Path, summary: dict) -> Path:
-    """The adapter in diffusers' format: StableDiffusionPipeline.load_lora_weights(output_dir) loads it."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    """The adapter as diffusers saves one: StableDiffusionPipeline.load_lora_weights(output_dir) loads it.
+    PEFT's keys as they are, with the adapter's config (its rank, alpha and targets) in the file's metadata:
+    converted to diffusers' older key names, only attention projections were renamed, and diffusers dropped
+    them from a file that also held other targets; without the config it loaded alpha as the rank."""
     staging = output_dir / ".lora-staging"
     shutil.rmtree(staging, ignore_errors=True)
     StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(staging), unet_lora_layers=state, safe_serialization=True
+        save_directory=str(staging), unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
     )
     write_json(staging / "training.json", summary)
     for f in staging.iterdir():

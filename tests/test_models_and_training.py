@@ -85,3 +85,32 @@ def test_lora_loads_into_plain_diffusers_and_changes_the_output(trained, tmp_pat
     pipe.load_lora_weights(str(lora))
     after = generate(pipe, ["a Korean house"], [0], SETTINGS)[0]
     assert before.tobytes() != after.tobytes()
+
+
+@pytest.mark.parametrize("targets, rank, alpha", [
+    (["to_q", "to_k", "to_v", "to_out.0"], 4, 4),  # params.yaml's
+    (["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"], 4, 4),  # beyond attention
+    (["to_q", "to_k", "to_v", "to_out.0"], 4, 8),  # alpha apart from the rank: the adapter's scale is 2
+])
+def test_a_saved_lora_loads_into_diffusers_as_it_was_trained(targets, rank, alpha, tmp_path):
+    """Whatever train.lora_targets, lora_rank and lora_alpha say, plain diffusers' load_lora_weights gives
+    the UNet that training ended with. (The file once mixed two key formats when the targets went beyond
+    attention: diffusers then dropped the attention part without an error.)"""
+    import torch
+
+    from scoft.train import add_lora, save_lora
+
+    trained = load_pipeline(ModelParams(base=TEST_BASE, resolution=32))
+    lora = add_lora(trained.unet, rank, alpha, targets)
+    torch.manual_seed(0)
+    for p in lora:  # as if trained: peft starts B at zero, which would make any loader look right
+        p.data.normal_(0, 0.1)
+    save_lora(trained.unet, tmp_path, {"steps": 0})
+    loaded = load_pipeline(ModelParams(base=TEST_BASE, resolution=32))
+    loaded.load_lora_weights(str(tmp_path))
+    untouched = load_pipeline(ModelParams(base=TEST_BASE, resolution=32)).unet
+    latents, t, text = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        want, got, base = (unet(latents, t, text).sample for unet in (trained.unet, loaded.unet, untouched))
+    assert not torch.allclose(want, base, atol=1e-3)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
