@@ -292,14 +292,41 @@ def main():
           f"seeds each, {args.seeds} training seed(s) per loss set; evaluation backbone {params.features.evaluation}; "
           f"split {args.split}; overrides: {', '.join(overrides)}"
           + (f"; {args.fast_name}: {args.fast}" if args.fast else ""))
-    print("\n".join(["", *table(per_model, cultures, categories), *generic_lines(result, models), "",
+    takeover = generic_takeover(result["metrics"]["generic_prompts"])
+    print("\n".join(["", *table(per_model, cultures, categories), *generic_lines(result, models),
+                      *takeover_lines([{"generic_takeover": takeover}], params.promotion.max_generic_takeover), "",
                      *quality_lines(result["metrics"], models), ""]))
     print("training seconds per loss set and seed: " + ", ".join(f"{n} {np.mean(v):.0f}" for n, v in seconds.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "overrides": overrides, "fast": args.fast, "joint": args.joint, "cultures": cultures.tolist(),
             "categories": categories.tolist(), "seconds": seconds,
-            "models": {n: {k: v.tolist() for k, v in m.items()} for n, m in per_model.items()}}, indent=1))
+            "models": {n: {k: v.tolist() for k, v in m.items()} for n, m in per_model.items()},
+            "generic_takeover": takeover}, indent=1))
+
+
+def generic_takeover(generic: dict) -> dict[str, float]:
+    """Per culture's LoRA ("+MPC s0[KOR]"), what the gate's generic rule weighs: the share of the prompts
+    naming no culture that it draws as its own culture, less the base's."""
+    base = generic["models"][BASE]["shares"]
+    return {name: round(m["shares"][name[-4:-1]] - base[name[-4:-1]], 4)
+            for name, m in generic["models"].items() if name.endswith("]")}
+
+
+def takeover_lines(runs: list[dict], limit: float) -> list[str]:
+    """Per loss set and culture, the mean generic takeover of its LoRAs and how many pass the gate's rule."""
+    per = {}
+    for run in runs:
+        for name, rise in run.get("generic_takeover", {}).items():
+            per.setdefault((name.split(" s")[0], name[-4:-1]), []).append(rise)
+    if not per:
+        return []
+    lines = ["", f"**Generic takeover** (the gate's rule: prompts naming no culture drawn as the LoRA's culture, "
+                 f"less the base's, at most {limit}): mean over training seeds, and LoRAs within the rule", "",
+             "| model | culture | mean rise | within the rule |", "|---|---|---|---|"]
+    for (model, culture), rises in sorted(per.items()):
+        lines.append(f"| {model} | {culture} | {np.mean(rises):.2f} | {sum(r <= limit for r in rises)}/{len(rises)} |")
+    return lines
 
 
 def combine(files: list[str], ccub: Path | None) -> None:
@@ -319,7 +346,8 @@ def combine(files: list[str], ccub: Path | None) -> None:
         assert [r.culture for r in held] == cultures.tolist(), "the held-out records are not the runs' prompts"
     seeds = {n: len(next(iter(m.values()))) for n, m in per_model.items()}
     print(f"combined from {', '.join(files)}; training seeds per model: {seeds}; held-out prompts: {len(cultures)}")
-    print("\n".join(["", *table(per_model, cultures, categories)]))
+    limit = load_params().promotion.max_generic_takeover
+    print("\n".join(["", *table(per_model, cultures, categories), *takeover_lines(runs, limit)]))
 
 
 if __name__ == "__main__":
