@@ -224,7 +224,7 @@ class NegativeParams(_Section):
 
 class LossWeights(_Section):
     ldm: float = Field(0.7, ge=0)
-    memorization: float = Field(0.1, ge=0)  # the reference's 0.3: params.yaml says why not offline
+    memorization: float = Field(0.3, ge=0)
     perceptual: float = Field(0.01, ge=0)
     contrastive: float = Field(0.05, ge=0)
 
@@ -251,10 +251,8 @@ class TrainParams(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     lora_rank: int = Field(4, ge=1)
     lora_alpha: int = Field(4, ge=1)
-    # peft target_modules: the UNet modules that get an adapter (diffusers names); params.yaml says why these
-    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-                                                             "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
-                                    min_length=1)
+    # peft target_modules: the UNet modules that get an adapter (diffusers names)
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     loss_weights: LossWeights = LossWeights()
     pixel_loss_every: int = Field(4, ge=1)

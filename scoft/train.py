@@ -51,14 +51,9 @@ class Frozen:
         return encode_prompts(self.tokenizer, self.text_encoder, texts).to(device)
 
 
-def add_lora(unet, rank: int, alpha: int, targets: list[str], seed: int) -> list[torch.nn.Parameter]:
-    """The adapter's trainable parameters. Its initial weights come from `seed` alone: peft draws them from
-    the global generator, whose state depends on whatever the process did before (one process may train
-    several LoRAs: `scoft ablate`, the benchmarks), and the caller's generator state is left as it was."""
+def add_lora(unet, rank: int, alpha: int, targets: list[str]) -> list[torch.nn.Parameter]:
     unet.requires_grad_(False)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
     return [p for p in unet.parameters() if p.requires_grad]
 
 
@@ -360,7 +355,7 @@ def train(params: Params, ccub_dir, negatives_dir, output_dir, log_dir, progress
     pipe = pipe if pipe is not None else load_pipeline(params.model)
     frozen = _frozen_parts(pipe, params, accelerator.device, DTYPES.get(accelerator.mixed_precision, torch.float32))
     unet = pipe.unet
-    trainable = add_lora(unet, tp.lora_rank, tp.lora_alpha, tp.lora_targets, tp.seed)
+    trainable = add_lora(unet, tp.lora_rank, tp.lora_alpha, tp.lora_targets)
     if tp.gradient_checkpointing:  # the pixel step's VAE decode has gradient too: its activations are recomputed
         unet.enable_gradient_checkpointing()
         frozen.vae.enable_gradient_checkpointing()

@@ -24,21 +24,20 @@ from scoft.sample import CATEGORIES, CULTURES, HELDOUT_LAYOUT, HELDOUT_PHRASES, 
 from tests.conftest import PLANTED_CULTURES
 
 VAE_RMSE_BOUND = 0.16  # on [-1, 1], the CCUB sample at 32 px (measured in BENCHMARKS.md)
-# Per culture, about half the smallest drop that the default +MPC LoRAs (LoRA on attention, projections,
-# feed-forward and resnet convolutions; L_M 0.1; L_P and L_C in the web encoder's spaces) of 5 training seeds
-# measured on the reporting sample with the evaluation's sampling seeds (BENCHMARKS.md, eighteenth session;
-# bench/results/planted_targets_reporting_b.json): stereotype palette share KOR 1.00, NGA 0.81-1.00; distance
-# to the truth palette KOR 0.054-0.064, NGA 0.052-0.064 (kept at the seventeenth session's bounds, which a
-# suite run met). (MEX is not asserted: its truth palette resembles NGA's.)
+# Per culture, about half the smallest drop that the default +MPC LoRAs (L_P and L_C in the web encoder's
+# spaces) of 5 training seeds measured on the reporting sample with the evaluation's sampling seeds
+# (BENCHMARKS.md, seventeenth session; bench/results/planted_web_reporting_b.json): distance to the truth
+# palette KOR 0.053-0.062, NGA 0.027-0.046; stereotype palette share KOR 1.00, NGA 0.78-0.97. (MEX is not
+# asserted: its truth palette resembles NGA's.)
 DISTANCE_DROP = {"KOR": 0.025, "NGA": 0.013}
-SHARE_DROP = {"KOR": 0.5, "NGA": 0.4}
+SHARE_DROP = {"KOR": 0.3, "NGA": 0.3}
 # Form is held by the mean of the two measures' drops in stereotype-form share, the judge's and the
 # hand-written geometry's (scoft/geometry.py, built apart from the judge), and each measure must fall.
-# Either alone on 36 images is too noisy to bound per culture (a CI run's NGA LoRA of the seventeenth
-# session's defaults dropped 0.22 by the judge and 0.11 by geometry, below that session's geometry bound of
-# 0.12). The mean ranged KOR 0.53-0.79, NGA 0.32-0.39 on B (5 seeds); bounds at about half of it. (NGA's
-# +MPC LoRAs keep the stereotype's form in about 0.55 of their images, LDM's in 0.23: BENCHMARKS.md.)
-FORM_DROP = {"KOR": 0.25, "NGA": 0.15}
+# Either alone on 36 images is too noisy to bound per culture: on B's 5 seeds the judge's drop ranged
+# NGA 0.14-0.44 and the geometry's KOR 0.17-0.36, and a CI run's NGA LoRA dropped 0.22 by the judge and
+# 0.11 by geometry (below session 17's geometry bound of 0.12). Their mean ranged KOR 0.31-0.40, NGA
+# 0.19-0.43 on B; that CI run's NGA 0.17. Bounds at about half of it.
+FORM_DROP = {"KOR": 0.15, "NGA": 0.08}
 # Where the forms are clear, on the base's images, the two form measures agree per image (0.83 for KOR and
 # NGA on B, 0.78 to 0.86 on this suite's builds). On the LoRAs' images, whose forms lie between the two,
 # they do not: 0.47 to 0.72 over B's 5 seeds, 0.36 on one suite run, about what two unrelated verdicts with
