@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -216,23 +217,13 @@ def _frozen_on(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.
     return module if dtype == torch.float32 else module.to(dtype=dtype)
 
 
-def _adapter_config(unet) -> dict:
-    """The adapter's peft config with its sets (target_modules) as sorted lists: a set's order changes
-    with each process's string hashing, and the file's bytes (its hash in the lineage) must not."""
-    config = unet.peft_config["default"].to_dict()
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-
-
 def save_lora(unet, output_dir: Path, summary: dict) -> Path:
-    """The adapter as diffusers saves one: StableDiffusionPipeline.load_lora_weights(output_dir) loads it.
-    PEFT's keys as they are, with the adapter's config (its rank, alpha and targets) in the file's metadata:
-    converted to diffusers' older key names, only attention projections were renamed, and diffusers dropped
-    them from a file that also held other targets; without the config it loaded alpha as the rank."""
+    """The adapter in diffusers' format: StableDiffusionPipeline.load_lora_weights(output_dir) loads it."""
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     staging = output_dir / ".lora-staging"
     shutil.rmtree(staging, ignore_errors=True)
     StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(staging), unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True,
-        unet_lora_adapter_metadata=_adapter_config(unet),
+        save_directory=str(staging), unet_lora_layers=state, safe_serialization=True
     )
     write_json(staging / "training.json", summary)
     for f in staging.iterdir():

@@ -177,7 +177,7 @@ def test_bf16_training_with_pixel_losses_learns(prepared, tmp_path):
     assert math.isfinite(summary["final_losses"]["contrastive"])  # the pixel losses were computed
     assert summary["precision"] == {"mixed": "bf16", "loss_networks": ["bfloat16"]}  # LPIPS and D in bf16 too
     lora = load_file(tmp_path / "lora" / LORA_FILE)
-    up = [v for k, v in lora.items() if ".lora_B." in k]  # up (B) starts at 0: nonzero, it learned
+    up = [v for k, v in lora.items() if "lora.up" in k]  # up (B) starts at 0: nonzero, it learned
     assert up and all(v.abs().max() > 0 for v in up)
 
 
